@@ -1,0 +1,46 @@
+"""wn_rl: weight normalization (Salimans & Kingma 2016) as a first-class tool for reinforcement learning.
+
+The core: weight-normalized layers, conversion to and from plain layers, data-dependent
+initialization, mean-only batch normalization, the paper's parameterizations as one switch, and
+per-layer statistics for monitoring.
+"""
+
+from wn_rl.convert import remove_weight_norm, weight_norm
+from wn_rl.init import InitReport, LayerInit, data_dependent_init, is_initialized
+from wn_rl.layers import (
+    MeanOnlyBatchNorm,
+    WNConv1d,
+    WNConv2d,
+    WNConvTranspose2d,
+    WNLayer,
+    WNLinear,
+    WNLSTMCell,
+    cached,
+)
+from wn_rl.parameterization import PARAMETERIZATIONS, Parameterization, mlp, register_parameterization
+from wn_rl.stats import wn_histograms, wn_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "InitReport",
+    "LayerInit",
+    "MeanOnlyBatchNorm",
+    "Parameterization",
+    "WNConv1d",
+    "WNConv2d",
+    "WNConvTranspose2d",
+    "WNLSTMCell",
+    "WNLayer",
+    "WNLinear",
+    "cached",
+    "data_dependent_init",
+    "is_initialized",
+    "mlp",
+    "register_parameterization",
+    "remove_weight_norm",
+    "weight_norm",
+    "wn_histograms",
+    "wn_stats",
+]

@@ -1,0 +1,189 @@
+"""Convert an existing model to weight normalization and fold it back to plain layers.
+
+``weight_norm`` writes each plain weight w as g = ||w||, v = w (per output unit), so the converted
+model computes exactly the same function; ``remove_weight_norm`` folds w = g v / ||v|| back into a plain
+torch layer with identical outputs, for deployment and export.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from wn_rl.layers import (
+    _CONV_HYPERPARAMETERS,
+    WNConv1d,
+    WNConv2d,
+    WNConvTranspose2d,
+    WNLayer,
+    WNLinear,
+    WNLSTMCell,
+    _check_init_scale,
+    _check_scale,
+)
+
+__all__ = ["remove_weight_norm", "weight_norm"]
+
+_TO_WN: dict[type[nn.Module], type[WNLayer]] = {
+    nn.Linear: WNLinear,
+    nn.Conv1d: WNConv1d,
+    nn.Conv2d: WNConv2d,
+    nn.ConvTranspose2d: WNConvTranspose2d,
+}
+_TO_PLAIN = {wn: plain for plain, wn in _TO_WN.items()}
+_NOT_CONVERTED = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def _factory(tensor: torch.Tensor) -> dict[str, object]:
+    return {"device": tensor.device, "dtype": tensor.dtype}
+
+
+def _copy_flag(source: nn.Module, target: nn.Module) -> None:
+    flag = source._buffers.get("initialized")
+    if flag is not None:
+        target.register_buffer("initialized", flag.detach().clone())
+
+
+@torch.no_grad()
+def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
+    cls = _TO_WN[type(plain)]
+    if cls is WNLinear:
+        layer = WNLinear(
+            plain.in_features,
+            plain.out_features,
+            plain.bias is not None,
+            **_factory(plain.weight),
+            init_scale=init_scale,
+            scale=scale,
+        )
+    else:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for name in _CONV_HYPERPARAMETERS:
+            setattr(layer, name, getattr(plain, name))
+        if layer.transposed and layer.groups != 1:
+            raise ValueError(f"cannot weight-normalize {plain}: transposed convs with groups != 1 are unsupported")
+        layer._setup_wn(
+            tuple(plain.weight.shape),
+            plain.out_channels if plain.bias is not None else None,
+            init_scale=init_scale,
+            scale=scale,
+            factory=_factory(plain.weight),
+        )
+    w = plain.weight.detach()
+    norm = layer_norms(w, layer.norm_dim)
+    v = w.clone()
+    zero = norm == 0
+    if bool(zero.any()):  # a zero row keeps w = 0 through g = 0 with any nonzero direction
+        v.movedim(layer.norm_dim, 0)[zero] = 1.0
+    layer.v.copy_(v)
+    if scale == "linear":
+        layer.g.copy_(norm)
+    else:
+        layer.s.copy_(norm.log())
+    if plain.bias is not None:
+        layer.bias.copy_(plain.bias)
+    _copy_flag(plain, layer)
+    layer.init_scale = float(getattr(plain, "init_scale", init_scale))
+    return layer
+
+
+def layer_norms(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norm of each slice ``w.select(dim, i)``: one value per output unit."""
+    moved = w.movedim(dim, 0)
+    return torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), dim=1)
+
+
+@torch.no_grad()
+def _to_wn_lstm(plain: nn.LSTMCell) -> WNLSTMCell:
+    cell = WNLSTMCell(plain.input_size, plain.hidden_size, plain.bias, **_factory(plain.weight_ih))
+    cell._load_plain(plain)
+    return cell
+
+
+def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module | None:
+    if type(module) in _TO_WN:
+        return _to_wn_layer(module, init_scale, scale)
+    if type(module) is nn.LSTMCell:
+        return _to_wn_lstm(module)
+    return None
+
+
+def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "linear") -> nn.Module:
+    """Replace every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d`` and
+    ``nn.LSTMCell`` in ``module`` by its WN equivalent with g = ||w|| and v = w, so outputs are
+    unchanged. Returns ``module`` (modified in place) or, if ``module`` itself is such a layer, its
+    replacement. Layers that are already weight-normalized are left alone; ``nn.LSTM``/``nn.GRU``
+    are not converted (their fused weights rule out weight norm: use a ``WNLSTMCell`` loop).
+
+    ``init_scale`` becomes each new layer's data-dependent-init target std (a layer's own
+    ``init_scale`` attribute wins); ``scale`` is ``"linear"`` or ``"exp"``.
+    """
+    _check_scale(scale)
+    init_scale = _check_init_scale(init_scale)
+    replacement = _convert_leaf(module, init_scale, scale)
+    if replacement is not None:
+        replacement.train(module.training)
+        return replacement
+    skipped = []
+    for name, child in list(module.named_children()):
+        if isinstance(child, _NOT_CONVERTED):
+            skipped.append(name)
+        new = weight_norm(child, init_scale=init_scale, scale=scale)
+        if new is not child:
+            setattr(module, name, new)
+    if skipped:
+        warnings.warn(
+            f"weight_norm left {skipped} unchanged: nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them "
+            "as a loop over WNLSTMCell to weight-normalize recurrent weights.",
+            stacklevel=2,
+        )
+    return module
+
+
+@torch.no_grad()
+def _fold_layer(layer: WNLayer) -> nn.Module:
+    plain_cls = _TO_PLAIN[type(layer)]
+    w = layer.compute_weight().detach()
+    if plain_cls is nn.Linear:
+        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    else:
+        plain = plain_cls.__new__(plain_cls)
+        nn.Module.__init__(plain)
+        for name in _CONV_HYPERPARAMETERS:
+            setattr(plain, name, getattr(layer, name))
+        plain.register_parameter("bias", None)
+    plain.weight = nn.Parameter(w.clone())
+    plain.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+    plain.init_scale = layer.init_scale
+    _copy_flag(layer, plain)
+    return plain
+
+
+@torch.no_grad()
+def _fold_lstm(cell: WNLSTMCell) -> nn.LSTMCell:
+    w_ih, w_hh = cell.compute_weights()
+    plain = nn.LSTMCell(cell.input_size, cell.hidden_size, cell.bias_ih is not None, **_factory(w_ih))
+    plain.weight_ih.copy_(w_ih)
+    plain.weight_hh.copy_(w_hh)
+    if cell.bias_ih is not None:
+        plain.bias_ih.copy_(cell.bias_ih)
+        plain.bias_hh.copy_(cell.bias_hh)
+    return plain
+
+
+def remove_weight_norm(module: nn.Module) -> nn.Module:
+    """Fold every WN layer of ``module`` back into the plain torch layer with the same outputs
+    (w = g v / ||v|| becomes ``.weight``). Returns ``module`` (modified in place) or, if ``module``
+    itself is a WN layer, its plain replacement. The ``initialized`` flag is kept."""
+    if isinstance(module, WNLayer):
+        return _fold_layer(module).train(module.training)
+    if isinstance(module, WNLSTMCell):
+        return _fold_lstm(module).train(module.training)
+    for name, child in list(module.named_children()):
+        new = remove_weight_norm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module

@@ -1,0 +1,292 @@
+"""Data-dependent initialization (Salimans & Kingma 2016, section 3).
+
+One forward pass over one minibatch. Every layer that can be initialised normalises, in execution
+order, its own pre-activation t over the batch (and spatial positions): with mu[t] and sigma[t] the
+per-unit mean and std it rescales its weight by ``init_scale / sigma`` and sets its bias so the
+pre-activation has mean 0 and std ``init_scale`` (eq. 5-6, generalised to any current g and b), then
+passes that normalised output on, so deeper layers initialise on already-initialised inputs.
+
+- WN layers (``WNLinear``, ``WNConv*``) set g (or s) and b.
+- Plain ``nn.Linear`` / ``nn.Conv*`` / ``nn.ConvTranspose*`` get their weight rows rescaled and
+  their bias set the same way (section 3, last paragraph: the paper's "normal" baseline).
+- A layer whose output goes straight into a ``MeanOnlyBatchNorm`` or ``nn.BatchNorm*`` only has its
+  scale set; its bias stays, the mean-only BN's ``running_mean`` becomes the init batch's mean (the
+  reference code's behaviour) and a full BN's running statistics become the batch's, with its affine
+  weight set to ``init_scale``, so train and eval mode compute the same function at init.
+- Recurrent cells keep their initialization (the paper: standard init for recurrent weights).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wn_rl.layers import MeanOnlyBatchNorm, WNLayer, WNLinear, mark_initializable
+
+__all__ = ["InitReport", "LayerInit", "data_dependent_init", "initializable_layers", "is_initialized"]
+
+_PLAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN_TYPES = (MeanOnlyBatchNorm, nn.modules.batchnorm._BatchNorm)
+_DEAD_STD = 1e-6  # a unit whose pre-activation std is below this (relative to 1 + |mean|) is left alone
+
+
+@dataclass
+class LayerInit:
+    """What data-dependent init did to one layer.
+
+    ``mean`` and ``std`` summarise the per-unit pre-activation statistics *before* init (averaged
+    over units); ``dead_units`` lists units with (near) zero variance on the batch, which kept their
+    scale and bias; ``paired_norm`` names the batch-norm layer the scale was set for, if any.
+    """
+
+    name: str
+    kind: str
+    units: int
+    init_scale: float
+    mean: float
+    std: float
+    dead_units: list[int] = field(default_factory=list)
+    paired_norm: str | None = None
+
+
+@dataclass
+class InitReport:
+    """The result of :func:`data_dependent_init`: per-layer statistics in execution order."""
+
+    layers: list[LayerInit]
+    skipped: bool = False
+    not_reached: list[str] = field(default_factory=list)
+
+    def scalars(self, prefix: str = "ddi") -> dict[str, float]:
+        """Flat ``{tag: value}`` ready for a TensorBoard writer or SB3's logger."""
+        out: dict[str, float] = {}
+        for layer in self.layers:
+            out[f"{prefix}/{layer.name}/pre_init_mean"] = layer.mean
+            out[f"{prefix}/{layer.name}/pre_init_std"] = layer.std
+            out[f"{prefix}/{layer.name}/dead_units"] = float(len(layer.dead_units))
+        return out
+
+    @property
+    def dead_units(self) -> dict[str, list[int]]:
+        return {layer.name: layer.dead_units for layer in self.layers if layer.dead_units}
+
+
+def initializable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of ``model`` that data-dependent init sets, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (WNLayer, *_PLAIN_TYPES))}
+
+
+def is_initialized(model: nn.Module) -> bool:
+    """True when every initializable layer of ``model`` carries a set ``initialized`` flag."""
+    layers = initializable_layers(model).values()
+    return bool(layers) and all(bool(getattr(m, "initialized", False)) for m in layers)
+
+
+def _channel_dim(layer: nn.Module) -> int:
+    return -1 if isinstance(layer, (nn.Linear, WNLinear)) else 1
+
+
+def _unit_stats(output: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
+    t = output.detach().float().movedim(channel_dim, 0).reshape(output.shape[channel_dim], -1)
+    return t.mean(dim=1), t.std(dim=1, unbiased=False)
+
+
+def _unit_view(stat: Tensor, output: Tensor, channel_dim: int) -> Tensor:
+    shape = [1] * output.dim()
+    shape[channel_dim] = -1
+    return stat.view(shape).to(output.dtype)
+
+
+@torch.no_grad()
+def _rescale_plain(layer: nn.Module, factor: Tensor) -> None:
+    weight = layer.weight
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        if layer.groups != 1:
+            raise ValueError(f"data-dependent init of a transposed conv with groups={layer.groups} is unsupported")
+        weight.mul_(factor.view(1, -1, *([1] * (weight.dim() - 2))).to(weight.dtype))
+    else:
+        weight.mul_(factor.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+
+
+class _InitPass:
+    """Forward hooks that initialise each layer the first time it runs and pair it with a following
+    batch-norm layer."""
+
+    def __init__(self, targets: dict[str, nn.Module], norms: dict[str, nn.Module], full: bool) -> None:
+        self.full = full
+        self.norms = norms
+        self.names = {id(m): n for n, m in {**targets, **norms}.items()}
+        self.done: set[int] = set()
+        self.records: list[LayerInit] = []
+        self.last: tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None] | None = None
+
+    def layer_hook(self, layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if id(layer) in self.done:
+            return None
+        self.done.add(id(layer))
+        if not isinstance(output, Tensor) or output.dim() < 1:
+            raise TypeError(f"{self.names[id(layer)]}: expected a tensor output, got {type(output).__name__}")
+        channel_dim = _channel_dim(layer)
+        mean, std = _unit_stats(output, channel_dim)
+        init_scale = float(getattr(layer, "init_scale", 1.0))
+        dead = std < _DEAD_STD * (1.0 + mean.abs())
+        factor = torch.where(dead, torch.ones_like(std), init_scale / std.clamp_min(1e-30))
+        shift = torch.where(dead, torch.zeros_like(mean), mean)
+        old_bias = None if layer.bias is None else layer.bias.detach().clone()
+        if isinstance(layer, WNLayer):
+            layer.rescale_(factor)
+        else:
+            _rescale_plain(layer, factor)
+        if layer.bias is not None:
+            layer.bias.copy_(((layer.bias.float() - shift) * factor).to(layer.bias.dtype))
+        layer.initialized.fill_(True)
+        self.records.append(
+            LayerInit(
+                name=self.names[id(layer)],
+                kind=type(layer).__name__,
+                units=int(std.numel()),
+                init_scale=init_scale,
+                mean=float(mean.abs().mean()),
+                std=float(std.mean()),
+                dead_units=torch.nonzero(dead).flatten().tolist(),
+            )
+        )
+        if layer.bias is None:
+            new_output = output * _unit_view(factor, output, channel_dim)
+        else:
+            new_output = (output - _unit_view(shift, output, channel_dim)) * _unit_view(factor, output, channel_dim)
+        self.last = (layer, new_output, factor, shift, old_bias)
+        return new_output
+
+    def norm_pre_hook(self, norm: nn.Module, inputs: tuple[Any, ...]) -> tuple[Tensor, ...] | None:
+        if id(norm) in self.done or not inputs or not isinstance(inputs[0], Tensor):
+            return None
+        self.done.add(id(norm))
+        x = inputs[0]
+        paired = self.last is not None and self.last[1] is x
+        if paired:
+            layer, _, factor, shift, old_bias = self.last
+            if old_bias is not None:
+                # Inside a layer + batch-norm pair only the scale is set; the layer's bias stays.
+                layer.bias.copy_(old_bias)
+                x = x + _unit_view((shift - old_bias.float()) * factor + old_bias.float(), x, 1)
+            self.records[-1].paired_norm = self.names[id(norm)]
+            init_scale = float(getattr(layer, "init_scale", 1.0))
+        elif not self.full:
+            return None  # a norm after an already-initialised layer keeps its statistics
+        else:
+            init_scale = 1.0
+        mean, std = _unit_stats(x, 1)
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            if norm.running_var is not None:
+                norm.running_var.copy_((std**2).to(norm.running_var.dtype))
+            if norm.affine and paired:
+                norm.weight.fill_(init_scale)
+        return (x, *inputs[1:])
+
+
+def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None) -> None:
+    if forward is not None:
+        forward(model, batch)
+    elif isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else 0
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            size = _batch_size(item)
+            if size is not None:
+                return size
+    return None
+
+
+def data_dependent_init(
+    model: nn.Module,
+    batch: Any,
+    *,
+    force: bool = False,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> InitReport:
+    """Initialise ``model`` from one minibatch (section 3, eq. 5-6), in place.
+
+    Args:
+        model: any ``nn.Module``; its WN layers set g (or s) and b, its plain linear and conv layers
+            are rescaled the same way (layers' ``init_scale`` attribute gives the target std, default 1).
+        batch: the minibatch, passed as ``model(batch)`` (``model(*batch)`` for a tuple or list,
+            ``model(**batch)`` for a dict). Use a few hundred real examples; at least 2 are required.
+        force: re-initialise layers that are already initialised. Without it a model whose layers all
+            carry the ``initialized`` flag (a buffer, so it survives ``state_dict`` round trips) is left
+            unchanged with a warning, and only not-yet-initialised layers are set otherwise.
+        forward: optional ``forward(model, batch)`` for models whose forward takes something else.
+
+    Returns:
+        An :class:`InitReport` with per-layer statistics, dead units and layers the pass never reached.
+
+    The model runs in eval mode during the pass (no dropout or noise; batch norms see the statistics
+    this pass sets) and its training mode is restored afterwards.
+    """
+    size = _batch_size(batch)
+    if size is not None and size < 2:
+        raise ValueError(
+            f"data-dependent init needs a batch of at least 2 examples to estimate per-unit mean and std, "
+            f"got {size}; pass a few hundred real inputs (the paper used a minibatch)."
+        )
+    layers = initializable_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no layer data-dependent init can set (WN layers or nn.Linear / "
+            "nn.Conv* / nn.ConvTranspose*); recurrent cells keep their own initialization."
+        )
+    for layer in layers.values():
+        if "initialized" not in layer._buffers:
+            mark_initializable(layer, getattr(layer, "init_scale", 1.0))
+    targets = {n: m for n, m in layers.items() if force or not bool(m.initialized)}
+    if not targets:
+        warnings.warn(
+            f"{type(model).__name__} is already initialised (every layer's `initialized` flag is set, e.g. "
+            "from a loaded checkpoint); data-dependent init changed nothing. Pass force=True to redo it.",
+            stacklevel=2,
+        )
+        return InitReport(layers=[], skipped=True)
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, _BN_TYPES)}
+    init_pass = _InitPass(targets, norms, full=len(targets) == len(layers))
+    handles = [m.register_forward_hook(init_pass.layer_hook) for m in targets.values()]
+    handles += [m.register_forward_pre_hook(init_pass.norm_pre_hook) for m in norms.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, batch, forward)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    _check_finite(model)
+    not_reached = [n for n, m in targets.items() if id(m) not in init_pass.done]
+    if not_reached:
+        warnings.warn(f"data-dependent init never reached these layers (left unchanged): {not_reached}", stacklevel=2)
+    return InitReport(layers=init_pass.records, not_reached=not_reached)
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(
+                f"data-dependent init produced non-finite values in {name!r}; check the batch for NaN/inf "
+                "and that every layer's input varies across the batch."
+            )

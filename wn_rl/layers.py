@@ -1,0 +1,447 @@
+"""Weight-normalized layers (Salimans & Kingma 2016, section 2) and mean-only batch norm (section 4).
+
+Every layer here replaces one weight tensor ``w`` by the reparameterization (eq. 2)
+
+    w = g * v / ||v||          (``scale="linear"``)
+    w = exp(s) * v / ||v||     (``scale="exp"``, the log-scale variant of section 2)
+
+with one scalar ``g`` (or ``s``) per output unit: per row of a linear layer, per output channel of a
+convolution (``v``'s dim 0), and per output channel of a transposed convolution (``v``'s dim 1, since
+its weight is laid out ``[in, out, ...]``). The effective weight is computed once per forward pass
+with PyTorch's fused ``torch._weight_norm`` kernel, in fp32 whatever the parameters' dtype.
+
+The layers are plain ``nn.Module`` subclasses (not subclasses of ``nn.Linear``/``nn.Conv2d``) so that
+code written for plain layers cannot write to ``.weight`` and silently change nothing: ``.weight`` is a
+read-only property returning the effective weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SCALES",
+    "MeanOnlyBatchNorm",
+    "WNConv1d",
+    "WNConv2d",
+    "WNConvTranspose2d",
+    "WNLSTMCell",
+    "WNLayer",
+    "WNLinear",
+    "cached",
+    "mark_initializable",
+]
+
+SCALES = ("linear", "exp")
+V_INIT_STD = 0.05  # section 3: v ~ N(0, 0.05)
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise ValueError(
+            f"scale={scale!r} is not supported; expected one of {SCALES}: 'linear' learns g directly, "
+            "'exp' learns s with g = exp(s) (section 2 of the paper)."
+        )
+
+
+def _check_init_scale(init_scale: float) -> float:
+    value = float(init_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"init_scale={init_scale!r} must be a positive finite number: it is the standard deviation "
+            "the pre-activation gets after data-dependent init (1.0 for hidden layers, e.g. 0.01 for a "
+            "policy's action head)."
+        )
+    return value
+
+
+def mark_initializable(module: nn.Module, init_scale: float = 1.0) -> nn.Module:
+    """Give a plain layer what data-dependent init reads and writes: ``init_scale`` and the
+    persistent ``initialized`` flag (a bool buffer, so it travels in the ``state_dict``)."""
+    module.init_scale = _check_init_scale(init_scale)
+    if "initialized" not in module._buffers:
+        module.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+    return module
+
+
+def _fp32_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    """``g * v / ||v||`` with the norm taken over every dim but ``dim``; fused kernel, fp32 norms."""
+    if v.dtype in (torch.float16, torch.bfloat16):
+        return torch._weight_norm(v.float(), g.float(), dim).to(v.dtype)
+    return torch._weight_norm(v, g, dim)
+
+
+class WNLayer(nn.Module):
+    """Shared machinery of the weight-normalized layers: parameters ``v``, ``g`` (or ``s``) and
+    ``bias``, the ``initialized`` flag, the ``.weight`` property and the per-forward cache.
+
+    Subclasses set ``norm_dim`` (the axis of ``v`` that indexes output units) and call
+    :meth:`_setup_wn` from ``__init__``.
+    """
+
+    norm_dim: int = 0
+
+    def _setup_wn(
+        self,
+        weight_shape: tuple[int, ...],
+        bias_size: int | None,
+        *,
+        init_scale: float,
+        scale: str,
+        factory: dict[str, Any],
+    ) -> None:
+        _check_scale(scale)
+        self.scale = scale
+        self.init_scale = _check_init_scale(init_scale)
+        self.v = nn.Parameter(torch.empty(weight_shape, **factory))
+        units = weight_shape[self.norm_dim]
+        scale_name = "g" if scale == "linear" else "s"
+        self.register_parameter(scale_name, nn.Parameter(torch.empty(units, **factory)))
+        if bias_size is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(bias_size, **factory))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=factory["device"]))
+        g_shape = [1] * len(weight_shape)
+        g_shape[self.norm_dim] = units
+        self._g_shape = tuple(g_shape)
+        self._cache_depth = 0
+        self._cached_weight: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Section 3: v ~ N(0, 0.05), g = 1 (s = 0), b = 0; clears the ``initialized`` flag."""
+        with torch.no_grad():
+            nn.init.normal_(self.v, 0.0, V_INIT_STD)
+            if self.scale == "linear":
+                self.g.fill_(1.0)
+            else:
+                self.s.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+            self.initialized.fill_(False)
+
+    @property
+    def g_value(self) -> Tensor:
+        """The per-unit scale g (``exp(s)`` for ``scale="exp"``), shape ``(units,)``."""
+        return self.g if self.scale == "linear" else self.s.exp()
+
+    def v_norm(self) -> Tensor:
+        """||v|| per output unit, shape ``(units,)``."""
+        v = self.v.transpose(0, self.norm_dim) if self.norm_dim else self.v
+        return torch.linalg.vector_norm(v.reshape(v.shape[0], -1).float(), dim=1)
+
+    def compute_weight(self) -> Tensor:
+        """The effective weight w = g v / ||v|| (eq. 2), computed now."""
+        return _fp32_weight_norm(self.v, self.g_value.view(self._g_shape), self.norm_dim)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight; inside :func:`cached` it is computed once and reused."""
+        if self._cache_depth:
+            if self._cached_weight is None:
+                self._cached_weight = self.compute_weight()
+            return self._cached_weight
+        return self.compute_weight()
+
+    @torch.no_grad()
+    def rescale_(self, factor: Tensor) -> None:
+        """Multiply the effective weight of each output unit by ``factor`` (in place, g or s only)."""
+        factor = factor.to(self.v.dtype)
+        if self.scale == "linear":
+            self.g.mul_(factor)
+        else:
+            self.s.add_(factor.log())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_cached_weight"] = None
+        state["_cache_depth"] = 0
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale!r}, init_scale={self.init_scale}"
+
+
+class WNLinear(WNLayer):
+    """Weight-normalized ``nn.Linear``: y = x w^T + b with w = g v / ||v|| per output row (eq. 2).
+
+    Args mirror ``nn.Linear``; keyword-only ``init_scale`` is the pre-activation std that
+    data-dependent init targets (section 3), ``scale`` is ``"linear"`` (learn g) or ``"exp"`` (learn s,
+    g = exp(s)).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        init_scale: float = 1.0,
+        scale: str = "linear",
+    ) -> None:
+        super().__init__()
+        nn.Linear(in_features, out_features, bias=False, device="meta")  # torch's own argument checks
+        self.in_features = in_features
+        self.out_features = out_features
+        self._setup_wn(
+            (out_features, in_features),
+            out_features if bias else None,
+            init_scale=init_scale,
+            scale=scale,
+            factory={"device": device, "dtype": dtype},
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scale={self.scale!r}, init_scale={self.init_scale}"
+        )
+
+
+_CONV_HYPERPARAMETERS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
+
+
+class _WNConvNd(WNLayer):
+    """Shared constructor of the WN convolutions: torch's own conv class parses and checks the
+    arguments on the meta device (no allocation), and its hyperparameters are copied over."""
+
+    _torch_cls: type[nn.modules.conv._ConvNd]
+
+    def __init__(self, *args: Any, init_scale: float = 1.0, scale: str = "linear", **kwargs: Any) -> None:
+        super().__init__()
+        device = kwargs.pop("device", None)
+        dtype = kwargs.pop("dtype", None)
+        template = self._torch_cls(*args, device="meta", **kwargs)
+        for name in _CONV_HYPERPARAMETERS:
+            setattr(self, name, getattr(template, name))
+        if self.transposed and self.groups != 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support groups={self.groups}: with groups the per-output "
+                "norm over dim 1 of a [in, out/groups, ...] weight would mix channels of different groups. "
+                "Use groups=1, or a grouped WNConv2d followed by upsampling."
+            )
+        self._setup_wn(
+            tuple(template.weight.shape),
+            self.out_channels if template.bias is not None else None,
+            init_scale=init_scale,
+            scale=scale,
+            factory={"device": device, "dtype": dtype},
+        )
+
+    def extra_repr(self) -> str:
+        return self._torch_cls.extra_repr(self) + f", scale={self.scale!r}, init_scale={self.init_scale}"
+
+
+class WNConv1d(_WNConvNd):
+    """Weight-normalized ``nn.Conv1d``: one (g, v) per output channel (eq. 2). Args as ``nn.Conv1d``
+    plus keyword-only ``init_scale`` and ``scale`` (see :class:`WNLinear`)."""
+
+    _torch_cls = nn.Conv1d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return nn.Conv1d._conv_forward(self, input, self.weight, self.bias)
+
+
+class WNConv2d(_WNConvNd):
+    """Weight-normalized ``nn.Conv2d``: one (g, v) per output channel (eq. 2). Args as ``nn.Conv2d``
+    plus keyword-only ``init_scale`` and ``scale`` (see :class:`WNLinear`)."""
+
+    _torch_cls = nn.Conv2d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return nn.Conv2d._conv_forward(self, input, self.weight, self.bias)
+
+
+class WNConvTranspose2d(_WNConvNd):
+    """Weight-normalized ``nn.ConvTranspose2d``: one (g, v) per output channel, i.e. the norm is taken
+    per index of ``v``'s dim 1 (the weight is ``[in, out, kh, kw]``). ``groups`` must be 1."""
+
+    _torch_cls = nn.ConvTranspose2d
+    norm_dim = 1
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("Only 'zeros' padding mode is supported for WNConvTranspose2d")
+        output_padding = nn.ConvTranspose2d._output_padding(
+            self, input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        return F.conv_transpose2d(
+            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+
+
+class WNLSTMCell(nn.Module):
+    """LSTM cell with weight-normalized ``weight_ih`` and ``weight_hh``: one g per row of each
+    (parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``, ``bias_ih``, ``bias_hh``).
+
+    A fresh cell starts from ``nn.LSTMCell``'s own initialization written as g = ||w||, v = w: the paper
+    keeps the standard initialization for recurrent weights (section 3) and data-dependent init leaves
+    the cell alone. Inputs and outputs are those of ``nn.LSTMCell``. Inside :func:`cached` both weights
+    are computed once for a whole time loop.
+    """
+
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None, dtype: Any = None
+    ) -> None:
+        super().__init__()
+        plain = nn.LSTMCell(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self._cache_depth = 0
+        self._cached_weights: tuple[Tensor, Tensor] | None = None
+        self._load_plain(plain)
+
+    @torch.no_grad()
+    def _load_plain(self, plain: nn.LSTMCell) -> None:
+        for suffix in ("ih", "hh"):
+            w = getattr(plain, f"weight_{suffix}").detach()
+            g = torch.linalg.vector_norm(w, dim=1)
+            setattr(self, f"v_{suffix}", nn.Parameter(w.clone()))
+            setattr(self, f"g_{suffix}", nn.Parameter(g))
+            b = getattr(plain, f"bias_{suffix}")
+            if b is None:
+                self.register_parameter(f"bias_{suffix}", None)
+            else:
+                setattr(self, f"bias_{suffix}", nn.Parameter(b.detach().clone()))
+
+    def compute_weights(self) -> tuple[Tensor, Tensor]:
+        """The effective (weight_ih, weight_hh), computed now."""
+        return (
+            _fp32_weight_norm(self.v_ih, self.g_ih.unsqueeze(1), 0),
+            _fp32_weight_norm(self.v_hh, self.g_hh.unsqueeze(1), 0),
+        )
+
+    def _weights(self) -> tuple[Tensor, Tensor]:
+        if self._cache_depth:
+            if self._cached_weights is None:
+                self._cached_weights = self.compute_weights()
+            return self._cached_weights
+        return self.compute_weights()
+
+    @property
+    def weight_ih(self) -> Tensor:
+        return self._weights()[0]
+
+    @property
+    def weight_hh(self) -> Tensor:
+        return self._weights()[1]
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"WNLSTMCell expects a 1D or 2D input, got shape {tuple(input.shape)}")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if hx is None:
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            hx = (zeros, zeros)
+        w_ih, w_hh = self._weights()
+        h, c = torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
+        if not batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_cached_weights"] = None
+        state["_cache_depth"] = 0
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"
+
+
+def _cacheable(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (WNLayer, WNLSTMCell))]
+
+
+def _clear_cache(module: nn.Module) -> None:
+    module._cached_weight = None
+    module._cached_weights = None
+
+
+@contextlib.contextmanager
+def cached(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this context every WN layer of ``model`` computes its effective weight once and reuses
+    it (like ``torch.nn.utils.parametrize.cached``), for time loops such as DRAW or a recurrent
+    policy's rollout. Gradients still flow to g and v through the one shared weight. Nestable."""
+    modules = _cacheable(model)
+    for module in modules:
+        module._cache_depth += 1
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module._cache_depth -= 1
+            if module._cache_depth == 0:
+                _clear_cache(module)
+
+
+class MeanOnlyBatchNorm(nn.Module):
+    """Mean-only batch normalization (section 4, eq. 7-8): t~ = t - mu[t] + b.
+
+    In training the minibatch mean over every dim but the channel dim (1) is subtracted and a running
+    average kept (``running_mean <- (1 - momentum) running_mean + momentum mu``); in eval the running
+    mean is subtracted. Autograd through the batch mean gives eq. (8): the backpropagated gradient is
+    centred. Inputs are ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``. The buffer is named
+    ``running_mean`` so stable-baselines3 copies it to target networks.
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum={momentum!r} must lie in [0, 1] (weight of the new batch mean)")
+        self.num_features = num_features
+        self.momentum = momentum
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+
+    def _shape(self, input: Tensor) -> tuple[int, ...]:
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            raise ValueError(
+                f"MeanOnlyBatchNorm({self.num_features}) expects input of shape (N, {self.num_features}, ...), "
+                f"got {tuple(input.shape)}"
+            )
+        return (1, self.num_features) + (1,) * (input.dim() - 2)
+
+    def forward(self, input: Tensor) -> Tensor:
+        shape = self._shape(input)
+        if self.training:
+            dims = [0, *range(2, input.dim())]
+            mean = input.mean(dim=dims)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        else:
+            mean = self.running_mean
+        return input - mean.view(shape) + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, momentum={self.momentum}"
