@@ -32,6 +32,7 @@ __all__ = ["InitReport", "LayerInit", "data_dependent_init", "initializable_laye
 
 _PLAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN_TYPES = (MeanOnlyBatchNorm, nn.modules.batchnorm._BatchNorm)
+_AFFINE_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 _DEAD_STD = 1e-6  # a unit whose pre-activation std is below this (relative to 1 + |mean|) is left alone
 
 
@@ -190,6 +191,26 @@ class _InitPass:
                 norm.weight.fill_(init_scale)
         return (x, *inputs[1:])
 
+    @torch.no_grad()
+    def affine_norm_hook(self, norm: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        """Layer/group norm: set its per-unit affine so its output (the pre-activation) has mean 0 and
+        std ``init_scale`` on the batch, as section 3 does for a layer's g and b."""
+        if id(norm) in self.done or norm.weight is None or norm.bias is None:
+            return None
+        self.done.add(id(norm))
+        paired = self.last is not None and inputs and self.last[1] is inputs[0]
+        if not (paired or self.full):
+            return None
+        init_scale = float(getattr(self.last[0], "init_scale", 1.0)) if paired else 1.0
+        channel_dim = -1 if isinstance(norm, nn.LayerNorm) else 1
+        if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1:
+            return None  # a multi-dim affine has no per-unit reading: left as is
+        mean, std = _unit_stats(output, channel_dim)
+        factor = init_scale / std.clamp_min(1e-12)
+        norm.weight.mul_(factor.to(norm.weight.dtype))
+        norm.bias.copy_(((norm.bias.float() - mean) * factor).to(norm.bias.dtype))
+        return (output - _unit_view(mean, output, channel_dim)) * _unit_view(factor, output, channel_dim)
+
 
 def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None) -> None:
     if forward is not None:
@@ -267,6 +288,8 @@ def data_dependent_init(
     init_pass = _InitPass(targets, norms, full=len(targets) == len(layers))
     handles = [m.register_forward_hook(init_pass.layer_hook) for m in targets.values()]
     handles += [m.register_forward_pre_hook(init_pass.norm_pre_hook) for m in norms.values()]
+    affine = [m for m in model.modules() if isinstance(m, _AFFINE_NORM_TYPES)]
+    handles += [m.register_forward_hook(init_pass.affine_norm_hook) for m in affine]
     was_training = model.training
     model.eval()
     try:

@@ -27,9 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from wn_rl.layers import (
+    V_INIT_STD,
     MeanOnlyBatchNorm,
     WNConv1d,
     WNConv2d,
@@ -109,7 +112,16 @@ class Parameterization:
             return layer
         return nn.Sequential(layer, self._norm_layer(features, spatial_dims, factory))
 
-    def _plain(self, layer: nn.Module, init_scale: float) -> nn.Module:
+    @staticmethod
+    def _plain(cls: type[nn.Module], init_scale: float, *args: Any, **kwargs: Any) -> nn.Module:
+        """A plain layer started like a WN one (w ~ N(0, 0.05), b = 0, drawing the same random numbers),
+        so every parameterization built from one seed computes the same function after data-dependent
+        init, as in the paper's comparison (section 5.1)."""
+        layer = skip_init(cls, *args, **kwargs)
+        with torch.no_grad():
+            nn.init.normal_(layer.weight, 0.0, V_INIT_STD)
+            if layer.bias is not None:
+                layer.bias.zero_()
         return mark_initializable(layer, init_scale)
 
     def linear(
@@ -120,7 +132,7 @@ class Parameterization:
         if self.weight_norm:
             layer = WNLinear(in_features, out_features, bias, init_scale=init_scale, scale=self.scale, **factory)
         else:
-            layer = self._plain(nn.Linear(in_features, out_features, bias, **factory), init_scale)
+            layer = self._plain(nn.Linear, init_scale, in_features, out_features, bias, **factory)
         return self._finish(layer, out_features, 0, factory)
 
     def conv1d(
@@ -182,7 +194,7 @@ class Parameterization:
                 in_channels, out_channels, kernel_size, bias=bias, init_scale=init_scale, scale=self.scale, **kwargs
             )
         else:
-            layer = self._plain(plain_cls(in_channels, out_channels, kernel_size, bias=bias, **kwargs), init_scale)
+            layer = self._plain(plain_cls, init_scale, in_channels, out_channels, kernel_size, bias=bias, **kwargs)
         factory = {k: kwargs[k] for k in ("device", "dtype") if k in kwargs}
         return self._finish(layer, out_channels, spatial_dims, factory)
 

@@ -1,0 +1,69 @@
+"""The strict YAML config layer shared by every script."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config, parse_overrides
+
+
+@dataclass(frozen=True)
+class Env:
+    game: str = "breakout"
+    num_envs: int = 8
+
+
+@dataclass(frozen=True)
+class Train:
+    lr: float = 3e-4
+    env: Env = field(default_factory=Env)
+    parameterization: Literal["normal", "weight_norm"] = "weight_norm"
+    hidden: tuple[int, ...] = (64, 64)
+    seed: int | None = None
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", self.lr, "a positive learning rate")
+
+
+def test_yaml_and_overrides_build_a_frozen_typed_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nenv:\n  game: pong\nhidden: [32, 16]\n")
+    config = load_config(Train, path, ["env.num_envs=4", "seed=3"])
+    assert config == Train(lr=1e-3, env=Env("pong", 4), hidden=(32, 16), seed=3)
+    with pytest.raises(AttributeError):
+        config.lr = 1.0
+    assert config_to_dict(config)["hidden"] == [32, 16]
+    assert config_diff(config_to_dict(config), config_to_dict(Train())) == {
+        "env.game": ("pong", "breakout"), "env.num_envs": (4, 8), "hidden": ([32, 16], [64, 64]),
+        "lr": (1e-3, 3e-4), "seed": (3, None),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lrr: 1.0\n", "unknown key 'lrr'; did you mean 'lr'"),
+        ("env: {num_env: 2}\n", "env: unknown key 'num_env'"),
+        ("lr: fast\n", "lr: expected a number, got 'fast'"),
+        ("env: {num_envs: 2.5}\n", "env.num_envs: expected an integer"),
+        ("parameterization: wn\n", "'wn' is not one of"),
+        ("lr: -1\n", "lr=-1.0 is invalid: expected a positive learning rate"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("lr: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_file_key_and_value(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"bad\.yaml") as info:
+        load_config(Train, path)
+    assert message in str(info.value)
+
+
+def test_override_syntax_errors_and_missing_files(tmp_path):
+    assert parse_overrides(["a.b=[1, 2]", "c=true"]) == {"a": {"b": [1, 2]}, "c": True}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Train, tmp_path / "missing.yaml")

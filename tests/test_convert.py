@@ -1,0 +1,91 @@
+"""weight_norm / remove_weight_norm keep outputs unchanged, in both directions."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import wn_rl
+from wn_rl import WNConv1d, WNConv2d, WNConvTranspose2d, WNLinear, WNLSTMCell, remove_weight_norm, weight_norm
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 4, 3)
+        self.conv2 = nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")
+        self.up = nn.ConvTranspose2d(4, 3, 2, stride=2, output_padding=0)
+        self.cell = nn.LSTMCell(4, 5)
+        self.head = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2, bias=False))
+
+    def forward(self, seq, image):
+        a = self.conv1(seq).mean(-1)
+        h, _ = self.cell(a)
+        b = self.up(self.conv2(image)).mean((1, 2, 3))
+        return self.head(h) + b[:, None]
+
+
+def _inputs():
+    return torch.randn(3, 2, 6), torch.randn(3, 2, 5, 5)
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_conversion_preserves_outputs_and_types(scale):
+    torch.manual_seed(0)
+    model = Mixed()
+    x = _inputs()
+    expected = model(*x)
+    converted = weight_norm(copy.deepcopy(model), init_scale=0.5, scale=scale)
+    torch.testing.assert_close(converted(*x), expected, rtol=1e-5, atol=1e-6)
+    kinds = {type(converted.conv1), type(converted.conv2), type(converted.up), type(converted.cell)}
+    assert kinds == {WNConv1d, WNConv2d, WNConvTranspose2d, WNLSTMCell}
+    assert isinstance(converted.head[0], WNLinear) and converted.head[0].init_scale == 0.5
+    assert converted.head[2].bias is None and converted.conv2.padding_mode == "circular"
+    assert converted.head[0].scale == scale
+    torch.testing.assert_close(converted.head[0].g_value, model.head[0].weight.norm(dim=1))
+
+
+def test_folding_preserves_outputs_and_gives_plain_layers():
+    torch.manual_seed(0)
+    model = weight_norm(Mixed())
+    x = _inputs()
+    wn_rl.data_dependent_init(model, x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    expected = model(*x)
+    folded = remove_weight_norm(model)
+    assert not any(isinstance(m, (wn_rl.WNLayer, WNLSTMCell)) for m in folded.modules())
+    assert type(folded.up) is nn.ConvTranspose2d and type(folded.cell) is nn.LSTMCell
+    torch.testing.assert_close(folded(*x), expected, rtol=1e-5, atol=1e-6)
+    assert bool(folded.head[0].initialized)  # the init flag survives folding
+    again = weight_norm(folded)
+    torch.testing.assert_close(again(*x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_single_layers_are_replaced_and_zero_rows_survive():
+    plain = nn.Linear(3, 2)
+    with torch.no_grad():
+        plain.weight[0] = 0.0
+    layer = weight_norm(plain)
+    assert isinstance(layer, WNLinear)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(layer(x), plain(x))
+    assert torch.isfinite(layer.weight).all()
+    assert isinstance(remove_weight_norm(layer), nn.Linear)
+
+
+def test_fused_recurrent_layers_are_left_with_a_warning():
+    model = nn.Sequential(nn.Linear(3, 3))
+    model.add_module("rnn", nn.LSTM(3, 3))
+    with pytest.warns(UserWarning, match="WNLSTMCell"):
+        weight_norm(model)
+    assert isinstance(model.rnn, nn.LSTM) and isinstance(model[0], WNLinear)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="scale"):
+        weight_norm(nn.Linear(2, 2), scale="log")
+    with pytest.raises(ValueError, match="groups"):
+        weight_norm(nn.ConvTranspose2d(4, 4, 3, groups=2))

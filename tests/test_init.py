@@ -1,0 +1,186 @@
+"""Data-dependent initialization (section 3) in every parameterization, on deep MLPs and CNNs."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import wn_rl
+from wn_rl import MeanOnlyBatchNorm, Parameterization, WNLinear, data_dependent_init, is_initialized
+
+PAPER = ["normal", "batch_norm", "weight_norm", "weight_norm+mean_only_bn", "mean_only_bn"]
+ALL = [*PAPER, "layer_norm"]
+
+
+def deep_mlp(parameterization, init_scales=(1.0, 1.0, 1.0, 1.0, 0.1)):
+    return wn_rl.mlp([12, 32, 32, 32, 32, 5], parameterization, nn.ReLU, init_scales=list(init_scales))
+
+
+def deep_cnn(parameterization):
+    p = Parameterization.get(parameterization)
+    return nn.Sequential(
+        p.conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        p.conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        p.conv2d(16, 16, 3, padding=1, init_scale=0.5), nn.ReLU(),
+        p.conv_transpose2d(16, 8, 2, stride=2), nn.ReLU(),
+        p.conv2d(8, 8, 1), nn.ReLU(),
+        nn.Flatten(), p.without_norm().linear(8 * 8 * 8, 4, init_scale=0.1),
+    )  # fmt: skip
+
+
+def pre_activations(model, x):
+    """Outputs of every block that feeds an activation or ends the network (the pre-activations)."""
+    blocks = [m for m in model if not isinstance(m, (nn.ReLU, nn.Flatten))]
+    outputs = []
+    handles = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for b in blocks]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return outputs, [(b[0] if isinstance(b, nn.Sequential) else b).init_scale for b in blocks]
+
+
+def unit_stats(t):
+    channel = 1 if t.dim() > 2 else -1
+    t = t.movedim(channel, 0).reshape(t.shape[channel], -1)
+    return t.mean(1), t.std(1, unbiased=False)
+
+
+@pytest.mark.parametrize("parameterization", ALL)
+@pytest.mark.parametrize("builder,shape", [(deep_mlp, (256, 12)), (deep_cnn, (128, 3, 8, 8))])
+def test_pre_activations_are_normalised_after_init(parameterization, builder, shape):
+    torch.manual_seed(0)
+    model = builder(parameterization)
+    x = torch.randn(shape) * 3 + 1
+    report = data_dependent_init(model, x)
+    assert is_initialized(model) and len(report.layers) == len(wn_rl.init.initializable_layers(model))
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        outputs, scales = pre_activations(model, x)
+        for out, scale in zip(outputs, scales, strict=True):
+            mean, std = unit_stats(out)
+            assert mean.abs().max() < 1e-4 * max(1.0, scale) + 1e-5, (mode, mean.abs().max())
+            torch.testing.assert_close(std, torch.full_like(std, scale), rtol=1e-3, atol=1e-6)
+
+
+def test_parameterizations_from_one_seed_compute_one_function():
+    x = torch.randn(200, 12)
+    outputs = {}
+    for parameterization in PAPER:
+        torch.manual_seed(3)
+        model = deep_mlp(parameterization)
+        data_dependent_init(model, x)
+        model.eval()
+        outputs[parameterization] = model(x).detach()
+    for parameterization in PAPER[1:]:
+        torch.testing.assert_close(outputs[parameterization], outputs["normal"], rtol=1e-3, atol=1e-4)
+    torch.manual_seed(3)
+    cnn_normal = deep_cnn("normal")
+    torch.manual_seed(3)
+    cnn_wn = deep_cnn("weight_norm")
+    images = torch.randn(64, 3, 8, 8)
+    data_dependent_init(cnn_normal, images)
+    data_dependent_init(cnn_wn, images)
+    torch.testing.assert_close(cnn_wn(images), cnn_normal(images), rtol=1e-4, atol=1e-5)
+
+
+def test_init_runs_once_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = deep_mlp("weight_norm+mean_only_bn")
+    x = torch.randn(64, 12)
+    data_dependent_init(model, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="already initialised"):
+        report = data_dependent_init(model, torch.randn(64, 12) * 5)
+    assert report.skipped
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    fresh = deep_mlp("weight_norm+mean_only_bn")
+    assert not is_initialized(fresh)
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert is_initialized(fresh)
+    with pytest.warns(UserWarning, match="already initialised"):
+        data_dependent_init(fresh, x * 7)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    forced = data_dependent_init(fresh, x * 7, force=True)
+    assert not forced.skipped and not torch.equal(fresh[0][0].g, state["0.0.g"])
+
+
+def test_dead_units_stay_finite_and_unchanged():
+    torch.manual_seed(0)
+    layer = WNLinear(4, 3)
+    with torch.no_grad():
+        layer.v[0, 1:] = 0.0  # unit 0 only sees feature 0, which is constant below
+        layer.bias.copy_(torch.tensor([0.3, 0.0, 0.0]))
+    x = torch.randn(32, 4)
+    x[:, 0] = 2.0
+    g_before, b_before = layer.g[0].item(), layer.bias[0].item()
+    report = data_dependent_init(layer, x)
+    assert report.dead_units == {"": [0]}
+    assert layer.g[0].item() == g_before and layer.bias[0].item() == b_before
+    assert torch.isfinite(layer.g).all() and torch.isfinite(layer.bias).all()
+    _, std = unit_stats(layer(x).detach())
+    torch.testing.assert_close(std[1:], torch.ones(2), rtol=1e-4, atol=1e-6)
+
+
+def test_mean_only_bn_gets_the_init_batch_mean():
+    torch.manual_seed(0)
+    model = Parameterization.get("weight_norm+mean_only_bn").linear(6, 4, init_scale=2.0)
+    layer, bn = model[0], model[1]
+    assert isinstance(bn, MeanOnlyBatchNorm) and layer.bias is None
+    x = torch.randn(100, 6) + 3
+    g_before = layer.g.detach().clone()
+    report = data_dependent_init(model, x)
+    assert report.layers[0].paired_norm == "1"
+    raw = layer(x).detach()
+    torch.testing.assert_close(bn.running_mean, raw.mean(0))
+    torch.testing.assert_close(raw.std(0, unbiased=False), torch.full((4,), 2.0), rtol=1e-4, atol=1e-5)
+    assert torch.all(bn.bias == 0) and not torch.equal(layer.g, g_before)
+    model.eval()
+    eval_out = model(x).detach()
+    model.train()
+    torch.testing.assert_close(model(x).detach(), eval_out, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_models_not_built_by_us_are_initialised_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(50, 1, 8, 8) * 4
+    data_dependent_init(model, x)
+    _, std = unit_stats(model[0](x).detach())
+    torch.testing.assert_close(std, torch.ones(4), rtol=1e-4, atol=1e-6)
+    assert is_initialized(model) and "0.initialized" in model.state_dict()
+
+
+def test_recurrent_cells_keep_their_init():
+    cell = wn_rl.WNLSTMCell(3, 4)
+    head = WNLinear(4, 2)
+    before = {k: v.clone() for k, v in cell.state_dict().items()}
+
+    def forward(model, batch):
+        h, _ = model["cell"](batch)
+        return model["head"](h)
+
+    data_dependent_init(nn.ModuleDict({"cell": cell, "head": head}), torch.randn(16, 3), forward=forward)
+    assert all(torch.equal(v, before[k]) for k, v in cell.state_dict().items())
+    assert bool(head.initialized)
+
+
+def test_bad_input_is_explained():
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        data_dependent_init(WNLinear(3, 2), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="no layer"):
+        data_dependent_init(nn.Sequential(nn.ReLU()), torch.randn(4, 3))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        data_dependent_init(WNLinear(3, 2), torch.full((4, 3), float("nan")))
+
+
+def test_layers_never_reached_are_reported():
+    model = nn.ModuleDict({"used": WNLinear(3, 2), "unused": WNLinear(3, 2)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = data_dependent_init(model, torch.randn(8, 3), forward=lambda m, b: m["used"](b))
+    assert report.not_reached == ["unused"] and any("never reached" in str(w.message) for w in caught)

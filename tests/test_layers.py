@@ -1,0 +1,277 @@
+"""The WN layers: eq. (2)-(4), the norm axis, exp scale, mean-only BN (eq. 7-8), the LSTM cell,
+``cached``, pickling, deep copies and ``torch.compile``."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import wn_rl
+from wn_rl import MeanOnlyBatchNorm, WNConv1d, WNConv2d, WNConvTranspose2d, WNLinear, WNLSTMCell, cached
+
+torch.set_num_threads(2)
+
+
+def _layers(dtype=torch.float32, scale="linear"):
+    return [
+        (WNLinear(5, 3, dtype=dtype, scale=scale), torch.randn(4, 5, dtype=dtype)),
+        (WNConv1d(2, 3, 3, dtype=dtype, scale=scale), torch.randn(4, 2, 7, dtype=dtype)),
+        (WNConv2d(2, 3, 3, padding=1, dtype=dtype, scale=scale), torch.randn(4, 2, 5, 5, dtype=dtype)),
+        (WNConvTranspose2d(2, 3, 3, stride=2, dtype=dtype, scale=scale), torch.randn(4, 2, 4, 4, dtype=dtype)),
+    ]
+
+
+def _unit_slices(layer, w):
+    """w reshaped as (units, fan_in) whichever axis holds the output units."""
+    return w.movedim(layer.norm_dim, 0).reshape(w.shape[layer.norm_dim], -1)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_fresh_layers_follow_section_3(index):
+    torch.manual_seed(0)
+    layer, _ = _layers()[index]
+    assert set(dict(layer.named_parameters())) == {"v", "g", "bias"}
+    assert torch.all(layer.g == 1) and torch.all(layer.bias == 0)
+    assert abs(layer.v.std().item() - 0.05) < 0.03
+    assert not bool(layer.initialized)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_weight_norm_equals_g(index):
+    torch.manual_seed(0)
+    layer, _ = _layers()[index]
+    with torch.no_grad():
+        layer.g.uniform_(0.5, 2.0)
+    norms = _unit_slices(layer, layer.weight).norm(dim=1)
+    torch.testing.assert_close(norms, layer.g.detach())
+
+
+def test_transposed_conv_normalises_per_output_channel():
+    layer = WNConvTranspose2d(4, 6, 3)
+    assert layer.v.shape == (4, 6, 3, 3) and layer.g.shape == (6,)
+    w = layer.weight.detach()
+    per_output = w.transpose(0, 1).reshape(6, -1).norm(dim=1)
+    torch.testing.assert_close(per_output, torch.ones(6))
+    per_input = w.reshape(4, -1).norm(dim=1)
+    assert not torch.allclose(per_input, torch.ones(4))
+
+
+def test_transposed_conv_with_groups_is_refused():
+    with pytest.raises(ValueError, match="groups"):
+        WNConvTranspose2d(4, 6, 3, groups=2)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_gradients_match_equation_3_in_float64(index):
+    torch.manual_seed(0)
+    layer, x = _layers(torch.float64)[index]
+    with torch.no_grad():
+        layer.g.uniform_(0.5, 2.0)
+    out = layer(x)
+    target = torch.randn_like(out)
+    loss = ((out - target) ** 2).sum()
+    grad_g, grad_v = torch.autograd.grad(loss, [layer.g, layer.v])
+
+    w = layer.weight.detach().requires_grad_(True)
+    plain_out = _plain_forward(layer, x, w)
+    (grad_w,) = torch.autograd.grad(((plain_out - target) ** 2).sum(), [w])
+
+    v = _unit_slices(layer, layer.v.detach())
+    gw = _unit_slices(layer, grad_w)
+    g = layer.g.detach()
+    v_norm = v.norm(dim=1)
+    expected_g = (gw * v).sum(1) / v_norm  # eq. (3), first half
+    expected_v = (g / v_norm)[:, None] * gw - (g * expected_g / v_norm**2)[:, None] * v  # eq. (3)
+    torch.testing.assert_close(grad_g, expected_g)
+    torch.testing.assert_close(_unit_slices(layer, grad_v), expected_v)
+    # eq. (4): grad_v is orthogonal to w
+    w_rows = _unit_slices(layer, layer.weight.detach())
+    cos = (_unit_slices(layer, grad_v) * w_rows).sum(1) / (w_rows.norm(dim=1) * grad_v.norm() + 1e-30)
+    assert cos.abs().max().item() < 1e-10
+
+
+def _plain_forward(layer, x, w):
+    if isinstance(layer, WNLinear):
+        return nn.functional.linear(x, w, layer.bias)
+    if isinstance(layer, WNConv1d):
+        return nn.functional.conv1d(x, w, layer.bias, layer.stride, layer.padding)
+    if isinstance(layer, WNConv2d):
+        return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding)
+    return nn.functional.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding)
+
+
+def test_plain_sgd_never_shrinks_v_norm():
+    torch.manual_seed(0)
+    net = nn.Sequential(WNLinear(10, 32), nn.Tanh(), WNLinear(32, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.0)
+    x, y = torch.randn(64, 10), torch.randn(64, 1)
+    previous = [m.v_norm().detach().clone() for m in net if isinstance(m, WNLinear)]
+    initial = previous
+    for _ in range(50):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        optimizer.step()
+        current = [m.v_norm().detach().clone() for m in net if isinstance(m, WNLinear)]
+        for before, after in zip(previous, current, strict=True):
+            assert torch.all(after >= before * (1 - 1e-5))
+        previous = current
+    assert all(torch.all(c > 1.001 * i) for c, i in zip(current, initial, strict=True))  # it really grew
+
+
+def test_exp_scale_parameterises_log_g():
+    layer = WNLinear(4, 3, scale="exp")
+    assert "s" in dict(layer.named_parameters()) and "g" not in dict(layer.named_parameters())
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    torch.testing.assert_close(layer.weight.norm(dim=1), torch.tensor([0.0, 1.0, -1.0]).exp())
+    layer.weight.sum().backward()
+    assert layer.s.grad is not None and layer.v.grad is not None
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(ValueError, match="scale"):
+        WNLinear(3, 2, scale="log")
+    with pytest.raises(ValueError, match="init_scale"):
+        WNLinear(3, 2, init_scale=0.0)
+    with pytest.raises(ValueError):
+        WNConv2d(3, 4, 3, groups=2)  # torch's own check: in_channels must divide by groups
+
+
+def test_conv_arguments_match_torch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9)
+    layer = WNConv2d(4, 6, (3, 5), stride=(2, 1), padding=2, dilation=2, groups=2, padding_mode="reflect")
+    plain = nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=2, dilation=2, groups=2, padding_mode="reflect")
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        plain.bias.copy_(layer.bias)
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+def test_mean_only_batch_norm_train_and_eval():
+    torch.manual_seed(0)
+    bn = MeanOnlyBatchNorm(3, momentum=0.1)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.randn(8, 3, 4, 4) + torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    y = bn(x)
+    mu = x.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(y, x - mu.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1))  # eq. (7)
+    torch.testing.assert_close(bn.running_mean, 0.1 * mu)
+    bn.eval()
+    torch.testing.assert_close(bn(x), x - bn.running_mean.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1))
+
+
+def test_mean_only_batch_norm_centres_the_gradient():
+    bn = MeanOnlyBatchNorm(4)
+    t = torch.randn(16, 4, requires_grad=True)
+    upstream = torch.randn(16, 4)
+    bn(t).backward(upstream)
+    torch.testing.assert_close(t.grad, upstream - upstream.mean(0, keepdim=True))  # eq. (8)
+
+
+def test_mean_only_batch_norm_rejects_wrong_channels():
+    with pytest.raises(ValueError, match=r"\(N, 3"):
+        MeanOnlyBatchNorm(3)(torch.randn(2, 4))
+
+
+def test_lstm_cell_starts_from_torch_init_and_matches_it():
+    torch.manual_seed(0)
+    cell = WNLSTMCell(5, 7)
+    torch.manual_seed(0)
+    plain = nn.LSTMCell(5, 7)
+    torch.testing.assert_close(cell.weight_ih, plain.weight_ih)
+    torch.testing.assert_close(cell.g_hh, plain.weight_hh.norm(dim=1))
+    x, h = torch.randn(3, 5), (torch.randn(3, 7), torch.randn(3, 7))
+    for a, b in zip(cell(x, h), plain(x, h), strict=True):
+        torch.testing.assert_close(a, b)
+    unbatched = cell(x[0])
+    torch.testing.assert_close(unbatched[0], cell(x[:1])[0][0])
+    names = set(dict(cell.named_parameters()))
+    assert names == {"v_ih", "g_ih", "v_hh", "g_hh", "bias_ih", "bias_hh"}
+
+
+def test_cached_computes_the_weight_once_and_keeps_gradients():
+    torch.manual_seed(0)
+    cell = WNLSTMCell(3, 4)
+    layer = WNLinear(4, 2)
+    model = nn.ModuleDict({"cell": cell, "out": layer})
+    calls = {"n": 0}
+    original = torch._weight_norm
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    x = torch.randn(6, 2, 3)
+    torch._weight_norm = counting
+    try:
+        with cached(model):
+            h = c = torch.zeros(2, 4)
+            total = 0
+            for t in range(6):
+                h, c = cell(x[t], (h, c))
+                total = total + layer(h).sum()
+    finally:
+        torch._weight_norm = original
+    assert calls["n"] == 3  # weight_ih, weight_hh, out: once each for six steps
+    total.backward()
+    uncached_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    h = c = torch.zeros(2, 4)
+    total = 0
+    for t in range(6):
+        h, c = cell(x[t], (h, c))
+        total = total + layer(h).sum()
+    total.backward()
+    for a, p in zip(uncached_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+    assert cell._cached_weights is None and layer._cached_weight is None
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_pickle_deepcopy_and_state_dict_round_trip(index):
+    torch.manual_seed(0)
+    layer, x = _layers()[index]
+    with torch.no_grad():
+        layer.g.uniform_(0.5, 2)
+    expected = layer(x)
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(clone(x), expected)
+    torch.manual_seed(1)
+    fresh, _ = _layers()[index]
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), expected)
+    with cached(layer):
+        layer(x)
+        copy.deepcopy(layer)  # the cached non-leaf tensor must not travel
+
+
+def test_weight_norm_is_fp32_under_reduced_precision():
+    layer = WNLinear(64, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.v.mul_(1e-3)
+    assert torch.isfinite(layer.weight).all()
+    torch.testing.assert_close(layer.weight.float().norm(dim=1), torch.ones(8), atol=1e-2, rtol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = WNLinear(8, 4)(torch.randn(2, 8))
+    assert out.dtype == torch.bfloat16
+
+
+def test_compile_matches_eager():
+    torch.manual_seed(0)
+    net = nn.Sequential(WNConv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), WNLinear(4 * 6 * 6, 3, scale="exp"))
+    x = torch.randn(5, 2, 8, 8)
+    wn_rl.data_dependent_init(net, x)
+    eager_out = net(x)
+    eager_out.sum().backward()
+    eager_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    compiled = torch.compile(net)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
+    for a, p in zip(eager_grads, net.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
