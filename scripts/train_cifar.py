@@ -1,0 +1,12 @@
+"""Train the paper's CIFAR-10 network (Table 1, section 5.1) in one parameterization.
+
+python scripts/train_cifar.py --config configs/paper/cifar10.yaml parameterization=weight_norm --download
+"""
+
+from wn_rl.models.cifar_experiment import CifarConfig, train_cifar
+from wn_rl.models.cli import parse_config
+
+if __name__ == "__main__":
+    config = parse_config(CifarConfig, "configs/paper/cifar10.yaml", __doc__)
+    result = train_cifar(config)
+    print(f"final test error {result.final_test_error:.4f}; checkpoint {result.checkpoint}")
