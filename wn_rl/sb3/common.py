@@ -1,0 +1,92 @@
+"""What every weight-normalized SB3 policy shares: the ``parameterization`` and ``init_scale``
+options, the observation-space check, the default ``net_arch`` and the features-extractor kwargs.
+
+Policies own their initialization (section 3 of the paper): layers start at v ~ N(0, 0.05), g = 1,
+b = 0 and :class:`wn_rl.sb3.DataDependentInitCallback` sets g and b from real observations. SB3's
+orthogonal initialization is not used: on a WN layer it would write into a ``.weight`` that is
+recomputed from g and v on every forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+from stable_baselines3.common.torch_layers import FlattenExtractor
+
+from wn_rl.parameterization import Parameterization
+from wn_rl.sb3.torch_layers import (
+    check_image_space,
+    check_vector_space,
+    extractor_kwargs,
+    resolve_init_scales,
+    uses_nature_layout,
+)
+
+__all__ = ["WnPolicyOptions"]
+
+ParameterizationLike = str | Parameterization
+
+
+class WnPolicyOptions:
+    """Mixin holding the WN options of a policy; call :meth:`_wn_prepare` before SB3's ``__init__``.
+
+    Class attributes name the policy family's parts and the policies to suggest when an observation
+    space does not fit.
+    """
+
+    init_parts: tuple[str, ...] = ()
+    vector_policy: str = ""
+    image_policy: str = ""
+
+    parameterization: Parameterization
+    init_scales: dict[str, float]
+
+    def _wn_prepare(
+        self,
+        observation_space: gym.Space,
+        parameterization: ParameterizationLike,
+        init_scale: float | Mapping[str, float] | None,
+        features_extractor_class: type,
+        features_extractor_kwargs: Mapping[str, Any] | None,
+        normalize_images: bool,
+    ) -> dict[str, Any]:
+        """Check the options and the observation space; return the features-extractor kwargs.
+
+        Runs before ``nn.Module.__init__`` (plain attributes only), so that a wrong space fails before
+        any layer is allocated.
+        """
+        self.parameterization = Parameterization.get(parameterization)
+        self._parameterization_arg = parameterization
+        self._init_scale_arg = dict(init_scale) if isinstance(init_scale, Mapping) else init_scale
+        self.init_scales = resolve_init_scales(self.init_parts, init_scale)
+        name = type(self).__name__
+        if uses_nature_layout(features_extractor_class):
+            alternative = self.vector_policy or "an MLP policy"
+            check_image_space(observation_space, name, normalized_image=not normalize_images, alternative=alternative)
+        elif issubclass(features_extractor_class, FlattenExtractor):
+            check_vector_space(observation_space, name)
+        return extractor_kwargs(
+            features_extractor_class,
+            features_extractor_kwargs,
+            self.parameterization,
+            self.init_scales["features"],
+            normalize_images,
+        )
+
+    def _wn_constructor_parameters(self) -> dict[str, Any]:
+        """The WN options as given, for SB3's ``_get_constructor_parameters`` (``policy.save``)."""
+        return {"parameterization": self._parameterization_arg, "init_scale": self._init_scale_arg}
+
+
+def default_net_arch(
+    net_arch: Sequence[int] | Mapping[str, Sequence[int]] | None,
+    features_extractor_class: type,
+    nature: Any,
+    other: Any,
+) -> Any:
+    """SB3's default ``net_arch`` rule, extended to :class:`wn_rl.sb3.WnNatureCNN`."""
+    if net_arch is not None:
+        return net_arch
+    return nature if uses_nature_layout(features_extractor_class) else other

@@ -1,0 +1,202 @@
+"""Weight-normalized Q-network policies for SB3's DQN and sb3-contrib's QR-DQN (paper section 5.4).
+
+The online and target networks are built the same way (features extractor, hidden layers, head, all
+in the chosen parameterization); SB3 syncs the target with ``load_state_dict`` and then
+``polyak_update`` on parameters plus the ``running_mean`` buffers of mean-only batch norm.
+Initialization is owned by the policy (section 3): layers start at v ~ N(0, 0.05), g = 1, b = 0 and
+:class:`wn_rl.sb3.DataDependentInitCallback` initialises the online network from replay-buffer
+observations once learning starts, then copies it into the target network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gymnasium import spaces
+from sb3_contrib.qrdqn.policies import QRDQNPolicy, QuantileNetwork
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
+from torch import nn
+
+from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
+from wn_rl.sb3.torch_layers import WnNatureCNN, head_mlp
+
+__all__ = [
+    "WnCnnPolicy",
+    "WnDQNPolicy",
+    "WnMlpPolicy",
+    "WnQNetwork",
+    "WnQRDQNCnnPolicy",
+    "WnQRDQNMlpPolicy",
+    "WnQRDQNPolicy",
+    "WnQuantileNetwork",
+]
+
+_PARTS = ("features", "hidden", "q")
+
+
+class WnQNetwork(QNetwork):
+    """SB3's ``QNetwork`` whose MLP head (``q_net``) is built in ``parameterization``; the output
+    layer has no norm and ``init_scales["q"]`` as its init scale."""
+
+    def __init__(
+        self,
+        *args: Any,
+        parameterization: ParameterizationLike = "weight_norm",
+        init_scales: Mapping[str, float],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.parameterization = parameterization
+        self.init_scales = dict(init_scales)
+        self.q_net = head_mlp(
+            self.features_dim,
+            int(self.action_space.n),
+            self.net_arch,
+            self.activation_fn,
+            parameterization,
+            hidden_scale=self.init_scales["hidden"],
+            output_scale=self.init_scales["q"],
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(parameterization=self.parameterization, init_scales=self.init_scales)
+        return data
+
+
+class WnQuantileNetwork(QuantileNetwork):
+    """sb3-contrib's ``QuantileNetwork`` whose MLP (``quantile_net``) is built in ``parameterization``."""
+
+    def __init__(
+        self,
+        *args: Any,
+        parameterization: ParameterizationLike = "weight_norm",
+        init_scales: Mapping[str, float],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.parameterization = parameterization
+        self.init_scales = dict(init_scales)
+        self.quantile_net = head_mlp(
+            self.features_dim,
+            int(self.action_space.n) * self.n_quantiles,
+            self.net_arch,
+            self.activation_fn,
+            parameterization,
+            hidden_scale=self.init_scales["hidden"],
+            output_scale=self.init_scales["q"],
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(parameterization=self.parameterization, init_scales=self.init_scales)
+        return data
+
+
+class _WnQPolicyMixin(WnPolicyOptions):
+    """Shared constructor of the WN DQN and QR-DQN policies."""
+
+    init_parts = _PARTS
+    default_features_extractor: type[BaseFeaturesExtractor] = FlattenExtractor
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        *,
+        parameterization: ParameterizationLike = "weight_norm",
+        init_scale: float | Mapping[str, float] | None = None,
+        net_arch: list[int] | None = None,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        features_extractor_class: type[BaseFeaturesExtractor] | None = None,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        normalize_images: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        features_extractor_class = features_extractor_class or self.default_features_extractor
+        fe_kwargs = self._wn_prepare(
+            observation_space,
+            parameterization,
+            init_scale,
+            features_extractor_class,
+            features_extractor_kwargs,
+            normalize_images,
+        )
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch=default_net_arch(net_arch, features_extractor_class, [], [64, 64]),
+            activation_fn=activation_fn,
+            features_extractor_class=features_extractor_class,
+            features_extractor_kwargs=fe_kwargs,
+            normalize_images=normalize_images,
+            **kwargs,
+        )
+
+    def _wn_net_kwargs(self) -> dict[str, Any]:
+        return {"parameterization": self.parameterization, "init_scales": self.init_scales}
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(self._wn_constructor_parameters())
+        return data
+
+
+class WnDQNPolicy(_WnQPolicyMixin, DQNPolicy):
+    """SB3's ``DQNPolicy`` with the Q-network (and its target) in a chosen parameterization.
+
+    Initialization is owned by the policy (paper section 3), not by PyTorch's default: use
+    :class:`wn_rl.sb3.DataDependentInitCallback`; ``init_scale`` sets the target std per part
+    (``features``, ``hidden``, ``q``; all 1 by default).
+
+    Args:
+        parameterization: ``"weight_norm"`` (default) or any name of :data:`wn_rl.PARAMETERIZATIONS`.
+        init_scale: one number for every part, or ``dict(features=, hidden=, q=)``.
+        **kwargs: SB3's ``DQNPolicy`` arguments (``net_arch``, ``activation_fn``,
+            ``features_extractor_class``, ``features_extractor_kwargs``, ``normalize_images``,
+            ``optimizer_class``, ``optimizer_kwargs``).
+    """
+
+    vector_policy = "WnMlpPolicy"
+    image_policy = "WnCnnPolicy"
+
+    def make_q_net(self) -> WnQNetwork:
+        net_args = self._update_features_extractor(self.net_args, features_extractor=None)
+        return WnQNetwork(**net_args, **self._wn_net_kwargs()).to(self.device)
+
+
+class WnMlpPolicy(WnDQNPolicy):
+    """:class:`WnDQNPolicy` for vector observations (``DQN(WnMlpPolicy, env)``)."""
+
+
+class WnCnnPolicy(WnDQNPolicy):
+    """:class:`WnDQNPolicy` with :class:`wn_rl.sb3.WnNatureCNN` for images (``DQN(WnCnnPolicy, env)``)."""
+
+    default_features_extractor = WnNatureCNN
+
+
+class WnQRDQNPolicy(_WnQPolicyMixin, QRDQNPolicy):
+    """sb3-contrib's ``QRDQNPolicy`` with the quantile network (and its target) in a chosen
+    parameterization; arguments and initialization as :class:`WnDQNPolicy` plus ``n_quantiles``."""
+
+    vector_policy = "WnQRDQNMlpPolicy"
+    image_policy = "WnQRDQNCnnPolicy"
+
+    def make_quantile_net(self) -> WnQuantileNetwork:
+        net_args = self._update_features_extractor(self.net_args, features_extractor=None)
+        return WnQuantileNetwork(**net_args, **self._wn_net_kwargs()).to(self.device)
+
+
+class WnQRDQNMlpPolicy(WnQRDQNPolicy):
+    """:class:`WnQRDQNPolicy` for vector observations (``QRDQN(WnQRDQNMlpPolicy, env)``)."""
+
+
+class WnQRDQNCnnPolicy(WnQRDQNPolicy):
+    """:class:`WnQRDQNPolicy` with :class:`wn_rl.sb3.WnNatureCNN` for images."""
+
+    default_features_extractor = WnNatureCNN

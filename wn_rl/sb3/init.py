@@ -1,0 +1,145 @@
+"""Data-dependent initialization (paper section 3) of SB3 policies: which networks are online,
+how each one is run on an init batch, and how target networks are synced afterwards.
+
+Works for every wn_rl SB3 policy (any parameterization) by dispatching on SB3's base policy classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch as th
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from sb3_contrib.qrdqn.policies import QRDQNPolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.dqn.policies import DQNPolicy
+from stable_baselines3.sac.policies import SACPolicy
+from stable_baselines3.td3.policies import TD3Policy
+from torch import nn
+
+from wn_rl.init import InitReport, data_dependent_init, initializable_layers, is_initialized
+
+__all__ = ["initialize_policy", "online_networks", "policy_is_initialized", "sync_target_networks"]
+
+Forward = Callable[[nn.Module, Any], Any]
+
+_SUPPORTED = (ActorCriticPolicy, DQNPolicy, QRDQNPolicy, SACPolicy, TD3Policy)
+
+
+def online_networks(policy: BasePolicy) -> dict[str, nn.Module]:
+    """The networks of ``policy`` that act or are trained (targets excluded), by name."""
+    if isinstance(policy, ActorCriticPolicy):
+        return {"policy": policy}
+    if isinstance(policy, DQNPolicy):
+        return {"q_net": policy.q_net}
+    if isinstance(policy, QRDQNPolicy):
+        return {"quantile_net": policy.quantile_net}
+    if isinstance(policy, (SACPolicy, TD3Policy)):
+        return {"actor": policy.actor, "critic": policy.critic}
+    raise TypeError(
+        f"{type(policy).__name__} is not supported: expected a policy of PPO/A2C/RecurrentPPO "
+        f"(ActorCriticPolicy), DQN, QR-DQN, SAC or TD3, e.g. wn_rl.sb3.WnCnnPolicy"
+    )
+
+
+def _target_pairs(policy: BasePolicy) -> list[tuple[str, nn.Module, nn.Module]]:
+    if isinstance(policy, DQNPolicy):
+        return [("q_net_target", policy.q_net_target, policy.q_net)]
+    if isinstance(policy, QRDQNPolicy):
+        return [("quantile_net_target", policy.quantile_net_target, policy.quantile_net)]
+    if isinstance(policy, TD3Policy):
+        return [
+            ("actor_target", policy.actor_target, policy.actor),
+            ("critic_target", policy.critic_target, policy.critic),
+        ]
+    if isinstance(policy, SACPolicy):
+        return [("critic_target", policy.critic_target, policy.critic)]
+    return []
+
+
+def sync_target_networks(policy: BasePolicy) -> list[str]:
+    """Copy every online network into its target (parameters, running means and ``initialized``
+    flags alike); returns the names of the targets synced."""
+    pairs = _target_pairs(policy)
+    for _, target, online in pairs:
+        target.load_state_dict(online.state_dict())
+    return [name for name, _, _ in pairs]
+
+
+def policy_is_initialized(policy: BasePolicy) -> bool:
+    """True when every online network of ``policy`` carries set ``initialized`` flags (e.g. loaded)."""
+    return all(is_initialized(net) for net in online_networks(policy).values())
+
+
+def has_init_flags(policy: BasePolicy) -> bool:
+    """Whether every initializable layer was built with an ``initialized`` buffer (wn_rl policies are;
+    SB3's own are not, and adding the buffer later would break loading their saved models)."""
+    layers = [m for net in online_networks(policy).values() for m in initializable_layers(net).values()]
+    return bool(layers) and all("initialized" in m._buffers for m in layers)
+
+
+def _zero_states(policy: RecurrentActorCriticPolicy, n: int) -> tuple[th.Tensor, th.Tensor]:
+    lstm = policy.lstm_actor
+    zeros = th.zeros(lstm.num_layers, n, lstm.hidden_size, device=policy.device)
+    return zeros, zeros.clone()
+
+
+def _init_passes(policy: BasePolicy, actions: th.Tensor | None) -> list[tuple[str, nn.Module, Forward]]:
+    """``(name, network, forward(network, observations))`` for each online network, in init order."""
+    if isinstance(policy, RecurrentActorCriticPolicy):
+
+        def recurrent(net: nn.Module, obs: Any) -> Any:
+            n = _batch_len(obs)
+            states = RNNStates(_zero_states(net, n), _zero_states(net, n))
+            return net.forward(obs, states, th.ones(n, device=net.device), deterministic=True)
+
+        return [("policy", policy, recurrent)]
+    if isinstance(policy, ActorCriticPolicy):
+        return [("policy", policy, lambda net, obs: net.forward(obs, deterministic=True))]
+    if isinstance(policy, (DQNPolicy, QRDQNPolicy)):
+        name, net = next(iter(online_networks(policy).items()))
+        return [(name, net, lambda net, obs: net(obs))]
+    if actions is None:
+        raise ValueError(
+            f"initialising a {type(policy).__name__} needs actions for its critic (from the replay buffer)"
+        )
+    if isinstance(policy, SACPolicy):
+        actor: Forward = lambda net, obs: net.get_action_dist_params(obs)  # noqa: E731 - no sampling
+    else:
+        actor = lambda net, obs: net(obs)  # noqa: E731
+    return [("actor", policy.actor, actor), ("critic", policy.critic, lambda net, obs: net(obs, actions))]
+
+
+def _batch_len(obs: Any) -> int:
+    if isinstance(obs, dict):
+        obs = next(iter(obs.values()))
+    return int(obs.shape[0])
+
+
+def initialize_policy(
+    policy: BasePolicy, observations: Any, actions: th.Tensor | None = None, *, force: bool = False
+) -> dict[str, InitReport]:
+    """Data-dependent init (section 3) of every online network of ``policy`` on ``observations``
+    (raw, as the env returns them; the policy preprocesses), then sync every target network.
+
+    Args:
+        policy: a PPO/A2C/RecurrentPPO, DQN, QR-DQN, SAC or TD3 policy.
+        observations: a batch of observations as a tensor (or dict of tensors) on the policy's device.
+        actions: the batch's actions, required for SAC and TD3 critics (replay-buffer actions).
+        force: re-initialise layers that are already initialised (never needed in normal use).
+
+    Returns:
+        ``{network name: InitReport}``; a report with ``skipped=True`` for networks already initialised.
+    """
+    reports = {
+        name: data_dependent_init(net, observations, force=force, forward=forward)
+        for name, net, forward in _init_passes(policy, actions)
+    }
+    sync_target_networks(policy)
+    return reports
+
+
+def is_supported(policy: BasePolicy) -> bool:
+    return isinstance(policy, _SUPPORTED)
