@@ -1,0 +1,264 @@
+"""Vector environments for the native DQN, all with one interface and one reset convention.
+
+- Atari: ale-py's C++ ``AtariVectorEnv`` with the Nature preprocessing (frameskip 4 with max-pool,
+  84x84 grayscale, 4-frame stack, up to 30 no-op starts). Rewards are *not* clipped here (the learner
+  clips them, so logged returns are game scores), ``episodic_life`` stays off (it would reset the whole
+  game at every life loss) and a life loss is derived from ``info["lives"]``: it cuts the TD bootstrap
+  in training under the ``nature`` protocol while the game goes on.
+- MinAtar (10x10xC binary images, channels moved first, stored as uint8) and any gymnasium env with a
+  flat Box observation and Discrete actions, through ``gymnasium.vector.SyncVectorEnv``.
+
+Every env autoresets on the *next* step (gymnasium's NEXT_STEP mode, ale-py's default): the step that
+ends an episode returns the real final observation, and the following step ignores its action and
+returns the first observation of a new episode with reward 0. :class:`StepResult` marks both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from agents.dqn.config import EnvConfig
+
+__all__ = ["MINATAR_GAMES", "EnvSpec", "StepResult", "VecEnv", "atari_games", "make_env", "protocol_settings"]
+
+MINATAR_GAMES = {
+    "asterix": "Asterix",
+    "breakout": "Breakout",
+    "freeway": "Freeway",
+    "seaquest": "Seaquest",
+    "space_invaders": "SpaceInvaders",
+}
+_PRESETS = {
+    "nature": {"repeat_action_probability": 0.0, "full_action_space": False, "terminal_on_life_loss": True},
+    "machado": {"repeat_action_probability": 0.25, "full_action_space": True, "terminal_on_life_loss": False},
+}
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What the Q-network and the replay memory need to know about observations and actions.
+
+    An observation is ``stack`` frames of ``frame_shape`` (shape ``(stack, *frame_shape)``) when
+    ``stack > 1``, else one frame. ``frame_dtype`` is what the replay memory stores.
+    """
+
+    suite: str
+    name: str
+    num_envs: int
+    frame_shape: tuple[int, ...]
+    stack: int
+    frame_dtype: np.dtype
+    n_actions: int
+    settings: dict[str, Any]
+
+    @property
+    def obs_shape(self) -> tuple[int, ...]:
+        return (self.stack, *self.frame_shape) if self.stack > 1 else self.frame_shape
+
+
+@dataclass
+class StepResult:
+    """One vector step. ``obs`` follows the NEXT_STEP convention described in the module docstring.
+
+    ``terminated``/``truncated`` end the game; ``life_loss`` marks a life lost without game over;
+    ``episode_start`` marks observations that are the first of a new episode (their previous step's
+    action was ignored by the autoreset); ``rewards`` are raw game rewards.
+    """
+
+    obs: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    life_loss: np.ndarray
+    episode_start: np.ndarray
+
+
+def atari_games() -> list[str]:
+    """Every Atari ROM name ale-py ships (snake_case)."""
+    from ale_py import roms
+
+    return sorted(roms.get_all_rom_ids())
+
+
+def protocol_settings(config: EnvConfig) -> dict[str, Any]:
+    """The resolved Atari protocol (preset values unless overridden), recorded in every run."""
+    preset = dict(_PRESETS[config.protocol])
+    for key in preset:
+        value = getattr(config, key)
+        if value is not None:
+            preset[key] = value
+    return {"protocol": config.protocol, **preset, "noop_max": config.noop_max}
+
+
+class VecEnv:
+    """N environments stepped together; see the module docstring for the conventions."""
+
+    spec: EnvSpec
+
+    def reset(self, seed: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class AtariEnv(VecEnv):
+    """ale-py's C++ vector env with life losses derived from ``info["lives"]``."""
+
+    def __init__(self, config: EnvConfig, num_envs: int, max_episode_frames: int) -> None:
+        from ale_py.vector_env import AtariVectorEnv
+
+        settings = protocol_settings(config)
+        self.env = AtariVectorEnv(
+            config.name,
+            num_envs,
+            max_num_frames_per_episode=max_episode_frames,
+            repeat_action_probability=settings["repeat_action_probability"],
+            full_action_space=settings["full_action_space"],
+            noop_max=config.noop_max,
+            episodic_life=False,
+            life_loss_info=False,
+            reward_clipping=False,
+        )
+        settings["max_episode_frames"] = max_episode_frames
+        frame_shape = tuple(self.env.single_observation_space.shape[1:])
+        self.spec = EnvSpec(
+            "atari",
+            config.name,
+            num_envs,
+            frame_shape,
+            4,
+            np.dtype(np.uint8),
+            int(self.env.single_action_space.n),
+            settings,
+        )
+        self.lives = np.zeros(num_envs, dtype=np.int64)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def reset(self, seed: int) -> np.ndarray:
+        obs, info = self.env.reset(seed=seed)
+        self.lives = info["lives"].astype(np.int64)
+        self.done = np.zeros(self.spec.num_envs, dtype=bool)
+        return obs
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, rewards, terminated, truncated, info = self.env.step(actions.astype(np.int64, copy=False))
+        lives = info["lives"].astype(np.int64)
+        episode_start = self.done  # the previous step ended a game: this one was the autoreset
+        self.done = terminated | truncated
+        life_loss = (lives < self.lives) & ~self.done & ~episode_start
+        self.lives = lives
+        return StepResult(obs, rewards.astype(np.float32), terminated, truncated, life_loss, episode_start)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class GymEnv(VecEnv):
+    """MinAtar or a gymnasium env with flat Box observations, through ``SyncVectorEnv``."""
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], spec: EnvSpec, transform: Callable | None) -> None:
+        self.env = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+        self.spec = spec
+        self.transform = transform
+        self.done = np.ones(spec.num_envs, dtype=bool)
+
+    def _obs(self, obs: np.ndarray) -> np.ndarray:
+        return self.transform(obs) if self.transform is not None else obs
+
+    def reset(self, seed: int) -> np.ndarray:
+        obs, _ = self.env.reset(seed=seed)
+        self.done[:] = False
+        return self._obs(obs)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, rewards, terminated, truncated, _ = self.env.step(actions)
+        episode_start = self.done.copy()
+        self.done = terminated | truncated
+        no_lives = np.zeros_like(self.done)
+        return StepResult(self._obs(obs), rewards.astype(np.float32), terminated, truncated, no_lives, episode_start)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _minatar_transform(obs: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(obs.transpose(0, 3, 1, 2)).astype(np.uint8)
+
+
+def _make_minatar(config: EnvConfig, num_envs: int, max_steps: int | None) -> GymEnv:
+    import minatar.gym
+
+    if f"MinAtar/{MINATAR_GAMES[config.name]}-v1" not in gym.registry:
+        minatar.gym.register_envs()
+    sticky = 0.1 if config.repeat_action_probability is None else config.repeat_action_probability
+    env_id = f"MinAtar/{MINATAR_GAMES[config.name]}-v1"
+
+    def make() -> gym.Env:
+        return gym.make(env_id, sticky_action_prob=sticky, max_episode_steps=max_steps)
+
+    probe = make()
+    h, w, c = probe.observation_space.shape
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    settings = {"env_id": env_id, "repeat_action_probability": sticky, "max_episode_steps": max_steps}
+    spec = EnvSpec("minatar", config.name, num_envs, (c, h, w), 1, np.dtype(np.uint8), n_actions, settings)
+    return GymEnv([make] * num_envs, spec, _minatar_transform)
+
+
+def _make_gym(config: EnvConfig, num_envs: int, max_steps: int | None) -> GymEnv:
+    def make() -> gym.Env:
+        return gym.make(config.name, max_episode_steps=max_steps)
+
+    probe = make()
+    obs_space, act_space = probe.observation_space, probe.action_space
+    probe.close()
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(
+            f"env.name={config.name!r} has observation space {obs_space}; the native DQN's mlp needs a flat "
+            "Box observation (shape (d,)). Use suite atari/minatar for images, or wrap the env to flatten it."
+        )
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise ValueError(f"env.name={config.name!r} has action space {act_space}; DQN needs Discrete actions.")
+    settings = {"env_id": config.name, "max_episode_steps": max_steps}
+    spec = EnvSpec("gym", config.name, num_envs, obs_space.shape, 1, np.dtype(np.float32), int(act_space.n), settings)
+    return GymEnv([make] * num_envs, spec, lambda obs: obs.astype(np.float32, copy=False))
+
+
+def check_env_name(config: EnvConfig) -> None:
+    """Raise ``ValueError`` listing the valid names when ``config.name`` is not a known game."""
+    if config.suite == "atari":
+        games = atari_games()
+        if config.name not in games:
+            raise ValueError(
+                f"env.name={config.name!r} is not an Atari game ale-py ships; valid names (snake_case): {games}"
+            )
+    elif config.suite == "minatar" and config.name not in MINATAR_GAMES:
+        raise ValueError(f"env.name={config.name!r} is not a MinAtar game; valid names: {sorted(MINATAR_GAMES)}")
+    elif config.suite == "gym" and config.name not in gym.registry:
+        close = [k for k in gym.registry if config.name.lower().split("-")[0] in k.lower()][:10]
+        raise ValueError(f"env.name={config.name!r} is not a registered gymnasium id; similar ids: {close}")
+
+
+def make_env(
+    config: EnvConfig, *, evaluation: bool = False, num_envs: int | None = None, eval_limit: Any = None
+) -> VecEnv:
+    """Build the training env (or, with ``evaluation=True``, an evaluation env whose play-time limit is
+    ``eval_limit``: frames for Atari, agent steps otherwise)."""
+    check_env_name(config)
+    n = num_envs or config.num_envs
+    if config.suite == "atari":
+        frames = eval_limit if evaluation else config.max_episode_frames
+        return AtariEnv(config, n, frames)
+    steps = eval_limit if evaluation else config.max_episode_steps
+    if config.suite == "minatar":
+        return _make_minatar(config, n, steps)
+    return _make_gym(config, n, steps)

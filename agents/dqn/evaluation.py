@@ -1,0 +1,126 @@
+"""Acting and evaluation as in the paper's protocol (Nature DQN, the paper's section 5.4).
+
+Evaluation plays a fixed number of *complete* games with epsilon = 0.05 under a play-time limit. With
+N parallel envs, each env gets a fixed quota of games decided in advance (``games`` split as evenly as
+possible), so a short game cannot finish more often and be over-represented, which a "first K games to
+finish" rule would do. Returns are raw game scores. The paper's statistic is the maximum over epochs of
+the epoch's mean evaluation return (:func:`best_epoch_mean`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from agents.dqn.envs import VecEnv
+from wn_rl.checkpoint import atomic_write_bytes
+
+__all__ = ["best_epoch_mean", "evaluate", "game_quotas", "select_actions", "write_results"]
+
+
+def select_actions(q_network: nn.Module | None, obs: Tensor, epsilon: float, n_actions: int) -> Tensor:
+    """Epsilon-greedy actions for a batch of observations, on the observations' device.
+
+    With ``epsilon >= 1`` (or no network) the network is not evaluated: every action is uniform.
+    """
+    n = obs.shape[0]
+    random_actions = torch.randint(0, n_actions, (n,), device=obs.device)
+    if q_network is None or epsilon >= 1.0:
+        return random_actions
+    with torch.no_grad():
+        greedy = q_network(obs).argmax(1)
+    if epsilon <= 0.0:
+        return greedy
+    explore = torch.rand(n, device=obs.device) < epsilon
+    return torch.where(explore, random_actions, greedy)
+
+
+def game_quotas(games: int, num_envs: int) -> np.ndarray:
+    """Games each env plays: ``games`` split as evenly as possible over ``num_envs`` envs."""
+    quotas = np.full(num_envs, games // num_envs, dtype=np.int64)
+    quotas[: games % num_envs] += 1
+    return quotas
+
+
+@torch.no_grad()
+def evaluate(
+    q_network: nn.Module, env: VecEnv, games: int, epsilon: float, seed: int, device: torch.device
+) -> dict[str, Any]:
+    """Play ``games`` complete games; returns raw scores, lengths (agent steps) and summary statistics."""
+    was_training = q_network.training
+    q_network.eval()
+    quotas = game_quotas(games, env.spec.num_envs)
+    obs = env.reset(seed=seed)
+    returns_now = np.zeros(env.spec.num_envs)
+    lengths_now = np.zeros(env.spec.num_envs, dtype=np.int64)
+    scores: list[float] = []
+    lengths: list[int] = []
+    try:
+        while quotas.sum() > 0:
+            actions = select_actions(q_network, torch.from_numpy(obs).to(device), epsilon, env.spec.n_actions)
+            step = env.step(actions.cpu().numpy())
+            returns_now += step.rewards
+            lengths_now += ~step.episode_start
+            ended = (step.terminated | step.truncated) & (quotas > 0)
+            for i in np.flatnonzero(ended):
+                scores.append(float(returns_now[i]))
+                lengths.append(int(lengths_now[i]))
+                quotas[i] -= 1
+            done = step.terminated | step.truncated
+            returns_now[done] = 0.0
+            lengths_now[done] = 0
+            obs = step.obs
+    finally:
+        q_network.train(was_training)
+    arr = np.asarray(scores)
+    return {
+        "games": len(scores),
+        "return_mean": float(arr.mean()),
+        "return_std": float(arr.std()),
+        "return_min": float(arr.min()),
+        "return_max": float(arr.max()),
+        "length_mean": float(np.mean(lengths)),
+        "returns": scores,
+        "lengths": lengths,
+    }
+
+
+def best_epoch_mean(history: list[dict[str, Any]]) -> float:
+    """The paper's statistic: the maximum over evaluation epochs of the epoch's mean return."""
+    means = [h["return_mean"] for h in history]
+    return max(means) if means else math.nan
+
+
+_CSV_FIELDS = (
+    "epoch",
+    "agent_step",
+    "frames",
+    "games",
+    "return_mean",
+    "return_std",
+    "return_min",
+    "return_max",
+    "length_mean",
+    "best_epoch_mean",
+)
+
+
+def write_results(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """``results.json`` (every epoch with all game scores, and the paper's statistic) and ``results.csv``
+    (one row per epoch), both written atomically."""
+    summary = {"best_epoch_mean": best_epoch_mean(history), "epochs": history}
+    atomic_write_bytes(run_dir / "results.json", json.dumps(summary, indent=1).encode())
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for i, row in enumerate(history):
+        writer.writerow({**row, "best_epoch_mean": best_epoch_mean(history[: i + 1])})
+    atomic_write_bytes(run_dir / "results.csv", buffer.getvalue().encode())

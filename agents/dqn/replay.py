@@ -1,0 +1,224 @@
+"""Replay memory on the training device, each frame stored once.
+
+Layout: ``L = capacity // N`` time slots for each of the N parallel envs, all envs written together
+(one slot per vector step). Slot ``t`` of env ``e`` holds the newest frame of observation s_t, the
+action a_t taken from it, the raw reward r_t and the flags of the transition s_t -> s_{t+1}
+(terminated, truncated, life loss), plus two flags of s_t itself: ``first`` (s_t starts an episode)
+and ``final`` (s_t is the last observation of an episode, so its action was ignored by the autoreset
+and it starts no transition). The observation of slot t is frames t-S+1..t, with frames from before
+the episode's first slot zeroed, which is exactly the stack the Atari env returns (it zero-pads the
+stack at reset). So a sampled stack never mixes two games, and a 1M-transition Atari memory is
+1M x 84 x 84 bytes (7.1 GB) instead of four times that.
+
+Sampling is uniform over the valid transitions, entirely on the device (a cumulative sum over the
+validity mask and ``searchsorted``; no host synchronisation). A slot is valid when it is not ``final``,
+its next ``n_step`` slots are written (the n-step return and bootstrap observation are present) and
+its stack has not been overwritten by the ring's wrap-around.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ReplayBatch", "ReplayMemory", "available_memory_bytes", "replay_bytes"]
+
+_SCALARS = {"actions": torch.int32, "rewards": torch.float32}
+_FLAGS = ("terminated", "truncated", "life_loss", "first", "final")
+
+
+@dataclass
+class ReplayBatch:
+    """A minibatch for the learner. ``rewards``/``terminals``/``truncations`` are ``(B, n_step)``
+    sequences starting at the sampled transition (raw rewards; terminals include life losses when they
+    count as terminal); ``next_obs`` is the observation ``next_offsets`` steps later: ``n_step`` steps,
+    or fewer where the episode ended first."""
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    terminals: Tensor
+    truncations: Tensor
+    next_obs: Tensor
+    next_offsets: Tensor
+    indices: Tensor
+
+
+def replay_bytes(capacity: int, num_envs: int, frame_shape: tuple[int, ...], frame_dtype: np.dtype) -> int:
+    """Bytes a :class:`ReplayMemory` of ``capacity`` transitions allocates (computed before allocating)."""
+    slots = math.ceil(capacity / num_envs) * num_envs
+    frame = int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize
+    scalars = sum(torch.empty((), dtype=d).element_size() for d in _SCALARS.values())
+    return slots * (frame + scalars + len(_FLAGS))
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ReplayMemory:
+    """Frame-deduplicated replay for N synchronous envs (see the module docstring)."""
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        frame_shape: tuple[int, ...],
+        frame_dtype: np.dtype,
+        stack: int,
+        n_step: int,
+        device: torch.device | str,
+        *,
+        headroom: float = 0.9,
+    ) -> None:
+        self.device = torch.device(device)
+        self.num_envs, self.stack, self.n_step = num_envs, stack, n_step
+        self.frame_shape = tuple(frame_shape)
+        self.length = math.ceil(capacity / num_envs)
+        if self.length < stack + n_step + 1:
+            raise ValueError(
+                f"replay capacity {capacity} gives {self.length} slots per env for {num_envs} envs; need at least "
+                f"stack + n_step + 1 = {stack + n_step + 1}. Raise agent.replay_capacity_transitions."
+            )
+        need = replay_bytes(capacity, num_envs, frame_shape, frame_dtype)
+        free = available_memory_bytes(self.device)
+        if need > headroom * free:
+            raise MemoryError(
+                f"a replay memory of {capacity:,} transitions of frames {self.frame_shape} needs "
+                f"{need / 2**30:.2f} GiB but {self.device} has {free / 2**30:.2f} GiB free ({headroom:.0%} usable); "
+                "lower agent.replay_capacity_transitions or use another device."
+            )
+        torch_dtype = torch.from_numpy(np.zeros(0, dtype=frame_dtype)).dtype
+        shape = (self.length, num_envs)
+        self.frames = torch.zeros(*shape, *self.frame_shape, dtype=torch_dtype, device=self.device)
+        for name, dtype in _SCALARS.items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=self.device))
+        for name in _FLAGS:
+            setattr(self, name, torch.zeros(shape, dtype=torch.bool, device=self.device))
+        self.position = 0  # next slot to write
+        self.writes = 0  # vector steps written in total
+        self._ages = torch.arange(self.length, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.frames, *(getattr(self, n) for n in (*_SCALARS, *_FLAGS))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __len__(self) -> int:
+        """Transitions stored (slots written, summed over envs)."""
+        return min(self.writes, self.length) * self.num_envs
+
+    def add(self, obs: Tensor, first: Tensor, final: Tensor, actions: Tensor, rewards: Tensor, **flags: Tensor) -> None:
+        """Write one vector step: observation s_t (``(N, *obs_shape)``; only its newest frame is stored),
+        its ``first``/``final`` flags, the action and raw reward, and ``terminated``, ``truncated``,
+        ``life_loss`` of the transition s_t -> s_{t+1}. Tensors may live on any device."""
+        t = self.position
+        frame = obs[:, -1] if self.stack > 1 else obs
+        self.frames[t].copy_(frame, non_blocking=True)
+        self.first[t].copy_(first, non_blocking=True)
+        self.final[t].copy_(final, non_blocking=True)
+        self.actions[t].copy_(actions, non_blocking=True)
+        self.rewards[t].copy_(rewards, non_blocking=True)
+        for name in ("terminated", "truncated", "life_loss"):
+            self.__dict__[name][t].copy_(flags[name], non_blocking=True)
+        self.position = (t + 1) % self.length
+        self.writes += 1
+
+    def valid_mask(self) -> Tensor:
+        """``(L, N)`` bool: slots a transition may be sampled from (see the module docstring)."""
+        ages = (self.position - 1 - self._ages) % self.length  # 0 = newest slot
+        ok_age = (ages >= self.n_step) & (ages < self.writes) & (ages <= self.length - self.stack)
+        return ok_age[:, None] & ~self.final
+
+    def sample_indices(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """``batch_size`` flat indices ``slot * N + env``, uniform over valid slots, drawn on the device."""
+        cumulative = torch.cumsum(self.valid_mask().flatten(), 0)
+        total = cumulative[-1]
+        u = torch.rand(batch_size, device=self.device, generator=generator)
+        ranks = (u * total).long().clamp_max(total - 1)
+        return torch.searchsorted(cumulative, ranks, right=True)
+
+    def stacks(self, slots: Tensor, envs: Tensor) -> Tensor:
+        """Observations at ``slots`` (``(B,)``) of ``envs``: ``(B, S, *frame)`` stacks or ``(B, *frame)``."""
+        if self.stack == 1:
+            return self.frames[slots, envs]
+        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first
+        idx = (slots[:, None] - offsets[None, :]) % self.length  # (B, S)
+        frames = self.frames[idx, envs[:, None]]
+        # A frame is from an earlier episode if some newer slot in the stack (not itself) starts an episode.
+        first = self.first[idx, envs[:, None]].flip(1)  # newest first
+        started = torch.cumsum(first.int(), 1) - first.int() > 0
+        keep = ~started.flip(1)
+        return frames * keep.view(*keep.shape, *([1] * len(self.frame_shape))).to(frames.dtype)
+
+    def gather(self, indices: Tensor, terminal_on_life_loss: bool) -> ReplayBatch:
+        """The minibatch at ``indices`` with ``n_step`` reward/terminal sequences and the bootstrap
+        observation (n steps later, or the episode's final observation if it ends sooner)."""
+        slots, envs = indices // self.num_envs, indices % self.num_envs
+        steps = (slots[:, None] + torch.arange(self.n_step, device=self.device)[None, :]) % self.length
+        e = envs[:, None]
+        terminals = self.terminated[steps, e]
+        if terminal_on_life_loss:
+            terminals = terminals | self.life_loss[steps, e]
+        truncations = self.truncated[steps, e]
+        ended = terminals | truncations
+        # Bootstrap from the observation after the first end, or n steps later.
+        first_end = torch.where(ended.any(1), ended.float().argmax(1), self.n_step - 1)
+        next_offsets = first_end + 1
+        next_slots = (slots + next_offsets) % self.length
+        return ReplayBatch(
+            obs=self.stacks(slots, envs),
+            actions=self.actions[slots, envs].long(),
+            rewards=self.rewards[steps, e],
+            terminals=terminals,
+            truncations=truncations,
+            next_obs=self.stacks(next_slots, envs),
+            next_offsets=next_offsets,
+            indices=indices,
+        )
+
+    def sample(
+        self, batch_size: int, terminal_on_life_loss: bool, generator: torch.Generator | None = None
+    ) -> ReplayBatch:
+        return self.gather(self.sample_indices(batch_size, generator), terminal_on_life_loss)
+
+    def recent_observations(self, count: int) -> Tensor:
+        """Up to ``count`` stored observations from valid slots, spread over the memory (for
+        data-dependent init on real observations)."""
+        valid = torch.nonzero(self.valid_mask().flatten()).flatten()
+        if valid.numel() == 0:
+            raise RuntimeError("the replay memory holds no complete observation yet; fill it before sampling")
+        pick = valid[torch.linspace(0, valid.numel() - 1, min(count, valid.numel()), device=self.device).long()]
+        return self.stacks(pick // self.num_envs, pick % self.num_envs)
+
+    def state_dict(self) -> dict:
+        """Tensors and plain counters, for ``wn_rl.checkpoint`` (``torch.load(weights_only=True)``)."""
+        state = {name: getattr(self, name) for name in ("frames", *_SCALARS, *_FLAGS)}
+        state.update(position=self.position, writes=self.writes, length=self.length, num_envs=self.num_envs)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["length"] != self.length or state["num_envs"] != self.num_envs:
+            raise ValueError(
+                f"saved replay has {state['length']} slots x {state['num_envs']} envs, this one "
+                f"{self.length} x {self.num_envs}; the capacity or env.num_envs changed since the checkpoint."
+            )
+        for name in ("frames", *_SCALARS, *_FLAGS):
+            getattr(self, name).copy_(state[name])
+        self.position, self.writes = int(state["position"]), int(state["writes"])

@@ -1,0 +1,434 @@
+"""The training loop: envs, device, replay, updates, evaluation, logs and checkpoints.
+
+The math lives in :mod:`agents.dqn.learner`; this module only moves data between the env (host), the
+replay memory and the networks (device), and writes what happened. Per vector step there is one host
+synchronisation (the chosen actions go to the emulator); training metrics accumulate on the device and
+are read once per ``run.log_every_agent_steps``.
+
+Run directory (``runs/dqn/<name>``): ``config.yaml`` (resolved), ``provenance.json``, ``env.json``
+(resolved protocol), ``tb/`` (TensorBoard events), ``results.json`` / ``results.csv`` (evaluation per
+epoch and the paper's statistic) and ``checkpoints/``. Running the same command again resumes from the
+newest complete checkpoint (networks, optimizer, counters, RNG, and the replay memory when
+``run.save_replay``); environments restart with fresh games (emulator state is not restorable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+import wn_rl
+from agents.dqn.config import DQNConfig, config_dict
+from agents.dqn.envs import VecEnv, make_env, protocol_settings
+from agents.dqn.evaluation import best_epoch_mean, evaluate, select_actions, write_results
+from agents.dqn.learner import Learner, epsilon_at
+from agents.dqn.networks import build_q_network, has_batch_statistics
+from agents.dqn.replay import ReplayMemory
+from wn_rl.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from wn_rl.config import ConfigError, config_diff
+from wn_rl.provenance import provenance
+
+__all__ = ["SAFE_TO_CHANGE", "Trainer", "pick_device", "run_dir_for"]
+
+SAFE_TO_CHANGE = (
+    "run.total_agent_steps",
+    "run.log_every_agent_steps",
+    "run.wn_stats_every_agent_steps",
+    "run.checkpoint_every_agent_steps",
+    "run.keep_checkpoints",
+    "run.progress_bar",
+    "run.device",
+    "run.torch_threads",
+    "run.runs_dir",
+)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=auto or cpu")
+    return device
+
+
+def run_dir_for(config: DQNConfig, config_name: str) -> Path:
+    """``runs_dir/<config>__<suite>-<game>__<parameterization>__seed<seed>`` (or ``run.name``)."""
+    r, e = config.run, config.env
+    name = r.name or f"{config_name}__{e.suite}-{e.name}__{config.network.parameterization}__seed{r.seed}"
+    return Path(r.runs_dir) / name.replace("/", "_")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in np_state["state"].items()}
+    state["numpy"] = json.dumps(np_state)
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = json.loads(state["numpy"])
+    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpisodeTracker:
+    """Raw game scores and lengths per env; finished episodes are kept for logging."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.finished: list[tuple[float, int]] = []
+        self.recent: deque[float] = deque(maxlen=100)
+        self.episodes = 0
+
+    def step(self, rewards: np.ndarray, done: np.ndarray, episode_start: np.ndarray) -> None:
+        self.returns += rewards
+        self.lengths += ~episode_start  # the autoreset step is not a move in the game
+        for i in np.flatnonzero(done):
+            self.finished.append((float(self.returns[i]), int(self.lengths[i])))
+            self.recent.append(float(self.returns[i]))
+            self.episodes += 1
+        self.returns[done] = 0.0
+        self.lengths[done] = 0
+
+    def drain(self) -> list[tuple[float, int]]:
+        out, self.finished = self.finished, []
+        return out
+
+
+class Trainer:
+    """Builds everything for one run from a :class:`DQNConfig` and runs the loop."""
+
+    def __init__(self, config: DQNConfig, run_dir: str | Path, *, force: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = pick_device(config.run.device)
+        if config.run.torch_threads is not None:
+            torch.set_num_threads(config.run.torch_threads)
+        self._check_resume_config(force)
+        _seed_everything(config.run.seed)
+        self.env: VecEnv = make_env(config.env)
+        self.spec = self.env.spec
+        self.terminal_on_life_loss = self.spec.suite == "atari" and bool(
+            protocol_settings(config.env)["terminal_on_life_loss"]
+        )
+        a = config.agent
+        self.replay = ReplayMemory(
+            a.replay_capacity_transitions,
+            self.spec.num_envs,
+            self.spec.frame_shape,
+            self.spec.frame_dtype,
+            self.spec.stack,
+            a.n_step,
+            self.device,
+        )
+        q_network = build_q_network(config.network, self.spec).to(self.device)
+        self.learner = Learner(q_network, a, self.terminal_on_life_loss)
+        self.switch_modes = has_batch_statistics(q_network)
+        self.agent_step = 0
+        self.update_credit = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.tracker = EpisodeTracker(self.spec.num_envs)
+        self.eval_env: VecEnv | None = None
+        self.writer: SummaryWriter | None = None
+        self.resumed_from: Path | None = None
+        self.learn_after = 0  # agent step before which no update runs (set when resuming without replay)
+
+    # ----- run directory, resume -------------------------------------------------------------------
+    def _check_resume_config(self, force: bool) -> None:
+        saved = self.run_dir / "config.yaml"
+        if not saved.exists():
+            return
+        old = yaml.safe_load(saved.read_text())
+        diff = {k: v for k, v in config_diff(old, config_dict(self.config)).items() if k not in SAFE_TO_CHANGE}
+        if diff and not force:
+            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise ConfigError(
+                f"{self.run_dir} holds a run with a different config:\n{lines}\n"
+                "Resume with the saved config, start a new run (run.name=...), or pass --force to resume anyway."
+            )
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(config_dict(self.config)).encode())
+        atomic_write_bytes(self.run_dir / "provenance.json", json.dumps(provenance(), indent=1).encode())
+        env_info = {
+            "suite": self.spec.suite,
+            "name": self.spec.name,
+            "n_actions": self.spec.n_actions,
+            "obs_shape": list(self.spec.obs_shape),
+            "terminal_on_life_loss": self.terminal_on_life_loss,
+            **self.spec.settings,
+        }
+        atomic_write_bytes(self.run_dir / "env.json", json.dumps(env_info, indent=1).encode())
+
+    def _log_hparams(self) -> None:
+        rows = ["| key | value |", "| --- | --- |"]
+        flat = _flatten(config_dict(self.config))
+        rows += [f"| {k} | {v} |" for k, v in flat.items()]
+        rows += [f"| env.resolved.{k} | {v} |" for k, v in self.spec.settings.items()]
+        rows.append(f"| device | {self.device} |")
+        self.writer.add_text("hyperparameters", "\n".join(rows), 0)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of this run, if any. Returns whether one was loaded."""
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        self.learner.load_state_dict(state["learner"])
+        counters = state["counters"]
+        self.agent_step = int(counters["agent_step"])
+        self.update_credit = float(counters["update_credit"])
+        self.tracker.episodes = int(counters["episodes"])
+        self.history = list(state["history"])
+        _set_rng_state(state["rng"])
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+        self.resumed_from = path
+        return True
+
+    def save(self) -> Path:
+        """Write a checkpoint of everything needed to continue (atomic; prunes old ones)."""
+        payload = {
+            "learner": self.learner.state_dict(),
+            "counters": {
+                "agent_step": self.agent_step,
+                "update_credit": self.update_credit,
+                "episodes": self.tracker.episodes,
+                "updates": self.learner.updates,
+            },
+            "history": self.history,
+            "rng": _rng_state(),
+            "config": config_dict(self.config),
+            "env": {
+                "n_actions": self.spec.n_actions,
+                "obs_shape": list(self.spec.obs_shape),
+                "suite": self.spec.suite,
+                "name": self.spec.name,
+            },
+        }
+        if self.config.run.save_replay:
+            payload["replay"] = self.replay.state_dict()
+        path = self.run_dir / "checkpoints" / f"checkpoint_{self.agent_step:012d}.pt"
+        save_checkpoint(path, payload, metadata={"agent_step": self.agent_step, "updates": self.learner.updates})
+        prune_checkpoints(self.run_dir / "checkpoints", self.config.run.keep_checkpoints)
+        return path
+
+    # ----- the loop --------------------------------------------------------------------------------
+    def _act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
+        q = self.learner.q_network
+        if self.switch_modes and epsilon < 1.0:
+            q.eval()
+            actions = select_actions(q, obs, epsilon, self.spec.n_actions)
+            q.train()
+            return actions
+        return select_actions(q, obs, epsilon, self.spec.n_actions)
+
+    def _data_dependent_init(self) -> None:
+        q = self.learner.q_network
+        if wn_rl.is_initialized(q):
+            return
+        obs = self.replay.recent_observations(self.config.network.ddi_batch_size)
+        report = wn_rl.data_dependent_init(q, obs)
+        self.learner.sync_target()
+        for tag, value in report.scalars().items():
+            self.writer.add_scalar(tag, value, self.agent_step)
+
+    def _learn(self, vector_steps: int) -> None:
+        a = self.config.agent
+        if self.agent_step < max(a.learning_starts_agent_steps, self.learn_after):
+            return
+        self._data_dependent_init()
+        self.update_credit += vector_steps * self.spec.num_envs / a.agent_steps_per_update
+        while self.update_credit >= 1.0:
+            self.update_credit -= 1.0
+            self.learner.update(self.replay.sample(a.batch_size, self.terminal_on_life_loss))
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``run.total_agent_steps``; returns a summary (steps, SPS, the paper's statistic)."""
+        self._write_run_files()
+        resumed = self.resume()
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        if resumed:
+            msg = f"resumed from {self.resumed_from} at agent step {self.agent_step:,}; envs restart with fresh games"
+            if self.replay.writes == 0:
+                self.learn_after = self.agent_step + self.config.agent.learning_starts_agent_steps
+                msg += f"; the replay memory was not saved, so updates wait until agent step {self.learn_after:,}"
+            warnings.warn(msg, stacklevel=2)
+            self.writer.add_text("resume", msg, self.agent_step)
+        else:
+            self._log_hparams()
+        start_step, t0 = self.agent_step, time.perf_counter()
+        try:
+            self._loop()
+        finally:
+            self.writer.flush()
+        elapsed = time.perf_counter() - t0
+        self.save()
+        self.writer.close()
+        self.env.close()
+        if self.eval_env is not None:
+            self.eval_env.close()
+        return {
+            "agent_steps": self.agent_step,
+            "updates": self.learner.updates,
+            "episodes": self.tracker.episodes,
+            "seconds": elapsed,
+            "sps": (self.agent_step - start_step) / max(elapsed, 1e-9),
+            "best_epoch_mean": best_epoch_mean(self.history),
+            "run_dir": str(self.run_dir),
+        }
+
+    def _loop(self) -> None:
+        c = self.config
+        n = self.spec.num_envs
+        obs = torch.from_numpy(self.env.reset(seed=c.run.seed + self.agent_step)).to(self.device)
+        first = torch.ones(n, dtype=torch.bool)
+        final = torch.zeros(n, dtype=torch.bool)
+        clock = _Clock(self.agent_step)
+        bar = _progress(c.run, self.agent_step)
+        while self.agent_step < c.run.total_agent_steps:
+            a = c.agent
+            epsilon = epsilon_at(self.agent_step, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
+            actions = self._act(obs, epsilon)
+            actions_host = actions.cpu()
+            step = self.env.step(actions_host.numpy())
+            done = step.terminated | step.truncated
+            self.replay.add(
+                obs,
+                first,
+                final,
+                actions_host,
+                torch.from_numpy(step.rewards),
+                terminated=torch.from_numpy(step.terminated),
+                truncated=torch.from_numpy(step.truncated),
+                life_loss=torch.from_numpy(step.life_loss),
+            )
+            self.tracker.step(step.rewards, done, step.episode_start)
+            obs = torch.from_numpy(step.obs).to(self.device)
+            first, final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
+            before = self.agent_step
+            self.agent_step += n
+            self._learn(1)
+            self._periodic(before, epsilon, clock, bar)
+        if bar is not None:
+            bar.close()
+
+    def _periodic(self, before: int, epsilon: float, clock: _Clock, bar: Any) -> None:
+        r, step = self.config.run, self.agent_step
+
+        def crossed(every: int) -> bool:
+            return every > 0 and step // every > before // every
+
+        if bar is not None:
+            bar.update(step - before)
+        if crossed(r.log_every_agent_steps) or step >= r.total_agent_steps:
+            sps = clock.sps(step)
+            self._log_train(epsilon, sps)
+            if bar is not None:
+                recent = np.mean(self.tracker.recent) if self.tracker.recent else math.nan
+                bar.set_postfix(sps=f"{sps:.0f}", ret=f"{recent:.1f}", eps=f"{epsilon:.2f}")
+        if crossed(r.wn_stats_every_agent_steps):
+            for tag, value in wn_rl.wn_stats(self.learner.q_network).items():
+                self.writer.add_scalar(tag, value, step)
+        if crossed(self.config.eval.every_agent_steps):
+            self._evaluate()
+        if crossed(r.checkpoint_every_agent_steps) and step < r.total_agent_steps:
+            self.save()
+
+    def _log_train(self, epsilon: float, sps: float) -> None:
+        step, w = self.agent_step, self.writer
+        for tag, value in self.learner.read_metrics().items():
+            w.add_scalar(f"train/{tag}", value, step)
+        finished = self.tracker.drain()
+        if finished:
+            w.add_scalar("train/episode_return", float(np.mean([f[0] for f in finished])), step)
+            w.add_scalar("train/episode_length", float(np.mean([f[1] for f in finished])), step)
+        w.add_scalar("train/epsilon", epsilon, step)
+        w.add_scalar("train/updates", self.learner.updates, step)
+        w.add_scalar("perf/sps", sps, step)
+        w.add_scalar("perf/frames", step * self.config.frames_per_agent_step, step)
+
+    def _evaluate(self) -> dict[str, Any]:
+        v, e = self.config.eval, self.config.env
+        if self.eval_env is None:
+            limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
+            self.eval_env = make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
+        result = evaluate(
+            self.learner.q_network,
+            self.eval_env,
+            v.games,
+            v.epsilon,
+            self.config.run.seed + 10**6 + self.agent_step,
+            self.device,
+        )
+        epoch = len(self.history) + 1
+        result.update(
+            epoch=epoch, agent_step=self.agent_step, frames=self.agent_step * self.config.frames_per_agent_step
+        )
+        self.history.append(result)
+        for key in ("return_mean", "return_std", "return_max", "length_mean"):
+            self.writer.add_scalar(f"eval/{key}", result[key], self.agent_step)
+        self.writer.add_scalar("eval/best_epoch_mean", best_epoch_mean(self.history), self.agent_step)
+        write_results(self.run_dir, self.history)
+        return result
+
+
+class _Clock:
+    """Agent steps per second since the previous reading."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.time = step, time.perf_counter()
+
+    def sps(self, step: int) -> float:
+        now = time.perf_counter()
+        value = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return value
+
+
+def _progress(run: Any, start: int) -> Any:
+    if not run.progress_bar:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_agent_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

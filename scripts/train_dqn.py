@@ -1,0 +1,47 @@
+"""Train the native DQN: ``python scripts/train_dqn.py --config configs/dqn/smoke.yaml [key=value ...]``.
+
+Overrides use the config's sections, e.g. ``run.total_agent_steps=100000 agent.lr=1e-4``. Running the
+same command again resumes the run from its newest complete checkpoint; ``--resume RUN_DIR`` resumes a
+given run directory. Watch it with ``tensorboard --logdir runs/dqn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agents.dqn.config import load_dqn_config
+from agents.dqn.runner import Trainer, run_dir_for
+from wn_rl.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (e.g. configs/dqn/smoke.yaml)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory (uses its config.yaml)")
+    parser.add_argument("--force", action="store_true", help="resume even if the config changed")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    if not args.config and not args.resume:
+        parser.error("give --config CONFIG.yaml or --resume RUN_DIR")
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            config = load_dqn_config(args.config or str(run_dir / "config.yaml"), args.overrides)
+        else:
+            config = load_dqn_config(args.config, args.overrides)
+            run_dir = run_dir_for(config, Path(args.config).stem)
+        trainer = Trainer(config, run_dir, force=args.force)
+    except (ConfigError, ValueError, MemoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
+    summary = trainer.run()
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

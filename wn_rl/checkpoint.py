@@ -1,0 +1,229 @@
+"""Atomic, versioned, verifiable checkpoints: tensors plus plain data, no pickled objects.
+
+A checkpoint ``NAME.pt`` is complete only when its marker ``NAME.pt.complete.json`` exists, and the
+marker is written last. Both files are written to a temporary file in the same directory, flushed,
+fsynced and renamed over the final name, then the directory is fsynced, so a kill at any instant leaves
+either the new complete checkpoint or the previous one, never a half-written file that looks valid.
+The marker records the payload's size and SHA-256, so truncated or corrupted files are detected on load.
+
+The payload is a ``torch.save`` file of dicts, lists, tuples, strings, numbers, booleans, ``None`` and
+tensors only (checked before writing), loadable with ``torch.load(path, weights_only=True)``, and
+carries ``format_version`` so that old checkpoints keep loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_write_bytes",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+MARKER_SUFFIX = ".complete.json"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the path and the cause."""
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, (torch.Tensor, *_PLAIN)):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise TypeError(f"checkpoint key {where}[{key!r}] must be a str or int, got {type(key).__name__}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint value {where} is a {type(value).__name__}; checkpoints hold only tensors and plain data "
+        "(dict, list, tuple, str, int, float, bool, None) so they load with torch.load(weights_only=True). "
+        "Store a state_dict() or convert the value to plain data."
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot open directories; the rename still happened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync file, rename, fsync directory)."""
+    path = Path(path)
+    try:
+        with _temporary(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno})") from exc
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + MARKER_SUFFIX)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], *, metadata: dict | None = None) -> Path:
+    """Atomically write ``payload`` (tensors and plain data) to ``path`` and then its completion marker.
+
+    ``format_version`` is added to the payload. ``metadata`` (plain JSON data, e.g. the agent step) is
+    stored in the marker, readable without loading the payload. Raises :class:`CheckpointError` naming
+    the path on any OS error (full disk, unwritable directory); the previous checkpoint is untouched.
+    """
+    path = Path(path)
+    _check_plain(payload, "payload")
+    payload = {**payload, "format_version": FORMAT_VERSION}
+    if not path.parent.is_dir():
+        raise CheckpointError(f"checkpoint directory {path.parent} does not exist; create it first")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with _temporary(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc} (errno {exc.errno})") from exc
+    marker = {"file": path.name, "bytes": size, "sha256": digest.hexdigest(), "format_version": FORMAT_VERSION}
+    marker["metadata"] = metadata or {}
+    atomic_write_bytes(_marker(path), json.dumps(marker, indent=1).encode())
+    return path
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+    """The completion marker of ``path`` (raises :class:`CheckpointError` when it is missing or invalid)."""
+    path = Path(path)
+    try:
+        marker = json.loads(_marker(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is incomplete: its completion marker {_marker(path).name} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: completion marker unreadable ({exc})") from None
+    if not isinstance(marker, dict) or not {"bytes", "sha256"} <= set(marker):
+        raise CheckpointError(f"{path}: completion marker {_marker(path).name} is malformed")
+    return marker
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check size and SHA-256 of ``path`` against its marker; returns the marker."""
+    path = Path(path)
+    marker = read_marker(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing although its marker exists")
+    size = path.stat().st_size
+    if size != marker["bytes"]:
+        raise CheckpointError(f"{path} is truncated or corrupted: {size} bytes, the marker says {marker['bytes']}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != marker["sha256"]:
+        raise CheckpointError(f"{path} is corrupted: its SHA-256 differs from the one recorded when it was written")
+    return marker
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``,
+    after checking its marker, size and hash (``verify=False`` skips them). Raises :class:`CheckpointError`."""
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged zip archives
+        raise CheckpointError(f"{path} could not be loaded: {exc}") from exc
+    version = payload.get("format_version") if isinstance(payload, dict) else None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version!r}; this wn_rl reads versions 1..{FORMAT_VERSION}. "
+            "Upgrade wn_rl to load it."
+        )
+    return payload
+
+
+_STEP = re.compile(r"(\d+)")
+
+
+def complete_checkpoints(directory: str | os.PathLike, prefix: str = "checkpoint_") -> list[Path]:
+    """Checkpoints in ``directory`` that have a completion marker, oldest first (by the number in the name)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob(f"{prefix}*.pt") if _marker(p).exists()]
+
+    def key(p: Path) -> tuple[int, str]:
+        numbers = _STEP.findall(p.stem)
+        return (int(numbers[-1]) if numbers else -1, p.name)
+
+    return sorted(found, key=key)
+
+
+def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint_") -> Path | None:
+    """The newest checkpoint that passes verification; damaged newer ones are skipped with a warning."""
+    for path in reversed(complete_checkpoints(directory, prefix)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping damaged checkpoint: {exc}; falling back to the previous one", stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "checkpoint_") -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (marker first, so a kill mid-way never
+    leaves a marker without its file). Returns the deleted paths."""
+    removed = []
+    for path in complete_checkpoints(directory, prefix)[:-keep] if keep > 0 else []:
+        with contextlib.suppress(FileNotFoundError):
+            _marker(path).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        removed.append(path)
+    return removed
