@@ -1,0 +1,55 @@
+"""Train an SB3 / sb3-contrib algorithm with a weight-normalized (or SB3's own) policy.
+
+    python scripts/train_sb3.py --config configs/sb3/dqn_cartpole_wn.yaml [key=value ...]
+    python scripts/train_sb3.py --resume runs/sb3/RUN_DIR [total_timesteps=...]
+
+Overrides are YAML values, nested with dots: ``total_timesteps=20000 eval.freq=5000
+policy_kwargs.parameterization=normal``. ``--resume`` continues the newest complete model of a run
+directory (its checkpoints or final model) with the step counter continued, using the run's
+``config.yaml`` unless ``--config`` is given. Watch with ``tensorboard --logdir runs/sb3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from wn_rl.checkpoint import CheckpointError
+from wn_rl.config import ConfigError
+from wn_rl.sb3.config import load_sb3_config
+from wn_rl.sb3.runner import SB3Run, run_dir_for
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (e.g. configs/sb3/dqn_cartpole_wn.yaml)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its newest model")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots)")
+    args = parser.parse_args(argv)
+    if not args.config and not args.resume:
+        parser.error("give --config CONFIG.yaml or --resume RUN_DIR")
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            config = load_sb3_config(args.config or run_dir / "config.yaml", args.overrides)
+        else:
+            config = load_sb3_config(args.config, args.overrides)
+            run_dir = run_dir_for(config)
+        run = SB3Run(config, run_dir, resume=bool(args.resume))
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
+    try:
+        summary = run.train()
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

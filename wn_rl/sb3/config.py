@@ -1,0 +1,251 @@
+"""Config and runner behind ``scripts/train_sb3.py``: one YAML file names the algorithm, the env, the
+policy (ours or SB3's), its kwargs, the hyperparameters and the budget; the runner builds the env
+and the model, adds data-dependent init, WN statistics, evaluation and atomic checkpoints, trains
+with TensorBoard logging and SB3's progress bar, saves the final model, and resumes a run with its
+step counter continued.
+
+Run directory layout: ``config.yaml`` (the full config), ``provenance.json`` (commit, versions,
+hardware), ``tb_1/`` (TensorBoard), ``checkpoints/model_<steps>_steps.zip`` (+ replay buffer),
+``eval/`` (evaluations and ``best_model.zip``), ``final_model.zip``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch as th
+from sb3_contrib import QRDQN, RecurrentPPO
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
+from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.utils import LinearSchedule
+from torch import nn
+
+import wn_rl.sb3 as wn_sb3
+from wn_rl.config import ConfigError, check, load_config
+from wn_rl.sb3.envs import check_env_id
+
+__all__ = [
+    "ALGORITHMS",
+    "EvalConfig",
+    "InitConfig",
+    "SB3Config",
+    "build_hyperparameters",
+    "build_policy_kwargs",
+    "load_sb3_config",
+    "resolve_policy",
+]
+
+ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
+    "a2c": A2C,
+    "dqn": DQN,
+    "ppo": PPO,
+    "qrdqn": QRDQN,
+    "recurrent_ppo": RecurrentPPO,
+    "sac": SAC,
+    "td3": TD3,
+}
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+_OPTIMIZERS = {
+    "adam": th.optim.Adam,
+    "adamax": th.optim.Adamax,
+    "adamw": th.optim.AdamW,
+    "rmsprop": th.optim.RMSprop,
+    "rmsprop_tf_like": RMSpropTFLike,
+    "sgd": th.optim.SGD,
+}
+_EXTRACTORS = {"WnNatureCNN": wn_sb3.WnNatureCNN, "NatureCNN": NatureCNN}
+_SCHEDULED = ("learning_rate", "clip_range", "clip_range_vf")
+_LINEAR = re.compile(r"^lin_([0-9.eE+-]+)$")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    enabled: bool = True
+    "run the paper's data-dependent init (section 3) before the first update (wn_rl policies only)"
+    n_samples: int = 256
+    "observations in the init batch (off-policy algorithms need learning_starts >= n_samples)"
+
+    def __post_init__(self) -> None:
+        check(self.n_samples >= 2, "init.n_samples", self.n_samples, "an integer >= 2")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    freq: int = 0
+    "environment steps (summed over envs) between evaluations; 0 disables evaluation"
+    episodes: int = 10
+    "episodes per evaluation (full games on Atari: the Monitor sits below the AtariWrapper)"
+    deterministic: bool = True
+    "greedy / mean actions during evaluation"
+
+    def __post_init__(self) -> None:
+        check(self.freq >= 0, "eval.freq", self.freq, "a number of steps >= 0")
+        check(self.episodes >= 1, "eval.episodes", self.episodes, "at least 1 episode")
+
+
+@dataclass(frozen=True)
+class SB3Config:
+    algo: Literal["a2c", "dqn", "ppo", "qrdqn", "recurrent_ppo", "sac", "td3"]
+    "the SB3 / sb3-contrib algorithm"
+    env_id: str
+    "gymnasium id; Atari as <Game>NoFrameskip-v4 (AtariWrapper + frame stack), e.g. BreakoutNoFrameskip-v4"
+    policy: str
+    "a wn_rl.sb3 policy class name (e.g. WnCnnPolicy) or the algorithm's SB3 alias (e.g. CnnPolicy)"
+    total_timesteps: int
+    "environment steps, summed over envs (Atari: agent steps, 4 frames each)"
+    n_envs: int = 1
+    "parallel environments"
+    seed: int = 0
+    "seed of the algorithm, the envs (seed, seed+1, ...) and the eval env (seed + 10000)"
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    "policy constructor kwargs; activation_fn, optimizer_class, features_extractor_class by name"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    "algorithm constructor kwargs; 'lin_<x>' for linear learning_rate / clip_range schedules"
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    "kwargs for gym.make"
+    atari_wrapper_kwargs: dict[str, Any] = field(default_factory=dict)
+    "kwargs for SB3's AtariWrapper (e.g. terminal_on_life_loss)"
+    frame_stack: int = 4
+    "frames stacked for Atari"
+    subprocess_envs: bool = False
+    "SubprocVecEnv instead of DummyVecEnv"
+    action_noise_std: float = 0.0
+    "std of Gaussian action noise (TD3/SAC), as a fraction of the action range; 0 = none"
+    init: InitConfig = field(default_factory=InitConfig)
+    "data-dependent initialization"
+    wn_stats_freq: int = 10_000
+    "environment steps between WN statistics in TensorBoard; 0 disables"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    "periodic evaluation on a separate env"
+    checkpoint_freq: int = 0
+    "environment steps between atomic checkpoints; 0 disables"
+    save_replay_buffer: bool = False
+    "store the replay buffer with each checkpoint (off-policy), so resuming continues it"
+    runs_dir: str = "runs/sb3"
+    "parent of the run directories"
+    run_name: str = ""
+    "run directory name; default <env>__<algo>__<policy>__<seed>__<unix time>"
+    device: str = "auto"
+    "torch device"
+    torch_threads: int = 0
+    "torch.set_num_threads; 0 keeps torch's default (1 is often faster for small nets on a busy CPU)"
+    progress_bar: bool = True
+    "SB3's progress bar (needs tqdm and rich)"
+    log_interval: int = 0
+    "SB3's log_interval (episodes off-policy, iterations on-policy); 0 keeps the algorithm's default"
+    verbose: int = 1
+    "SB3 verbosity"
+
+    def __post_init__(self) -> None:
+        check(self.total_timesteps > 0, "total_timesteps", self.total_timesteps, "a positive number of steps")
+        check(self.n_envs >= 1, "n_envs", self.n_envs, "at least 1 environment")
+        check(self.frame_stack >= 1, "frame_stack", self.frame_stack, "at least 1 frame")
+        check(self.action_noise_std >= 0, "action_noise_std", self.action_noise_std, "a std >= 0")
+        check(self.wn_stats_freq >= 0, "wn_stats_freq", self.wn_stats_freq, "a number of steps >= 0")
+        check(self.checkpoint_freq >= 0, "checkpoint_freq", self.checkpoint_freq, "a number of steps >= 0")
+        check(self.torch_threads >= 0, "torch_threads", self.torch_threads, "a thread count >= 0")
+        check(self.log_interval >= 0, "log_interval", self.log_interval, "an interval >= 0")
+        try:
+            check_env_id(self.env_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        resolve_policy(self.algo, self.policy)
+        _check_hyperparameters(self.algo, self.hyperparameters)
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_policy(algo: str, policy: str) -> type | str:
+    """A wn_rl.sb3 policy class by name, or the algorithm's SB3 alias (returned as the string)."""
+    aliases = sorted(ALGORITHMS[algo].policy_aliases)
+    ours = sorted(n for n in wn_sb3.__all__ if n.endswith("Policy"))
+    if policy in aliases:
+        return policy
+    if policy in ours:
+        return getattr(wn_sb3, policy)
+    raise ConfigError(
+        f"policy={policy!r} is neither a wn_rl.sb3 policy ({ours}) nor one of {algo}'s SB3 policies ({aliases})."
+        + _did_you_mean(policy, ours + aliases)
+    )
+
+
+def _check_hyperparameters(algo: str, hyperparameters: dict[str, Any]) -> None:
+    parameters = inspect.signature(ALGORITHMS[algo].__init__).parameters
+    allowed = sorted(
+        set(parameters)
+        - {
+            "self",
+            "policy",
+            "env",
+            "policy_kwargs",
+            "seed",
+            "device",
+            "verbose",
+            "tensorboard_log",
+            "_init_setup_model",
+            "action_noise",
+        }
+    )
+    for key in hyperparameters:
+        if key not in allowed:
+            raise ConfigError(
+                f"hyperparameters.{key} is not an argument of {ALGORITHMS[algo].__name__}.{_did_you_mean(key, allowed)}"
+                f" Valid keys: {allowed}"
+            )
+
+
+def load_sb3_config(path: str | Path | None, overrides: list[str] = ()) -> SB3Config:
+    """Load and validate a config (every error a :class:`wn_rl.config.ConfigError` naming file and key)."""
+    return load_config(SB3Config, path, list(overrides))
+
+
+def _by_name(table: dict[str, Any], value: Any, key: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value not in table:
+        raise ConfigError(f"policy_kwargs.{key}={value!r} is not one of {sorted(table)}")
+    return table[value]
+
+
+def build_policy_kwargs(config: SB3Config) -> dict[str, Any]:
+    """``policy_kwargs`` with class names (activation, optimizer, features extractor) resolved."""
+    kwargs = dict(config.policy_kwargs)
+    for key, table in (
+        ("activation_fn", _ACTIVATIONS),
+        ("optimizer_class", _OPTIMIZERS),
+        ("features_extractor_class", _EXTRACTORS),
+    ):
+        if key in kwargs:
+            kwargs[key] = _by_name(table, kwargs[key], key)
+    if "optimizer_kwargs" in kwargs and "betas" in kwargs["optimizer_kwargs"]:
+        kwargs["optimizer_kwargs"] = {**kwargs["optimizer_kwargs"], "betas": tuple(kwargs["optimizer_kwargs"]["betas"])}
+    return kwargs
+
+
+def build_hyperparameters(config: SB3Config) -> dict[str, Any]:
+    """Algorithm kwargs with ``lin_<x>`` schedules and list ``train_freq`` converted."""
+    kwargs = dict(config.hyperparameters)
+    for key in _SCHEDULED:
+        match = _LINEAR.match(str(kwargs.get(key, "")))
+        if match:
+            kwargs[key] = LinearSchedule(float(match.group(1)), 0.0, 1.0)
+    if isinstance(kwargs.get("train_freq"), list):
+        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    return kwargs

@@ -1,0 +1,270 @@
+"""The loop layer of ``scripts/train_sb3.py``: build env and model (or load one to resume), attach the
+callbacks, train, save. See :mod:`wn_rl.sb3.config` for the config and the run-directory layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+import yaml
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
+from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecEnv
+
+from wn_rl.checkpoint import atomic_write_bytes
+from wn_rl.config import ConfigError, config_to_dict
+from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
+from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
+from wn_rl.sb3.envs import make_env
+from wn_rl.sb3.init import has_init_flags
+
+__all__ = ["AtomicCheckpointCallback", "SB3Run", "latest_model", "run_dir_for"]
+
+TB_LOG_NAME = "tb"
+_CHECKPOINT = re.compile(r"^model_(\d+)_steps\.zip$")
+
+
+def run_dir_for(config: SB3Config) -> Path:
+    """``runs_dir/run_name``, or ``runs_dir/<env>__<algo>__<policy>__<seed>__<unix time>`` by default."""
+    default = f"{config.env_id.replace('/', '-')}__{config.algo}__{config.policy}__{config.seed}__{int(time.time())}"
+    return Path(config.runs_dir) / (config.run_name or default)
+
+
+def latest_model(run_dir: Path) -> Path | None:
+    """The newest complete model of a run: the checkpoint with the most steps, or ``final_model.zip``
+    when its recorded step count (``final_steps.json``) is at least as large."""
+    candidates: list[tuple[float, Path]] = []
+    for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
+        match = _CHECKPOINT.match(path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    final, final_steps = run_dir / "final_model.zip", run_dir / "final_steps.json"
+    if final.is_file() and final_steps.is_file():
+        candidates.append((json.loads(final_steps.read_text())["num_timesteps"] + 0.5, final))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def replay_buffer_path(model_path: Path) -> Path:
+    """Where the replay buffer saved with ``model_path`` lives (``model_N_steps.zip`` ->
+    ``replay_buffer_N_steps.pkl``, ``final_model.zip`` -> ``final_replay_buffer.pkl``)."""
+    if model_path.name == "final_model.zip":
+        return model_path.with_name("final_replay_buffer.pkl")
+    return model_path.with_name(model_path.name.replace("model_", "replay_buffer_", 1).replace(".zip", ".pkl"))
+
+
+def save_replay_buffer_atomically(model: BaseAlgorithm, path: Path) -> None:
+    """The replay buffer of an off-policy model, written atomically like the model."""
+    buffer = io.BytesIO()
+    model.save_replay_buffer(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_model_atomically(model: BaseAlgorithm, path: Path) -> None:
+    """``model.save`` into memory, then one atomic write (temp file, fsync, rename): a kill leaves the
+    previous file intact, never a truncated zip."""
+    buffer = io.BytesIO()
+    model.save(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class AtomicCheckpointCallback(BaseCallback):
+    """Save ``model_<steps>_steps.zip`` every ``save_freq`` environment steps, atomically, plus the
+    replay buffer (``replay_buffer_<steps>_steps.pkl``, written first) when asked."""
+
+    def __init__(self, save_freq: int, save_dir: Path, save_replay_buffer: bool = False, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        self.save_freq = save_freq
+        self.save_dir = Path(save_dir)
+        self.save_replay_buffer = save_replay_buffer
+        self._last_saved = 0
+
+    def _init_callback(self) -> None:
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        self._last_saved = self.num_timesteps
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps - self._last_saved >= self.save_freq:
+            self.save()
+        return True
+
+    def save(self) -> Path:
+        steps = self.num_timesteps
+        path = self.save_dir / f"model_{steps}_steps.zip"
+        if self.save_replay_buffer and isinstance(self.model, OffPolicyAlgorithm):
+            save_replay_buffer_atomically(self.model, replay_buffer_path(path))  # before the model: never newer
+        save_model_atomically(self.model, path)
+        self._last_saved = steps
+        if self.verbose:
+            print(f"checkpoint: {path}")
+        return path
+
+
+class _HyperparameterText(BaseCallback):
+    """Write the config as a text table to TensorBoard at training start (CleanRL's habit)."""
+
+    def __init__(self, config: SB3Config) -> None:
+        super().__init__()
+        self.config = config
+
+    def _on_training_start(self) -> None:
+        rows = _flatten(config_to_dict(self.config))
+        table = "|key|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items())
+        self.logger.record("hyperparameters", table, exclude=("stdout", "log", "json", "csv"))
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class SB3Run:
+    """One training run: ``SB3Run(config, run_dir).train()``; ``resume=True`` continues the newest
+    complete model in ``run_dir`` with its step counter (and replay buffer, if one was saved)."""
+
+    def __init__(self, config: SB3Config, run_dir: Path, *, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume_from = latest_model(self.run_dir) if resume else None
+        if resume and self.resume_from is None:
+            raise ConfigError(f"--resume {self.run_dir}: no checkpoint or final model found in this run directory")
+        if config.progress_bar and (
+            importlib.util.find_spec("rich") is None or importlib.util.find_spec("tqdm") is None
+        ):
+            raise ConfigError(
+                "progress_bar=true needs tqdm and rich (pip install -e '.[sb3]'); or set progress_bar=false"
+            )
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.config)).encode())
+        try:
+            from wn_rl.provenance import provenance
+        except ImportError:  # provenance is optional: older checkouts lack it
+            return
+        atomic_write_bytes(self.run_dir / "provenance.json", json.dumps(provenance(), indent=1, default=str).encode())
+
+    def _make_env(self, n_envs: int, seed: int, subprocess: bool = False) -> VecEnv:
+        config = self.config
+        return make_env(
+            config.env_id,
+            n_envs,
+            seed,
+            env_kwargs=config.env_kwargs,
+            atari_wrapper_kwargs=config.atari_wrapper_kwargs,
+            frame_stack=config.frame_stack,
+            subprocess=subprocess,
+        )
+
+    def _make_model(self, env: VecEnv) -> BaseAlgorithm:
+        config = self.config
+        algo_class = ALGORITHMS[config.algo]
+        kwargs = build_hyperparameters(config)
+        if config.action_noise_std > 0:
+            n = env.action_space.shape[-1]
+            kwargs["action_noise"] = NormalActionNoise(np.zeros(n), config.action_noise_std * np.ones(n))
+        if self.resume_from is not None:
+            model = algo_class.load(self.resume_from, env=env, device=config.device, **kwargs)
+            buffer_path = replay_buffer_path(self.resume_from)
+            if buffer_path.is_file() and isinstance(model, OffPolicyAlgorithm):
+                model.load_replay_buffer(buffer_path)
+            return model
+        return algo_class(
+            resolve_policy(config.algo, config.policy),
+            env,
+            policy_kwargs=build_policy_kwargs(config),
+            seed=config.seed,
+            device=config.device,
+            verbose=config.verbose,
+            tensorboard_log=str(self.run_dir),
+            **kwargs,
+        )
+
+    def _callbacks(self, model: BaseAlgorithm) -> list[BaseCallback]:
+        config = self.config
+        callbacks: list[BaseCallback] = [_HyperparameterText(config)]
+        wn_policy = has_init_flags(model.policy)
+        if config.init.enabled and wn_policy:
+            callbacks.append(DataDependentInitCallback(config.init.n_samples, verbose=config.verbose))
+        if config.wn_stats_freq and wn_policy:
+            callbacks.append(WnStatsCallback(config.wn_stats_freq))
+        if config.checkpoint_freq:
+            callbacks.append(
+                AtomicCheckpointCallback(
+                    config.checkpoint_freq,
+                    self.run_dir / "checkpoints",
+                    config.save_replay_buffer,
+                    verbose=config.verbose,
+                )
+            )
+        if config.eval.freq:
+            eval_env = self._make_env(1, config.seed + 10_000)
+            callbacks.append(
+                EvalCallback(
+                    model._wrap_env(eval_env, verbose=0),
+                    n_eval_episodes=config.eval.episodes,
+                    eval_freq=max(config.eval.freq // config.n_envs, 1),
+                    log_path=str(self.run_dir / "eval"),
+                    best_model_save_path=str(self.run_dir / "eval"),
+                    deterministic=config.eval.deterministic,
+                    verbose=config.verbose,
+                )
+            )
+        return callbacks
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_timesteps`` (counting the resumed model's steps); returns a summary."""
+        config = self.config
+        if config.torch_threads:
+            th.set_num_threads(config.torch_threads)
+        if self.resume_from is None:
+            self._write_run_files()
+        env = self._make_env(config.n_envs, config.seed, subprocess=config.subprocess_envs)
+        model = self._make_model(env)
+        start_steps = model.num_timesteps
+        remaining = config.total_timesteps - start_steps
+        if remaining > 0:
+            learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
+            started = time.perf_counter()
+            model.learn(
+                remaining,
+                callback=CallbackList(self._callbacks(model)),
+                tb_log_name=TB_LOG_NAME,
+                reset_num_timesteps=self.resume_from is None,
+                progress_bar=config.progress_bar,
+                **learn_kwargs,
+            )
+            seconds = time.perf_counter() - started
+        else:
+            seconds = 0.0
+        if config.save_replay_buffer and isinstance(model, OffPolicyAlgorithm):
+            save_replay_buffer_atomically(model, replay_buffer_path(self.run_dir / "final_model.zip"))
+        save_model_atomically(model, self.run_dir / "final_model.zip")
+        atomic_write_bytes(
+            self.run_dir / "final_steps.json", json.dumps({"num_timesteps": model.num_timesteps}).encode()
+        )
+        env.close()
+        return {
+            "run_dir": str(self.run_dir),
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "start_timesteps": start_steps,
+            "num_timesteps": model.num_timesteps,
+            "seconds": round(seconds, 2),
+            "steps_per_second": round((model.num_timesteps - start_steps) / seconds, 1) if seconds else None,
+        }
