@@ -15,9 +15,17 @@ __all__ = ["parse_config"]
 T = TypeVar("T")
 
 
-def parse_config(cls: type[T], default_config: str, description: str, argv: Sequence[str] | None = None) -> T:
+def parse_config(
+    cls: type[T],
+    default_config: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    download_key: str = "download",
+) -> T:
     """Parse the command line into the frozen config ``cls`` (YAML file, then ``key=value`` overrides)
-    and print it, so every run's log starts with its full configuration."""
+    and print it, so every run's log starts with its full configuration. ``--download`` sets
+    ``download_key`` (a dotted key for nested configs) to true."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument(
@@ -25,7 +33,7 @@ def parse_config(cls: type[T], default_config: str, description: str, argv: Sequ
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 parameterization=normal")
     args = parser.parse_args(argv)
-    overrides = [*args.overrides, *(["download=true"] if args.download else [])]
+    overrides = [*args.overrides, *([f"{download_key}=true"] if args.download else [])]
     config = load_config(cls, args.config, overrides)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)
     return config
