@@ -263,12 +263,14 @@ class Trainer:
         for tag, value in report.scalars().items():
             self.writer.add_scalar(tag, value, self.agent_step)
 
-    def _learn(self, vector_steps: int) -> None:
+    def _learn(self, before: int) -> None:
+        """Updates owed for the agent steps since ``before`` that lie past the learning start."""
         a = self.config.agent
-        if self.agent_step < max(a.learning_starts_agent_steps, self.learn_after):
+        start = max(a.learning_starts_agent_steps, self.learn_after)
+        if self.agent_step <= start:
             return
         self._data_dependent_init()
-        self.update_credit += vector_steps * self.spec.num_envs / a.agent_steps_per_update
+        self.update_credit += (self.agent_step - max(before, start)) / a.agent_steps_per_update
         while self.update_credit >= 1.0:
             self.update_credit -= 1.0
             self.learner.update(self.replay.sample(a.batch_size, self.terminal_on_life_loss))
@@ -338,7 +340,7 @@ class Trainer:
             first, final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
             before = self.agent_step
             self.agent_step += n
-            self._learn(1)
+            self._learn(before)
             self._periodic(before, epsilon, clock, bar)
         if bar is not None:
             bar.close()

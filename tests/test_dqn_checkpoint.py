@@ -1,0 +1,103 @@
+"""wn_rl.checkpoint: atomic writes, weights_only loading, detection of truncated and corrupted files,
+fallback to the previous complete checkpoint, clear errors on unwritable paths and full disks."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from wn_rl import checkpoint as ck
+from wn_rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+
+
+def _payload(step):
+    return {"weights": torch.arange(1000, dtype=torch.float32) * step, "step": step, "history": [{"a": 1.5}]}
+
+
+def test_round_trip_is_loadable_with_weights_only(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10), metadata={"agent_step": 10})
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == ck.FORMAT_VERSION and raw["step"] == 10
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["weights"], _payload(10)["weights"])
+    assert ck.read_marker(path)["metadata"] == {"agent_step": 10}
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_non_plain_objects_are_refused_before_writing(tmp_path):
+    with pytest.raises(TypeError, match=r"payload\['opt'\] is a SGD"):
+        save_checkpoint(tmp_path / "c.pt", {"opt": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1)})
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker"])
+def test_damaged_newest_checkpoint_is_detected_and_skipped(tmp_path, damage):
+    old = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
+    new = save_checkpoint(tmp_path / "checkpoint_000020.pt", _payload(20))
+    data = new.read_bytes()
+    if damage == "truncate":
+        new.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        new.write_bytes(data[:300] + bytes([data[300] ^ 0xFF]) + data[301:])
+    else:
+        (tmp_path / (new.name + ck.MARKER_SUFFIX)).unlink()
+    if damage != "no_marker":
+        with pytest.raises(CheckpointError, match=r"truncated or corrupted|corrupted"):
+            load_checkpoint(new)
+    if damage == "no_marker":  # an unmarked file is invisible: no warning, just the previous checkpoint
+        assert latest_checkpoint(tmp_path) == old
+    else:
+        with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+            assert latest_checkpoint(tmp_path) == old
+    assert load_checkpoint(old)["step"] == 10
+
+
+def test_kill_during_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    old = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
+
+    def dying_save(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # the process is interrupted in the middle of writing
+
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "checkpoint_000020.pt", _payload(20))
+    assert not (tmp_path / "checkpoint_000020.pt").exists()
+    assert latest_checkpoint(tmp_path) == old
+
+
+def test_full_disk_names_the_path_and_keeps_previous(tmp_path, monkeypatch):
+    old = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
+    real_fsync = os.fsync
+
+    def enospc(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.os, "fsync", enospc)
+    with pytest.raises(CheckpointError, match=r"checkpoint_000020\.pt: No space left on device"):
+        save_checkpoint(tmp_path / "checkpoint_000020.pt", _payload(20))
+    monkeypatch.setattr(ck.os, "fsync", real_fsync)
+    assert latest_checkpoint(tmp_path) == old
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        save_checkpoint(tmp_path / "nope" / "c.pt", _payload(1))
+
+
+def test_newer_format_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck, "FORMAT_VERSION", 99)
+    path = save_checkpoint(tmp_path / "c.pt", _payload(1))
+    monkeypatch.setattr(ck, "FORMAT_VERSION", 1)
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(path)
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path / f"checkpoint_{step:06d}.pt", _payload(step))
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["checkpoint_000030.pt", "checkpoint_000040.pt"]
+    assert len(list(tmp_path.iterdir())) == 4  # two files + two markers

@@ -1,0 +1,167 @@
+"""Replay memory: every sampled stack is the stack the env returned, across game boundaries, life
+losses and the ring's wrap-around; n-step sequences and bootstrap observations are the right ones."""
+
+import numpy as np
+import pytest
+import torch
+
+from agents.dqn.config import EnvConfig
+from agents.dqn.envs import make_env
+from agents.dqn.replay import ReplayMemory, replay_bytes
+
+
+def _fill(env, replay, steps, seed=0):
+    """Random play; returns the per-step observations and step results as the replay saw them."""
+    rng = np.random.default_rng(seed)
+    obs = env.reset(seed=seed)
+    n = env.spec.num_envs
+    first, final = np.ones(n, bool), np.zeros(n, bool)
+    record = []
+    for _ in range(steps):
+        actions = rng.integers(0, env.spec.n_actions, n)
+        step = env.step(actions)
+        replay.add(
+            torch.from_numpy(obs),
+            torch.from_numpy(first),
+            torch.from_numpy(final),
+            torch.from_numpy(actions),
+            torch.from_numpy(step.rewards),
+            terminated=torch.from_numpy(step.terminated),
+            truncated=torch.from_numpy(step.truncated),
+            life_loss=torch.from_numpy(step.life_loss),
+        )
+        record.append((obs, final.copy(), step))
+        first, final = step.episode_start, step.terminated | step.truncated
+        obs = step.obs
+    return record
+
+
+@pytest.fixture(scope="module")
+def atari_run():
+    env = make_env(EnvConfig(suite="atari", name="breakout", num_envs=2, noop_max=5))
+    replay = ReplayMemory(2 * 300, 2, env.spec.frame_shape, np.uint8, 4, 3, "cpu")
+    record = _fill(env, replay, 900)
+    env.close()
+    return replay, record
+
+
+def test_atari_run_covers_boundaries_life_losses_and_wraparound(atari_run):
+    replay, record = atari_run
+    assert replay.writes > replay.length  # wrapped around
+    recent = record[-replay.length :]
+    assert sum(int(s.terminated.sum()) for _, _, s in recent) >= 1  # a game over inside the memory
+    assert sum(int(s.life_loss.sum()) for _, _, s in recent) >= 2  # life losses inside the memory
+    assert sum(int(s.episode_start.sum()) for _, _, s in recent) >= 1
+
+
+def _global_step(replay, slot):
+    """The step whose observation slot ``slot`` holds (the memory holds the last ``length`` steps)."""
+    newest = replay.writes - 1
+    age = (replay.position - 1 - slot) % replay.length
+    return newest - age
+
+
+def test_every_valid_stack_equals_the_env_stack(atari_run):
+    replay, record = atari_run
+    valid = torch.nonzero(replay.valid_mask().flatten()).flatten()
+    assert valid.numel() > 0.9 * len(replay) - 2 * 20
+    slots, envs = valid // replay.num_envs, valid % replay.num_envs
+    stacks = replay.stacks(slots, envs).numpy()
+    for k, (slot, env) in enumerate(zip(slots.tolist(), envs.tolist(), strict=True)):
+        obs, final, _ = record[_global_step(replay, slot)]
+        assert not final[env]
+        np.testing.assert_array_equal(stacks[k], obs[env])
+
+
+def test_sampled_n_step_sequences_and_bootstrap_observations(atari_run):
+    replay, record = atari_run
+    torch.manual_seed(0)
+    batch = replay.sample(512, terminal_on_life_loss=True)
+    slots, envs = batch.indices // replay.num_envs, batch.indices % replay.num_envs
+    for k in range(512):
+        g, e = _global_step(replay, int(slots[k])), int(envs[k])
+        np.testing.assert_array_equal(batch.obs[k].numpy(), record[g][0][e])
+        offset = int(batch.next_offsets[k])
+        np.testing.assert_array_equal(batch.next_obs[k].numpy(), record[g + offset][0][e])
+        for j in range(replay.n_step):
+            step = record[g + j][2]
+            assert float(batch.rewards[k, j]) == float(step.rewards[e])
+            assert bool(batch.terminals[k, j]) == bool(step.terminated[e] or step.life_loss[e])
+            assert bool(batch.truncations[k, j]) == bool(step.truncated[e])
+        ends = [j for j in range(replay.n_step) if batch.terminals[k, j] or batch.truncations[k, j]]
+        assert offset == (ends[0] + 1 if ends else replay.n_step)
+        assert int(batch.actions[k]) >= 0
+
+
+class _Counter:
+    """A fake vector env whose frame value is (env, step-in-episode) encoded, with known episode ends."""
+
+    def __init__(self, lengths):
+        from agents.dqn.envs import EnvSpec
+
+        self.lengths = lengths  # episode length per env
+        self.spec = EnvSpec("gym", "counter", len(lengths), (2,), 3, np.dtype(np.float32), 2, {})
+
+    def reset(self, seed):
+        self.t = np.zeros(len(self.lengths), int)
+        self.ep = np.zeros(len(self.lengths), int)
+        self.done = np.zeros(len(self.lengths), bool)
+        self.hist = [[self._frame(i)] * 1 for i in range(len(self.lengths))]
+        return self._obs(start=True)
+
+    def _frame(self, i):
+        return np.array([100 * self.ep[i] + self.t[i] + 1, i], np.float32)
+
+    def _obs(self, start=False):
+        out = []
+        for i in range(len(self.lengths)):
+            frames = self.hist[i][-3:]
+            frames = [np.zeros(2, np.float32)] * (3 - len(frames)) + frames
+            out.append(np.stack(frames))
+        return np.stack(out)
+
+    def step(self, actions):
+        from agents.dqn.envs import StepResult
+
+        n = len(self.lengths)
+        start = self.done.copy()
+        for i in range(n):
+            if start[i]:
+                self.t[i], self.ep[i] = 0, self.ep[i] + 1
+                self.hist[i] = [self._frame(i)]
+            else:
+                self.t[i] += 1
+                self.hist[i].append(self._frame(i))
+        term = np.array([not start[i] and self.t[i] == self.lengths[i] and self.ep[i] % 2 == 0 for i in range(n)])
+        trunc = np.array([not start[i] and self.t[i] == self.lengths[i] and self.ep[i] % 2 == 1 for i in range(n)])
+        self.done = term | trunc
+        rewards = (self.t + 1).astype(np.float32) * ~start
+        return StepResult(self._obs(), rewards, term, trunc, np.zeros(n, bool), start)
+
+
+def test_stacks_with_short_episodes_terminals_and_truncations():
+    env = _Counter([2, 5, 1])
+    replay = ReplayMemory(3 * 17, 3, (2,), np.float32, 3, 2, "cpu")
+    record = _fill(env, replay, 60)
+    valid = torch.nonzero(replay.valid_mask().flatten()).flatten()
+    slots, envs = valid // 3, valid % 3
+    stacks = replay.stacks(slots, envs).numpy()
+    for k, (slot, e) in enumerate(zip(slots.tolist(), envs.tolist(), strict=True)):
+        np.testing.assert_array_equal(stacks[k], record[_global_step(replay, slot)][0][e])
+    batch = replay.gather(valid, terminal_on_life_loss=False)
+    assert batch.truncations.any() and batch.terminals.any()
+    # env 2 has one-step episodes: every transition ends at once and bootstraps from its final obs
+    two = envs == 2
+    assert (batch.next_offsets[two] == 1).all()
+
+
+def test_memory_is_refused_with_numbers_before_allocating(monkeypatch):
+    import agents.dqn.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "available_memory_bytes", lambda device: 10 * 2**30)
+    with pytest.raises(MemoryError, match=r"needs 9\.88 GiB but cpu has 10\.00 GiB free"):
+        ReplayMemory(1_500_000, 8, (84, 84), np.uint8, 4, 1, "cpu")
+
+
+def test_one_million_atari_transitions_fit_in_7_5_gb():
+    assert replay_bytes(1_000_000, 8, (84, 84), np.uint8) < 7.5e9

@@ -1,0 +1,139 @@
+"""Short real runs: Atari (through the script), MinAtar and CartPole write TensorBoard scalars that a
+reader parses back, results and checkpoints; a run resumes; DQN learns CartPole within a CI budget."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import wn_rl
+from agents.dqn.config import load_dqn_config
+from agents.dqn.runner import Trainer
+from wn_rl.checkpoint import complete_checkpoints, load_checkpoint
+
+
+def _scalars(run_dir):
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_atari_script_run_writes_everything(tmp_path):
+    args = [
+        "run.total_agent_steps=400",
+        "env.num_envs=2",
+        "run.torch_threads=1",
+        "agent.batch_size=16",
+        "network.ddi_batch_size=32",
+        "agent.replay_capacity_transitions=1000",
+        "agent.learning_starts_agent_steps=200",
+        "agent.target_update_every_updates=10",
+        "eval.every_agent_steps=400",
+        "eval.games=2",
+        "eval.num_envs=2",
+        "eval.max_episode_frames=2000",
+        "run.log_every_agent_steps=100",
+        "run.wn_stats_every_agent_steps=200",
+        "run.checkpoint_every_agent_steps=200",
+        f"run.runs_dir={tmp_path}",
+        "run.progress_bar=false",
+    ]
+    cmd = [sys.executable, "scripts/train_dqn.py", "--config", "configs/dqn/smoke.yaml", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "smoke__atari-breakout__weight_norm__seed0"
+    scalars = _scalars(run_dir)
+    for tag in (
+        "train/loss",
+        "train/td_error_abs",
+        "train/q_mean",
+        "train/grad_norm",
+        "train/epsilon",
+        "perf/sps",
+        "eval/return_mean",
+        "eval/best_epoch_mean",
+    ):
+        assert tag in scalars, tag
+    assert any(t.startswith("wn/") and t.endswith("grad_scale_mean") for t in scalars)
+    assert any(t.startswith("ddi/") for t in scalars)
+    assert all(torch.isfinite(torch.tensor(scalars["train/loss"])))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs"][0]["games"] == 2 and results["best_epoch_mean"] >= 0
+    assert (run_dir / "results.csv").read_text().startswith("epoch,agent_step,frames,games,return_mean")
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["versions"]["ale-py"] and "commit" in provenance["git"]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["protocol"] == "nature" and env["terminal_on_life_loss"] and env["repeat_action_probability"] == 0
+    state = load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1])
+    assert state["counters"]["agent_step"] == 400 and state["counters"]["updates"] == 50
+
+
+def _tiny_minatar(tmp_path, parameterization, **extra):
+    overrides = [
+        "run.total_agent_steps=600",
+        "agent.replay_capacity_transitions=2000",
+        "agent.learning_starts_agent_steps=200",
+        "network.ddi_batch_size=64",
+        "eval.every_agent_steps=600",
+        "eval.games=2",
+        "eval.num_envs=2",
+        "eval.max_episode_steps=200",
+        "run.log_every_agent_steps=100",
+        "run.checkpoint_every_agent_steps=300",
+        f"run.runs_dir={tmp_path}",
+        "run.progress_bar=false",
+        f"network.parameterization={parameterization}",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
+    return load_dqn_config("configs/dqn/minatar_breakout.yaml", overrides)
+
+
+@pytest.mark.parametrize("parameterization", ["normal", "weight_norm+mean_only_bn"])
+def test_minatar_run_initialises_every_parameterization_from_data(tmp_path, parameterization):
+    config = _tiny_minatar(tmp_path, parameterization)
+    trainer = Trainer(config, tmp_path / "run")
+    summary = trainer.run()
+    assert summary["agent_steps"] == 600 and summary["updates"] == 400
+    assert wn_rl.is_initialized(trainer.learner.q_network)
+    scalars = _scalars(tmp_path / "run")
+    assert "train/loss" in scalars and "eval/return_mean" in scalars
+    assert any(t.startswith("ddi/") for t in scalars)
+
+
+def test_minatar_resume_continues_counters_and_refuses_a_changed_config(tmp_path):
+    config = _tiny_minatar(tmp_path, "weight_norm", **{"run.save_replay": "true"})
+    Trainer(config, tmp_path / "run").run()
+    longer = _tiny_minatar(tmp_path, "weight_norm", **{"run.save_replay": "true", "run.total_agent_steps": 900})
+    trainer = Trainer(longer, tmp_path / "run")
+    with pytest.warns(UserWarning, match="resumed from .*checkpoint_000000000600.pt at agent step 600"):
+        summary = trainer.run()
+    assert summary["agent_steps"] == 900 and summary["updates"] == 700
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["epochs"]) == 1
+    changed = _tiny_minatar(tmp_path, "weight_norm", **{"run.save_replay": "true", "agent.gamma": 0.9})
+    with pytest.raises(Exception, match=r"agent\.gamma: 0\.99 -> 0\.9"):
+        Trainer(changed, tmp_path / "run")
+
+
+def test_cartpole_learns_clearly_better_than_random(tmp_path):
+    overrides = [
+        f"run.runs_dir={tmp_path}",
+        "run.progress_bar=false",
+        "env.num_envs=8",
+        "agent.agent_steps_per_update=4",
+        "agent.learning_starts_agent_steps=500",
+        "agent.epsilon_decay_agent_steps=4000",
+        "agent.lr=2e-3",
+        "agent.target_update_every_updates=100",
+        "run.total_agent_steps=8000",
+        "eval.every_agent_steps=2000",
+        "eval.games=8",
+    ]
+    torch.manual_seed(0)
+    summary = Trainer(load_dqn_config("configs/dqn/cartpole.yaml", overrides), tmp_path / "run").run()
+    # A uniformly random policy scores about 22 on CartPole-v1.
+    assert summary["best_epoch_mean"] > 100, summary
+    scalars = _scalars(tmp_path / "run")
+    assert max(scalars["train/episode_return"]) > 50
