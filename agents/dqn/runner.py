@@ -275,8 +275,8 @@ class Trainer:
             self.update_credit -= 1.0
             self.learner.update(self.replay.sample(a.batch_size, self.terminal_on_life_loss))
 
-    def run(self) -> dict[str, Any]:
-        """Train until ``run.total_agent_steps``; returns a summary (steps, SPS, the paper's statistic)."""
+    def start(self) -> None:
+        """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
         self._write_run_files()
         resumed = self.resume()
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
@@ -289,17 +289,33 @@ class Trainer:
             self.writer.add_text("resume", msg, self.agent_step)
         else:
             self._log_hparams()
-        start_step, t0 = self.agent_step, time.perf_counter()
-        try:
-            self._loop()
-        finally:
-            self.writer.flush()
-        elapsed = time.perf_counter() - t0
+        n = self.spec.num_envs
+        self._obs = torch.from_numpy(self.env.reset(seed=self.config.run.seed + self.agent_step)).to(self.device)
+        self._first = torch.ones(n, dtype=torch.bool)
+        self._final = torch.zeros(n, dtype=torch.bool)
+        self._clock = _Clock(self.agent_step)
+
+    def finish(self) -> None:
+        """Final checkpoint; close TensorBoard and the envs."""
         self.save()
         self.writer.close()
         self.env.close()
         if self.eval_env is not None:
             self.eval_env.close()
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``run.total_agent_steps``; returns a summary (steps, SPS, the paper's statistic)."""
+        self.start()
+        start_step, t0 = self.agent_step, time.perf_counter()
+        bar = _progress(self.config.run, self.agent_step)
+        try:
+            self.advance(self.config.run.total_agent_steps, bar)
+        finally:
+            self.writer.flush()
+            if bar is not None:
+                bar.close()
+        elapsed = time.perf_counter() - t0
+        self.finish()
         return {
             "agent_steps": self.agent_step,
             "updates": self.learner.updates,
@@ -310,25 +326,18 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
 
-    def _loop(self) -> None:
-        c = self.config
-        n = self.spec.num_envs
-        obs = torch.from_numpy(self.env.reset(seed=c.run.seed + self.agent_step)).to(self.device)
-        first = torch.ones(n, dtype=torch.bool)
-        final = torch.zeros(n, dtype=torch.bool)
-        clock = _Clock(self.agent_step)
-        bar = _progress(c.run, self.agent_step)
-        while self.agent_step < c.run.total_agent_steps:
-            a = c.agent
+    def advance(self, until_agent_step: int, bar: Any = None) -> None:
+        """Act, store and learn until ``until_agent_step`` (call :meth:`start` first)."""
+        n, a = self.spec.num_envs, self.config.agent
+        while self.agent_step < until_agent_step:
             epsilon = epsilon_at(self.agent_step, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
-            actions = self._act(obs, epsilon)
-            actions_host = actions.cpu()
+            actions_host = self._act(self._obs, epsilon).cpu()
             step = self.env.step(actions_host.numpy())
             done = step.terminated | step.truncated
             self.replay.add(
-                obs,
-                first,
-                final,
+                self._obs,
+                self._first,
+                self._final,
                 actions_host,
                 torch.from_numpy(step.rewards),
                 terminated=torch.from_numpy(step.terminated),
@@ -336,14 +345,12 @@ class Trainer:
                 life_loss=torch.from_numpy(step.life_loss),
             )
             self.tracker.step(step.rewards, done, step.episode_start)
-            obs = torch.from_numpy(step.obs).to(self.device)
-            first, final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
+            self._obs = torch.from_numpy(step.obs).to(self.device)
+            self._first, self._final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
             before = self.agent_step
             self.agent_step += n
             self._learn(before)
-            self._periodic(before, epsilon, clock, bar)
-        if bar is not None:
-            bar.close()
+            self._periodic(before, epsilon, self._clock, bar)
 
     def _periodic(self, before: int, epsilon: float, clock: _Clock, bar: Any) -> None:
         r, step = self.config.run, self.agent_step
