@@ -51,8 +51,8 @@ class DataDependentInitCallback(BaseCallback):
 
     A model whose online networks are already initialised (a loaded model: the ``initialized`` flags
     travel in its state_dict) is never re-initialised. Per-layer pre-init statistics go to the
-    logger under ``ddi/<network>/<layer>/...`` (TensorBoard only) and the reports stay in
-    :attr:`reports`.
+    logger under ``ddi/<network>/<layer>/...`` (TensorBoard only); the reports stay in
+    :attr:`reports` and the init batch in :attr:`init_observations` / :attr:`init_actions`.
 
     Args:
         n_samples: observations in the init batch (the paper's reference codes used 16 to 500).
@@ -65,6 +65,8 @@ class DataDependentInitCallback(BaseCallback):
             raise ValueError(f"n_samples={n_samples!r} must be an integer >= 2 (a batch to estimate mean and std)")
         self.n_samples = n_samples
         self.reports: dict[str, InitReport] = {}
+        self.init_observations: Any = None
+        self.init_actions: th.Tensor | None = None
         self.skipped = False
         self.done = False
 
@@ -118,6 +120,7 @@ class DataDependentInitCallback(BaseCallback):
     def _initialize(self, observations: Any, actions: Any, *, tensors: bool = False) -> None:
         policy = self.model.policy
         obs = observations if tensors else obs_as_tensor(observations, policy.device)
+        self.init_observations, self.init_actions = obs, actions
         self.reports = initialize_policy(policy, obs, actions)
         self.done = True
         for name, report in self.reports.items():

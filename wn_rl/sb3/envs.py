@@ -34,7 +34,7 @@ class MaskVelocityWrapper(gym.ObservationWrapper):
     def __init__(self, env: gym.Env, kept: tuple[int, ...]) -> None:
         super().__init__(env)
         space = env.observation_space
-        if not isinstance(space, spaces.Box) or space.ndim != 1:
+        if not isinstance(space, spaces.Box) or len(space.shape) != 1:
             raise ValueError(f"MaskVelocityWrapper needs a 1-D Box observation space, got {space}")
         self.kept = np.asarray(kept)
         self.observation_space = spaces.Box(space.low[self.kept], space.high[self.kept], dtype=space.dtype)

@@ -151,6 +151,19 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
         self.train(self.training)
 
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        """Adds the LSTM options, which sb3-contrib 2.9 leaves out (its ``policy.load`` rebuilds a
+        256-unit LSTM whatever was saved)."""
+        data = super()._get_constructor_parameters()
+        data.update(
+            lstm_hidden_size=self.lstm_actor.hidden_size,
+            n_lstm_layers=self.lstm_actor.num_layers,
+            shared_lstm=self.shared_lstm,
+            enable_critic_lstm=self.enable_critic_lstm,
+            lstm_kwargs=self.lstm_kwargs,
+        )
+        return data
+
 
 class WnRecurrentActorCriticCnnPolicy(WnRecurrentActorCriticPolicy):
     """:class:`WnRecurrentActorCriticPolicy` with :class:`wn_rl.sb3.WnNatureCNN` as features extractor."""

@@ -1,0 +1,239 @@
+"""wn_rl.sb3 policies with real SB3 algorithms on real environments (tiny budgets), their layers,
+save/load round trips and the errors for observation spaces they cannot handle."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from sb3_contrib import QRDQN, RecurrentPPO
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3.common.env_util import make_atari_env, make_vec_env
+from stable_baselines3.common.vec_env import VecFrameStack
+
+import wn_rl
+from wn_rl.sb3 import (
+    WNLSTM,
+    DataDependentInitCallback,
+    WnActorCriticCnnPolicy,
+    WnActorCriticPolicy,
+    WnCnnPolicy,
+    WnMlpPolicy,
+    WnNatureCNN,
+    WnQRDQNCnnPolicy,
+    WnQRDQNMlpPolicy,
+    WnRecurrentActorCriticCnnPolicy,
+    WnRecurrentActorCriticPolicy,
+    WnSACCnnPolicy,
+    WnSACPolicy,
+    WnStatsCallback,
+    WnTD3Policy,
+)
+from wn_rl.sb3.envs import register_envs
+
+ATARI = "BreakoutNoFrameskip-v4"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small nets on a shared 2-core machine run far faster on one thread (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def atari_env(n_envs: int = 1):
+    register_envs()
+    return VecFrameStack(make_atari_env(ATARI, n_envs=n_envs, seed=0), n_stack=4)
+
+
+def wn_keys(model) -> list[str]:
+    return [k for k in model.policy.state_dict() if k.endswith(".v") or k.endswith(".g") or ".v_" in k]
+
+
+OFF_POLICY = dict(buffer_size=400, learning_starts=64, batch_size=16, train_freq=4, seed=0)
+CASES = {
+    "dqn-cnn-atari": (DQN, WnCnnPolicy, "atari", dict(OFF_POLICY, exploration_fraction=0.5), {}),
+    "qrdqn-cnn-atari": (QRDQN, WnQRDQNCnnPolicy, "atari", OFF_POLICY, dict(n_quantiles=8)),
+    "ppo-cnn-atari": (PPO, WnActorCriticCnnPolicy, "atari", dict(n_steps=32, batch_size=16, n_epochs=1, seed=0), {}),
+    "a2c-cnn-atari": (A2C, WnActorCriticCnnPolicy, "atari", dict(n_steps=16, seed=0), {}),
+    "rppo-cnn-atari": (
+        RecurrentPPO,
+        WnRecurrentActorCriticCnnPolicy,
+        "atari",
+        dict(n_steps=32, batch_size=16, n_epochs=1, seed=0),
+        dict(lstm_hidden_size=32, features_extractor_kwargs=dict(features_dim=64)),
+    ),
+    "dqn-mlp": (DQN, WnMlpPolicy, "CartPole-v1", OFF_POLICY, {}),
+    "qrdqn-mlp": (QRDQN, WnQRDQNMlpPolicy, "CartPole-v1", OFF_POLICY, dict(n_quantiles=8)),
+    "ppo-mlp": (PPO, WnActorCriticPolicy, "CartPole-v1", dict(n_steps=64, batch_size=32, n_epochs=2, seed=0), {}),
+    "a2c-mlp": (A2C, WnActorCriticPolicy, "CartPole-v1", dict(n_steps=8, seed=0), {}),
+    "ppo-mlp-gauss": (PPO, WnActorCriticPolicy, "Pendulum-v1", dict(n_steps=64, batch_size=32, n_epochs=1, seed=0), {}),
+    "rppo-mlp": (
+        RecurrentPPO,
+        WnRecurrentActorCriticPolicy,
+        "wn_rl/CartPoleNoVel-v1",
+        dict(n_steps=32, batch_size=16, n_epochs=1, seed=0),
+        dict(lstm_hidden_size=16, n_lstm_layers=2),
+    ),
+    "sac-mlp": (SAC, WnSACPolicy, "Pendulum-v1", OFF_POLICY, dict(net_arch=[32, 32])),
+    "td3-mlp": (TD3, WnTD3Policy, "Pendulum-v1", OFF_POLICY, dict(net_arch=[32, 32])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_policy_runs_with_its_algorithm_and_holds_wn_parameters(case):
+    algo, policy, env_id, hyper, policy_kwargs = CASES[case]
+    register_envs()
+    env = atari_env() if env_id == "atari" else make_vec_env(env_id, n_envs=1, seed=0)
+    model = algo(policy, env, policy_kwargs=policy_kwargs, **hyper)
+    stats = WnStatsCallback(log_freq=32)
+    ddi = DataDependentInitCallback(n_samples=64)
+    model.learn(128, callback=[ddi, stats])
+    assert model.num_timesteps >= 128
+    assert wn_keys(model), "the state_dict holds no WN parameters (v, g)"
+    assert not any(isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.LSTM) for m in model.policy.modules())
+    assert ddi.done and not ddi.skipped and all(report.layers for report in ddi.reports.values())
+    assert stats.last_stats and all(np.isfinite(v) for v in stats.last_stats.values())
+    obs = env.reset()
+    action, _ = model.predict(obs, deterministic=True)
+    assert env.action_space.contains(action[0])
+
+
+def test_recurrent_policy_uses_wn_lstm_cells_and_matches_lstm_state_shapes():
+    register_envs()
+    model = RecurrentPPO(
+        WnRecurrentActorCriticPolicy,
+        "wn_rl/CartPoleNoVel-v1",
+        n_steps=16,
+        batch_size=16,
+        policy_kwargs=dict(lstm_hidden_size=8, n_lstm_layers=2),
+    )
+    assert isinstance(model.policy.lstm_actor, WNLSTM) and isinstance(model.policy.lstm_critic, WNLSTM)
+    assert model._last_lstm_states.pi[0].shape == (2, 1, 8)
+    obs = model.env.reset()
+    _, state = model.predict(obs, episode_start=np.ones(1, dtype=bool))
+    assert state[0].shape == (2, 1, 8) and state[1].shape == (2, 1, 8)
+
+
+def test_wn_lstm_computes_what_nn_lstm_computes_with_the_same_weights():
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(5, 7, num_layers=2)
+    wn = WNLSTM(5, 7, num_layers=2)
+    with torch.no_grad():
+        for i, cell in enumerate(wn.cells):
+            for part in ("ih", "hh"):
+                w = getattr(reference, f"weight_{part}_l{i}")
+                getattr(cell, f"v_{part}").copy_(w)
+                getattr(cell, f"g_{part}").copy_(w.norm(dim=1))
+                getattr(cell, f"bias_{part}").copy_(getattr(reference, f"bias_{part}_l{i}"))
+    x = torch.randn(6, 3, 5)
+    h0 = (torch.randn(2, 3, 7), torch.randn(2, 3, 7))
+    expected, (h, c) = reference(x, h0)
+    got, (h2, c2) = wn(x, h0)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(h2, h)
+    torch.testing.assert_close(c2, c)
+    with pytest.raises(ValueError, match=r"h_0 has shape"):
+        wn(x, (torch.zeros(1, 3, 7), torch.zeros(1, 3, 7)))
+    with pytest.raises(ValueError, match="bidirectional"):
+        WNLSTM(5, 7, bidirectional=True)
+
+
+@pytest.mark.parametrize("parameterization", ["weight_norm", "weight_norm+mean_only_bn", "normal", "layer_norm"])
+def test_one_switch_sets_every_layer_of_the_policy(parameterization):
+    kwargs = dict(parameterization=parameterization)
+    model = PPO(WnActorCriticPolicy, "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=kwargs)
+    layers = [m for m in model.policy.modules() if isinstance(m, wn_rl.WNLinear | torch.nn.Linear)]
+    assert len(layers) == 6  # 2 + 2 hidden, action head, value head
+    expect_wn = parameterization.startswith("weight_norm")
+    assert all(isinstance(m, wn_rl.WNLinear) == expect_wn for m in layers)
+    has_mobn = any(isinstance(m, wn_rl.MeanOnlyBatchNorm) for m in model.policy.modules())
+    assert has_mobn == (parameterization == "weight_norm+mean_only_bn")
+    assert model.policy.action_net.init_scale == 0.01 and model.policy.value_net.init_scale == 1.0
+    assert all(hasattr(m, "initialized") for m in layers)
+
+
+def test_init_scale_per_part_and_its_errors():
+    model = DQN(WnMlpPolicy, "CartPole-v1", policy_kwargs=dict(init_scale=dict(q=0.5, hidden=2.0)))
+    q_layers = [m for m in model.policy.q_net.q_net if isinstance(m, wn_rl.WNLinear)]
+    assert [m.init_scale for m in q_layers] == [2.0, 2.0, 0.5]
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['action'\].*'features', 'hidden', 'q'"):
+        DQN(WnMlpPolicy, "CartPole-v1", policy_kwargs=dict(init_scale=dict(action=0.1)))
+    with pytest.raises(ValueError, match=r"ortho_init=True is not supported.*section 3"):
+        PPO(WnActorCriticPolicy, "CartPole-v1", policy_kwargs=dict(ortho_init=True))
+    with pytest.raises(ValueError, match="unknown parameterization 'wn'"):
+        PPO(WnActorCriticPolicy, "CartPole-v1", policy_kwargs=dict(parameterization="wn"))
+
+
+@pytest.mark.parametrize(
+    ("algo", "policy", "fits"),
+    [
+        (DQN, WnCnnPolicy, "WnMlpPolicy"),
+        (QRDQN, WnQRDQNCnnPolicy, "WnQRDQNMlpPolicy"),
+        (PPO, WnActorCriticCnnPolicy, "WnActorCriticPolicy"),
+        (RecurrentPPO, WnRecurrentActorCriticCnnPolicy, "WnRecurrentActorCriticPolicy"),
+    ],
+)
+def test_cnn_policy_on_vector_observations_names_the_policy_that_fits(algo, policy, fits):
+    with pytest.raises(ValueError, match=rf"{policy.__name__} needs image observations.*Use {fits}"):
+        algo(policy, "CartPole-v1")
+
+
+def test_cnn_policy_on_continuous_actions_and_small_images():
+    image = spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    action = spaces.Box(-1, 1, (2,), np.float32)
+    policy = WnSACCnnPolicy(image, action, lambda _: 1e-3)
+    out = policy.actor(torch.as_tensor(np.stack([image.sample(), image.sample()])))
+    assert out.shape == (2, 2)
+    with pytest.raises(ValueError, match="at least 36x36"):
+        WnNatureCNN(spaces.Box(0, 255, (4, 10, 10), np.uint8))
+    with pytest.raises(ValueError, match="Use WnSACPolicy for vector observations"):
+        SAC(WnSACCnnPolicy, "Pendulum-v1")
+
+
+def test_mlp_policy_on_dict_observations_says_how_to_fix():
+    env = gym.make("CartPole-v1")
+    dict_space = spaces.Dict({"a": env.observation_space})
+    with pytest.raises(ValueError, match="FlattenObservation"):
+        WnMlpPolicy(dict_space, env.action_space, lambda _: 1e-3)
+
+
+def _trained(algo, policy, env_id, policy_kwargs, **hyper):
+    register_envs()
+    model = algo(policy, env_id, policy_kwargs=policy_kwargs, seed=0, **hyper)
+    model.learn(256, callback=DataDependentInitCallback(n_samples=64))
+    return model
+
+
+SAVE_CASES = {
+    "dqn": (DQN, WnMlpPolicy, "CartPole-v1", dict(learning_starts=64, buffer_size=500, train_freq=4)),
+    "ppo": (PPO, WnActorCriticPolicy, "CartPole-v1", dict(n_steps=128, batch_size=32, n_epochs=2)),
+    "rppo": (RecurrentPPO, WnRecurrentActorCriticPolicy, "wn_rl/CartPoleNoVel-v1", dict(n_steps=64, batch_size=32)),
+    "sac": (SAC, WnSACPolicy, "Pendulum-v1", dict(learning_starts=64, buffer_size=500, train_freq=8)),
+    "td3": (TD3, WnTD3Policy, "Pendulum-v1", dict(learning_starts=64, buffer_size=500, train_freq=8)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_model_and_policy_save_load_round_trip_every_tensor_exactly(case, tmp_path):
+    algo, policy, env_id, hyper = SAVE_CASES[case]
+    kwargs = dict(parameterization="weight_norm+mean_only_bn", net_arch=[16, 16])
+    if algo is RecurrentPPO:
+        kwargs.update(lstm_hidden_size=8)
+    model = _trained(algo, policy, env_id, kwargs, **hyper)
+    state = model.policy.state_dict()
+    assert any(k.endswith("running_mean") for k in state) and any(k.endswith("initialized") for k in state)
+    assert any(not torch.all(v == 0) for k, v in state.items() if k.endswith("running_mean"))
+    model.save(tmp_path / "model.zip")
+    loaded = algo.load(tmp_path / "model.zip", device="cpu")
+    model.policy.save(tmp_path / "policy.pt")
+    loaded_policy = type(model.policy).load(tmp_path / "policy.pt", device="cpu")
+    for other in (loaded.policy.state_dict(), loaded_policy.state_dict()):
+        assert other.keys() == state.keys()
+        for key, tensor in state.items():
+            assert other[key].dtype == tensor.dtype and torch.equal(other[key], tensor), key
+    assert wn_rl.is_initialized(loaded.policy)
