@@ -165,3 +165,24 @@ def test_memory_is_refused_with_numbers_before_allocating(monkeypatch):
 
 def test_one_million_atari_transitions_fit_in_7_5_gb():
     assert replay_bytes(1_000_000, 8, (84, 84), np.uint8) < 7.5e9
+
+
+def test_incremental_validity_equals_the_rule_at_every_step():
+    env = _Counter([2, 5, 1, 7])
+    replay = ReplayMemory(4 * 13, 4, (2,), np.float32, 3, 2, "cpu")
+    obs = env.reset(seed=0)
+    first, final = np.ones(4, bool), np.zeros(4, bool)
+    for _ in range(40):
+        step = env.step(np.zeros(4, np.int64))
+        replay.add(
+            torch.from_numpy(obs),
+            torch.from_numpy(first),
+            torch.from_numpy(final),
+            torch.zeros(4, dtype=torch.int64),
+            torch.from_numpy(step.rewards),
+            terminated=torch.from_numpy(step.terminated),
+            truncated=torch.from_numpy(step.truncated),
+            life_loss=torch.from_numpy(step.life_loss),
+        )
+        first, final, obs = step.episode_start, step.terminated | step.truncated, step.obs
+        assert torch.equal(replay.valid_mask(), replay.valid_mask_reference())

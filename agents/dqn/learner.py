@@ -61,11 +61,12 @@ def td_targets(returns: Tensor, discount: Tensor, next_q_target: Tensor, next_q_
 
 def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.optim.Optimizer:
     betas = (config.beta1, config.beta2)
+    common = {"lr": config.lr, "eps": config.optimizer_eps, "foreach": True}  # one kernel per op for all tensors
     if config.optimizer == "adamax":
-        return torch.optim.Adamax(params, lr=config.lr, betas=betas, eps=config.optimizer_eps)
+        return torch.optim.Adamax(params, betas=betas, **common)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=betas, eps=config.optimizer_eps)
-    return torch.optim.RMSprop(params, lr=config.lr, alpha=0.95, eps=config.optimizer_eps, momentum=config.beta1)
+        return torch.optim.Adam(params, betas=betas, **common)
+    return torch.optim.RMSprop(params, alpha=0.95, momentum=config.beta1, **common)
 
 
 class Learner:

@@ -54,7 +54,7 @@ def replay_bytes(capacity: int, num_envs: int, frame_shape: tuple[int, ...], fra
     slots = math.ceil(capacity / num_envs) * num_envs
     frame = int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize
     scalars = sum(torch.empty((), dtype=d).element_size() for d in _SCALARS.values())
-    return slots * (frame + scalars + len(_FLAGS))
+    return slots * (frame + scalars + len(_FLAGS) + 1)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -111,13 +111,14 @@ class ReplayMemory:
             setattr(self, name, torch.zeros(shape, dtype=dtype, device=self.device))
         for name in _FLAGS:
             setattr(self, name, torch.zeros(shape, dtype=torch.bool, device=self.device))
+        self.valid = torch.zeros(shape, dtype=torch.bool, device=self.device)  # maintained by add()
         self.position = 0  # next slot to write
         self.writes = 0  # vector steps written in total
-        self._ages = torch.arange(self.length, device=self.device)
+        self._older = torch.arange(1, stack, device=self.device)  # slots whose stacks a write overwrites
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.frames, *(getattr(self, n) for n in (*_SCALARS, *_FLAGS))]
+        tensors = [self.frames, self.valid, *(getattr(self, n) for n in (*_SCALARS, *_FLAGS))]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __len__(self) -> int:
@@ -137,12 +138,27 @@ class ReplayMemory:
         self.rewards[t].copy_(rewards, non_blocking=True)
         for name in ("terminated", "truncated", "life_loss"):
             self.__dict__[name][t].copy_(flags[name], non_blocking=True)
+        self._update_valid(t)
         self.position = (t + 1) % self.length
         self.writes += 1
 
+    def _update_valid(self, t: int) -> None:
+        """Slot t has no successor yet; the S-1 oldest slots lost the start of their stacks; slot t-n now
+        has its n successors. Equivalent to :meth:`valid_mask_reference`, in O(N) per write."""
+        self.valid[t] = False
+        if self.stack > 1:
+            self.valid[(t + self._older) % self.length] = False
+        if self.writes >= self.n_step:
+            ready = (t - self.n_step) % self.length
+            self.valid[ready] = ~self.final[ready]
+
     def valid_mask(self) -> Tensor:
         """``(L, N)`` bool: slots a transition may be sampled from (see the module docstring)."""
-        ages = (self.position - 1 - self._ages) % self.length  # 0 = newest slot
+        return self.valid
+
+    def valid_mask_reference(self) -> Tensor:
+        """The validity rule computed from scratch (ages), for tests of the incremental mask."""
+        ages = (self.position - 1 - torch.arange(self.length, device=self.device)) % self.length
         ok_age = (ages >= self.n_step) & (ages < self.writes) & (ages <= self.length - self.stack)
         return ok_age[:, None] & ~self.final
 
@@ -209,7 +225,7 @@ class ReplayMemory:
 
     def state_dict(self) -> dict:
         """Tensors and plain counters, for ``wn_rl.checkpoint`` (``torch.load(weights_only=True)``)."""
-        state = {name: getattr(self, name) for name in ("frames", *_SCALARS, *_FLAGS)}
+        state = {name: getattr(self, name) for name in ("frames", "valid", *_SCALARS, *_FLAGS)}
         state.update(position=self.position, writes=self.writes, length=self.length, num_envs=self.num_envs)
         return state
 
@@ -219,6 +235,6 @@ class ReplayMemory:
                 f"saved replay has {state['length']} slots x {state['num_envs']} envs, this one "
                 f"{self.length} x {self.num_envs}; the capacity or env.num_envs changed since the checkpoint."
             )
-        for name in ("frames", *_SCALARS, *_FLAGS):
+        for name in ("frames", "valid", *_SCALARS, *_FLAGS):
             getattr(self, name).copy_(state[name])
         self.position, self.writes = int(state["position"]), int(state["writes"])
