@@ -1,0 +1,315 @@
+"""DataDependentInitCallback (section 3), WnStatsCallback, frozen norm statistics in on-policy
+training, and learning on small tasks with each algorithm family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import DQN, PPO, SAC, TD3
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.noise import NormalActionNoise
+
+import wn_rl
+from wn_rl.sb3 import (
+    DataDependentInitCallback,
+    WnActorCriticPolicy,
+    WnMlpPolicy,
+    WnSACPolicy,
+    WnStatsCallback,
+    WnTD3Policy,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def preactivations(net: torch.nn.Module, run) -> list[tuple[str, torch.Tensor, float]]:
+    """(name, output, init_scale) of every pre-activation: a WN layer's output, or its mean-only BN's."""
+    found, handles = [], []
+    blocks = {
+        id(m[0]): m
+        for m in net.modules()
+        if isinstance(m, torch.nn.Sequential) and len(m) == 2 and isinstance(m[1], wn_rl.MeanOnlyBatchNorm)
+    }
+    for name, module in net.named_modules():
+        if isinstance(module, wn_rl.WNLayer):
+            target = blocks[id(module)][1] if id(module) in blocks else module
+
+            def hook(_m, _i, out, name=name, scale=module.init_scale):
+                found.append((name, out.detach(), scale))
+
+            handles.append(target.register_forward_hook(hook))
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        run()
+    net.train(was_training)
+    for handle in handles:
+        handle.remove()
+    return found
+
+
+def assert_normalized(found, dead: dict[str, list[int]]) -> None:
+    assert found
+    for name, out, scale in found:
+        t = out.movedim(-1 if out.dim() == 2 else 1, 0).reshape(out.shape[-1 if out.dim() == 2 else 1], -1)
+        keep = [i for i in range(t.shape[0]) if i not in dead.get(name, [])]
+        mean, std = t[keep].mean(dim=1), t[keep].std(dim=1, unbiased=False)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=2e-4 * scale + 1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(std, torch.full_like(std, scale), rtol=2e-3, atol=1e-6, msg=name)
+
+
+def test_off_policy_init_normalizes_preactivations_and_syncs_the_target():
+    model = DQN(
+        WnMlpPolicy,
+        "CartPole-v1",
+        learning_starts=300,
+        gradient_steps=0,
+        seed=0,
+        policy_kwargs=dict(init_scale=dict(q=0.5)),
+    )
+    before = model.policy.q_net.state_dict()["q_net.0.g"].clone()
+    callback = DataDependentInitCallback(n_samples=256)
+    model.learn(320, callback=callback)
+    q_net, target = model.policy.q_net, model.policy.q_net_target
+    assert callback.done and not torch.equal(before, q_net.state_dict()["q_net.0.g"])
+    found = preactivations(q_net, lambda: q_net(callback.init_observations))
+    assert [scale for _, _, scale in found] == [1.0, 1.0, 0.5]
+    assert_normalized(found, callback.reports["q_net"].dead_units)
+    for key, value in q_net.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    assert wn_rl.is_initialized(q_net) and wn_rl.is_initialized(target)
+
+
+@pytest.mark.parametrize("algo,policy", [(SAC, WnSACPolicy), (TD3, WnTD3Policy)])
+def test_actor_critic_off_policy_init_uses_replay_actions_and_syncs_both_targets(algo, policy):
+    model = algo(
+        policy, "Pendulum-v1", learning_starts=256, gradient_steps=0, seed=0, policy_kwargs=dict(net_arch=[32, 32])
+    )
+    callback = DataDependentInitCallback(n_samples=256)
+    model.learn(260, callback=callback)
+    assert callback.init_actions is not None and callback.init_actions.shape == (256, 1)
+    critic = model.policy.critic
+    assert_normalized(
+        preactivations(critic, lambda: critic(callback.init_observations, callback.init_actions)),
+        callback.reports["critic"].dead_units,
+    )
+    pairs = [(model.policy.critic_target, critic)]
+    if algo is TD3:
+        pairs.append((model.policy.actor_target, model.policy.actor))
+    for target, online in pairs:
+        for key, value in online.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_on_policy_init_warms_up_before_the_first_rollout_with_mean_only_bn():
+    env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
+    model = PPO(
+        WnActorCriticPolicy,
+        env,
+        n_steps=32,
+        batch_size=64,
+        n_epochs=1,
+        learning_rate=0.0,
+        seed=0,
+        policy_kwargs=dict(parameterization="weight_norm+mean_only_bn"),
+    )
+    seen_at_rollout = {}
+
+    class FirstRollout(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            seen_at_rollout.setdefault("initialized", wn_rl.is_initialized(self.model.policy))
+            seen_at_rollout.setdefault("num_timesteps", self.model.num_timesteps)
+
+        def _on_step(self) -> bool:
+            return True
+
+    callback = DataDependentInitCallback(n_samples=200)
+    model.learn(128, callback=[callback, FirstRollout()])
+    assert seen_at_rollout == {"initialized": True, "num_timesteps": 0}
+    assert callback.init_observations.shape == (200, 4)
+    policy = model.policy  # lr=0 and no refresh yet (that happens when the next rollout starts)
+    found = preactivations(policy, lambda: policy.forward(callback.init_observations, deterministic=True))
+    assert {scale for _, _, scale in found} == {1.0, 0.01}
+    assert_normalized(found, callback.reports["policy"].dead_units)
+
+
+def test_init_logs_per_layer_statistics_and_wn_stats_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = PPO(WnActorCriticPolicy, "CartPole-v1", n_steps=64, batch_size=64, seed=0, tensorboard_log=str(tmp_path))
+    stats = WnStatsCallback(log_freq=64, histograms=True)
+    model.learn(128, callback=[DataDependentInitCallback(n_samples=64), stats], tb_log_name="run")
+    events = EventAccumulator(str(next(tmp_path.glob("run_*")))).Reload()
+    scalars = events.Tags()["scalars"]
+    assert "wn/policy/action_net/grad_scale_mean" in scalars
+    assert "ddi/policy/mlp_extractor.policy_net.0/pre_init_std" in scalars
+    assert "wn/policy/value_net/g" in events.Tags()["histograms"]
+    assert "rollout/ep_len_mean" in scalars  # next to SB3's own curves
+    ratio = stats.last_stats["wn/policy/action_net/grad_scale_mean"]
+    assert ratio == pytest.approx(
+        stats.last_stats["wn/policy/action_net/g_mean"] / stats.last_stats["wn/policy/action_net/v_norm_mean"], rel=0.5
+    )
+
+
+def test_loading_then_learning_does_not_reinitialise(tmp_path):
+    model = DQN(WnMlpPolicy, "CartPole-v1", learning_starts=128, train_freq=4, seed=0)
+    model.learn(200, callback=DataDependentInitCallback(n_samples=128))
+    model.save(tmp_path / "dqn.zip")
+    loaded = DQN.load(tmp_path / "dqn.zip", env=make_vec_env("CartPole-v1", seed=1))
+    saved_state = {k: v.clone() for k, v in loaded.policy.state_dict().items()}
+    at_start = {}
+
+    class Snapshot(BaseCallback):
+        def _on_training_start(self) -> None:
+            at_start.update({k: v.clone() for k, v in self.model.policy.state_dict().items()})
+
+        def _on_step(self) -> bool:
+            return True
+
+    callback = DataDependentInitCallback(n_samples=128)
+    loaded.learn(200, callback=[callback, Snapshot()], reset_num_timesteps=False)
+    assert callback.skipped and callback.reports == {}
+    for key, value in saved_state.items():
+        assert torch.equal(at_start[key], value), key
+    assert loaded.num_timesteps == model.num_timesteps + 200
+
+
+def test_off_policy_init_needs_learning_starts_at_least_n_samples():
+    model = DQN(WnMlpPolicy, "CartPole-v1", learning_starts=100)
+    with pytest.raises(ValueError, match="set learning_starts >= 256"):
+        model.learn(10, callback=DataDependentInitCallback(n_samples=256))
+
+
+def test_init_callback_refuses_sb3_policies_without_init_flags():
+    model = DQN("MlpPolicy", "CartPole-v1", learning_starts=300)
+    with pytest.raises(TypeError, match="needs a wn_rl policy"):
+        model.learn(10, callback=DataDependentInitCallback())
+
+
+@pytest.mark.parametrize("parameterization", ["weight_norm+mean_only_bn", "batch_norm"])
+def test_frozen_norm_statistics_make_ppo_first_epoch_ratio_one(parameterization):
+    def first_epoch(freeze: bool) -> tuple[float, float, float]:
+        """SB3's logged approx_kl and clip fraction of the first epoch (lr=0: parameters never move), and
+        the largest |log ratio| over the rollout when the training-mode policy re-evaluates it."""
+        kwargs = dict(parameterization=parameterization, freeze_norm_statistics=freeze)
+        env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
+        model = PPO(
+            WnActorCriticPolicy,
+            env,
+            n_steps=32,
+            batch_size=32,
+            n_epochs=1,
+            learning_rate=0.0,
+            seed=0,
+            policy_kwargs=kwargs,
+        )
+        model.learn(128, callback=DataDependentInitCallback(n_samples=128))
+        values = model.logger.name_to_value
+        model.policy.set_training_mode(True)
+        worst = 0.0
+        with torch.no_grad():
+            for batch in model.rollout_buffer.get(32):
+                _, log_prob, _ = model.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
+                worst = max(worst, float((log_prob - batch.old_log_prob).abs().max()))
+        return abs(values["train/approx_kl"]), values["train/clip_fraction"], worst
+
+    kl, clipped, worst = first_epoch(freeze=True)
+    assert kl < 1e-7 and clipped == 0.0 and worst < 1e-5  # ratio exp(log_prob - old_log_prob) = 1
+    _, _, worst_unfrozen = first_epoch(freeze=False)
+    assert worst_unfrozen > 1e-3  # SB3's train/eval switch: the acting and the trained policy differ
+
+
+def test_frozen_statistics_refresh_once_when_training_ends():
+    model = PPO(
+        WnActorCriticPolicy,
+        "CartPole-v1",
+        n_steps=64,
+        batch_size=32,
+        n_epochs=2,
+        seed=0,
+        policy_kwargs=dict(parameterization="weight_norm+mean_only_bn", norm_refresh_samples=64),
+    )
+    norms = [m for m in model.policy.modules() if isinstance(m, wn_rl.MeanOnlyBatchNorm)]
+    at_rollout: list[torch.Tensor] = []
+
+    class RolloutStart(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            at_rollout.extend(m.running_mean.clone() for m in norms)
+
+        def _on_step(self) -> bool:
+            return True
+
+    model.learn(64, callback=[DataDependentInitCallback(n_samples=64), RolloutStart()])  # rollout, then training
+    assert all(not m.training for m in norms)  # frozen even in train mode
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(at_rollout, norms, strict=True))
+    assert model.policy._norm_batch_samples == 64  # two minibatches of 32 kept for the refresh
+    model.policy.set_training_mode(False)  # back to acting: one refresh
+    assert model.policy._norm_batch_samples == 0
+    refreshed = [m.running_mean.clone() for m in norms]
+    assert all(not torch.equal(a, b) for a, b in zip(at_rollout, refreshed, strict=True))
+    model.policy.set_training_mode(False)  # acting again: nothing to refresh
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(refreshed, norms, strict=True))
+
+
+def test_ppo_learns_cartpole():
+    env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
+    model = PPO(
+        WnActorCriticPolicy,
+        env,
+        n_steps=256,
+        batch_size=256,
+        n_epochs=10,
+        learning_rate=3e-3,
+        gamma=0.98,
+        gae_lambda=0.9,
+        seed=0,
+    )
+    model.learn(12_000, callback=DataDependentInitCallback(n_samples=128))
+    mean_return, _ = evaluate_policy(model, make_vec_env("CartPole-v1", seed=100), n_eval_episodes=10)
+    assert mean_return >= 200  # random play: ~22
+
+
+def test_dqn_learns_cartpole():
+    model = DQN(
+        WnMlpPolicy,
+        "CartPole-v1",
+        learning_rate=1e-3,
+        batch_size=64,
+        buffer_size=10_000,
+        learning_starts=500,
+        target_update_interval=250,
+        train_freq=4,
+        exploration_fraction=0.3,
+        exploration_final_eps=0.05,
+        policy_kwargs=dict(net_arch=[64, 64]),
+        seed=0,
+    )
+    model.learn(10_000, callback=DataDependentInitCallback(n_samples=256))
+    mean_return, _ = evaluate_policy(model, make_vec_env("CartPole-v1", seed=100), n_eval_episodes=10)
+    assert mean_return >= 60  # random play: ~22
+
+
+def test_td3_learns_pendulum():
+    model = TD3(
+        WnTD3Policy,
+        "Pendulum-v1",
+        learning_rate=1e-3,
+        learning_starts=300,
+        gamma=0.98,
+        batch_size=128,
+        action_noise=NormalActionNoise(np.zeros(1), 0.1 * np.ones(1)),
+        policy_kwargs=dict(net_arch=[64, 64]),
+        seed=0,
+    )
+    model.learn(3_000, callback=DataDependentInitCallback(n_samples=256))
+    mean_return, _ = evaluate_policy(model, make_vec_env("Pendulum-v1", seed=100), n_eval_episodes=10)
+    assert mean_return >= -900  # random or untrained: about -1200 to -1500
