@@ -1,0 +1,143 @@
+"""scripts/train_sb3.py and its configs: every shipped config loads, bad configs fail fast with the
+key and the fix, and a real run (subprocess, tiny budget) writes TensorBoard, checkpoints, an
+evaluation and a final model, then resumes with its step counter continued."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from stable_baselines3 import DQN
+
+from wn_rl.config import ConfigError
+from wn_rl.sb3.config import build_hyperparameters, build_policy_kwargs, load_sb3_config, resolve_policy
+from wn_rl.sb3.runner import latest_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "sb3").glob("*.yaml"))
+SCRIPT = ROOT / "scripts" / "train_sb3.py"
+
+
+def test_configs_cover_the_issue():
+    names = {p.stem for p in CONFIGS}
+    for algo in ("dqn", "ppo", "a2c"):
+        for game in ("breakout", "spaceinvaders", "pong"):
+            assert {f"{algo}_{game}_wn", f"{algo}_{game}_normal"} <= names
+    for algo in ("sac", "td3"):
+        for env in ("halfcheetah", "hopper", "pendulum"):
+            assert {f"{algo}_{env}_wn", f"{algo}_{env}_normal"} <= names
+    assert {"dqn_cartpole_wn", "recurrent_ppo_cartpole_novel_wn"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_loads_and_resolves(path):
+    config = load_sb3_config(path)
+    policy = resolve_policy(config.algo, config.policy)
+    build_policy_kwargs(config)
+    build_hyperparameters(config)
+    if path.stem.endswith("_wn"):
+        assert isinstance(policy, type) and policy.__name__.startswith("Wn")
+    if config.env_id.endswith("NoFrameskip-v4"):
+        assert config.frame_stack == 4
+    if config.algo in ("dqn", "qrdqn", "sac", "td3") and config.init.enabled:
+        assert config.hyperparameters.get("learning_starts", 100) >= config.init.n_samples
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["n_env=4"], "unknown key 'n_env'; did you mean 'n_envs'"),
+        (["policy=WnCnnPolicyy"], "Did you mean 'WnCnnPolicy'"),
+        (["hyperparameters.learning_rat=1e-3"], "hyperparameters.learning_rat is not an argument of DQN"),
+        (["env_id=ALE/Breakout-v5"], "Use BreakoutNoFrameskip-v4"),
+        (["total_timesteps=0"], "total_timesteps=0 is invalid"),
+        (["init.n_samples=1"], "init.n_samples=1 is invalid"),
+    ],
+)
+def test_bad_configs_fail_with_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sb3_config(ROOT / "configs" / "sb3" / "dqn_breakout_wn.yaml", overrides)
+
+
+def test_policy_kwargs_names_resolve_to_classes():
+    config = load_sb3_config(ROOT / "configs" / "sb3" / "a2c_pong_wn.yaml")
+    kwargs = build_policy_kwargs(config)
+    assert kwargs["optimizer_class"].__name__ == "RMSpropTFLike"
+    bad = load_sb3_config(ROOT / "configs" / "sb3" / "a2c_pong_wn.yaml", ["policy_kwargs.activation_fn=relux"])
+    with pytest.raises(ConfigError, match=r"activation_fn='relux' is not one of"):
+        build_policy_kwargs(bad)
+    assert build_hyperparameters(load_sb3_config(ROOT / "configs" / "sb3" / "ppo_pong_wn.yaml"))["clip_range"](0.5) == (
+        pytest.approx(0.05)
+    )
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False
+    )
+
+
+def test_script_trains_checkpoints_evaluates_and_resumes_with_the_counter_continued(tmp_path):
+    common = [
+        f"runs_dir={tmp_path}",
+        "run_name=run",
+        "progress_bar=false",
+        "torch_threads=1",
+        "verbose=0",
+    ]
+    first = run_script(
+        "--config",
+        "configs/sb3/dqn_cartpole_wn.yaml",
+        "total_timesteps=600",
+        "hyperparameters.learning_starts=300",
+        "hyperparameters.train_freq=4",
+        "hyperparameters.gradient_steps=1",
+        "init.n_samples=256",
+        "checkpoint_freq=250",
+        "save_replay_buffer=true",
+        "eval.freq=300",
+        "eval.episodes=2",
+        "wn_stats_freq=100",
+        *common,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    summary = json.loads(first.stdout[first.stdout.index("{") :])
+    assert summary["num_timesteps"] == 600 and summary["resumed_from"] is None
+    for name in ("config.yaml", "final_model.zip", "final_replay_buffer.pkl", "eval/evaluations.npz"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("model_*.zip")) == [
+        "model_250_steps.zip",
+        "model_500_steps.zip",
+    ]
+    assert (run_dir / "checkpoints" / "replay_buffer_500_steps.pkl").is_file()
+    assert not list(run_dir.rglob(".*.tmp-*")), "temporary files left behind"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb_1")).Reload()
+    assert "wn/q_net/q_net.0/grad_scale_mean" in events.Tags()["scalars"]
+    assert "ddi/q_net/q_net.0/pre_init_std" in events.Tags()["scalars"]
+    assert "hyperparameters/text_summary" in events.Tags()["tensors"]
+
+    assert latest_model(run_dir) == run_dir / "final_model.zip"
+    second = run_script("--resume", str(run_dir), "total_timesteps=800", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = json.loads(second.stdout[second.stdout.index("{") :])
+    assert resumed["start_timesteps"] == 600 and resumed["num_timesteps"] == 800
+    assert resumed["resumed_from"].endswith("final_model.zip")
+    assert sorted(p.name for p in run_dir.glob("tb_*")) == ["tb_1"]  # the same TensorBoard curve continues
+    model = DQN.load(run_dir / "final_model.zip")
+    assert model.num_timesteps == 800 and model._n_calls >= 800
+
+
+def test_script_rejects_bad_input_before_training(tmp_path):
+    result = run_script("--config", "configs/sb3/dqn_cartpole_wn.yaml", "learning_rate=1e-3", f"runs_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "unknown key 'learning_rate'" in result.stderr
+    assert not any(tmp_path.iterdir())
+    missing = run_script("--resume", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
