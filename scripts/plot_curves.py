@@ -1,0 +1,56 @@
+"""Plot learning curves across seeds, like the paper's Figure 5.
+
+``python scripts/plot_curves.py RUN_DIR_OR_FOLDER... --out fig.png [--group-by network.parameterization]``
+
+Reads the TensorBoard event files of every run directory given (or found under a folder), groups the
+runs by config keys, and draws the mean and spread across seeds of the training and evaluation returns
+against agent steps, one panel per task. Writes the numbers behind the figure next to it as CSV
+(``fig.csv``) and a per-run / aggregate table (``fig.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wn_rl.analysis.curves import SPREADS, collect_curves, group_runs, plot_curves, write_curves_csv
+from wn_rl.analysis.report import aggregate_rows, markdown_table, run_rows, summarize_run
+from wn_rl.analysis.runs import find_run_dirs, load_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    parser.add_argument("--out", required=True, help="figure path (.png); the CSV and table go beside it")
+    parser.add_argument("--group-by", nargs="+", default=["network.parameterization"], help="config keys")
+    parser.add_argument("--panel-by", default="env.name", help="config key with one panel per value ('' for one)")
+    parser.add_argument("--tags", nargs="+", default=["train/episode_return", "eval/return_mean"])
+    parser.add_argument("--smoothing", type=int, default=5, help="moving-average window for training returns")
+    parser.add_argument("--spread", choices=SPREADS, default="std")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    if args.smoothing < 1:
+        parser.error(f"--smoothing={args.smoothing}: expected at least 1")
+    try:
+        runs = [load_run(d) for d in find_run_dirs(args.runs)]
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    grouped = group_runs(runs, args.group_by, args.panel_by or None)
+    curves = collect_curves(grouped, args.tags, spread=args.spread, smoothing={"train/episode_return": args.smoothing})
+    if not any(c.steps.size for c in curves):
+        print(f"error: none of the {len(runs)} runs logged any of the tags {args.tags}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    plot_curves(curves, out, title=args.title, spread=args.spread)
+    write_curves_csv(curves, out.with_suffix(".csv"))
+    summaries = [summarize_run(r, args.group_by, args.panel_by or "env.name") for r in runs]
+    table = ["## Aggregates", "", markdown_table(aggregate_rows(summaries)), "", "## Every run", ""]
+    out.with_suffix(".md").write_text("\n".join([*table, markdown_table(run_rows(summaries)), ""]))
+    print(f"{len(runs)} runs -> {out}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Executing a study's runs: local subprocesses in parallel, or Ray tasks on a cluster.
+
+Both backends run the same command per run (``python scripts/train_dqn.py --config ... key=value``)
+with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set to the study's ``torch_threads``, and write its
+output to ``<study dir>/logs/<run name>.log``. A failed run does not stop the others; its exit code and
+the tail of its log are reported at the end.
+
+Ray (optional extra ``pip install -e ".[study]"``): every run is a Ray task reserving
+``ray.cpus_per_run`` CPUs and ``ray.gpus_per_run`` GPUs. The task starts the training process in the
+driver's working directory, so on a multi-node cluster every node needs the repository at the same path
+and the study's ``runs_dir`` on a shared filesystem, where the driver reads the results back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from wn_rl.analysis.study import RunSpec, StudyConfig
+
+__all__ = ["RunOutcome", "execute_command", "run_local", "run_ray"]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one run's process ended."""
+
+    name: str
+    returncode: int
+    seconds: float
+    log: str
+    log_tail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def execute_command(name: str, command: Sequence[str], log_path: str, threads: int, cwd: str) -> RunOutcome:
+    """Run one training command to completion, appending its output to ``log_path``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        returncode = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+    tail = Path(log_path).read_text(errors="replace")[-2000:]
+    return RunOutcome(name, returncode, time.perf_counter() - start, str(log_path), tail)
+
+
+def _jobs(study: StudyConfig, specs: Sequence[RunSpec]) -> list[tuple[str, list[str], str]]:
+    logs = study.study_dir / "logs"
+    return [(s.name, s.command(study, sys.executable), str((logs / f"{s.name}.log").resolve())) for s in specs]
+
+
+def run_local(
+    study: StudyConfig,
+    specs: Sequence[RunSpec],
+    *,
+    max_parallel: int | None = None,
+    on_done: Callable[[RunOutcome, int, int], None] | None = None,
+) -> list[RunOutcome]:
+    """Run ``specs`` as subprocesses, ``max_parallel`` (default: the study's) at a time."""
+    workers = max_parallel or study.max_parallel
+    outcomes: list[RunOutcome] = []
+    cwd = os.getcwd()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        threads = study.torch_threads
+        futures = [pool.submit(execute_command, n, cmd, log, threads, cwd) for n, cmd, log in _jobs(study, specs)]
+        for future in as_completed(futures):
+            outcomes.append(future.result())
+            if on_done is not None:
+                on_done(outcomes[-1], len(outcomes), len(futures))
+    return outcomes
+
+
+def run_ray(
+    study: StudyConfig,
+    specs: Sequence[RunSpec],
+    *,
+    address: str | None = None,
+    on_done: Callable[[RunOutcome, int, int], None] | None = None,
+) -> list[RunOutcome]:
+    """Run ``specs`` as Ray tasks with the study's per-run CPU/GPU share; returns when all have ended."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            "--backend ray needs Ray: pip install -e '.[study]' (or pip install 'ray>=2.9'); "
+            "use --backend local to run on this machine without it"
+        ) from None
+    address = address if address is not None else study.ray.address
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(execute_command).options(
+            num_cpus=study.ray.cpus_per_run, num_gpus=study.ray.gpus_per_run, max_retries=0
+        )
+        cwd = os.getcwd()
+        pending = [task.remote(name, cmd, log, study.torch_threads, cwd) for name, cmd, log in _jobs(study, specs)]
+        total, outcomes = len(pending), []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            outcomes.append(ray.get(done[0]))
+            if on_done is not None:
+                on_done(outcomes[-1], len(outcomes), total)
+        return outcomes
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,168 @@
+"""Learning curves across seeds: grouping, alignment on a common step grid, mean and spread, figure, CSV.
+
+Runs are grouped by any config keys (``network.parameterization`` by default, as in the paper's
+Figure 5) and split into panels by another (``env.name``: one panel per game). Each run's curve is
+linearly interpolated onto the union of all runs' logged steps *within that run's own range* (no
+extrapolation), so seeds whose logging steps differ by a few agent steps still line up; the spread is
+computed over the runs present at each step.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from wn_rl.analysis.runs import RunData
+
+__all__ = ["Curve", "aggregate_curve", "group_runs", "group_label", "plot_curves", "smooth", "write_curves_csv"]
+
+Spread = Literal["std", "sem", "minmax", "none"]
+SPREADS = ("std", "sem", "minmax", "none")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Mean and spread of one tag over the runs of one group in one panel."""
+
+    panel: str
+    group: str
+    tag: str
+    steps: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    count: np.ndarray
+    "runs contributing at each step."
+
+
+def group_label(run: RunData, keys: Sequence[str]) -> str:
+    """``weight_norm`` for one key; ``weight_norm, lr=0.0003`` when grouping by several."""
+    parts = []
+    for i, key in enumerate(keys):
+        value = run.value(key, "?")
+        parts.append(str(value) if i == 0 else f"{key.split('.')[-1]}={value}")
+    return ", ".join(parts)
+
+
+def group_runs(
+    runs: Sequence[RunData], group_by: Sequence[str], panel_by: str | None
+) -> dict[str, dict[str, list[RunData]]]:
+    """``{panel: {group: [runs]}}``, panels and groups in first-seen order."""
+    out: dict[str, dict[str, list[RunData]]] = {}
+    for run in runs:
+        panel = str(run.value(panel_by, "?")) if panel_by else "all runs"
+        out.setdefault(panel, {}).setdefault(group_label(run, group_by), []).append(run)
+    return out
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (shorter at the start); ``window <= 1`` is identity."""
+    if window <= 1 or values.size == 0:
+        return values
+    cumulative = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    idx = np.arange(1, values.size + 1)
+    start = np.maximum(idx - window, 0)
+    return (cumulative[idx] - cumulative[start]) / (idx - start)
+
+
+def aggregate_curve(
+    runs: Sequence[RunData], tag: str, *, spread: Spread = "std", smoothing: int = 1, panel: str = "", group: str = ""
+) -> Curve:
+    """Align the runs' ``tag`` curves on a common grid and reduce across runs."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread={spread!r}: expected one of {SPREADS}")
+    curves = [run.curve(tag) for run in runs]
+    curves = [(s, smooth(v, smoothing)) for s, v in curves if s.size]
+    if not curves:
+        empty = np.zeros(0)
+        return Curve(panel, group, tag, empty, empty, empty, empty, np.zeros(0, dtype=int))
+    grid = np.unique(np.concatenate([s for s, _ in curves])).astype(float)
+    table = np.full((len(curves), grid.size), np.nan)
+    for i, (steps, values) in enumerate(curves):
+        inside = (grid >= steps[0]) & (grid <= steps[-1])
+        table[i, inside] = np.interp(grid[inside], steps, values)
+    count = np.sum(~np.isnan(table), axis=0)
+    mean = np.nanmean(table, axis=0)
+    if spread == "minmax":
+        low, high = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+    elif spread == "none":
+        low, high = mean, mean
+    else:
+        std = np.nanstd(table, axis=0, ddof=0)
+        width = std / np.sqrt(count) if spread == "sem" else std
+        low, high = mean - width, mean + width
+    return Curve(panel, group, tag, grid, mean, low, high, count)
+
+
+def collect_curves(
+    grouped: dict[str, dict[str, list[RunData]]], tags: Sequence[str], *, spread: Spread, smoothing: dict[str, int]
+) -> list[Curve]:
+    """Every (panel, group, tag) curve of a grouping."""
+    return [
+        aggregate_curve(runs, tag, spread=spread, smoothing=smoothing.get(tag, 1), panel=panel, group=group)
+        for panel, groups in grouped.items()
+        for tag in tags
+        for group, runs in groups.items()
+    ]
+
+
+def write_curves_csv(curves: Sequence[Curve], path: str | Path) -> Path:
+    """The numbers behind the figure: one row per (panel, group, tag, step)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["panel", "group", "tag", "agent_step", "mean", "low", "high", "runs"])
+        for c in curves:
+            for row in zip(c.steps, c.mean, c.low, c.high, c.count, strict=True):
+                writer.writerow([c.panel, c.group, c.tag, int(row[0]), *(f"{x:.6g}" for x in row[1:4]), int(row[4])])
+    return path
+
+
+_TITLES = {"train/episode_return": "training episode return", "eval/return_mean": "evaluation return"}
+
+
+def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "", spread: Spread = "std") -> Path:
+    """A grid of panels (columns) by tags (rows), one line with a shaded spread per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(c.panel for c in curves))
+    tags = list(dict.fromkeys(c.tag for c in curves))
+    groups = list(dict.fromkeys(c.group for c in curves))
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    fig, axes = plt.subplots(
+        len(tags), len(panels), figsize=(3.6 * len(panels) + 0.6, 2.8 * len(tags) + 0.6), squeeze=False
+    )
+    for c in curves:
+        ax = axes[tags.index(c.tag), panels.index(c.panel)]
+        if c.steps.size == 0:
+            continue
+        n = int(c.count.max())
+        ax.plot(c.steps, c.mean, color=colors[c.group], label=f"{c.group} (n={n})", lw=1.6)
+        if spread != "none":
+            ax.fill_between(c.steps, c.low, c.high, color=colors[c.group], alpha=0.2, lw=0)
+    for row, tag in enumerate(tags):
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.set_title(f"{panel}: {_TITLES.get(tag, tag)}", fontsize=9)
+            ax.set_xlabel("agent steps", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    spread_text = {"std": "mean ± std", "sem": "mean ± s.e.m.", "minmax": "mean, min-max", "none": "mean"}[spread]
+    fig.suptitle(f"{title} ({spread_text} across seeds)" if title else f"{spread_text} across seeds", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,215 @@
+"""Tables of a study: one row per run (nothing left out) and aggregates per task and group.
+
+Per run (:func:`summarize_run`): final evaluation return (the last evaluation's mean over its games),
+maximum evaluation return (the paper's statistic: the best epoch's mean), the area under the evaluation
+curve as its time-average (:func:`wn_rl.analysis.stats.area_under_curve`) and the mean training return
+over the last 10 % of training. Per (task, group) (:func:`aggregate_rows`): mean and standard deviation
+across seeds, and the interquartile mean with a 95 % bootstrap interval. Across tasks
+(:func:`overall_rows`): IQM of normalised scores with a stratified bootstrap over tasks, as rliable
+reports it: human-normalised for Atari; for other suites each task's scores are divided by the largest
+absolute score any run of the study reached on that task ("study-max normalised"), which makes tasks
+comparable only within the study.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wn_rl.analysis.curves import group_label
+from wn_rl.analysis.runs import RunData, run_progress
+from wn_rl.analysis.stats import area_under_curve, human_normalized_score, interquartile_mean, stratified_bootstrap_ci
+
+__all__ = ["RunSummary", "aggregate_rows", "markdown_table", "overall_rows", "summarize_run", "write_csv"]
+
+EVAL_TAG = "eval/return_mean"
+TRAIN_TAG = "train/episode_return"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The numbers of one run that enter the tables."""
+
+    run: str
+    task: str
+    group: str
+    suite: str
+    seed: int | None
+    lr: float | None
+    agent_steps: int
+    total_agent_steps: int | None
+    evaluations: int
+    final_eval: float
+    max_eval: float
+    auc_eval: float
+    final_train: float
+
+    @property
+    def complete(self) -> bool:
+        return self.total_agent_steps is not None and self.agent_steps >= self.total_agent_steps
+
+
+def _eval_curve(run: RunData) -> tuple[np.ndarray, np.ndarray]:
+    if run.evaluations:
+        steps = np.array([e["agent_step"] for e in run.evaluations], dtype=float)
+        return steps, np.array([e["return_mean"] for e in run.evaluations], dtype=float)
+    return run.curve(EVAL_TAG)
+
+
+def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.name") -> RunSummary:
+    """Final / max / AUC of the evaluation curve and the late training return of one run."""
+    steps, values = _eval_curve(run)
+    train_steps, train_values = run.curve(TRAIN_TAG)
+    late = train_values[train_steps >= 0.9 * train_steps[-1]] if train_steps.size else train_values
+    progress = run_progress(run.run_dir)
+    logged = int(max(steps.max(initial=0), train_steps.max(initial=0)))
+    return RunSummary(
+        run=run.run_dir.name,
+        task=str(run.value(task_key, "?")),
+        group=group_label(run, group_by),
+        suite=str(run.value("env.suite", "")),
+        seed=run.value("run.seed"),
+        lr=run.value("agent.lr"),
+        agent_steps=max(progress, logged),
+        total_agent_steps=run.value("run.total_agent_steps"),
+        evaluations=int(steps.size),
+        final_eval=float(values[-1]) if values.size else math.nan,
+        max_eval=float(values.max()) if values.size else math.nan,
+        auc_eval=area_under_curve(steps, values),
+        final_train=float(late.mean()) if late.size else math.nan,
+    )
+
+
+def _mean_std(x: np.ndarray) -> str:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return "n/a"
+    return f"{x.mean():.3g} ± {x.std(ddof=1):.2g}" if x.size > 1 else f"{x.mean():.3g}"
+
+
+def _iqm_ci(x: np.ndarray, reps: int, seed: int) -> str:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return "n/a"
+    point, low, high = stratified_bootstrap_ci(x[:, None], interquartile_mean, reps=reps, seed=seed)
+    return f"{point:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def aggregate_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    """One row per (task, group): seeds, mean ± std (sample std) and IQM [95 % CI] of the statistics."""
+    keys = list(dict.fromkeys((s.task, s.group) for s in summaries))
+    rows = []
+    for task, group in keys:
+        members = [s for s in summaries if (s.task, s.group) == (task, group)]
+        final = np.array([s.final_eval for s in members])
+        best = np.array([s.max_eval for s in members])
+        auc = np.array([s.auc_eval for s in members])
+        rows.append(
+            {
+                "task": task,
+                "group": group,
+                "runs": str(len(members)),
+                "complete": str(sum(s.complete for s in members)),
+                "final eval (mean ± std)": _mean_std(final),
+                "max eval (mean ± std)": _mean_std(best),
+                "AUC eval (mean ± std)": _mean_std(auc),
+                "IQM final eval [95% CI]": _iqm_ci(final, reps, seed),
+                "IQM AUC [95% CI]": _iqm_ci(auc, reps, seed),
+            }
+        )
+    return rows
+
+
+def _normalizer(task: str, suite: str, summaries: Sequence[RunSummary]) -> tuple[str, callable]:
+    if suite == "atari":
+        return "human-normalised", lambda x: human_normalized_score(task, x)
+    scale = max((abs(s.max_eval) for s in summaries if s.task == task and math.isfinite(s.max_eval)), default=1.0)
+    scale = scale or 1.0
+    return "study-max normalised", lambda x: np.asarray(x, dtype=float) / scale
+
+
+def overall_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    """Per group: IQM over all runs and tasks of normalised final eval and AUC, stratified bootstrap CIs.
+
+    Every task must have the same number of runs per group for the (runs x tasks) matrix; when counts
+    differ, each task keeps its first ``min`` runs by seed (the row says how many).
+    """
+    tasks = list(dict.fromkeys(s.task for s in summaries))
+    if len(tasks) < 2:
+        return []
+    rows = []
+    for group in dict.fromkeys(s.group for s in summaries):
+        per_task = {t: sorted((s for s in summaries if s.group == group and s.task == t), key=_seed_key) for t in tasks}
+        n = min(len(v) for v in per_task.values())
+        if n == 0:
+            continue
+        row = {"group": group, "tasks": str(len(tasks)), "runs per task": str(n)}
+        for label, attribute in (("final eval", "final_eval"), ("AUC eval", "auc_eval")):
+            columns, kind = [], ""
+            for task, members in per_task.items():
+                kind, normalize = _normalizer(task, members[0].suite, summaries)
+                columns.append(normalize(np.array([getattr(s, attribute) for s in members[:n]])))
+            matrix = np.stack(columns, axis=1)
+            if not np.isfinite(matrix).all():
+                row[f"IQM {label}"] = "n/a (unfinished runs)"
+                continue
+            point, low, high = stratified_bootstrap_ci(matrix, interquartile_mean, reps=reps, seed=seed)
+            row[f"IQM {label}, {kind} [95% CI]"] = f"{point:.3f} [{low:.3f}, {high:.3f}]"
+        rows.append(row)
+    return rows
+
+
+def _seed_key(s: RunSummary) -> tuple[int, str]:
+    return (s.seed if isinstance(s.seed, int) else 0, s.run)
+
+
+def run_rows(summaries: Sequence[RunSummary]) -> list[dict[str, str]]:
+    """Every run, formatted for a table."""
+
+    def f(x: float) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
+
+    return [
+        {
+            "task": s.task,
+            "group": s.group,
+            "seed": str(s.seed),
+            "lr": f(s.lr),
+            "agent steps": f"{s.agent_steps:,}" + ("" if s.complete else " (incomplete)"),
+            "evals": str(s.evaluations),
+            "final eval": f(s.final_eval),
+            "max eval": f(s.max_eval),
+            "AUC eval": f(s.auc_eval),
+            "late train": f(s.final_train),
+            "run": s.run,
+        }
+        for s in summaries
+    ]
+
+
+def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+    """A GitHub markdown table (columns from the first row); empty string for no rows."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, str]] | Sequence[RunSummary], path: str | Path) -> Path:
+    """Rows (dicts or :class:`RunSummary`) as CSV with a header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dicts = [asdict(r) if isinstance(r, RunSummary) else r for r in rows]
+    columns = list(dict.fromkeys(k for r in dicts for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(dicts)
+    return path

@@ -1,0 +1,129 @@
+"""Reading finished (or running) runs from disk: config, TensorBoard scalars and evaluation results.
+
+A run directory is what ``scripts/train_dqn.py`` writes (``agents/dqn/runner.py``): ``config.yaml``,
+``tb/`` (TensorBoard event files), ``results.json`` and ``checkpoints/``. Any directory with TensorBoard
+event files and a ``config.yaml`` works, so SB3 runs can be read the same way. Scalars are read with
+TensorBoard's own ``EventAccumulator`` (all points kept, no reservoir sampling); a run that was resumed
+writes a second event file, and points logged twice at the same step keep the newest value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from wn_rl.checkpoint import CheckpointError, latest_checkpoint, read_marker
+
+__all__ = ["RunData", "config_value", "find_run_dirs", "load_run", "read_scalars", "run_progress"]
+
+
+@dataclass
+class RunData:
+    """One run: where it is, its resolved config (nested dict) and its scalar curves."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    "tag -> (steps, values), sorted by step."
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    "``results.json`` epochs (each with agent_step, return_mean, the game scores, ...)."
+
+    def curve(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of ``tag``; empty arrays when the run never logged it."""
+        return self.scalars.get(tag, (np.zeros(0), np.zeros(0)))
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """A config value by dotted key (``network.parameterization``)."""
+        return config_value(self.config, key, default)
+
+
+def config_value(config: dict[str, Any], key: str, default: Any = None) -> Any:
+    """``config_value({"a": {"b": 1}}, "a.b") == 1``; ``default`` when a part is missing."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _event_dirs(run_dir: Path) -> list[Path]:
+    return sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")})
+
+
+def read_scalars(run_dir: str | Path, tags: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar tag (or only ``tags``) of the event files under ``run_dir`` as sorted (steps, values)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    merged: dict[str, dict[int, float]] = {}
+    for directory in _event_dirs(Path(run_dir)):
+        accumulator = EventAccumulator(str(directory), size_guidance={SCALARS: 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()[SCALARS]:
+            if tags is not None and tag not in tags:
+                continue
+            points = merged.setdefault(tag, {})
+            for event in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time):
+                points[int(event.step)] = float(event.value)
+    out = {}
+    for tag, points in merged.items():
+        steps = np.array(sorted(points), dtype=np.int64)
+        out[tag] = (steps, np.array([points[s] for s in steps], dtype=float))
+    return out
+
+
+def load_run(run_dir: str | Path, tags: list[str] | None = None) -> RunData:
+    """Read a run directory. Raises ``FileNotFoundError`` saying what a run directory must contain."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    scalars = read_scalars(run_dir, tags)
+    if not scalars and not config:
+        raise FileNotFoundError(
+            f"{run_dir} holds neither config.yaml nor TensorBoard event files; pass run directories written "
+            "by scripts/train_dqn.py (e.g. runs/dqn/<name>) or their parent"
+        )
+    results_path = run_dir / "results.json"
+    evaluations = json.loads(results_path.read_text()).get("epochs", []) if results_path.is_file() else []
+    return RunData(run_dir, config or {}, scalars, evaluations)
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each path is a run directory or a folder holding them."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} does not exist; expected a run directory or a folder of runs")
+        if (path / "config.yaml").is_file() or (path / "tb").is_dir():
+            found.append(path)
+            continue
+        children = sorted(p.parent for p in path.rglob("config.yaml"))
+        found.extend(children or sorted({d.parent for d in _event_dirs(path)}))
+    if not found:
+        raise FileNotFoundError(f"no run directories (with config.yaml or tb/) under {[str(p) for p in paths]}")
+    return list(dict.fromkeys(found))
+
+
+def run_progress(run_dir: str | Path) -> int:
+    """Agent steps reached by the newest complete checkpoint (0 when there is none).
+
+    The runner writes a final checkpoint when a run ends, so a run is complete exactly when this
+    reaches its ``run.total_agent_steps``.
+    """
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if path is None:
+        return 0
+    try:
+        metadata = read_marker(path).get("metadata", {})
+    except CheckpointError:
+        return 0
+    step = metadata.get("agent_step")
+    return int(step) if isinstance(step, (int, float)) and math.isfinite(step) else 0

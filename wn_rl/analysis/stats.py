@@ -1,0 +1,182 @@
+"""Statistics for RL studies: per-run summaries and aggregates across seeds and tasks.
+
+Per run: the final and maximum evaluation return and the area under the evaluation curve (reported as
+the curve's time-average, so it is in return units and comparable across budgets). Across runs: the
+interquartile mean (IQM, the 25 % trimmed mean) with a stratified-bootstrap percentile confidence
+interval, computed as ``rliable`` computes them (Agarwal et al. 2021, "Deep Reinforcement Learning at
+the Edge of the Statistical Precipice"): runs are resampled with replacement *within* each task, the
+statistic is recomputed on each resample, and the interval is the (alpha/2, 1 - alpha/2) percentile
+of the resampled statistics. Implemented in numpy so that no extra package is needed; the unit tests
+check it on hand-computed cases.
+
+Atari scores are human-normalised with the standard random / human table of the Atari-57 benchmark
+(0 = random play, 1 = professional human tester; the values of DeepMind's DQN Zoo ``atari_data.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ATARI_HUMAN_RANDOM",
+    "area_under_curve",
+    "human_normalized_score",
+    "interquartile_mean",
+    "stratified_bootstrap_ci",
+]
+
+# game: (random score, human score), Atari-57 with up to 30 no-ops and a 108k-frame limit.
+ATARI_HUMAN_RANDOM: dict[str, tuple[float, float]] = {
+    "alien": (227.8, 7127.7),
+    "amidar": (5.8, 1719.5),
+    "assault": (222.4, 742.0),
+    "asterix": (210.0, 8503.3),
+    "asteroids": (719.1, 47388.7),
+    "atlantis": (12850.0, 29028.1),
+    "bank_heist": (14.2, 753.1),
+    "battle_zone": (2360.0, 37187.5),
+    "beam_rider": (363.9, 16926.5),
+    "berzerk": (123.7, 2630.4),
+    "bowling": (23.1, 160.7),
+    "boxing": (0.1, 12.1),
+    "breakout": (1.7, 30.5),
+    "centipede": (2090.9, 12017.0),
+    "chopper_command": (811.0, 7387.8),
+    "crazy_climber": (10780.5, 35829.4),
+    "defender": (2874.5, 18688.9),
+    "demon_attack": (152.1, 1971.0),
+    "double_dunk": (-18.6, -16.4),
+    "enduro": (0.0, 860.5),
+    "fishing_derby": (-91.7, -38.7),
+    "freeway": (0.0, 29.6),
+    "frostbite": (65.2, 4334.7),
+    "gopher": (257.6, 2412.5),
+    "gravitar": (173.0, 3351.4),
+    "hero": (1027.0, 30826.4),
+    "ice_hockey": (-11.2, 0.9),
+    "jamesbond": (29.0, 302.8),
+    "kangaroo": (52.0, 3035.0),
+    "krull": (1598.0, 2665.5),
+    "kung_fu_master": (258.5, 22736.3),
+    "montezuma_revenge": (0.0, 4753.3),
+    "ms_pacman": (307.3, 6951.6),
+    "name_this_game": (2292.3, 8049.0),
+    "phoenix": (761.4, 7242.6),
+    "pitfall": (-229.4, 6463.7),
+    "pong": (-20.7, 14.6),
+    "private_eye": (24.9, 69571.3),
+    "qbert": (163.9, 13455.0),
+    "riverraid": (1338.5, 17118.0),
+    "road_runner": (11.5, 7845.0),
+    "robotank": (2.2, 11.9),
+    "seaquest": (68.4, 42054.7),
+    "skiing": (-17098.1, -4336.9),
+    "solaris": (1236.3, 12326.7),
+    "space_invaders": (148.0, 1668.7),
+    "star_gunner": (664.0, 10250.0),
+    "surround": (-10.0, 6.5),
+    "tennis": (-23.8, -8.3),
+    "time_pilot": (3568.0, 5229.2),
+    "tutankham": (11.4, 167.6),
+    "up_n_down": (533.4, 11693.2),
+    "venture": (0.0, 1187.5),
+    "video_pinball": (16256.9, 17667.9),
+    "wizard_of_wor": (563.5, 4756.5),
+    "yars_revenge": (3092.9, 54576.9),
+    "zaxxon": (32.5, 9173.3),
+}
+
+
+def _atari_key(game: str) -> str:
+    """``SpaceInvaders``, ``space-invaders``, ``ALE/SpaceInvaders-v5`` -> ``space_invaders``."""
+    name = game.split("/")[-1]
+    name = name.split("-v")[0].replace("NoFrameskip", "").replace("-", "_")
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i > 0 and name[i - 1] != "_" and not name[i - 1].isupper():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+def human_normalized_score(game: str, score: float | np.ndarray) -> float | np.ndarray:
+    """``(score - random) / (human - random)`` for an Atari-57 game (any common spelling of its name).
+
+    Raises ``KeyError`` naming the valid games for a game outside Atari-57 (e.g. a MinAtar game, which
+    has no human reference).
+    """
+    key = _atari_key(game)
+    if key not in ATARI_HUMAN_RANDOM:
+        raise KeyError(
+            f"no human/random reference scores for {game!r} (read as {key!r}); human-normalised scores exist "
+            f"only for the Atari-57 games: {', '.join(sorted(ATARI_HUMAN_RANDOM))}"
+        )
+    random_score, human_score = ATARI_HUMAN_RANDOM[key]
+    return (np.asarray(score, dtype=float) - random_score) / (human_score - random_score)
+
+
+def interquartile_mean(scores: np.ndarray | Sequence[float]) -> float:
+    """Mean of the middle 50 % of all values (``scipy.stats.trim_mean(x, 0.25, axis=None)``).
+
+    ``floor(0.25 n)`` values are cut from each end of the sorted values, as scipy (and so rliable) does.
+    """
+    x = np.sort(np.asarray(scores, dtype=float).ravel())
+    if x.size == 0:
+        raise ValueError("interquartile_mean of no scores: expected at least one value")
+    cut = int(0.25 * x.size)
+    return float(x[cut : x.size - cut].mean())
+
+
+def stratified_bootstrap_ci(
+    scores: np.ndarray,
+    statistic: Callable[[np.ndarray], float] = interquartile_mean,
+    *,
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(point, low, high)``: the statistic and its stratified-bootstrap percentile interval.
+
+    ``scores`` is ``(num_runs, num_tasks)``, as in rliable. Each replicate draws ``num_runs`` runs with
+    replacement independently in every task column (the stratification), so every task keeps its weight.
+    With one run the interval collapses to the point. NaN entries are not allowed.
+    """
+    x = np.asarray(scores, dtype=float)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"scores must be (num_runs, num_tasks) with at least one value, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("scores contain NaN or inf: drop or fill unfinished runs before bootstrapping")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
+    point = float(statistic(x))
+    n_runs, n_tasks = x.shape
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_runs, size=(reps, n_runs, n_tasks))
+    resampled = np.take_along_axis(np.broadcast_to(x, (reps, n_runs, n_tasks)), idx, axis=1)
+    values = np.array([statistic(r) for r in resampled])
+    alpha = 1.0 - confidence
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return point, float(low), float(high)
+
+
+def area_under_curve(steps: np.ndarray | Sequence[float], values: np.ndarray | Sequence[float]) -> float:
+    """Trapezoidal area under ``values(steps)`` divided by the step span: the curve's time-average.
+
+    A run that learns faster has a larger value at equal final return; the unit is the return's.
+    A single point gives that point; no points gives NaN.
+    """
+    x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"steps and values differ in shape: {x.shape} vs {y.shape}")
+    if x.size == 0:
+        return math.nan
+    if x.size == 1 or x[-1] == x[0]:
+        return float(y.mean())
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0) / (x[-1] - x[0]))
