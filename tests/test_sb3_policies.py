@@ -237,3 +237,20 @@ def test_model_and_policy_save_load_round_trip_every_tensor_exactly(case, tmp_pa
         for key, tensor in state.items():
             assert other[key].dtype == tensor.dtype and torch.equal(other[key], tensor), key
     assert wn_rl.is_initialized(loaded.policy)
+
+
+def test_inference_weight_cache_follows_updates_and_never_blocks_gradients():
+    model = DQN(WnMlpPolicy, "CartPole-v1")
+    q_net, first = model.policy.q_net, model.policy.q_net.q_net[0]
+    obs = torch.randn(8, 4)
+    with torch.no_grad():
+        before = q_net(obs)
+        first.g.mul_(2.0)  # an in-place update, as an optimizer step or a Polyak update makes
+        after = q_net(obs)
+    q_net._release_weight_cache()
+    with torch.no_grad():
+        fresh = q_net(obs)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+    q_net(obs).sum().backward()
+    assert first.g.grad is not None and first.v.grad is not None and first.v.grad.abs().sum() > 0

@@ -9,12 +9,15 @@ recomputed from g and v on every forward pass.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
+import torch
 from stable_baselines3.common.torch_layers import FlattenExtractor
 
+from wn_rl.layers import cached
 from wn_rl.parameterization import Parameterization
 from wn_rl.sb3.torch_layers import (
     check_image_space,
@@ -24,7 +27,7 @@ from wn_rl.sb3.torch_layers import (
     uses_nature_layout,
 )
 
-__all__ = ["WnPolicyOptions"]
+__all__ = ["InferenceWeightCache", "WnPolicyOptions", "default_net_arch"]
 
 ParameterizationLike = str | Parameterization
 
@@ -90,3 +93,39 @@ def default_net_arch(
     if net_arch is not None:
         return net_arch
     return nature if uses_nature_layout(features_extractor_class) else other
+
+
+class InferenceWeightCache:
+    """Reuse the effective weights w = g v / ||v|| across no-grad forward passes (acting, target
+    networks) for as long as the parameters are unchanged, instead of recomputing them every step.
+
+    :meth:`_use_weight_cache` is called at the start of each forward entry point: with gradients
+    enabled it drops the cache (training must see fresh weights that gradients flow through); without
+    gradients it keeps a :func:`wn_rl.cached` context open, keyed by every parameter's identity and
+    in-place version counter, so an optimizer step, a Polyak update or ``load_state_dict`` invalidates it.
+    """
+
+    _weight_cache: contextlib.ExitStack | None = None
+    _weight_cache_key: tuple[tuple[int, int], ...] | None = None
+
+    def _release_weight_cache(self) -> None:
+        stack, self._weight_cache, self._weight_cache_key = self._weight_cache, None, None
+        if stack is not None:
+            stack.close()
+
+    def _use_weight_cache(self) -> None:
+        if torch.is_grad_enabled():
+            self._release_weight_cache()
+            return
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if key != self._weight_cache_key:
+            self._release_weight_cache()
+            stack = contextlib.ExitStack()
+            stack.enter_context(cached(self))
+            self._weight_cache, self._weight_cache_key = stack, key
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_weight_cache"] = None
+        state["_weight_cache_key"] = None
+        return state

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch as th
 from gymnasium import spaces
 from sb3_contrib.qrdqn.policies import QRDQNPolicy, QuantileNetwork
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
@@ -20,7 +21,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
 
-from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
+from wn_rl.sb3.common import InferenceWeightCache, ParameterizationLike, WnPolicyOptions, default_net_arch
 from wn_rl.sb3.torch_layers import WnNatureCNN, head_mlp
 
 __all__ = [
@@ -37,9 +38,10 @@ __all__ = [
 _PARTS = ("features", "hidden", "q")
 
 
-class WnQNetwork(QNetwork):
+class WnQNetwork(InferenceWeightCache, QNetwork):
     """SB3's ``QNetwork`` whose MLP head (``q_net``) is built in ``parameterization``; the output
-    layer has no norm and ``init_scales["q"]`` as its init scale."""
+    layer has no norm and ``init_scales["q"]`` as its init scale. No-grad forwards (acting, target
+    values) reuse the effective weights until the parameters change (:class:`InferenceWeightCache`)."""
 
     def __init__(
         self,
@@ -61,13 +63,17 @@ class WnQNetwork(QNetwork):
             output_scale=self.init_scales["q"],
         )
 
+    def forward(self, obs: Any) -> th.Tensor:
+        self._use_weight_cache()
+        return super().forward(obs)
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(parameterization=self.parameterization, init_scales=self.init_scales)
         return data
 
 
-class WnQuantileNetwork(QuantileNetwork):
+class WnQuantileNetwork(InferenceWeightCache, QuantileNetwork):
     """sb3-contrib's ``QuantileNetwork`` whose MLP (``quantile_net``) is built in ``parameterization``."""
 
     def __init__(
@@ -89,6 +95,10 @@ class WnQuantileNetwork(QuantileNetwork):
             hidden_scale=self.init_scales["hidden"],
             output_scale=self.init_scales["q"],
         )
+
+    def forward(self, obs: Any) -> th.Tensor:
+        self._use_weight_cache()
+        return super().forward(obs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

@@ -1,0 +1,112 @@
+"""SB3 DQN steps per second with WnCnnPolicy against SB3's CnnPolicy on the same Atari game, measured
+side by side in one run: both models train in interleaved rounds (order alternating A-B, B-A, ...),
+so machine load hits both alike, and the script prints the per-round rates and the ratio.
+
+    python scripts/bench_sb3_policies.py --env BreakoutNoFrameskip-v4 --rounds 5 --steps 2000 --threads 1
+
+Both models: batch 32, one update every 4 agent steps, replay 10k, epsilon fixed at 0.05 (so 95% of
+steps run the network, as after DQN's exploration phase), updates running from the first timed step.
+The WN model is initialised by DataDependentInitCallback (section 3) during the untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from stable_baselines3 import DQN
+from stable_baselines3.common.env_util import make_atari_env
+from stable_baselines3.common.vec_env import VecFrameStack
+
+from wn_rl.sb3 import DataDependentInitCallback, WnCnnPolicy
+from wn_rl.sb3.envs import register_envs
+
+POLICIES: dict[str, Any] = {"CnnPolicy": "CnnPolicy", "WnCnnPolicy": WnCnnPolicy}
+
+
+def build(policy: Any, env_id: str, warmup: int, seed: int) -> DQN:
+    register_envs()
+    env = VecFrameStack(make_atari_env(env_id, n_envs=1, seed=seed), n_stack=4)
+    return DQN(
+        policy,
+        env,
+        buffer_size=10_000,
+        learning_starts=warmup,
+        batch_size=32,
+        train_freq=4,
+        gradient_steps=1,
+        target_update_interval=1000,
+        exploration_initial_eps=0.05,
+        exploration_final_eps=0.05,
+        optimize_memory_usage=False,
+        seed=seed,
+        verbose=0,
+    )
+
+
+def timed_learn(model: DQN, steps: int) -> float:
+    """Steps per second of ``model.learn(steps)`` (continuing the step counter)."""
+    start = time.perf_counter()
+    model.learn(steps, reset_num_timesteps=False)
+    return steps / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="BreakoutNoFrameskip-v4", help="an Atari *NoFrameskip-v4 id")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per policy")
+    parser.add_argument("--steps", type=int, default=2000, help="agent steps per round")
+    parser.add_argument("--warmup", type=int, default=1000, help="untimed agent steps before the first update")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 4 or args.warmup < 256:
+        parser.error("need --rounds >= 1, --steps >= 4 and --warmup >= 256 (the init batch comes from the replay)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {name: build(policy, args.env, args.warmup, args.seed) for name, policy in POLICIES.items()}
+    for name, model in models.items():  # untimed: fill the replay buffer, initialise, first updates
+        callback = DataDependentInitCallback(n_samples=256) if name == "WnCnnPolicy" else None
+        model.learn(args.warmup + 200, callback=callback)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    print(f"{args.env}: DQN steps/s, {args.steps} agent steps per round, torch threads {torch.get_num_threads()}")
+    for round_index in range(args.rounds):
+        order = list(models) if round_index % 2 == 0 else list(reversed(models))
+        for name in order:
+            rates[name].append(timed_learn(models[name], args.steps))
+        ratio = rates["WnCnnPolicy"][-1] / rates["CnnPolicy"][-1]
+        print(
+            f"round {round_index + 1}: CnnPolicy {rates['CnnPolicy'][-1]:6.1f}  WnCnnPolicy "
+            f"{rates['WnCnnPolicy'][-1]:6.1f}  ratio {ratio:.3f}",
+            flush=True,
+        )
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    ratios = [w / c for w, c in zip(rates["WnCnnPolicy"], rates["CnnPolicy"], strict=True)]
+    result = {
+        "env": args.env,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
+        "steps_per_second": rates,
+        "median_steps_per_second": medians,
+        "median_ratio_wn_over_plain": statistics.median(ratios),
+        "ratio_of_medians": medians["WnCnnPolicy"] / medians["CnnPolicy"],
+    }
+    print(
+        f"median: CnnPolicy {medians['CnnPolicy']:.1f}  WnCnnPolicy {medians['WnCnnPolicy']:.1f} steps/s; "
+        f"median per-round ratio WnCnnPolicy / CnnPolicy = {result['median_ratio_wn_over_plain']:.3f}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
