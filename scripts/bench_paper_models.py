@@ -7,6 +7,7 @@ noticeably slower).
 """
 
 import argparse
+import os
 import platform
 
 import torch
@@ -28,7 +29,8 @@ if __name__ == "__main__":
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
-        f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, interleaved"
+        f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, interleaved; "
+        f"load average before {os.getloadavg()[0]:.2f}"
     )
     times = time_training_steps(
         args.parameterizations,
@@ -39,3 +41,4 @@ if __name__ == "__main__":
         widths=tuple(args.widths),
     )
     print(format_step_times(times))
+    print(f"load average after {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cores)")

@@ -1,0 +1,235 @@
+"""The Table 1 network: layer shapes, parameter count, identical starts across parameterizations,
+training in every parameterization, section 5.1's schedule and the scripts end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wn_rl
+from wn_rl.config import ConfigError, load_config
+from wn_rl.models.cifar import cifar_network, cifar_schedule
+from wn_rl.models.cifar_experiment import CifarConfig
+from wn_rl.models.comparison import FIVE, CompareConfig
+from wn_rl.models.training import copy_directions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _output_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    shapes = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
+        for m in model
+        if isinstance(m, (nn.LeakyReLU, nn.MaxPool2d, nn.Flatten)) or m is model[-1]
+    ]
+    model.eval()
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("parameterization", FIVE)
+def test_table1_layer_shapes(parameterization):
+    shapes = _output_shapes(cifar_network(parameterization), torch.zeros(2, 3, 32, 32))
+    expected = [(96, 32, 32)] * 3 + [(96, 16, 16)] + [(192, 16, 16)] * 3 + [(192, 8, 8)]
+    expected += [(192, 6, 6)] * 3 + [(192,), (10,)]
+    assert shapes == expected
+
+
+def _table1_parameter_count(weight_norm: bool, norm: str | None) -> int:
+    convs = [(3, 96, 3), (96, 96, 3), (96, 96, 3), (96, 192, 3), (192, 192, 3), (192, 192, 3)]
+    convs += [(192, 192, 3), (192, 192, 1), (192, 192, 1)]
+    total = sum(n_in * n_out * k * k for n_in, n_out, k in convs) + 192 * 10 + 10  # weights, dense bias
+    units = sum(n_out for _, n_out, _ in convs)
+    total += {None: units, "batch_norm": 2 * units, "mean_only_bn": units}[norm]  # conv bias or norm affine
+    if weight_norm:
+        total += units + 10  # one g per output unit, the dense head included
+    return total
+
+
+@pytest.mark.parametrize("parameterization", FIVE)
+def test_table1_parameter_count(parameterization):
+    p = wn_rl.Parameterization.get(parameterization)
+    count = sum(t.numel() for t in cifar_network(parameterization).parameters())
+    assert count == _table1_parameter_count(p.weight_norm, p.norm)
+    if parameterization == "normal":
+        assert count == 1_406_794
+
+
+def test_all_parameterizations_start_from_the_same_function():
+    """Section 5.1: identical initial parameters; after data-dependent init on one batch every
+    parameterization computes the same function (eval mode)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    reference = cifar_network("normal", widths=(8, 16))
+    outputs = {}
+    for name in FIVE:
+        model = cifar_network(name, widths=(8, 16))
+        copy_directions(reference, model)
+        wn_rl.data_dependent_init(model, x)
+        outputs[name] = model.eval()(x)
+    for name in FIVE[1:]:
+        torch.testing.assert_close(outputs[name], outputs["normal"], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("parameterization", FIVE)
+def test_every_parameterization_trains(parameterization):
+    torch.manual_seed(0)
+    templates = torch.randn(10, 3, 16, 16)
+    y = torch.arange(40) % 10
+    x = templates[y] + 0.5 * torch.randn(40, 3, 16, 16)
+    # Without dropout and input noise the loss on the batch is deterministic; it is measured in
+    # training mode (batch statistics), since a running mean lags far behind after only 20 steps.
+    model = cifar_network(parameterization, widths=(8, 16), dropout=0.0, noise_std=0.0)
+    wn_rl.data_dependent_init(model, x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def batch_loss() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+
+    before = batch_loss()
+    for _ in range(20):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = batch_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_schedule_of_section_5_1():
+    kwargs = {"lr": 0.003, "epochs": 200, "decay_start": 100, "beta1": 0.9, "beta1_late": 0.5}
+    assert cifar_schedule(0, **kwargs) == (0.003, 0.9)
+    assert cifar_schedule(99.99, **kwargs) == (0.003, 0.9)
+    assert cifar_schedule(100, **kwargs) == (0.003, 0.5)
+    lr, beta1 = cifar_schedule(150, **kwargs)
+    assert lr == pytest.approx(0.0015) and beta1 == 0.5
+    assert cifar_schedule(200, **kwargs)[0] == 0.0
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="parameterization"):
+        load_config(CifarConfig, data={"parameterization": "weightnorm"})
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_config(CifarConfig, data={"epoch": 3})
+    with pytest.raises(ConfigError, match="decay_start"):
+        load_config(CifarConfig, data={"epochs": 10, "decay_start": 20})
+    with pytest.raises(ConfigError, match="learning_rates"):
+        load_config(CompareConfig, data={"learning_rates": {"normal": 0.001}})
+
+
+def test_paper_configs_load():
+    from wn_rl.models.generative_experiment import GenerativeConfig
+
+    config = load_config(CifarConfig, REPO / "configs/paper/cifar10.yaml")
+    assert (config.lr, config.epochs, config.batch_size, config.noise_std) == (0.003, 200, 100, 0.15)
+    compare = load_config(CompareConfig, REPO / "configs/paper/compare_parameterizations.yaml")
+    assert compare.parameterizations == FIVE and compare.learning_rates["normal"] == 0.0003
+    for name in ("vae_mnist", "vae_cifar10", "draw_mnist"):
+        assert load_config(GenerativeConfig, REPO / f"configs/paper/{name}.yaml").lr > 0
+    listed = {p.name for p in (REPO / "configs/paper").glob("*.yaml")}
+    assert listed == {
+        "cifar10.yaml",
+        "compare_parameterizations.yaml",
+        "vae_mnist.yaml",
+        "vae_cifar10.yaml",
+        "draw_mnist.yaml",
+    }
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_train_cifar_script_end_to_end(tmp_path):
+    from wn_rl.data.synthetic import write_cifar10
+
+    write_cifar10(tmp_path / "data", n_train=60, n_test=20)
+    out = _run(
+        [
+            str(REPO / "scripts/train_cifar.py"),
+            "--config",
+            str(REPO / "configs/paper/cifar10.yaml"),
+            f"data_dir={tmp_path / 'data'}",
+            "epochs=2",
+            "decay_start=1",
+            "widths=[4,8]",
+            "batch_size=20",
+            "init_batch_size=40",
+            "zca=false",
+            f"log_dir={tmp_path / 'runs'}",
+            f"checkpoint_dir={tmp_path / 'ck'}",
+        ],
+        tmp_path,
+    )
+    assert "final test error" in out
+    events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"train/error", "test/error", "perf/seconds_per_step"} <= set(accumulator.Tags()["scalars"])
+    checkpoint = torch.load(next((tmp_path / "ck").glob("*.pt")), weights_only=False)
+    assert checkpoint["config"]["epochs"] == 2 and len(checkpoint["curves"]["test_error"]) == 2
+    model = cifar_network("weight_norm", widths=(4, 8))
+    model.load_state_dict(checkpoint["model"])
+    assert wn_rl.is_initialized(model)
+
+
+def test_missing_dataset_fails_before_training(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/train_cifar.py"),
+            "--config",
+            str(REPO / "configs/paper/cifar10.yaml"),
+            f"data_dir={tmp_path}",
+            "log_dir=",
+            "checkpoint_dir=",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "DatasetNotFoundError" in done.stderr and "--download" in done.stderr
+
+
+def test_compare_parameterizations_writes_figure_and_table(tmp_path):
+    from wn_rl.data.synthetic import write_cifar10
+
+    write_cifar10(tmp_path / "data", n_train=40, n_test=20)
+    out = _run(
+        [
+            str(REPO / "scripts/compare_parameterizations.py"),
+            f"cifar.data_dir={tmp_path / 'data'}",
+            "cifar.epochs=1",
+            "cifar.decay_start=1",
+            "cifar.widths=[4,8]",
+            "cifar.batch_size=20",
+            "cifar.init_batch_size=40",
+            "cifar.zca=false",
+            "cifar.log_dir=",
+            "cifar.checkpoint_dir=",
+            "parameterizations=[normal, weight_norm, weight_norm+mean_only_bn]",
+            f"out_dir={tmp_path / 'out'}",
+        ],
+        REPO,
+    )
+    assert "| weight_norm+mean_only_bn | 0.003 |" in out
+    png = (tmp_path / "out" / "figure1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["results"]) == {"normal", "weight_norm", "weight_norm+mean_only_bn"}
