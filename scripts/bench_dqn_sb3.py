@@ -167,7 +167,7 @@ def build_sb3(suite: str, game: str, s: dict, total: int, seed: int):
         policy_kwargs=kwargs,
         seed=seed,
         verbose=0,
-        device="cpu",
+        device="auto",
         **extra,
     )
 

@@ -101,6 +101,26 @@ def test_minatar_run_initialises_every_parameterization_from_data(tmp_path, para
     scalars = _scalars(tmp_path / "run")
     assert "train/loss" in scalars and "eval/return_mean" in scalars
     assert any(t.startswith("ddi/") for t in scalars)
+    if parameterization == "normal":  # scripts/evaluate.py scores the saved agent and writes a GIF
+        gif = tmp_path / "agent.gif"
+        cmd = [
+            sys.executable,
+            "scripts/evaluate.py",
+            str(tmp_path / "run"),
+            "--games",
+            "2",
+            "--video",
+            str(gif),
+            "--video-steps",
+            "50",
+            "--device",
+            "cpu",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(proc.stdout)
+        assert result["games"] == 2 and result["agent_step"] == 600 and result["video_frames"] > 1
+        assert gif.read_bytes()[:6] == b"GIF89a"
 
 
 def test_minatar_resume_continues_counters_and_refuses_a_changed_config(tmp_path):

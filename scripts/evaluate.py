@@ -1,0 +1,109 @@
+"""Score a saved DQN agent: ``python scripts/evaluate.py RUN_DIR [--games 30] [--video agent.gif]``.
+
+Loads the run's ``config.yaml`` and its newest complete checkpoint, plays complete games with the
+run's evaluation settings (epsilon 0.05, the play-time limit) and prints the scores as JSON.
+``--video`` writes a GIF (or an MP4 when imageio with ffmpeg is installed) of env 0 playing: the
+network's own 84x84 grayscale input for Atari, the channels for MinAtar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.dqn.config import load_dqn_config
+from agents.dqn.envs import make_env
+from agents.dqn.evaluation import evaluate, select_actions
+from agents.dqn.networks import build_q_network
+from agents.dqn.runner import pick_device
+from wn_rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+
+def _frame_image(obs: np.ndarray, suite: str) -> np.ndarray:
+    """One uint8 image for env 0's observation."""
+    if suite == "atari":
+        return obs[0, -1]
+    if suite == "minatar":
+        channels = obs[0].astype(np.int64)
+        return (channels * np.arange(1, channels.shape[0] + 1)[:, None, None]).max(0).astype(np.uint8) * (
+            255 // channels.shape[0]
+        )
+    raise ValueError("--video needs image observations (Atari or MinAtar)")
+
+
+def record_video(q_network, env, epsilon: float, path: Path, max_steps: int, device) -> int:
+    """Play env 0 until its first game ends (or ``max_steps``) and write the frames to ``path``."""
+    obs = env.reset(seed=12345)
+    frames = [_frame_image(obs, env.spec.suite)]
+    q_network.eval()
+    for _ in range(max_steps):
+        actions = select_actions(q_network, torch.from_numpy(obs).to(device), epsilon, env.spec.n_actions)
+        step = env.step(actions.cpu().numpy())
+        obs = step.obs
+        frames.append(_frame_image(obs, env.spec.suite))
+        if step.terminated[0] or step.truncated[0]:
+            break
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio.v2 as imageio
+        except ImportError:
+            raise SystemExit("writing MP4 needs `pip install imageio imageio-ffmpeg`; or use a .gif path") from None
+        imageio.mimwrite(path, frames, fps=15)
+    else:
+        from PIL import Image
+
+        scale = 4 if env.spec.suite == "atari" else 24
+        images = [Image.fromarray(f).resize((f.shape[1] * scale // 2, f.shape[0] * scale // 2)) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=66, loop=0)
+    return len(frames)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory written by scripts/train_dqn.py")
+    parser.add_argument("--games", type=int, default=None, help="complete games (default: the run's eval.games)")
+    parser.add_argument("--epsilon", type=float, default=None, help="exploration (default: the run's eval.epsilon)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--video", type=Path, default=None, help="write a .gif or .mp4 of env 0 playing")
+    parser.add_argument("--video-steps", type=int, default=5000, help="at most this many agent steps in the video")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        print(f"error: {run_dir} has no config.yaml; pass a directory written by scripts/train_dqn.py", file=sys.stderr)
+        return 2
+    config = load_dqn_config(str(run_dir / "config.yaml"))
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        print(f"error: {run_dir / 'checkpoints'} holds no complete checkpoint", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    try:
+        state = load_checkpoint(path, map_location=device)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    v, e = config.eval, config.env
+    limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
+    env = make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
+    q_network = build_q_network(config.network, env.spec).to(device)
+    q_network.load_state_dict(state["learner"]["q_network"])
+    epsilon = v.epsilon if args.epsilon is None else args.epsilon
+    result = evaluate(q_network, env, args.games or v.games, epsilon, seed=2**20, device=device)
+    result.update(checkpoint=str(path), agent_step=state["counters"]["agent_step"], epsilon=epsilon)
+    if args.video is not None:
+        video_env = make_env(e, evaluation=True, num_envs=1, eval_limit=limit)
+        result["video"] = str(args.video)
+        result["video_frames"] = record_video(q_network, video_env, epsilon, args.video, args.video_steps, device)
+        video_env.close()
+    env.close()
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
