@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     if todo and not args.analyze_only:
         failed = _execute(study, todo, args)
-    paths = analyze_study(study, specs)
+    try:
+        paths = analyze_study(study, specs)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 1 if failed else 0

@@ -1,0 +1,120 @@
+"""Studies: every shipped study config plans, bad configs fail early, a tiny CartPole study runs
+(locally and on a local Ray instance), resumes by skipping complete runs, and writes its report."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from wn_rl.analysis.study import StudyConfig, expand_grid, load_study_config, plan_runs
+from wn_rl.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = sorted((REPO / "configs" / "studies").glob("*.yaml"))
+TINY = "overrides=[run.total_agent_steps=1200, eval.every_agent_steps=600, eval.games=2, run.log_every_agent_steps=300]"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"wn_rl_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study_script = _load_script("study")
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_config_plans(path: Path) -> None:
+    study = load_study_config(path)
+    specs = plan_runs(study)
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)) == len(expand_grid(study.grid))
+    assert all(s.run_dir == study.study_dir / s.name for s in specs)
+
+
+def test_grid_expands_in_written_order() -> None:
+    points = expand_grid({"a": (1, 2), "b": ("x", "y", "z")})
+    assert len(points) == 6 and points[0] == {"a": 1, "b": "x"} and points[1] == {"a": 1, "b": "y"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["max_paralel=2"], "did you mean 'max_parallel'"),
+        (["grid={run.seed: []}"], "non-empty list"),
+        (["grid={run.seed: [0, 0]}"], "without repeats"),
+        (["max_parallel=0"], "at least 1"),
+        (["grid={agent.lr: [-1.0]}"], "lr--1: .*agent.lr=-1.0 is invalid"),
+        (["grid={agent.lrr: [0.1]}"], "did you mean 'lr'"),
+        (["train_script=nowhere/train.py"], "repository root"),
+    ],
+)
+def test_bad_study_configs_fail_before_any_run(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        plan_runs(load_study_config(REPO / "configs/studies/smoke_cartpole.yaml", overrides))
+
+
+def test_empty_grid_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="at least one key"):
+        StudyConfig(name="x", base_config="configs/dqn/cartpole.yaml", grid={})
+
+
+def test_tiny_study_runs_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", TINY, "--jobs", "2"]
+    assert study_script.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 0 complete, 4 to run" in out and out.count(": ok in") == 4
+    study_dir = tmp_path / "smoke_cartpole"
+    with (study_dir / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["group"] for r in rows} == {"normal", "weight_norm"}
+    assert all(int(r["agent_steps"]) >= 1200 and int(r["evaluations"]) == 2 for r in rows)
+    assert all(float(r["final_eval"]) > 0 for r in rows)  # CartPole returns are positive
+    summary = (study_dir / "summary.md").read_text()
+    assert "4 of 4 runs have data" in summary and summary.count("| CartPole-v1 |") == 2 + 4
+    assert (study_dir / "curves.png").stat().st_size > 10_000
+    assert (study_dir / "logs" / "parameterization-normal__seed-0.log").is_file()
+    # running the same command again runs nothing
+    assert study_script.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 complete, 0 to run" in out and ": ok in" not in out
+    # a larger budget makes every run incomplete, to be continued from its checkpoint
+    longer = TINY.replace("total_agent_steps=1200", "total_agent_steps=2400")
+    assert study_script.main([args[0], args[1], longer, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "0 complete, 4 to run" in out and out.count("at 1,200 of 2,400 steps") == 4
+
+
+def test_failed_runs_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    failing = tmp_path / "fail.py"
+    failing.write_text("import sys\nprint('boom')\nsys.exit(3)\n")
+    args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", f"train_script={failing}", TINY]
+    assert study_script.main([*args, "grid={run.seed: [0]}"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED (exit 3" in captured.out and "boom" in captured.err
+
+
+def test_tiny_study_on_local_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install -e '.[study]' to test --backend ray")
+    os.environ.setdefault("RAY_ACCEPT_EXPERIMENTAL_DEPS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        grid = "grid={network.parameterization: [normal, weight_norm], run.seed: [0]}"
+        args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", TINY, grid, "--backend", "ray"]
+        assert study_script.main(args) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    assert "2 runs, 0 complete, 2 to run" in out and out.count(": ok in") == 2
+    with (tmp_path / "smoke_cartpole" / "runs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2
