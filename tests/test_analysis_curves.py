@@ -11,7 +11,7 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from wn_rl.analysis.curves import aggregate_curve, group_runs, smooth
+from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth
 from wn_rl.analysis.report import aggregate_rows, overall_rows, summarize_run
 from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars
 
@@ -138,3 +138,10 @@ def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     write_run(tmp_path / "runs", "a", "normal", 0, "breakout", {500: 1.0})
     assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "x.png"), "--tags", "nope"]) == 2
     assert "none of the 1 runs logged" in capsys.readouterr().err
+
+
+def test_sweep_figure(study_dir: Path, tmp_path: Path) -> None:
+    runs = [load_run(d) for d in find_run_dirs([study_dir])]
+    summaries = [summarize_run(r, ["network.parameterization"]) for r in runs]
+    out = plot_sweep(runs, summaries, "agent.lr", ["network.parameterization"], tmp_path / "sweep.png", title="t")
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000

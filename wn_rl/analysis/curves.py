@@ -13,15 +13,25 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from wn_rl.analysis.runs import RunData
 
-__all__ = ["Curve", "aggregate_curve", "group_runs", "group_label", "plot_curves", "smooth", "write_curves_csv"]
+__all__ = [
+    "Curve",
+    "aggregate_curve",
+    "group_label",
+    "group_runs",
+    "plot_curves",
+    "plot_sweep",
+    "smooth",
+    "write_curves_csv",
+]
 
 Spread = Literal["std", "sem", "minmax", "none"]
+RunSummaryLike = Any  # wn_rl.analysis.report.RunSummary (imported there from here)
 SPREADS = ("std", "sem", "minmax", "none")
 
 
@@ -160,6 +170,54 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "", s
                 ax.legend(fontsize=7)
     spread_text = {"std": "mean ± std", "sem": "mean ± s.e.m.", "minmax": "mean, min-max", "none": "mean"}[spread]
     fig.suptitle(f"{title} ({spread_text} across seeds)" if title else f"{spread_text} across seeds", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(
+    runs: Sequence[RunData],
+    summaries: Sequence[RunSummaryLike],
+    sweep_key: str,
+    group_by: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Final and area-under-curve evaluation return against a swept config value (log x for positive
+    numbers), one line per group with mean ± std across seeds and every run as a dot: the paper's
+    learning-rate robustness question (section 2.1) as a figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    groups = list(dict.fromkeys(group_label(r, group_by) for r in runs))
+    for i, group in enumerate(groups):
+        color = plt.get_cmap("tab10")(i % 10)
+        members = [(r.value(sweep_key), s) for r, s in zip(runs, summaries, strict=True) if s.group == group]
+        xs = sorted({x for x, _ in members})
+        for ax, attribute in zip(axes, ("final_eval", "auc_eval"), strict=True):
+            per_x = [np.array([getattr(s, attribute) for x, s in members if x == value]) for value in xs]
+            means = np.array([np.nanmean(v) for v in per_x])
+            stds = np.array([np.nanstd(v) for v in per_x])
+            ax.errorbar(xs, means, yerr=stds, color=color, marker="o", capsize=3, label=group)
+            for value, v in zip(xs, per_x, strict=True):
+                ax.scatter([value] * v.size, v, color=color, s=8, alpha=0.4)
+    numeric = all(isinstance(r.value(sweep_key), (int, float)) and r.value(sweep_key) > 0 for r in runs)
+    for ax, name in zip(axes, ("final evaluation return", "evaluation return, area under curve / steps"), strict=True):
+        if numeric:
+            ax.set_xscale("log")
+        ax.set_xlabel(sweep_key, fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{title} (mean ± std across seeds; dots: runs)" if title else "mean ± std across seeds", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

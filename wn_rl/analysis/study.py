@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from wn_rl.analysis.curves import collect_curves, group_runs, plot_curves, write_curves_csv
+from wn_rl.analysis.curves import collect_curves, group_runs, plot_curves, plot_sweep, write_curves_csv
 from wn_rl.analysis.report import (
     aggregate_rows,
     markdown_table,
@@ -72,6 +72,8 @@ class StudyConfig:
     "config keys whose values form the compared groups (lines in the figure)."
     task_key: str = "env.name"
     "config key that names the task (a panel in the figure, a stratum in the bootstrap)."
+    sweep_key: str | None = None
+    "a swept config key (e.g. agent.lr): also draw sweep.png, final and AUC eval return against it."
     curve_tags: tuple[str, ...] = ("train/episode_return", "eval/return_mean")
     "TensorBoard tags drawn (one row of panels each)."
     train_smoothing: int = 5
@@ -185,7 +187,8 @@ def analyze_study(study: StudyConfig, specs: list[RunSpec] | None = None) -> dic
     """Figure, CSVs and a markdown report from every run of the study that has written anything.
 
     Returns the paths written: ``curves.png``, ``curves.csv``, ``runs.csv``, ``aggregate.csv`` and
-    ``summary.md`` (every run's row, then the aggregates) in :attr:`StudyConfig.report_dir`.
+    ``summary.md`` (the aggregates, then every run's row) in :attr:`StudyConfig.report_dir`, and
+    ``sweep.png`` when the study has a ``sweep_key``.
     """
     specs = plan_runs(study) if specs is None else specs
     runs: list[RunData] = [load_run(s.run_dir) for s in specs if (s.run_dir / "config.yaml").is_file()]
@@ -205,6 +208,9 @@ def analyze_study(study: StudyConfig, specs: list[RunSpec] | None = None) -> dic
         "runs_csv": write_csv(summaries, out / "runs.csv"),
         "aggregate_csv": write_csv(aggregate, out / "aggregate.csv"),
     }
+    if study.sweep_key:
+        sweep_path = out / "sweep.png"
+        paths["sweep"] = plot_sweep(runs, summaries, study.sweep_key, study.group_by, sweep_path, title=study.name)
     missing = len(specs) - len(runs)
     text = [f"# Study {study.name}", "", f"{len(runs)} of {len(specs)} runs have data ({missing} not started).", ""]
     text += ["## Aggregates per task and group", "", markdown_table(aggregate), ""]
