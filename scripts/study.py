@@ -3,14 +3,16 @@
 Expands the study's grid into DQN runs, skips runs that are already complete, runs the rest (locally,
 ``--jobs`` at a time, or as Ray tasks with ``--backend ray --address ...``), then writes the figure,
 the per-run and aggregate tables (markdown + CSV) to the study's report folder. Running the same
-command again resumes an interrupted study. ``--dry-run`` prints the plan; ``--analyze-only`` only
-rebuilds the figure and tables from what the runs have written so far.
+command again resumes an interrupted study. ``--set KEY=VALUE`` adds a DQN override to every run
+(e.g. a larger budget, which extends finished runs); ``--dry-run`` prints the plan; ``--analyze-only``
+only rebuilds the figure and tables from what the runs have written so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from wn_rl.analysis.study import analyze_study, load_study_config, plan_runs
 from wn_rl.config import ConfigError
@@ -20,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="study config (configs/studies/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="study key=value overrides (e.g. max_parallel=4)")
+    parser.add_argument(
+        "--set",
+        dest="run_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DQN override added to every run after the study's own (e.g. --set run.total_agent_steps=200000)",
+    )
     parser.add_argument("--jobs", type=int, help="runs at once with the local backend (default: max_parallel)")
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
     parser.add_argument("--address", help="Ray cluster address (default: the study's ray.address, else local Ray)")
@@ -30,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs={args.jobs}: expected at least 1")
     try:
         study = load_study_config(args.config, args.overrides)
+        study = replace(study, overrides=(*study.overrides, *args.run_overrides))
         specs = plan_runs(study)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

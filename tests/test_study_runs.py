@@ -118,3 +118,10 @@ def test_tiny_study_on_local_ray(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "2 runs, 0 complete, 2 to run" in out and out.count(": ok in") == 2
     with (tmp_path / "smoke_cartpole" / "runs.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_set_adds_a_run_override_after_the_study_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["configs/studies/minatar_lr_robustness.yaml", "--set", "run.total_agent_steps=99000", "--dry-run"]
+    assert study_script.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("run.total_agent_steps=99000") == 24 and "of 99,000 steps" in out
