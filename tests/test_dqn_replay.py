@@ -186,3 +186,17 @@ def test_incremental_validity_equals_the_rule_at_every_step():
         )
         first, final, obs = step.episode_start, step.terminated | step.truncated, step.obs
         assert torch.equal(replay.valid_mask(), replay.valid_mask_reference())
+
+
+def test_life_loss_is_terminal_only_under_the_nature_protocol(atari_run):
+    replay, _ = atari_run
+    valid = torch.nonzero(replay.valid_mask().flatten()).flatten()
+    nature = replay.gather(valid, terminal_on_life_loss=True)
+    machado = replay.gather(valid, terminal_on_life_loss=False)
+    slots, envs = valid // replay.num_envs, valid % replay.num_envs
+    lost = replay.life_loss[slots, envs]
+    assert lost.any()
+    assert nature.terminals[lost, 0].all()
+    assert not (machado.terminals[:, 0] & lost).any()
+    # without the terminal, a life loss neither cuts the n-step sequence nor the bootstrap
+    assert (machado.next_offsets[lost & ~machado.truncations[:, 0]] > 1).all()

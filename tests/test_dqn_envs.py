@@ -1,0 +1,65 @@
+"""Environments: the two Atari protocol presets, life losses as a TD-only signal, raw rewards, MinAtar
+and gymnasium specs, and clear errors for spaces the DQN cannot use."""
+
+import numpy as np
+import pytest
+
+from agents.dqn.config import EnvConfig
+from agents.dqn.envs import make_env, protocol_settings
+
+
+def test_presets_resolve_and_overrides_win():
+    nature = protocol_settings(EnvConfig(protocol="nature"))
+    assert (nature["repeat_action_probability"], nature["full_action_space"], nature["terminal_on_life_loss"]) == (
+        0.0,
+        False,
+        True,
+    )
+    machado = protocol_settings(EnvConfig(protocol="machado"))
+    assert (machado["repeat_action_probability"], machado["full_action_space"], machado["terminal_on_life_loss"]) == (
+        0.25,
+        True,
+        False,
+    )
+    assert (
+        protocol_settings(EnvConfig(protocol="machado", repeat_action_probability=0.0))["repeat_action_probability"]
+        == 0
+    )
+
+
+def test_machado_uses_the_full_action_set_and_nature_the_minimal_one():
+    assert make_env(EnvConfig(name="breakout", num_envs=1, protocol="machado")).spec.n_actions == 18
+    assert make_env(EnvConfig(name="breakout", num_envs=1, protocol="nature")).spec.n_actions == 4
+
+
+def test_life_losses_keep_the_game_going_and_rewards_are_raw():
+    env = make_env(EnvConfig(name="breakout", num_envs=2, noop_max=0))
+    obs = env.reset(seed=1)
+    assert obs.shape == (2, 4, 84, 84) and obs.dtype == np.uint8
+    rng = np.random.default_rng(0)
+    life_losses = game_overs = 0
+    rewards = []
+    for _ in range(1500):
+        step = env.step(rng.integers(0, 4, 2))
+        life_losses += int(step.life_loss.sum())
+        game_overs += int(step.terminated.sum())
+        rewards.extend(step.rewards.tolist())
+        assert not (step.life_loss & step.terminated).any()
+        assert not (step.life_loss & step.episode_start).any()
+    assert game_overs >= 1 and life_losses >= 4 * game_overs  # 5 lives: 4 losses before each game over
+    assert max(rewards) >= 1 and set(rewards) <= {0.0, 1.0, 4.0, 7.0}  # Breakout's raw brick scores
+
+
+def test_minatar_and_gym_specs():
+    minatar = make_env(EnvConfig(suite="minatar", name="breakout", num_envs=2))
+    obs = minatar.reset(seed=0)
+    assert minatar.spec.obs_shape == (4, 10, 10) and obs.shape == (2, 4, 10, 10) and obs.dtype == np.uint8
+    cartpole = make_env(EnvConfig(suite="gym", name="CartPole-v1", num_envs=2))
+    assert cartpole.spec.obs_shape == (4,) and cartpole.spec.n_actions == 2
+
+
+def test_unusable_spaces_are_refused():
+    with pytest.raises(ValueError, match=r"Pendulum-v1.*DQN needs Discrete actions"):
+        make_env(EnvConfig(suite="gym", name="Pendulum-v1", num_envs=1))
+    with pytest.raises(ValueError, match="not a registered gymnasium id"):
+        make_env(EnvConfig(suite="gym", name="CartPol-v1", num_envs=1))
