@@ -1,0 +1,61 @@
+"""Evaluation plays a fixed quota of complete games per env, so short games are not over-counted."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.dqn.envs import EnvSpec, StepResult
+from agents.dqn.evaluation import best_epoch_mean, evaluate, game_quotas, select_actions
+
+
+class _FixedLengthGames:
+    """Env i's games last ``lengths[i]`` steps and score 1 per step (so a game's score is its length)."""
+
+    def __init__(self, lengths):
+        self.lengths = np.asarray(lengths)
+        self.spec = EnvSpec("gym", "fixed", len(lengths), (3,), 1, np.dtype(np.float32), 2, {})
+
+    def reset(self, seed):
+        self.t = np.zeros(len(self.lengths), int)
+        self.done = np.zeros(len(self.lengths), bool)
+        return np.zeros((len(self.lengths), 3), np.float32)
+
+    def step(self, actions):
+        start = self.done.copy()
+        self.t = np.where(start, 0, self.t + 1)
+        term = ~start & (self.t == self.lengths)
+        self.done = term
+        rewards = (~start).astype(np.float32)
+        zeros = np.zeros_like(term)
+        return StepResult(np.zeros((len(self.lengths), 3), np.float32), rewards, term, zeros, zeros, start)
+
+
+def test_quotas_split_games_evenly():
+    assert game_quotas(10, 4).tolist() == [3, 3, 2, 2]
+    assert game_quotas(3, 8).sum() == 3
+
+
+def test_short_games_are_not_over_counted():
+    env = _FixedLengthGames([2, 50])
+    q = nn.Linear(3, 2)
+    result = evaluate(q, env, games=6, epsilon=0.05, seed=0, device=torch.device("cpu"))
+    assert result["games"] == 6
+    assert sorted(result["returns"]) == [2.0] * 3 + [50.0] * 3  # three of each, not five short ones
+    assert result["return_mean"] == 26.0
+    assert result["lengths"].count(2) == 3
+
+
+def test_best_epoch_mean_is_the_max_of_epoch_means():
+    assert best_epoch_mean([{"return_mean": 3.0}, {"return_mean": 7.0}, {"return_mean": 5.0}]) == 7.0
+
+
+def test_epsilon_greedy_actions():
+    q = nn.Linear(3, 4)
+    with torch.no_grad():
+        q.weight.zero_()
+        q.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    obs = torch.zeros(1000, 3)
+    assert (select_actions(q, obs, 0.0, 4) == 2).all()
+    random_share = (select_actions(q, obs, 0.5, 4) != 2).float().mean().item()
+    assert 0.3 < random_share < 0.45  # 0.5 * 3/4 expected
+    assert select_actions(None, obs, 1.0, 4).unique().numel() == 4
