@@ -254,3 +254,24 @@ def test_inference_weight_cache_follows_updates_and_never_blocks_gradients():
     torch.testing.assert_close(after, fresh)
     q_net(obs).sum().backward()
     assert first.g.grad is not None and first.v.grad is not None and first.v.grad.abs().sum() > 0
+
+
+def test_q_networks_never_serve_stale_weights_after_target_updates_and_training():
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    mismatches = []
+
+    class Compare(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.n_calls % 50 == 0:
+                obs = torch.randn(5, 4)
+                for net in (self.model.policy.q_net, self.model.policy.q_net_target):
+                    with torch.no_grad():
+                        served = net(obs)
+                        net._release_weight_cache()
+                        mismatches.append(float((served - net(obs)).abs().max()))
+            return True
+
+    model = DQN(WnMlpPolicy, "CartPole-v1", learning_starts=100, target_update_interval=20, train_freq=4, seed=0)
+    model.learn(600, callback=[DataDependentInitCallback(n_samples=100), Compare()])
+    assert len(mismatches) == 24 and max(mismatches) == 0.0

@@ -100,11 +100,15 @@ class InferenceWeightCache:
     networks) for as long as the parameters are unchanged, instead of recomputing them every step.
 
     :meth:`_use_weight_cache` is called at the start of each forward entry point: with gradients
-    enabled it drops the cache (training must see fresh weights that gradients flow through); without
-    gradients it keeps a :func:`wn_rl.cached` context open, keyed by every parameter's identity and
-    in-place version counter, so an optimizer step, a Polyak update or ``load_state_dict`` invalidates it.
+    enabled (or ``weight_cache_enabled`` False) it drops the cache (training must see fresh weights that
+    gradients flow through); without gradients it keeps a :func:`wn_rl.cached` context open, keyed by
+    every parameter's storage and in-place version counter, so an optimizer step or ``load_state_dict``
+    invalidates it. Updates through ``.data`` (SB3's ``polyak_update``) do not bump the version
+    counter: networks updated that way (targets) must set ``weight_cache_enabled = False``, and owners
+    release the cache whenever training starts.
     """
 
+    weight_cache_enabled: bool = True
     _weight_cache: contextlib.ExitStack | None = None
     _weight_cache_key: tuple[tuple[int, int], ...] | None = None
 
@@ -114,7 +118,7 @@ class InferenceWeightCache:
             stack.close()
 
     def _use_weight_cache(self) -> None:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.weight_cache_enabled:
             self._release_weight_cache()
             return
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())

@@ -151,6 +151,22 @@ class _WnQPolicyMixin(WnPolicyOptions):
     def _wn_net_kwargs(self) -> dict[str, Any]:
         return {"parameterization": self.parameterization, "init_scales": self.init_scales}
 
+    def _build(self, lr_schedule: Schedule) -> None:
+        super()._build(lr_schedule)
+        self._online_net().weight_cache_enabled = True
+        self._target_net().weight_cache_enabled = False  # updated through .data by SB3's polyak_update
+
+    def _online_net(self) -> InferenceWeightCache:
+        return self.q_net if isinstance(self, DQNPolicy) else self.quantile_net
+
+    def _target_net(self) -> InferenceWeightCache:
+        return self.q_net_target if isinstance(self, DQNPolicy) else self.quantile_net_target
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's switch between acting and training; drops the acting weight cache at every switch."""
+        self._online_net()._release_weight_cache()
+        super().set_training_mode(mode)
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(self._wn_constructor_parameters())
