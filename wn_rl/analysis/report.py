@@ -100,7 +100,7 @@ def _iqm_ci(x: np.ndarray, reps: int, seed: int) -> str:
     return f"{point:.3g} [{low:.3g}, {high:.3g}]"
 
 
-def aggregate_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+def aggregate_rows(summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: int = 0) -> list[dict[str, str]]:
     """One row per (task, group): seeds, mean ± std (sample std) and IQM [95 % CI] of the statistics."""
     keys = list(dict.fromkeys((s.task, s.group) for s in summaries))
     rows = []
@@ -133,7 +133,7 @@ def _normalizer(task: str, suite: str, summaries: Sequence[RunSummary]) -> tuple
     return "study-max normalised", lambda x: np.asarray(x, dtype=float) / scale
 
 
-def overall_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+def overall_rows(summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: int = 0) -> list[dict[str, str]]:
     """Per group: IQM over all runs and tasks of normalised final eval and AUC, stratified bootstrap CIs.
 
     Every task must have the same number of runs per group for the (runs x tasks) matrix; when counts

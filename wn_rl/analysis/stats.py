@@ -6,8 +6,10 @@ interquartile mean (IQM, the 25 % trimmed mean) with a stratified-bootstrap perc
 interval, computed as ``rliable`` computes them (Agarwal et al. 2021, "Deep Reinforcement Learning at
 the Edge of the Statistical Precipice"): runs are resampled with replacement *within* each task, the
 statistic is recomputed on each resample, and the interval is the (alpha/2, 1 - alpha/2) percentile
-of the resampled statistics. Implemented in numpy so that no extra package is needed; the unit tests
-check it on hand-computed cases.
+of the resampled statistics. Implemented in numpy so that no extra package is needed (rliable 1.2.0
+does not run with the current ``arch`` 8, which renamed ``random_state``, nor ``arch`` 7.2 with the
+installed pandas); the unit tests check it on hand-computed cases, and on four score matrices it agreed
+with rliable's ``get_interval_estimates`` (patched for arch 8, 50k resamples) to within 0.005.
 
 Atari scores are human-normalised with the standard random / human table of the Atari-57 benchmark
 (0 = random play, 1 = professional human tester; the values of DeepMind's DQN Zoo ``atari_data.py``).

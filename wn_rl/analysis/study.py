@@ -80,7 +80,7 @@ class StudyConfig:
     "moving-average window (in logged points) for training returns."
     spread: Literal["std", "sem", "minmax", "none"] = "std"
     "the shaded band around the mean across seeds."
-    bootstrap_reps: int = 2000
+    bootstrap_reps: int = 10_000
     "bootstrap resamples for the IQM confidence intervals."
     ray: RayConfig = field(default_factory=RayConfig)
 
