@@ -13,6 +13,8 @@ passes that normalised output on, so deeper layers initialise on already-initial
   scale set; its bias stays, the mean-only BN's ``running_mean`` becomes the init batch's mean (the
   reference code's behaviour) and a full BN's running statistics become the batch's, with its affine
   weight set to ``init_scale``, so train and eval mode compute the same function at init.
+- A ``nn.LayerNorm`` / ``nn.GroupNorm`` with an affine gets that affine set so its output has mean 0
+  and std ``init_scale`` per unit on the batch (the same normalisation, one step later).
 - Recurrent cells keep their initialization (the paper: standard init for recurrent weights).
 """
 

@@ -161,14 +161,8 @@ class WNLayer(nn.Module):
             self.s.add_(factor.log())
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_cached_weight"] = None
-        state["_cache_depth"] = 0
-        return state
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={self.scale!r}, init_scale={self.init_scale}"
+        # a weight cached inside `cached()` is a non-leaf tensor: it must not be pickled or deep-copied
+        return {**self.__dict__, "_cached_weight": None, "_cache_depth": 0}
 
 
 class WNLinear(WNLayer):
@@ -370,10 +364,7 @@ class WNLSTMCell(nn.Module):
         return h, c
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_cached_weights"] = None
-        state["_cache_depth"] = 0
-        return state
+        return {**self.__dict__, "_cached_weights": None, "_cache_depth": 0}
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"

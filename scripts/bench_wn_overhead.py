@@ -1,0 +1,186 @@
+"""Time one training step (forward, backward, Adam step) with plain layers, wn_rl's weight norm and
+PyTorch's own ``torch.nn.utils.parametrizations.weight_norm``, interleaved in one process.
+
+Networks: the Nature-CNN Q-network (4x84x84 uint8 input, batch 32 and 64) and a network shaped like
+the paper's Table 1 CIFAR-10 net (96/192 channels, 32x32 input, batch 100). Prints the median time
+per step of each variant and its ratio to plain; targets: wn_rl at most 1.05x plain on a CPU and 1.03x
+on a GPU (compiled), and no slower than PyTorch's own.
+
+    python scripts/bench_wn_overhead.py                       # CPU, eager
+    python scripts/bench_wn_overhead.py --device cuda --compile --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import wn_rl
+
+VARIANTS = ("plain", "wn_rl", "torch_wn")
+
+
+def nature_cnn(n_actions: int = 6) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),
+        nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(3136, 512), nn.ReLU(),
+        nn.Linear(512, n_actions),
+    )  # fmt: skip
+
+
+def cifar_table1() -> nn.Module:
+    def conv(c_in: int, c_out: int, k: int, pad: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, k, padding=pad), nn.LeakyReLU(0.1)]
+
+    return nn.Sequential(
+        *conv(3, 96, 3, 1), *conv(96, 96, 3, 1), *conv(96, 96, 3, 1), nn.MaxPool2d(2), nn.Dropout(0.5),
+        *conv(96, 192, 3, 1), *conv(192, 192, 3, 1), *conv(192, 192, 3, 1), nn.MaxPool2d(2), nn.Dropout(0.5),
+        *conv(192, 192, 3, 0), *conv(192, 192, 1, 0), *conv(192, 192, 1, 0),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(192, 10),
+    )  # fmt: skip
+
+
+def torch_weight_norm(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            parametrizations.weight_norm(module, "weight", dim=0)
+    return model
+
+
+def make_variant(base: nn.Module, variant: str) -> nn.Module:
+    model = copy.deepcopy(base)
+    if variant == "wn_rl":
+        return wn_rl.weight_norm(model)
+    if variant == "torch_wn":
+        return torch_weight_norm(model)
+    return model
+
+
+def make_step(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, uint8: bool, args: argparse.Namespace
+) -> Callable[[], None]:
+    forward = torch.compile(model, mode=args.compile_mode, dynamic=False) if args.compile else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=inputs.is_cuda)
+
+    def step() -> None:
+        x = inputs.float().div_(255.0) if uint8 else inputs
+        loss = nn.functional.smooth_l1_loss(forward(x), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_case(
+    name: str, base: nn.Module, inputs: torch.Tensor, n_out: int, args: argparse.Namespace
+) -> dict[str, object]:
+    device = inputs.device
+    targets = torch.randn(inputs.shape[0], n_out, device=device)
+    uint8 = inputs.dtype == torch.uint8
+    steps = {}
+    for variant in VARIANTS:
+        model = make_variant(base, variant).to(device)
+        steps[variant] = make_step(model, inputs, targets, uint8, args)
+        for _ in range(args.warmup):
+            steps[variant]()
+    synchronize(device)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
+    for _ in range(args.reps):
+        random.shuffle(order)
+        for variant in order:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[variant]()
+            synchronize(device)
+            times[variant].append((time.perf_counter() - start) / args.steps)
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    return {
+        "case": name,
+        "median_ms": {v: 1000 * m for v, m in medians.items()},
+        "ratio_to_plain": {v: medians[v] / medians["plain"] for v in VARIANTS},
+        "wn_rl_vs_torch_wn": medians["wn_rl"] / medians["torch_wn"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
+    parser.add_argument("--combo-kernels", action="store_true", help="inductor: fuse independent small kernels")
+    parser.add_argument("--matmul-precision", default="highest", help="torch.set_float32_matmul_precision")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per variant")
+    parser.add_argument("--steps", type=int, default=5, help="training steps timed per repetition")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--cases", default="nature32,nature64,cifar100", help="comma-separated cases")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    # Every (case, variant) is its own compiled graph: without a higher limit dynamo silently falls
+    # back to eager for the later ones and the comparison is void.
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    if args.combo_kernels:
+        torch._inductor.config.combo_kernels = True
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.manual_seed(0)
+    cases = {
+        "nature32": (nature_cnn, lambda: torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8), 6),
+        "nature64": (nature_cnn, lambda: torch.randint(0, 256, (64, 4, 84, 84), dtype=torch.uint8), 6),
+        "cifar100": (cifar_table1, lambda: torch.randn(100, 3, 32, 32), 10),
+    }
+    unknown = set(args.cases.split(",")) - set(cases)
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {sorted(cases)}")
+    results = []
+    for name in args.cases.split(","):
+        build, make_inputs, n_out = cases[name]
+        result = bench_case(name, build(), make_inputs().to(device), n_out, args)
+        results.append(result)
+        ms, ratio = result["median_ms"], result["ratio_to_plain"]
+        print(
+            f"{name:9s} plain {ms['plain']:8.2f} ms | wn_rl {ms['wn_rl']:8.2f} ms ({ratio['wn_rl']:.3f}x) | "
+            f"torch_wn {ms['torch_wn']:8.2f} ms ({ratio['torch_wn']:.3f}x) | wn_rl/torch_wn "
+            f"{result['wn_rl_vs_torch_wn']:.3f}",
+            flush=True,
+        )
+    meta = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "compile": args.compile_mode if args.compile else None,
+        "combo_kernels": args.combo_kernels,
+        "matmul_precision": args.matmul_precision,
+        "reps": args.reps,
+        "steps": args.steps,
+    }
+    print(json.dumps(meta))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
