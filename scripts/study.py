@@ -66,17 +66,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _execute(study, todo, args) -> int:
-    from wn_rl.analysis.backends import run_local, run_ray
+    from wn_rl.analysis.backends import LOCKED, run_local, run_ray
 
     def report(outcome, done: int, total: int) -> None:
-        state = "ok" if outcome.ok else f"FAILED (exit {outcome.returncode}, log {outcome.log})"
+        if outcome.returncode == LOCKED:
+            state = f"skipped: {outcome.log_tail}"
+        else:
+            state = "ok" if outcome.ok else f"FAILED (exit {outcome.returncode}, log {outcome.log})"
         print(f"[{done}/{total}] {outcome.name}: {state} in {outcome.seconds:.0f} s", flush=True)
 
     if args.backend == "ray":
         outcomes = run_ray(study, todo, address=args.address, on_done=report)
     else:
         outcomes = run_local(study, todo, max_parallel=args.jobs, on_done=report)
-    failed = [o for o in outcomes if not o.ok]
+    failed = [o for o in outcomes if not o.ok and o.returncode != LOCKED]
     for outcome in failed:
         print(
             f"--- {outcome.name} (exit {outcome.returncode}), end of {outcome.log}:\n{outcome.log_tail}",

@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from wn_rl.analysis.backends import acquire_run_lock
 from wn_rl.analysis.study import StudyConfig, expand_grid, load_study_config, plan_runs
 from wn_rl.config import ConfigError
 
@@ -125,3 +128,27 @@ def test_set_adds_a_run_override_after_the_study_ones(capsys: pytest.CaptureFixt
     assert study_script.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("run.total_agent_steps=99000") == 24 and "of 99,000 steps" in out
+
+
+def test_run_lock_keeps_two_drivers_off_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lock = tmp_path / "run" / "study.lock"
+    assert acquire_run_lock(lock) is None
+    assert acquire_run_lock(lock) == f"{socket.gethostname()} {os.getpid()}"  # held by a live process
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}")
+    assert acquire_run_lock(lock) is None  # a dead holder's lock is taken over
+    # a study whose only run is locked by a live driver skips it instead of running it twice
+    run_lock = tmp_path / "smoke_cartpole" / "parameterization-normal__seed-0" / "study.lock"
+    run_lock.parent.mkdir(parents=True)
+    run_lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    args = [
+        "configs/studies/smoke_cartpole.yaml",
+        f"runs_dir={tmp_path}",
+        TINY,
+        "grid={network.parameterization: [normal], run.seed: [0]}",
+    ]
+    study_script.main(args)
+    out = capsys.readouterr().out
+    assert "is already being run by" in out and run_lock.exists()
+    assert not (run_lock.parent / "config.yaml").exists()

@@ -2,7 +2,8 @@
 
 Both backends run the same command per run (``python scripts/train_dqn.py --config ... key=value``)
 with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set to the study's ``torch_threads``, and write its
-output to ``<study dir>/logs/<run name>.log``. A failed run does not stop the others; its exit code and
+output to ``<study dir>/logs/<run name>.log``. A lock file in the run directory keeps two study drivers
+(say, a restarted one) from running the same run at once. A failed run does not stop the others; its exit code and
 the tail of its log are reported at the end.
 
 Ray (optional extra ``pip install -e ".[study]"``): every run is a Ray task reserving
@@ -14,6 +15,7 @@ and the study's ``runs_dir`` on a shared filesystem, where the driver reads the 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from wn_rl.analysis.study import RunSpec, StudyConfig
 
-__all__ = ["RunOutcome", "execute_command", "run_local", "run_ray"]
+__all__ = ["LOCKED", "RunOutcome", "acquire_run_lock", "execute_command", "run_local", "run_ray"]
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,75 @@ class RunOutcome:
         return self.returncode == 0
 
 
-def execute_command(name: str, command: Sequence[str], log_path: str, threads: int, cwd: str) -> RunOutcome:
-    """Run one training command to completion, appending its output to ``log_path``."""
+LOCKED = 75  # EX_TEMPFAIL: another driver is running this run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_run_lock(lock: Path) -> str | None:
+    """Create ``lock`` (``host pid``) exclusively; None on success, else who holds it.
+
+    A lock left by a dead process on this host is taken over; a lock from another host is respected
+    (delete the file by hand if no process runs that study any more).
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").strip()
+            host, _, pid = holder.partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                lock.unlink(missing_ok=True)
+                continue
+            return holder
+        os.write(fd, me.encode())
+        os.close(fd)
+        return None
+    return lock.read_text(errors="replace").strip()
+
+
+def execute_command(
+    name: str, command: Sequence[str], log_path: str, threads: int, cwd: str, run_dir: str
+) -> RunOutcome:
+    """Run one training command to completion, appending its output to ``log_path``.
+
+    ``<run_dir>/study.lock`` guards against two study drivers running the same run at once.
+    """
+    lock = Path(cwd, run_dir, "study.lock")
+    holder = acquire_run_lock(lock)
+    if holder is not None:
+        message = f"{name} is already being run by {holder} ({lock}); skipped"
+        return RunOutcome(name, LOCKED, 0.0, str(log_path), message)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
-        returncode = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+    try:
+        with open(log_path, "a") as log:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            run = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    finally:
+        lock.unlink(missing_ok=True)
     tail = Path(log_path).read_text(errors="replace")[-2000:]
-    return RunOutcome(name, returncode, time.perf_counter() - start, str(log_path), tail)
+    return RunOutcome(name, run.returncode, time.perf_counter() - start, str(log_path), tail)
 
 
-def _jobs(study: StudyConfig, specs: Sequence[RunSpec]) -> list[tuple[str, list[str], str]]:
+def _jobs(study: StudyConfig, specs: Sequence[RunSpec]) -> list[tuple[str, list[str], str, str]]:
     logs = study.study_dir / "logs"
-    return [(s.name, s.command(study, sys.executable), str((logs / f"{s.name}.log").resolve())) for s in specs]
+    return [
+        (s.name, s.command(study, sys.executable), str((logs / f"{s.name}.log").resolve()), str(s.run_dir))
+        for s in specs
+    ]
 
 
 def run_local(
@@ -73,7 +128,10 @@ def run_local(
     cwd = os.getcwd()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         threads = study.torch_threads
-        futures = [pool.submit(execute_command, n, cmd, log, threads, cwd) for n, cmd, log in _jobs(study, specs)]
+        futures = [
+            pool.submit(execute_command, n, cmd, log, threads, cwd, run_dir)
+            for n, cmd, log, run_dir in _jobs(study, specs)
+        ]
         for future in as_completed(futures):
             outcomes.append(future.result())
             if on_done is not None:
@@ -105,7 +163,8 @@ def run_ray(
             num_cpus=study.ray.cpus_per_run, num_gpus=study.ray.gpus_per_run, max_retries=0
         )
         cwd = os.getcwd()
-        pending = [task.remote(name, cmd, log, study.torch_threads, cwd) for name, cmd, log in _jobs(study, specs)]
+        threads = study.torch_threads
+        pending = [task.remote(n, cmd, log, threads, cwd, run_dir) for n, cmd, log, run_dir in _jobs(study, specs)]
         total, outcomes = len(pending), []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
