@@ -12,7 +12,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth
-from wn_rl.analysis.report import aggregate_rows, overall_rows, summarize_run
+from wn_rl.analysis.report import aggregate_rows, improvement_rows, overall_rows, summarize_run
 from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars
 
 
@@ -106,6 +106,10 @@ def test_tables_from_runs(study_dir: Path) -> None:
     rows = {(r["task"], r["group"]): r for r in aggregate_rows(summaries, reps=200)}
     assert rows[("breakout", "normal")]["final eval (mean ± std)"].startswith("3 ± 1.4")
     assert rows[("breakout", "weight_norm")]["runs"] == "2"
+    improvement = improvement_rows(summaries, reps=200)
+    # weight norm beats normal in every pair on both games: finals (6, 8) vs (2, 4)
+    assert improvement[0]["comparison"] == "P(weight_norm > normal)"
+    assert improvement[0]["final eval [95% CI]"] == "1.00 [1.00, 1.00]"
     overall = overall_rows(summaries, reps=200)
     assert [r["group"] for r in overall] == ["normal", "weight_norm"]
     # study-max normalised: breakout and asterix both have max 8, so normal's finals are (2, 4) / 8

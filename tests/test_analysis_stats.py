@@ -11,7 +11,9 @@ from wn_rl.analysis.stats import (
     ATARI_HUMAN_RANDOM,
     area_under_curve,
     human_normalized_score,
+    improvement_ci,
     interquartile_mean,
+    probability_of_improvement,
     stratified_bootstrap_ci,
 )
 
@@ -98,3 +100,18 @@ def test_human_normalized_score() -> None:
     assert len(ATARI_HUMAN_RANDOM) == 57
     with pytest.raises(KeyError, match="Atari-57"):
         human_normalized_score("minatar_asterix_typo", 1.0)
+
+
+def test_probability_of_improvement_hand_computed() -> None:
+    # one task: of the 4 pairs (1|3) x (2|2), 3 > 2 twice -> 2 / 4
+    assert probability_of_improvement(np.array([[1.0], [3.0]]), np.array([[2.0], [2.0]])) == 0.5
+    assert probability_of_improvement(np.array([[2.0]]), np.array([[2.0]])) == 0.5  # a tie counts half
+    assert probability_of_improvement(np.array([[3.0], [4.0]]), np.array([[1.0], [2.0]])) == 1.0
+    # two tasks, X always better on the first and always worse on the second: averaged -> 0.5
+    x, y = np.array([[3.0, 0.0], [4.0, 1.0]]), np.array([[1.0, 5.0], [2.0, 6.0]])
+    assert probability_of_improvement(x, y) == 0.5
+    assert improvement_ci(x[:, :1], y[:, :1], reps=300) == (1.0, 1.0, 1.0)
+    point, low, high = improvement_ci(np.array([[1.0], [3.0]]), np.array([[2.0], [2.0]]), reps=2000)
+    assert (point, low, high) == (0.5, 0.0, 1.0)  # resampling (1, 1) or (3, 3) gives 0 or 1
+    with pytest.raises(ValueError, match="same tasks"):
+        probability_of_improvement(np.ones((2, 2)), np.ones((2, 3)))

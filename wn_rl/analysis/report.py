@@ -23,9 +23,24 @@ import numpy as np
 
 from wn_rl.analysis.curves import group_label
 from wn_rl.analysis.runs import RunData, run_progress
-from wn_rl.analysis.stats import area_under_curve, human_normalized_score, interquartile_mean, stratified_bootstrap_ci
+from wn_rl.analysis.stats import (
+    area_under_curve,
+    human_normalized_score,
+    improvement_ci,
+    interquartile_mean,
+    stratified_bootstrap_ci,
+)
 
-__all__ = ["RunSummary", "aggregate_rows", "markdown_table", "overall_rows", "summarize_run", "write_csv"]
+__all__ = [
+    "RunSummary",
+    "aggregate_rows",
+    "improvement_rows",
+    "markdown_table",
+    "overall_rows",
+    "run_rows",
+    "summarize_run",
+    "write_csv",
+]
 
 EVAL_TAG = "eval/return_mean"
 TRAIN_TAG = "train/episode_return"
@@ -162,6 +177,40 @@ def overall_rows(summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: i
             row[f"IQM {label}, {kind} [95% CI]"] = f"{point:.3f} [{low:.3f}, {high:.3f}]"
         rows.append(row)
     return rows
+
+
+def improvement_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    """Per other group: P(group > the first group) over the tasks both have, on final eval and AUC,
+    with a 95 % interval (independent stratified bootstrap), as rliable reports probability of improvement.
+    Scores are compared within a task only, so no normalisation is needed."""
+    groups = list(dict.fromkeys(s.group for s in summaries))
+    if len(groups) < 2:
+        return []
+    baseline, rows = groups[0], []
+    for group in groups[1:]:
+        tasks = [t for t in dict.fromkeys(s.task for s in summaries) if _has(summaries, t, group, baseline)]
+        row = {"comparison": f"P({group} > {baseline})", "tasks": str(len(tasks))}
+        for label, attribute in (("final eval", "final_eval"), ("AUC eval", "auc_eval")):
+            x, y = (_matrix(summaries, tasks, g, attribute) for g in (group, baseline))
+            if x is None or y is None:
+                row[label] = "n/a (unfinished runs)"
+                continue
+            point, low, high = improvement_ci(x, y, reps=reps, seed=seed)
+            row[f"{label} [95% CI]"] = f"{point:.2f} [{low:.2f}, {high:.2f}]"
+        rows.append(row)
+    return rows
+
+
+def _has(summaries: Sequence[RunSummary], task: str, *groups: str) -> bool:
+    return all(any(s.task == task and s.group == g for s in summaries) for g in groups)
+
+
+def _matrix(summaries: Sequence[RunSummary], tasks: list[str], group: str, attribute: str) -> np.ndarray | None:
+    """(runs, tasks) of one group, each task keeping its first ``min`` runs by seed; None if any is NaN."""
+    per_task = [sorted((s for s in summaries if s.group == group and s.task == t), key=_seed_key) for t in tasks]
+    n = min(len(m) for m in per_task)
+    matrix = np.array([[getattr(s, attribute) for s in m[:n]] for m in per_task], dtype=float).T
+    return matrix if matrix.size and np.isfinite(matrix).all() else None
 
 
 def _seed_key(s: RunSummary) -> tuple[int, str]:

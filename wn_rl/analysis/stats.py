@@ -26,7 +26,9 @@ __all__ = [
     "ATARI_HUMAN_RANDOM",
     "area_under_curve",
     "human_normalized_score",
+    "improvement_ci",
     "interquartile_mean",
+    "probability_of_improvement",
     "stratified_bootstrap_ci",
 ]
 
@@ -161,6 +163,40 @@ def stratified_bootstrap_ci(
     idx = rng.integers(0, n_runs, size=(reps, n_runs, n_tasks))
     resampled = np.take_along_axis(np.broadcast_to(x, (reps, n_runs, n_tasks)), idx, axis=1)
     values = np.array([statistic(r) for r in resampled])
+    alpha = 1.0 - confidence
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return point, float(low), float(high)
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) averaged over tasks (rliable's ``probability_of_improvement``, Agarwal et al. 2021).
+
+    ``x`` is ``(runs_x, tasks)``, ``y`` is ``(runs_y, tasks)``; per task it is the Mann-Whitney
+    statistic ``mean_ij [x_i > y_j] + 0.5 [x_i == y_j]``: 0.5 means neither is better.
+    """
+    x, y = np.atleast_2d(np.asarray(x, dtype=float).T).T, np.atleast_2d(np.asarray(y, dtype=float).T).T
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same tasks (columns): {x.shape} vs {y.shape}")
+    greater = (x[:, None, :] > y[None, :, :]).mean(axis=(0, 1))
+    ties = (x[:, None, :] == y[None, :, :]).mean(axis=(0, 1))
+    return float(np.mean(greater + 0.5 * ties))
+
+
+def improvement_ci(
+    x: np.ndarray, y: np.ndarray, *, reps: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(point, low, high)`` of :func:`probability_of_improvement` with x and y resampled
+    independently within each task (rliable's ``StratifiedIndependentBootstrap``), percentile interval."""
+    x, y = np.atleast_2d(np.asarray(x, dtype=float).T).T, np.atleast_2d(np.asarray(y, dtype=float).T).T
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("scores contain NaN or inf: drop or fill unfinished runs before bootstrapping")
+    point = probability_of_improvement(x, y)
+    rng = np.random.default_rng(seed)
+    values = np.empty(reps)
+    for r in range(reps):
+        xi = np.take_along_axis(x, rng.integers(0, x.shape[0], size=x.shape), axis=0)
+        yi = np.take_along_axis(y, rng.integers(0, y.shape[0], size=y.shape), axis=0)
+        values[r] = probability_of_improvement(xi, yi)
     alpha = 1.0 - confidence
     low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(low), float(high)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from wn_rl.analysis.curves import collect_curves, group_runs, plot_curves, plot_sweep, write_curves_csv
 from wn_rl.analysis.report import (
     aggregate_rows,
+    improvement_rows,
     markdown_table,
     overall_rows,
     run_rows,
@@ -202,6 +203,7 @@ def analyze_study(study: StudyConfig, specs: list[RunSpec] | None = None) -> dic
     summaries = [summarize_run(r, study.group_by, study.task_key) for r in runs]
     per_run, aggregate = run_rows(summaries), aggregate_rows(summaries, reps=study.bootstrap_reps)
     overall = overall_rows(summaries, reps=study.bootstrap_reps)
+    improvement = improvement_rows(summaries, reps=min(study.bootstrap_reps, 2000))
     paths = {
         "figure": plot_curves(curves, out / "curves.png", title=study.name, spread=study.spread),
         "curves_csv": write_curves_csv(curves, out / "curves.csv"),
@@ -216,6 +218,8 @@ def analyze_study(study: StudyConfig, specs: list[RunSpec] | None = None) -> dic
     text += ["## Aggregates per task and group", "", markdown_table(aggregate), ""]
     if overall:
         text += ["## Across tasks", "", markdown_table(overall), ""]
+    if improvement:
+        text += ["## Probability of improvement (per task, averaged over tasks)", "", markdown_table(improvement), ""]
     text += ["## Every run", "", markdown_table(per_run), ""]
     paths["summary"] = out / "summary.md"
     paths["summary"].write_text("\n".join(text))
