@@ -23,9 +23,12 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10, help="timed steps per parameterization")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per parameterization first")
     parser.add_argument("--widths", type=int, nargs=2, default=(96, 192), help="channels (Table 1: 96 192)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     parser.add_argument("--parameterizations", nargs="+", default=list(FIVE), help="names to time")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
