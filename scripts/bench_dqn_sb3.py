@@ -120,6 +120,7 @@ def _sb3_features_class() -> type:
 
 def _minatar_env_fn(game: str, seed: int) -> Callable[[], gym.Env]:
     import minatar.gym
+    from stable_baselines3.common.monitor import Monitor
 
     def make() -> gym.Env:
         env_id = f"MinAtar/{MINATAR_GAMES[game]}-v1"
@@ -129,6 +130,7 @@ def _minatar_env_fn(game: str, seed: int) -> Callable[[], gym.Env]:
         h, w, c = env.observation_space.shape
         space = gym.spaces.Box(0.0, 1.0, (c, h, w), np.float32)
         env = gym.wrappers.TransformObservation(env, lambda o: o.transpose(2, 0, 1).astype(np.float32), space)
+        env = Monitor(env)  # episode returns for SB3's ep_info_buffer
         env.reset(seed=seed)
         return env
 
@@ -215,23 +217,41 @@ def throughput(args: argparse.Namespace) -> dict:
     }
 
 
+def _returns_ours(seed: int, steps: int, runs_dir: str) -> dict:
+    torch.set_num_threads(1)
+    trainer = build_ours(
+        "minatar", "breakout", _settings("minatar", 1, steps, 5000, 100_000), steps, seed, runs_dir, "normal"
+    )
+    seconds = _timed(trainer.run)
+    return {
+        "last100_return": float(np.mean(trainer.tracker.recent)),
+        "sps": steps / seconds,
+        "episodes": trainer.tracker.episodes,
+    }
+
+
+def _returns_sb3(seed: int, steps: int) -> dict:
+    torch.set_num_threads(1)
+    model = build_sb3("minatar", "breakout", _settings("minatar", 1, steps, 5000, 100_000), steps, seed)
+    seconds = _timed(lambda: model.learn(steps))
+    return {"last100_return": float(np.mean([e["r"] for e in model.ep_info_buffer])), "sps": steps / seconds}
+
+
 def returns(args: argparse.Namespace) -> dict:
-    s = _settings("minatar", 1, args.steps, 5000, 100_000)
-    out = {"game": "minatar:breakout", "steps": args.steps, "settings": s, "seeds": {}}
-    with tempfile.TemporaryDirectory() as runs_dir:
+    """Both trained at the same time in two processes (one torch thread each) on the same machine."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = {
+        "game": "minatar:breakout",
+        "steps": args.steps,
+        "settings": _settings("minatar", 1, args.steps, 5000, 100_000),
+        "seeds": {},
+    }
+    with tempfile.TemporaryDirectory() as runs_dir, ProcessPoolExecutor(max_workers=2) as pool:
         for seed in args.seeds:
-            trainer = build_ours("minatar", "breakout", s, args.steps, seed, runs_dir, "normal")
-            t_ours = _timed(trainer.run)
-            ours = float(np.mean(trainer.tracker.recent))
-            sb3 = build_sb3("minatar", "breakout", s, args.steps, seed)
-            t_sb3 = _timed(lambda sb3=sb3: sb3.learn(args.steps))
-            theirs = float(np.mean([e["r"] for e in sb3.ep_info_buffer]))
-            out["seeds"][seed] = {
-                "ours_last100_return": ours,
-                "sb3_last100_return": theirs,
-                "ours_sps": args.steps / t_ours,
-                "sb3_sps": args.steps / t_sb3,
-            }
+            ours = pool.submit(_returns_ours, seed, args.steps, runs_dir)
+            sb3 = pool.submit(_returns_sb3, seed, args.steps)
+            out["seeds"][seed] = {"ours": ours.result(), "sb3": sb3.result()}
             print(json.dumps({seed: out["seeds"][seed]}), flush=True)
     return out
 

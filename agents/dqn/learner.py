@@ -39,6 +39,8 @@ def n_step_returns(rewards: Tensor, terminals: Tensor, truncations: Tensor, gamm
     ``discount = gamma^m`` when the sequence bootstraps after m steps and 0 when a terminal ended it.
     """
     n = rewards.shape[1]
+    if n == 1:  # the Nature DQN: r + gamma * (1 - terminal) * Q', in two kernels
+        return rewards[:, 0], gamma * (~terminals[:, 0]).to(rewards.dtype)
     ended = terminals | truncations
     # alive[k]: no end strictly before step k, so reward k counts.
     ended_before = torch.cumsum(ended.int(), 1) - ended.int() > 0

@@ -195,8 +195,10 @@ class ReplayMemory:
         truncations = self.truncated[steps, e]
         ended = terminals | truncations
         # Bootstrap from the observation after the first end, or n steps later.
-        first_end = torch.where(ended.any(1), ended.float().argmax(1), self.n_step - 1)
-        next_offsets = first_end + 1
+        if self.n_step == 1:
+            next_offsets = torch.ones_like(slots)
+        else:
+            next_offsets = torch.where(ended.any(1), ended.float().argmax(1), self.n_step - 1) + 1
         next_slots = (slots + next_offsets) % self.length
         return ReplayBatch(
             obs=self.stacks(slots, envs),

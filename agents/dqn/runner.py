@@ -160,6 +160,7 @@ class Trainer:
         self.writer: SummaryWriter | None = None
         self.resumed_from: Path | None = None
         self.learn_after = 0  # agent step before which no update runs (set when resuming without replay)
+        self._initialized = False  # data-dependent init done (checked once, not per step)
 
     # ----- run directory, resume -------------------------------------------------------------------
     def _check_resume_config(self, force: bool) -> None:
@@ -255,8 +256,10 @@ class Trainer:
 
     def _data_dependent_init(self) -> None:
         q = self.learner.q_network
-        if wn_rl.is_initialized(q):
+        if self._initialized or wn_rl.is_initialized(q):
+            self._initialized = True
             return
+        self._initialized = True
         obs = self.replay.recent_observations(self.config.network.ddi_batch_size)
         report = wn_rl.data_dependent_init(q, obs)
         self.learner.sync_target()
