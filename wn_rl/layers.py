@@ -396,6 +396,25 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
                 _clear_cache(module)
 
 
+class _MeanOnlyBatchNormFn(torch.autograd.Function):
+    """t~ = t - mu[t] + b with the gradient of eq. (8), grad_t = grad_t~ - mu[grad_t~], computed from one
+    reduction that also gives grad_b (autograd would reduce twice and add a full-size tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, bias: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        dims = [0, *range(2, input.dim())]
+        mean = input.mean(dim=dims)
+        ctx.dims, ctx.shape, ctx.count = dims, shape, input.numel() // input.shape[1]
+        ctx.mark_non_differentiable(mean)
+        return input - (mean - bias).view(shape), mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None) -> tuple[Tensor, Tensor, None]:
+        total = grad_output.sum(dim=ctx.dims)
+        return grad_output - (total / ctx.count).view(ctx.shape), total, None
+
+
 class MeanOnlyBatchNorm(nn.Module):
     """Mean-only batch normalization (section 4, eq. 7-8): t~ = t - mu[t] + b.
 
@@ -425,14 +444,12 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         shape = self._shape(input)
-        if self.training:
-            dims = [0, *range(2, input.dim())]
-            mean = input.mean(dim=dims)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-        else:
-            mean = self.running_mean
-        return input - mean.view(shape) + self.bias.view(shape)
+        if not self.training:
+            return input - (self.running_mean - self.bias).view(shape)
+        output, mean = _MeanOnlyBatchNormFn.apply(input, self.bias, shape)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        return output
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}"
