@@ -55,7 +55,10 @@ def record_video(q_network, env, epsilon: float, path: Path, max_steps: int, dev
             raise SystemExit("writing MP4 needs `pip install imageio imageio-ffmpeg`; or use a .gif path") from None
         imageio.mimwrite(path, frames, fps=15)
     else:
-        from PIL import Image
+        try:
+            from PIL import Image
+        except ImportError:
+            raise SystemExit("writing a GIF needs Pillow: `pip install pillow` (or the plot extra)") from None
 
         scale = 4 if env.spec.suite == "atari" else 24
         images = [Image.fromarray(f).resize((f.shape[1] * scale // 2, f.shape[0] * scale // 2)) for f in frames]
