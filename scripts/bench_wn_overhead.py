@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import random
 import statistics
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
     parser.add_argument("--combo-kernels", action="store_true", help="inductor: fuse independent small kernels")
     parser.add_argument("--matmul-precision", default="highest", help="torch.set_float32_matmul_precision")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per variant")
     parser.add_argument("--steps", type=int, default=5, help="training steps timed per repetition")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -145,6 +147,8 @@ def main() -> None:
     if args.combo_kernels:
         torch._inductor.config.combo_kernels = True
     torch.set_float32_matmul_precision(args.matmul_precision)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = {
         "nature32": (nature_cnn, lambda: torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8), 6),
@@ -170,6 +174,7 @@ def main() -> None:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
         "compile": args.compile_mode if args.compile else None,
         "combo_kernels": args.combo_kernels,
         "matmul_precision": args.matmul_precision,
