@@ -3,6 +3,11 @@
 Overrides use the config's sections, e.g. ``run.total_agent_steps=100000 agent.lr=1e-4``. Running the
 same command again resumes the run from its newest complete checkpoint; ``--resume RUN_DIR`` resumes a
 given run directory. Watch it with ``tensorboard --logdir runs/dqn``.
+
+Exit codes: 0 done; 2 bad config or input (nothing was allocated); 1 a checkpoint could not be written
+or read, or a NaN/inf stopped the run (the message names the step, the tensor and the last good
+checkpoint); 130 after SIGINT (Ctrl-C) and 143 after SIGTERM, with a checkpoint written first (a second
+Ctrl-C quits at once; the previous checkpoint stays intact).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import sys
 from pathlib import Path
 
 from agents.dqn.config import load_dqn_config
-from agents.dqn.runner import Trainer, run_dir_for
+from agents.dqn.learner import NonFiniteError
+from agents.dqn.runner import EnvNonFiniteError, Trainer, run_dir_for
+from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError
 
 
@@ -38,8 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except (CheckpointError, NonFiniteError, EnvNonFiniteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted again: quit without a new checkpoint; the previous one is intact", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=1))
+    if summary["interrupted"] is not None:
+        print(f"stopped by a signal; resume with: python scripts/train_dqn.py --resume {run_dir}", file=sys.stderr)
+        return 128 + summary["interrupted"]
     return 0
 
 

@@ -20,9 +20,20 @@ from torch import Tensor, nn
 from agents.dqn.config import AgentConfig
 from agents.dqn.replay import ReplayBatch
 
-__all__ = ["Learner", "epsilon_at", "n_step_returns", "td_targets"]
+__all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_targets"]
 
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
+NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
+_WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf appeared in the loss, the gradients or the parameters (the step was not applied)."""
+
+    def __init__(self, message: str, update: int, tensor: str) -> None:
+        super().__init__(message)
+        self.update = update
+        self.tensor = tensor
 
 
 def epsilon_at(agent_step: int, start: float, end: float, decay_agent_steps: int) -> float:
@@ -87,6 +98,11 @@ class Learner:
         device = next(q_network.parameters()).device
         self._metric_sum = torch.zeros(len(METRICS), device=device)
         self._metric_count = 0
+        self._bad_code = torch.zeros((), dtype=torch.long, device=device)  # 0 ok, else a key of _WHAT
+        self._bad_update = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_names = torch.zeros(0, dtype=torch.bool, device=device)
+        self._names = [name for name, _ in q_network.named_parameters()]
+        self._bad_name_list: list[str] = []
 
     def sync_target(self) -> None:
         """Copy the online network (parameters and buffers) into the target network."""
@@ -106,22 +122,79 @@ class Learner:
         return loss, (target - q_taken).detach(), q_taken.detach(), target
 
     def update(self, batch: ReplayBatch) -> None:
-        """One gradient step on ``batch``; syncs the target every ``target_update_every_updates``."""
+        """One gradient step on ``batch``; syncs the target every ``target_update_every_updates``.
+
+        A step whose loss, gradients or resulting parameters are not finite is undone on the device
+        (parameters, optimizer moments and float buffers are restored with ``torch.where``; no host
+        synchronisation) and recorded; :meth:`raise_if_nonfinite` runs every ``NONFINITE_CHECK_EVERY``
+        updates and raises :class:`NonFiniteError`, so a run stops within a few updates."""
         loss, td_error, q_taken, target = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in self.q_network.parameters() if p.grad is not None]
+        named = [(n, p) for n, p in zip(self._names, self.q_network.parameters(), strict=True) if p.grad is not None]
+        params = [p for _, p in named]
+        grad_norms = torch.stack(torch._foreach_norm([p.grad for p in params]))
         if self.config.max_grad_norm is not None:
             grad_norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            grad_norm = torch.linalg.vector_norm(grad_norms)
+        saved = [t.detach().clone() for t in self._state_tensors()]
         self.optimizer.step()
+        param_norms = torch.stack(torch._foreach_norm(params))
+        self._guard(loss.detach(), grad_norms, param_norms, [n for n, _ in named], saved)
         self.updates += 1
         if self.updates % self.config.target_update_every_updates == 0:
             self.sync_target()
         row = torch.stack([loss.detach(), td_error.abs().mean(), q_taken.mean(), grad_norm, target.mean()])
-        self._metric_sum += row
+        self._metric_sum += torch.nan_to_num(row)
         self._metric_count += 1
+        if self.updates % NONFINITE_CHECK_EVERY == 0:
+            self.raise_if_nonfinite()
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Everything an optimizer step (or a forward with batch statistics) changes, on the parameters' device."""
+        device = self._metric_sum.device
+        out = [p.data for p in self.q_network.parameters()]
+        out += [b for b in self.q_network.buffers() if b.is_floating_point()]
+        for state in self.optimizer.state.values():
+            out += [t for t in state.values() if isinstance(t, Tensor) and t.device == device]
+        return out
+
+    def _guard(self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str], saved: list) -> None:
+        bad_grads, bad_params = ~torch.isfinite(grad_norms), ~torch.isfinite(param_norms)
+        code = torch.where(
+            ~torch.isfinite(loss),
+            1,
+            torch.where(bad_grads.any(), 2, torch.where(bad_params.any(), 3, 0)),
+        )
+        ok = code == 0
+        live = self._state_tensors()  # optimizer moments created by the first step are restored to zero
+        saved = saved + [torch.zeros_like(t) for t in live[len(saved) :]]
+        for t, old in zip(live, saved, strict=True):
+            t.copy_(torch.where(ok, t, old))
+        first = (self._bad_code == 0) & ~ok
+        self._bad_update = torch.where(first, self.updates + 1, self._bad_update)
+        self._bad_code = torch.where(first, code, self._bad_code)
+        mask = torch.where(code == 2, bad_grads, bad_params)
+        if self._bad_names.shape != mask.shape:
+            self._bad_names = torch.zeros_like(mask)
+            self._bad_name_list = names
+        self._bad_names = torch.where(first, mask, self._bad_names)
+
+    def raise_if_nonfinite(self) -> None:
+        """One host read of the non-finite flag; raises :class:`NonFiniteError` naming the update and tensor."""
+        code = int(self._bad_code)
+        if code == 0:
+            return
+        update = int(self._bad_update)
+        names = [n for n, bad in zip(self._bad_name_list, self._bad_names.tolist(), strict=True) if bad]
+        what = _WHAT[code] + (f" ({', '.join(names)})" if code > 1 and names else "")
+        raise NonFiniteError(
+            f"non-finite value (NaN or inf) in {what} at update {update}; that step and any later bad ones "
+            "were not applied. Lower agent.lr, set agent.max_grad_norm, or check the rewards and observations.",
+            update,
+            _WHAT[code],
+        )
 
     def read_metrics(self) -> dict[str, float]:
         """Means since the last call (one host synchronisation), ``{}`` when no update ran."""

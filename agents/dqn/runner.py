@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -32,14 +34,14 @@ import wn_rl
 from agents.dqn.config import DQNConfig, config_dict
 from agents.dqn.envs import VecEnv, make_env, protocol_settings
 from agents.dqn.evaluation import best_epoch_mean, evaluate, select_actions, write_results
-from agents.dqn.learner import Learner, epsilon_at
+from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.replay import ReplayMemory
 from wn_rl.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from wn_rl.config import ConfigError, config_diff
 from wn_rl.provenance import provenance
 
-__all__ = ["SAFE_TO_CHANGE", "Trainer", "pick_device", "run_dir_for"]
+__all__ = ["SAFE_TO_CHANGE", "EnvNonFiniteError", "Trainer", "pick_device", "run_dir_for"]
 
 SAFE_TO_CHANGE = (
     "run.total_agent_steps",
@@ -52,6 +54,26 @@ SAFE_TO_CHANGE = (
     "run.torch_threads",
     "run.runs_dir",
 )
+
+
+class EnvNonFiniteError(FloatingPointError):
+    """The environment returned a NaN or inf reward or observation."""
+
+
+def _check_env_step(obs: np.ndarray, rewards: np.ndarray, actions: np.ndarray, env: str, agent_step: int) -> None:
+    """Raise :class:`EnvNonFiniteError` naming the env, its index and the last action (host data, cheap)."""
+    bad_reward = ~np.isfinite(rewards)
+    bad_obs = ~np.isfinite(obs).reshape(len(obs), -1).all(1) if obs.dtype.kind == "f" else np.zeros_like(bad_reward)
+    if not (bad_reward.any() or bad_obs.any()):
+        return
+    i = int(np.flatnonzero(bad_reward | bad_obs)[0])
+    what = "reward" if bad_reward[i] else "observation"
+    value = rewards[i] if bad_reward[i] else "non-finite entries"
+    raise EnvNonFiniteError(
+        f"the environment {env!r} (vector index {i}) returned a non-finite {what} ({value}) after action "
+        f"{int(actions[i])} at agent step {agent_step:,}. This comes from the environment, not the learner: "
+        "fix or wrap the env (e.g. a reward/observation check); nothing from this step was stored or learned."
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -159,6 +181,8 @@ class Trainer:
         self.eval_env: VecEnv | None = None
         self.writer: SummaryWriter | None = None
         self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM: the loop stops after the current step
         self.learn_after = 0  # agent step before which no update runs (set when resuming without replay)
         self._initialized = False  # data-dependent init done (checked once, not per step)
 
@@ -214,11 +238,13 @@ class Trainer:
         _set_rng_state(state["rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
-        self.resumed_from = path
+        self.resumed_from = self.last_checkpoint = path
         return True
 
     def save(self) -> Path:
-        """Write a checkpoint of everything needed to continue (atomic; prunes old ones)."""
+        """Write a checkpoint of everything needed to continue (atomic; prunes old ones). Raises
+        :class:`NonFiniteError` instead when a non-finite step was seen: such a state is never saved."""
+        self.learner.raise_if_nonfinite()
         payload = {
             "learner": self.learner.state_dict(),
             "counters": {
@@ -241,6 +267,7 @@ class Trainer:
             payload["replay"] = self.replay.state_dict()
         path = self.run_dir / "checkpoints" / f"checkpoint_{self.agent_step:012d}.pt"
         save_checkpoint(path, payload, metadata={"agent_step": self.agent_step, "updates": self.learner.updates})
+        self.last_checkpoint = path
         prune_checkpoints(self.run_dir / "checkpoints", self.config.run.keep_checkpoints)
         return path
 
@@ -307,12 +334,23 @@ class Trainer:
             self.eval_env.close()
 
     def run(self) -> dict[str, Any]:
-        """Train until ``run.total_agent_steps``; returns a summary (steps, SPS, the paper's statistic)."""
+        """Train until ``run.total_agent_steps``; returns a summary (steps, SPS, the paper's statistic).
+
+        SIGINT/SIGTERM stop the loop after the current step; the final checkpoint is written and the
+        summary's ``interrupted`` holds the signal number (a second SIGINT raises ``KeyboardInterrupt`` at
+        once; the atomic writes leave the previous checkpoint intact). A non-finite loss, gradient,
+        parameter or environment value raises with the agent step and the last good checkpoint."""
         self.start()
         start_step, t0 = self.agent_step, time.perf_counter()
         bar = _progress(self.config.run, self.agent_step)
         try:
-            self.advance(self.config.run.total_agent_steps, bar)
+            with _stop_on_signals(self):
+                self.advance(self.config.run.total_agent_steps, bar)
+        except (NonFiniteError, EnvNonFiniteError) as exc:
+            last = self.last_checkpoint or "none written yet"
+            raise type(exc)(
+                *_with_context(exc, f"Agent step {self.agent_step:,}; last good checkpoint: {last}.")
+            ) from exc
         finally:
             self.writer.flush()
             if bar is not None:
@@ -327,15 +365,18 @@ class Trainer:
             "sps": (self.agent_step - start_step) / max(elapsed, 1e-9),
             "best_epoch_mean": best_epoch_mean(self.history),
             "run_dir": str(self.run_dir),
+            "interrupted": self.stop_signal,
+            "checkpoint": str(self.last_checkpoint),
         }
 
     def advance(self, until_agent_step: int, bar: Any = None) -> None:
         """Act, store and learn until ``until_agent_step`` (call :meth:`start` first)."""
         n, a = self.spec.num_envs, self.config.agent
-        while self.agent_step < until_agent_step:
+        while self.agent_step < until_agent_step and self.stop_signal is None:
             epsilon = epsilon_at(self.agent_step, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
             actions_host = self._act(self._obs, epsilon).cpu()
             step = self.env.step(actions_host.numpy())
+            _check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, self.agent_step)
             done = step.terminated | step.truncated
             self.replay.add(
                 self._obs,
@@ -413,6 +454,38 @@ class Trainer:
         self.writer.add_scalar("eval/best_epoch_mean", best_epoch_mean(self.history), self.agent_step)
         write_results(self.run_dir, self.history)
         return result
+
+
+def _with_context(exc: Exception, context: str) -> tuple:
+    if isinstance(exc, NonFiniteError):
+        return (f"{exc} {context}", exc.update, exc.tensor)
+    return (f"{exc} {context}",)
+
+
+class _stop_on_signals:  # noqa: N801 (a context manager used like a function)
+    """SIGINT/SIGTERM set ``trainer.stop_signal`` (the loop finishes its step, then checkpoints); a second
+    SIGINT raises ``KeyboardInterrupt`` at once. Only in the main thread; handlers are restored on exit."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.trainer.stop_signal = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: finishing the current step and writing a checkpoint (Ctrl-C again to quit now)", flush=True)
+
+    def __enter__(self) -> _stop_on_signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class _Clock:

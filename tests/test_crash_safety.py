@@ -1,0 +1,169 @@
+"""Fault injection for the native DQN (issue #5): signals, NaN/inf in the learner and the environment,
+full disks, damaged checkpoints, changed configs, bit-identical resume. Tiny CartPole/MinAtar runs on CPU."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.dqn.config import load_dqn_config
+from agents.dqn.learner import NonFiniteError
+from agents.dqn.runner import EnvNonFiniteError, Trainer
+from wn_rl import checkpoint as ck
+from wn_rl.checkpoint import CheckpointError, complete_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+CARTPOLE = str(ROOT / "configs" / "dqn" / "cartpole.yaml")
+
+
+def _cartpole_overrides(tmp_path: Path, **extra) -> list[str]:
+    base = {
+        "run.total_agent_steps": 800,
+        "agent.learning_starts_agent_steps": 200,
+        "agent.replay_capacity_transitions": 2000,
+        "eval.every_agent_steps": 0,
+        "run.log_every_agent_steps": 200,
+        "run.checkpoint_every_agent_steps": 200,
+        "run.runs_dir": str(tmp_path),
+        "run.name": "run",
+        "run.progress_bar": "false",
+        "run.device": "cpu",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _cartpole(tmp_path: Path, **extra):
+    return load_dqn_config(CARTPOLE, _cartpole_overrides(tmp_path, **extra))
+
+
+def test_absurd_learning_rate_stops_the_run_naming_step_tensor_and_checkpoint(tmp_path):
+    trainer = Trainer(_cartpole(tmp_path, **{"agent.lr": 1e30}), tmp_path / "run")
+    with pytest.raises(NonFiniteError) as info:
+        trainer.run()
+    message = str(info.value)
+    assert "non-finite value" in message and "at update" in message and "last good checkpoint" in message
+    assert info.value.update <= trainer.learner.updates <= info.value.update + 16  # stopped within a few updates
+    for p in trainer.learner.q_network.parameters():  # the bad steps were never applied
+        assert torch.isfinite(p).all()
+    for path in complete_checkpoints(tmp_path / "run" / "checkpoints"):  # and never checkpointed
+        state = ck.load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in state["learner"]["q_network"].values() if v.is_floating_point())
+        assert state["counters"]["updates"] < info.value.update
+
+
+def test_a_nan_gradient_step_is_skipped_on_the_device(tmp_path):
+    trainer = Trainer(_cartpole(tmp_path), tmp_path / "run")
+    learner = trainer.learner
+    before = {k: v.clone() for k, v in learner.q_network.state_dict().items()}
+    real_loss = learner.loss
+
+    def nan_loss(batch):
+        loss, *rest = real_loss(batch)
+        return (loss * float("nan"), *rest)
+
+    from agents.dqn.replay import ReplayBatch
+
+    n = 8
+    batch = ReplayBatch(
+        obs=torch.zeros(n, 4),
+        actions=torch.zeros(n, dtype=torch.long),
+        rewards=torch.ones(n, 1),
+        next_obs=torch.zeros(n, 4),
+        terminals=torch.zeros(n, 1, dtype=torch.bool),
+        truncations=torch.zeros(n, 1, dtype=torch.bool),
+        next_offsets=torch.ones(n, dtype=torch.long),
+        indices=torch.arange(n),
+    )
+    learner.loss = nan_loss
+    learner.update(batch)  # no exception yet: the flag is read every few updates, not per update
+    after = learner.q_network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.count_nonzero(t) == 0 for s in learner.optimizer.state.values() for t in s.values())
+    with pytest.raises(NonFiniteError, match=r"in the loss at update 1"):
+        learner.raise_if_nonfinite()
+
+
+def test_nan_reward_is_reported_as_coming_from_the_environment(tmp_path):
+    trainer = Trainer(_cartpole(tmp_path), tmp_path / "run")
+    real_step = trainer.env.step
+    calls = {"n": 0}
+
+    def step(actions):
+        result = real_step(actions)
+        calls["n"] += 1
+        if calls["n"] == 120:
+            result.rewards[2] = np.nan
+        return result
+
+    trainer.env.step = step
+    with pytest.raises(EnvNonFiniteError) as info:
+        trainer.run()
+    message = str(info.value)
+    assert "environment 'CartPole-v1' (vector index 2)" in message and "non-finite reward" in message
+    assert "after action" in message and "agent step 476" in message
+    assert "last good checkpoint" in message and "checkpoint_000000000400.pt" in message
+
+
+def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_cartpole(tmp_path), tmp_path / "run")
+    real_save = ck.torch.save
+    calls = {"n": 0}
+
+    def save(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(ck.torch, "save", save)
+    with pytest.raises(CheckpointError, match=r"checkpoint_000000000400\.pt: No space left on device"):
+        trainer.run()
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_000000000200.pt"]
+    ck.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_000000000200.pt")
+
+
+def test_unwritable_run_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the runs directory should be")  # fails even as root
+    trainer = Trainer(_cartpole(tmp_path / "blocker"), tmp_path / "blocker" / "run")
+    with pytest.raises(OSError, match="blocker/run"):
+        trainer.run()
+
+
+def _script(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_dqn.py"), "--config", CARTPOLE]
+    cmd += _cartpole_overrides(tmp_path, **{"run.total_agent_steps": 10**7, "run.checkpoint_every_agent_steps": 10**6})
+    return subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_training(proc: subprocess.Popen, run_dir: Path, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "tb").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # well inside the loop (and past the learning start)
+    assert proc.poll() is None, proc.communicate()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_checkpoints_and_exits_with_the_convention(tmp_path, sig, code):
+    proc = _script(tmp_path)
+    _wait_for_training(proc, tmp_path / "run")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    summary = json.loads(out[out.index("{") :])
+    assert summary["interrupted"] == sig and 0 < summary["agent_steps"] < 10**7
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert saved and saved[-1].name == f"checkpoint_{summary['agent_steps']:012d}.pt"
+    assert ck.load_checkpoint(saved[-1])["counters"]["agent_step"] == summary["agent_steps"]
