@@ -6,7 +6,11 @@
 Overrides are YAML values, nested with dots: ``total_timesteps=20000 eval.freq=5000
 policy_kwargs.parameterization=normal``. ``--resume`` continues the newest complete model of a run
 directory (its checkpoints or final model) with the step counter continued, using the run's
-``config.yaml`` unless ``--config`` is given. Watch with ``tensorboard --logdir runs/sb3``.
+``config.yaml`` unless ``--config`` is given; a changed config is refused (except total_timesteps and the
+logging, checkpoint and evaluation intervals) unless ``--force``. Watch with ``tensorboard --logdir runs/sb3``.
+
+Exit codes: 0 done; 2 bad config or input; 1 a model could not be written; 130 after SIGINT and 143
+after SIGTERM, with the model saved first (a second Ctrl-C quits at once; earlier files stay intact).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (e.g. configs/sb3/dqn_cartpole_wn.yaml)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its newest model")
+    parser.add_argument("--force", action="store_true", help="resume even if the config changed")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots)")
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_sb3_config(args.config, args.overrides)
             run_dir = run_dir_for(config)
-        run = SB3Run(config, run_dir, resume=bool(args.resume))
+        run = SB3Run(config, run_dir, resume=bool(args.resume), force=args.force)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -47,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted again: quit without saving; the previous files are intact", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=1))
+    if summary["interrupted"] is not None:
+        print(f"stopped by a signal; resume with: python scripts/train_sb3.py --resume {run_dir}", file=sys.stderr)
+        return 128 + summary["interrupted"]
     return 0
 
 

@@ -7,7 +7,12 @@ import importlib.util
 import io
 import json
 import re
+import signal
+import threading
 import time
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +26,26 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 from wn_rl.checkpoint import atomic_write_bytes
-from wn_rl.config import ConfigError, config_to_dict
+from wn_rl.config import ConfigError, config_diff, config_to_dict
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
 from wn_rl.sb3.envs import make_env
 from wn_rl.sb3.init import has_init_flags
 
-__all__ = ["AtomicCheckpointCallback", "SB3Run", "latest_model", "run_dir_for"]
+__all__ = ["SAFE_TO_CHANGE", "AtomicCheckpointCallback", "SB3Run", "latest_model", "run_dir_for"]
+
+SAFE_TO_CHANGE = (
+    "total_timesteps",
+    "log_interval",
+    "checkpoint_freq",
+    "wn_stats_freq",
+    "eval.freq",
+    "progress_bar",
+    "verbose",
+    "device",
+    "torch_threads",
+    "runs_dir",
+)
 
 TB_LOG_NAME = "tb"
 _CHECKPOINT = re.compile(r"^model_(\d+)_steps\.zip$")
@@ -39,9 +57,20 @@ def run_dir_for(config: SB3Config) -> Path:
     return Path(config.runs_dir) / (config.run_name or default)
 
 
+def _zip_ok(path: Path) -> str | None:
+    """``None`` when ``path`` is a complete zip whose members pass their CRC checks, else the problem."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as exc:
+        return f"not a readable zip ({exc})"
+    return None if bad is None else f"member {bad} fails its CRC check"
+
+
 def latest_model(run_dir: Path) -> Path | None:
     """The newest complete model of a run: the checkpoint with the most steps, or ``final_model.zip``
-    when its recorded step count (``final_steps.json``) is at least as large."""
+    when its recorded step count (``final_steps.json``) is at least as large. A truncated or corrupted
+    zip is skipped with a warning that names it, falling back to the previous one."""
     candidates: list[tuple[float, Path]] = []
     for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
         match = _CHECKPOINT.match(path.name)
@@ -50,7 +79,12 @@ def latest_model(run_dir: Path) -> Path | None:
     final, final_steps = run_dir / "final_model.zip", run_dir / "final_steps.json"
     if final.is_file() and final_steps.is_file():
         candidates.append((json.loads(final_steps.read_text())["num_timesteps"] + 0.5, final))
-    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        problem = _zip_ok(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping damaged model {path}: {problem}; falling back to the previous one", stacklevel=2)
+    return None
 
 
 def replay_buffer_path(model_path: Path) -> Path:
@@ -108,6 +142,35 @@ class AtomicCheckpointCallback(BaseCallback):
         return path
 
 
+class _StopOnSignal(BaseCallback):
+    """SIGINT/SIGTERM end ``learn`` after the current step (the final model is then saved atomically);
+    a second SIGINT raises ``KeyboardInterrupt`` at once. Handlers are installed only in the main thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to quit now)")
+
+    def _on_training_start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _on_training_end(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _on_step(self) -> bool:
+        return self.signum is None
+
+
 class _HyperparameterText(BaseCallback):
     """Write the config as a text table to TensorBoard at training start (CleanRL's habit)."""
 
@@ -138,9 +201,12 @@ class SB3Run:
     """One training run: ``SB3Run(config, run_dir).train()``; ``resume=True`` continues the newest
     complete model in ``run_dir`` with its step counter (and replay buffer, if one was saved)."""
 
-    def __init__(self, config: SB3Config, run_dir: Path, *, resume: bool = False) -> None:
+    def __init__(self, config: SB3Config, run_dir: Path, *, resume: bool = False, force: bool = False) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.stop = _StopOnSignal()
+        if resume:
+            self._check_resume_config(force)
         self.resume_from = latest_model(self.run_dir) if resume else None
         if resume and self.resume_from is None:
             raise ConfigError(f"--resume {self.run_dir}: no checkpoint or final model found in this run directory")
@@ -149,6 +215,21 @@ class SB3Run:
         ):
             raise ConfigError(
                 "progress_bar=true needs tqdm and rich (pip install -e '.[sb3]'); or set progress_bar=false"
+            )
+
+    def _check_resume_config(self, force: bool) -> None:
+        """Refuse to resume with a config that differs from the run's ``config.yaml`` in any key outside
+        :data:`SAFE_TO_CHANGE`, unless ``force``."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        old = yaml.safe_load(saved.read_text())
+        diff = {k: v for k, v in config_diff(old, config_to_dict(self.config)).items() if k not in SAFE_TO_CHANGE}
+        if diff and not force:
+            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"{self.run_dir} holds a run with a different config:\n{lines}\n"
+                "Resume with the saved config, start a new run (run_name=...), or pass --force to resume anyway."
             )
 
     def _write_run_files(self) -> None:
@@ -198,7 +279,7 @@ class SB3Run:
 
     def _callbacks(self, model: BaseAlgorithm) -> list[BaseCallback]:
         config = self.config
-        callbacks: list[BaseCallback] = [_HyperparameterText(config)]
+        callbacks: list[BaseCallback] = [self.stop, _HyperparameterText(config)]
         wn_policy = has_init_flags(model.policy)
         if config.init.enabled and wn_policy:
             callbacks.append(DataDependentInitCallback(config.init.n_samples, verbose=config.verbose))
@@ -267,4 +348,5 @@ class SB3Run:
             "num_timesteps": model.num_timesteps,
             "seconds": round(seconds, 2),
             "steps_per_second": round((model.num_timesteps - start_steps) / seconds, 1) if seconds else None,
+            "interrupted": self.stop.signum,
         }
