@@ -167,3 +167,19 @@ def test_signal_finishes_the_step_checkpoints_and_exits_with_the_convention(tmp_
     saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert saved and saved[-1].name == f"checkpoint_{summary['agent_steps']:012d}.pt"
     assert ck.load_checkpoint(saved[-1])["counters"]["agent_step"] == summary["agent_steps"]
+
+
+def test_a_committed_version_1_checkpoint_keeps_loading_and_resumes(tmp_path):
+    data = ROOT / "tests" / "data" / "dqn_checkpoint_v1"
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_bytes((data / "config.yaml").read_bytes())
+    for name in ("checkpoint_000000000400.pt", "checkpoint_000000000400.pt.complete.json"):
+        (run_dir / "checkpoints" / name).write_bytes((data / name).read_bytes())
+    raw = torch.load(data / "checkpoint_000000000400.pt", weights_only=True)
+    assert raw["format_version"] == 1
+    config = load_dqn_config(str(run_dir / "config.yaml"), [f"run.runs_dir={tmp_path}", "run.total_agent_steps=480"])
+    trainer = Trainer(config, run_dir)
+    with pytest.warns(UserWarning, match="resumed from .*checkpoint_000000000400.pt at agent step 400"):
+        summary = trainer.run()
+    assert summary["agent_steps"] == 480 and summary["interrupted"] is None
