@@ -1,0 +1,26 @@
+"""The Python snippets of README.md's quick start run as written (a newcomer copies them verbatim)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _quick_start_snippets() -> list[str]:
+    text = README.read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_quick_start_python_snippets_run():
+    snippets = _quick_start_snippets()
+    assert len(snippets) >= 2
+    for snippet in snippets:
+        namespace: dict = {}
+        exec(compile(snippet, str(README), "exec"), namespace)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line)
+    assert command.strip() in README.read_text()
