@@ -30,9 +30,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
-__all__ = ["ConfigError", "check", "config_diff", "config_to_dict", "load_config", "parse_overrides"]
+__all__ = [
+    "ConfigError",
+    "check",
+    "config_diff",
+    "config_to_dict",
+    "load_config",
+    "parse_overrides",
+    "resolve_device",
+]
 
 T = TypeVar("T")
 
@@ -226,3 +235,17 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
         elif a != b:
             diff[name] = (a, b)
     return diff
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """A config's device value: ``"auto"`` is CUDA when available, else the CPU; an explicit device is
+    checked to exist, with an error naming the config ``key``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"{key}={name!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name!r} but no CUDA device is available here; use {key}=auto or cpu")
+    return device

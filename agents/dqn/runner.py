@@ -38,7 +38,7 @@ from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.replay import ReplayMemory
 from wn_rl.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from wn_rl.config import ConfigError, config_diff
+from wn_rl.config import ConfigError, config_diff, resolve_device
 from wn_rl.provenance import provenance
 
 __all__ = ["SAFE_TO_CHANGE", "EnvNonFiniteError", "Trainer", "pick_device", "run_dir_for"]
@@ -77,13 +77,8 @@ def _check_env_step(obs: np.ndarray, rewards: np.ndarray, actions: np.ndarray, e
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=auto or cpu")
-    return device
+    """``run.device``: ``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
+    return resolve_device(name, "run.device")
 
 
 def run_dir_for(config: DQNConfig, config_name: str) -> Path:

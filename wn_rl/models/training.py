@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wn_rl.config import config_to_dict
+from wn_rl.config import config_to_dict, resolve_device
 from wn_rl.init import initializable_layers
 from wn_rl.layers import WNLayer
 
@@ -30,16 +30,6 @@ __all__ = [
     "run_name",
     "save_checkpoint",
 ]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; anything else is passed to ``torch.device`` and checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was requested but CUDA is not available here; use device=cpu or auto")
-    return device
 
 
 def run_name(experiment: str, parameterization: str, seed: int) -> str:
