@@ -39,6 +39,7 @@ __all__ = [
     "config_diff",
     "config_to_dict",
     "load_config",
+    "flatten_config",
     "parse_overrides",
     "resolve_device",
 ]
@@ -222,6 +223,18 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(config)
+
+
+def flatten_config(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"agent": {"lr": 1e-4}}`` -> ``{"agent.lr": 1e-4}``: dotted keys, e.g. for a hyperparameter
+    table; an empty mapping stays a value, so it still shows."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -38,7 +38,7 @@ from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.replay import ReplayMemory
 from wn_rl.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from wn_rl.config import ConfigError, config_diff, resolve_device
+from wn_rl.config import ConfigError, config_diff, flatten_config, resolve_device
 from wn_rl.provenance import provenance
 
 __all__ = ["SAFE_TO_CHANGE", "EnvNonFiniteError", "Trainer", "pick_device", "run_dir_for"]
@@ -212,7 +212,7 @@ class Trainer:
 
     def _log_hparams(self) -> None:
         rows = ["| key | value |", "| --- | --- |"]
-        flat = _flatten(config_dict(self.config))
+        flat = flatten_config(config_dict(self.config))
         rows += [f"| {k} | {v} |" for k, v in flat.items()]
         rows += [f"| env.resolved.{k} | {v} |" for k, v in self.spec.settings.items()]
         rows.append(f"| device | {self.device} |")
@@ -502,13 +502,3 @@ def _progress(run: Any, start: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=run.total_agent_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

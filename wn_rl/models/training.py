@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wn_rl.config import config_to_dict, resolve_device
+from wn_rl.config import config_to_dict, flatten_config, resolve_device
 from wn_rl.init import initializable_layers
 from wn_rl.layers import WNLayer
 
@@ -42,19 +42,9 @@ def open_writer(log_dir: str | Path, name: str, config: Any):
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(Path(log_dir) / name))
-    rows = "\n".join(f"|{k}|{v}|" for k, v in _flatten(config_to_dict(config)).items())
+    rows = "\n".join(f"|{k}|{v}|" for k, v in flatten_config(config_to_dict(config)).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
     return writer
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -26,7 +26,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 from wn_rl.checkpoint import atomic_write_bytes
-from wn_rl.config import ConfigError, config_diff, config_to_dict
+from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
 from wn_rl.sb3.envs import make_env
@@ -179,22 +179,12 @@ class _HyperparameterText(BaseCallback):
         self.config = config
 
     def _on_training_start(self) -> None:
-        rows = _flatten(config_to_dict(self.config))
+        rows = flatten_config(config_to_dict(self.config))
         table = "|key|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items())
         self.logger.record("hyperparameters", table, exclude=("stdout", "log", "json", "csv"))
 
     def _on_step(self) -> bool:
         return True
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class SB3Run:
