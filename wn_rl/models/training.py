@@ -8,7 +8,6 @@ The experiment loops (:mod:`wn_rl.models.cifar_experiment`, :mod:`wn_rl.models.v
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wn_rl import checkpoint
 from wn_rl.config import config_to_dict, flatten_config, resolve_device
 from wn_rl.init import initializable_layers
 from wn_rl.layers import WNLayer
@@ -48,13 +48,11 @@ def open_writer(log_dir: str | Path, name: str, config: Any):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` with ``torch.save`` atomically: to a temporary file, then renamed into place."""
+    """Write ``payload`` with the project's crash-safe checkpoint writer (temporary file, fsync, rename,
+    completion marker; see :mod:`wn_rl.checkpoint`), creating the directory first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return checkpoint.save_checkpoint(path, payload)
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = True) -> Iterator[Tensor]:
