@@ -8,6 +8,11 @@ on a GPU (compiled), and no slower than PyTorch's own.
 
     python scripts/bench_wn_overhead.py                       # CPU, eager
     python scripts/bench_wn_overhead.py --device cuda --compile --out results.json
+    python scripts/bench_wn_overhead.py --threads 1 --clock cpu    # a shared CPU: time the process's CPU use
+
+``--clock cpu`` times each step by the process's CPU time (``time.process_time``) instead of wall time:
+on a machine shared with other jobs that removes the time spent waiting for a core, the largest source
+of noise there (cache and memory-bandwidth contention remain).
 """
 
 from __future__ import annotations
@@ -103,17 +108,18 @@ def bench_case(
         for _ in range(args.warmup):
             steps[variant]()
     synchronize(device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)
     for _ in range(args.reps):
         random.shuffle(order)
         for variant in order:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(args.steps):
                 steps[variant]()
             synchronize(device)
-            times[variant].append((time.perf_counter() - start) / args.steps)
+            times[variant].append((clock() - start) / args.steps)
     medians = {v: statistics.median(t) for v, t in times.items()}
     return {
         "case": name,
@@ -135,9 +141,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps timed per repetition")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--cases", default="nature32,nature64,cifar100", help="comma-separated cases")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time or process CPU time")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu measures host CPU time, which says nothing about GPU work; use --clock wall")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
     # Every (case, variant) is its own compiled graph: without a higher limit dynamo silently falls
@@ -175,6 +184,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
+        "clock": args.clock,
         "compile": args.compile_mode if args.compile else None,
         "combo_kernels": args.combo_kernels,
         "matmul_precision": args.matmul_precision,

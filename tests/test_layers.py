@@ -20,7 +20,12 @@ def _layers(dtype=torch.float32, scale="linear"):
         (WNConv1d(2, 3, 3, dtype=dtype, scale=scale), torch.randn(4, 2, 7, dtype=dtype)),
         (WNConv2d(2, 3, 3, padding=1, dtype=dtype, scale=scale), torch.randn(4, 2, 5, 5, dtype=dtype)),
         (WNConvTranspose2d(2, 3, 3, stride=2, dtype=dtype, scale=scale), torch.randn(4, 2, 4, 4, dtype=dtype)),
+        # big enough for the CPU's output-scaling form (wn_rl.layers._WNLinearFn)
+        (WNLinear(512, 128, dtype=dtype, scale=scale), torch.randn(4, 512, dtype=dtype)),
     ]
+
+
+LAYER_CASES = range(5)
 
 
 def _unit_slices(layer, w):
@@ -28,7 +33,7 @@ def _unit_slices(layer, w):
     return w.movedim(layer.norm_dim, 0).reshape(w.shape[layer.norm_dim], -1)
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", LAYER_CASES)
 def test_fresh_layers_follow_section_3(index):
     torch.manual_seed(0)
     layer, _ = _layers()[index]
@@ -38,7 +43,7 @@ def test_fresh_layers_follow_section_3(index):
     assert not bool(layer.initialized)
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", LAYER_CASES)
 def test_weight_norm_equals_g(index):
     torch.manual_seed(0)
     layer, _ = _layers()[index]
@@ -63,7 +68,7 @@ def test_transposed_conv_with_groups_is_refused():
         WNConvTranspose2d(4, 6, 3, groups=2)
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", LAYER_CASES)
 def test_gradients_match_equation_3_in_float64(index):
     torch.manual_seed(0)
     layer, x = _layers(torch.float64)[index]
@@ -231,7 +236,7 @@ def test_cached_computes_the_weight_once_and_keeps_gradients():
     assert cell._cached_weights is None and layer._cached_weight is None
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", LAYER_CASES)
 def test_pickle_deepcopy_and_state_dict_round_trip(index):
     torch.manual_seed(0)
     layer, x = _layers()[index]
@@ -275,3 +280,86 @@ def test_compile_matches_eager():
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
     for a, p in zip(eager_grads, net.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+
+
+def _linear_paths(layer, x):
+    """Outputs and gradients of ``layer`` through its forward and through F.linear on its materialised w."""
+    out = layer(x)
+    target = torch.randn_like(out)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad(((out - target) ** 2).sum(), params)
+    reference = nn.functional.linear(x, layer.compute_weight(), layer.bias)
+    reference_grads = torch.autograd.grad(((reference - target) ** 2).sum(), params)
+    return (out, *grads), (reference, *reference_grads)
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_scaling_equals_the_effective_weight(scale, bias):
+    torch.manual_seed(0)
+    layer = WNLinear(512, 128, bias=bias, scale=scale, dtype=torch.float64)
+    with torch.no_grad():
+        (layer.g if scale == "linear" else layer.s).uniform_(0.5, 1.5)
+    x = torch.randn(3, 2, 512, dtype=torch.float64, requires_grad=True)  # any leading dims
+    assert wn_rl.layers._scale_outputs(x, layer.v)
+    fast, reference = _linear_paths(layer, x)
+    for a, b in zip(fast, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_output_scaling_is_used_only_where_it_saves_memory_passes():
+    big = WNLinear(512, 128)
+    assert wn_rl.layers._scale_outputs(torch.randn(32, 512), big.v)
+    assert not wn_rl.layers._scale_outputs(torch.randn(600, 512), big.v)  # more rows than features
+    assert not wn_rl.layers._scale_outputs(torch.randn(32, 64), WNLinear(64, 32).v)  # a small weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not wn_rl.layers._scale_outputs(torch.randn(32, 512), big.v)
+    calls = []
+    original = wn_rl.layers._WNLinearFn.apply
+    wn_rl.layers._WNLinearFn.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        big(torch.randn(4, 512))
+        with cached(big):  # a time loop reuses one materialised weight instead
+            big(torch.randn(4, 512))
+            big(torch.randn(4, 512))
+    finally:
+        wn_rl.layers._WNLinearFn.apply = original
+    assert len(calls) == 1
+
+
+def test_output_scaling_supports_double_backward():
+    """A gradient penalty (the gradient of ||dy/dx||^2) agrees with the materialised-weight form."""
+    torch.manual_seed(0)
+    layer = WNLinear(512, 128, dtype=torch.float64)
+    with torch.no_grad():
+        layer.g.uniform_(0.5, 1.5)
+    x = torch.randn(4, 512, dtype=torch.float64, requires_grad=True)
+
+    def penalty_grads(forward):
+        (grad_x,) = torch.autograd.grad(torch.tanh(forward(x)).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), [layer.v, layer.g, layer.bias])
+
+    fast = penalty_grads(layer)
+    reference = penalty_grads(lambda x: nn.functional.linear(x, layer.compute_weight(), layer.bias))
+    for a, b in zip(fast, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_output_scaling_under_torch_func_and_compile():
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = WNLinear(512, 128)
+    x = torch.randn(8, 512)
+    params = {k: p.detach() for k, p in layer.named_parameters()}
+    grads = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad)
+    torch.testing.assert_close(vmap(layer)(x.view(2, 4, 512)), layer(x).view(2, 4, 128))
+    layer.zero_grad()
+    out = torch.compile(layer)(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, layer(x), rtol=1e-4, atol=1e-5)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-4)

@@ -78,6 +78,83 @@ def _fp32_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     return torch._weight_norm(v, g, dim)
 
 
+OUTPUT_SCALING_MIN_WEIGHTS = 2**16  # below this, the extra small ops cost more than the saved passes
+
+
+def _scale_outputs(input: Tensor, v: Tensor) -> bool:
+    """Whether a linear layer should scale its outputs instead of materialising w (:class:`_WNLinearFn`).
+
+    Only on the CPU, in fp32/fp64 without autocast, for a weight of at least
+    ``OUTPUT_SCALING_MIN_WEIGHTS`` entries and fewer input rows than input features: there the step is
+    bound by memory passes over the weight, and this form makes about half as many. On a GPU such a
+    step is bound by kernel launches instead, and the fused ``torch._weight_norm`` kernel wins.
+    """
+    return (
+        input.device.type == "cpu"
+        and v.dtype in (torch.float32, torch.float64)
+        and input.dtype == v.dtype
+        and v.numel() >= OUTPUT_SCALING_MIN_WEIGHTS
+        and input.numel() < v.shape[1] * v.shape[1]
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+class _WNLinearFn(torch.autograd.Function):
+    """y = (x v^T) * g / ||v|| + b: the WN linear layer (eq. 2) without materialising w.
+
+    Same function as ``F.linear(x, g v / ||v||, b)``. The backward is eq. (3) written for the outputs:
+    with z = x v^T and per-row s = g / ||v||, grad_s = sum_rows(grad_y * z), grad_g = grad_s / ||v||,
+    grad_v = (grad_y * s)^T x - (grad_s s / ||v||^2) v, grad_x = (grad_y * s) v. Over a large weight this
+    reads v twice less and never writes w or grad_w (see :func:`_scale_outputs` for when it is used).
+    Returns ``(y, z, ||v||)``: z and ||v|| are saved for the backward and are differentiable outputs
+    too, so the backward is itself differentiable (double backward, e.g. gradient penalties, works).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, v: Tensor, g: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        norm = torch.linalg.vector_norm(v, dim=1)
+        z = x.matmul(v.t())
+        s = g / norm
+        y = z * s if bias is None else torch.addcmul(bias, z, s)
+        return y, z, norm
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, v, g, _bias = inputs
+        _y, z, norm = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, v, g, z, norm)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor | None, grad_z: Tensor | None, grad_norm: Tensor | None) -> tuple:
+        x, v, g, z, norm = ctx.saved_tensors
+        out_features, in_features = v.shape
+        s = g / norm
+        grad_z_total = torch.zeros_like(z) if grad_y is None else grad_y * s
+        if grad_z is not None:
+            grad_z_total = grad_z_total + grad_z
+        grad_s = torch.zeros_like(norm) if grad_y is None else (grad_y * z).reshape(-1, out_features).sum(0)
+        grad_norm_total = -grad_s * s / norm  # ds/d||v|| = -g / ||v||^2
+        if grad_norm is not None:
+            grad_norm_total = grad_norm_total + grad_norm
+        grad_z_total = grad_z_total.reshape(-1, out_features)
+        grad_x = grad_v = grad_g = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_z_total.matmul(v).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # d||v||/dv = v / ||v||
+            grad_v = grad_z_total.t().matmul(x.reshape(-1, in_features))
+            radial = (grad_norm_total / norm)[:, None]
+            # in place unless a double backward records this graph (grad mode is on only then)
+            grad_v = torch.addcmul(grad_v, v, radial) if torch.is_grad_enabled() else grad_v.addcmul_(v, radial)
+        if ctx.needs_input_grad[2]:
+            grad_g = grad_s / norm
+        if ctx.needs_input_grad[3] and grad_y is not None:
+            grad_bias = grad_y.reshape(-1, out_features).sum(0)
+        return grad_x, grad_v, grad_g, grad_bias
+
+
 class WNLayer(nn.Module):
     """Shared machinery of the weight-normalized layers: parameters ``v``, ``g`` (or ``s``) and
     ``bias``, the ``initialized`` flag, the ``.weight`` property and the per-forward cache.
@@ -197,7 +274,9 @@ class WNLinear(WNLayer):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight, self.bias)
+        if self._cache_depth or not _scale_outputs(input, self.v):
+            return F.linear(input, self.weight, self.bias)
+        return _WNLinearFn.apply(input, self.v, self.g_value, self.bias)[0]
 
     def extra_repr(self) -> str:
         return (
