@@ -3,6 +3,11 @@ side by side in one run: both models train in interleaved rounds (order alternat
 so machine load hits both alike, and the script prints the per-round rates and the ratio.
 
     python scripts/bench_sb3_policies.py --env BreakoutNoFrameskip-v4 --rounds 5 --steps 2000 --threads 1
+    python scripts/bench_sb3_policies.py --threads 1 --clock cpu   # a shared machine: process CPU time
+
+``--clock cpu`` divides by the process's CPU time (``time.process_time``: network, emulator and SB3's
+Python alike) instead of wall time, which on a machine shared with other jobs removes the time spent
+waiting for a core.
 
 Both models: batch 32, one update every 4 agent steps, replay 10k, epsilon fixed at 0.05 (so 95% of
 steps run the network, as after DQN's exploration phase), updates running from the first timed step.
@@ -49,11 +54,11 @@ def build(policy: Any, env_id: str, warmup: int, seed: int) -> DQN:
     )
 
 
-def timed_learn(model: DQN, steps: int) -> float:
-    """Steps per second of ``model.learn(steps)`` (continuing the step counter)."""
-    start = time.perf_counter()
+def timed_learn(model: DQN, steps: int, clock: Any = time.perf_counter) -> float:
+    """Steps per second of ``model.learn(steps)`` (continuing the step counter), timed by ``clock``."""
+    start = clock()
     model.learn(steps, reset_num_timesteps=False)
-    return steps / (time.perf_counter() - start)
+    return steps / (clock() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1000, help="untimed agent steps before the first update")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time or process CPU time")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 4 or args.warmup < 256:
@@ -75,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         callback = DataDependentInitCallback(n_samples=256) if name == "WnCnnPolicy" else None
         model.learn(args.warmup + 200, callback=callback)
     rates: dict[str, list[float]] = {name: [] for name in models}
-    print(f"{args.env}: DQN steps/s, {args.steps} agent steps per round, torch threads {torch.get_num_threads()}")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(
+        f"{args.env}: DQN steps per {args.clock}-clock second, {args.steps} agent steps per round, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for round_index in range(args.rounds):
         order = list(models) if round_index % 2 == 0 else list(reversed(models))
         for name in order:
-            rates[name].append(timed_learn(models[name], args.steps))
+            rates[name].append(timed_learn(models[name], args.steps, clock))
         ratio = rates["WnCnnPolicy"][-1] / rates["CnnPolicy"][-1]
         print(
             f"round {round_index + 1}: CnnPolicy {rates['CnnPolicy'][-1]:6.1f}  WnCnnPolicy "
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
+        "clock": args.clock,
         "steps_per_second": rates,
         "median_steps_per_second": medians,
         "median_ratio_wn_over_plain": statistics.median(ratios),

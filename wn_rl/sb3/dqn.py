@@ -163,8 +163,11 @@ class _WnQPolicyMixin(WnPolicyOptions):
         return self.q_net_target if isinstance(self, DQNPolicy) else self.quantile_net_target
 
     def set_training_mode(self, mode: bool) -> None:
-        """SB3's switch between acting and training; drops the acting weight cache at every switch."""
-        self._online_net()._release_weight_cache()
+        """SB3's switch between acting and training. Training drops the acting weight cache; acting keeps
+        it: SB3 calls ``set_training_mode(False)`` on every ``predict``, and the cache's key (every
+        parameter's storage and version) already tells whether an update changed the weights since."""
+        if mode:
+            self._online_net()._release_weight_cache()
         super().set_training_mode(mode)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
