@@ -363,3 +363,18 @@ def test_output_scaling_under_torch_func_and_compile():
     torch.testing.assert_close(out, layer(x), rtol=1e-4, atol=1e-5)
     for name, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-4)
+
+
+def test_cached_no_grad_forward_of_a_big_linear_keeps_only_the_scale():
+    torch.manual_seed(0)
+    layer = WNLinear(512, 128)
+    with torch.no_grad():
+        layer.g.uniform_(0.5, 1.5)
+    x = torch.randn(3, 512)
+    expected = layer(x)
+    with cached(layer), torch.no_grad():
+        first, second = layer(x), layer(x)
+        assert layer._cached_weight is None and layer._cached_scale is not None
+    torch.testing.assert_close(first, expected.detach())
+    torch.testing.assert_close(second, expected.detach())
+    assert layer._cached_scale is None  # cleared on exit

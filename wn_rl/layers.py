@@ -164,6 +164,7 @@ class WNLayer(nn.Module):
     """
 
     norm_dim: int = 0
+    _cached_scale: Tensor | None = None  # g / ||v||, for no-grad forwards of a big WNLinear in `cached`
 
     def _setup_wn(
         self,
@@ -239,7 +240,7 @@ class WNLayer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # a weight cached inside `cached()` is a non-leaf tensor: it must not be pickled or deep-copied
-        return {**self.__dict__, "_cached_weight": None, "_cache_depth": 0}
+        return {**self.__dict__, "_cached_weight": None, "_cached_scale": None, "_cache_depth": 0}
 
 
 class WNLinear(WNLayer):
@@ -274,9 +275,16 @@ class WNLinear(WNLayer):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        if self._cache_depth or not _scale_outputs(input, self.v):
+        if not _scale_outputs(input, self.v):
             return F.linear(input, self.weight, self.bias)
-        return _WNLinearFn.apply(input, self.v, self.g_value, self.bias)[0]
+        if not self._cache_depth:
+            return _WNLinearFn.apply(input, self.v, self.g_value, self.bias)[0]
+        if torch.is_grad_enabled():  # a time loop with gradients: one shared w, as `cached` promises
+            return F.linear(input, self.weight, self.bias)
+        if self._cached_scale is None:  # acting: keep only g / ||v|| and never materialise w
+            self._cached_scale = self.g_value / self.v_norm().to(self.v.dtype)
+        z = input.matmul(self.v.t())
+        return z * self._cached_scale if self.bias is None else torch.addcmul(self.bias, z, self._cached_scale)
 
     def extra_repr(self) -> str:
         return (
@@ -456,6 +464,7 @@ def _cacheable(model: nn.Module) -> list[nn.Module]:
 def _clear_cache(module: nn.Module) -> None:
     module._cached_weight = None
     module._cached_weights = None
+    module._cached_scale = None
 
 
 @contextlib.contextmanager
