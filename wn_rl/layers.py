@@ -18,6 +18,7 @@ read-only property returning the effective weight.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +79,12 @@ def _fp32_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     return torch._weight_norm(v, g, dim)
 
 
+try:  # torch >= 2.4 takes the device type; older releases had a CPU-specific query
+    torch.is_autocast_enabled("cpu")
+    _cpu_autocast_enabled = functools.partial(torch.is_autocast_enabled, "cpu")
+except TypeError:  # pragma: no cover - depends on the torch version
+    _cpu_autocast_enabled = torch.is_autocast_cpu_enabled
+
 OUTPUT_SCALING_MIN_WEIGHTS = 2**16  # below this, the extra small ops cost more than the saved passes
 
 
@@ -95,7 +102,7 @@ def _scale_outputs(input: Tensor, v: Tensor) -> bool:
         and input.dtype == v.dtype
         and v.numel() >= OUTPUT_SCALING_MIN_WEIGHTS
         and input.numel() < v.shape[1] * v.shape[1]
-        and not torch.is_autocast_enabled("cpu")
+        and not _cpu_autocast_enabled()
     )
 
 
