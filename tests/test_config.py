@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config, parse_overrides
+from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config, parse_overrides, read_yaml
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,16 @@ def test_override_syntax_errors_and_missing_files(tmp_path):
         parse_overrides(["lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Train, tmp_path / "missing.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML alone (YAML 1.1) reads 1e-3 as a string; untyped values (SB3 hyperparameters) would keep it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nscale: 3E5\nname: 1e\nsteps: 10\n")
+    data = read_yaml(path)
+    assert data == {"lr": 0.001, "scale": 300000.0, "name": "1e", "steps": 10}
+    assert isinstance(data["steps"], int)
+    assert parse_overrides(["hyperparameters.learning_rate=1e-3", "grid=[1e-4, -3e-4]"]) == {
+        "hyperparameters": {"learning_rate": 0.001},
+        "grid": [0.0001, -0.0003],
+    }
