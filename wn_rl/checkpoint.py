@@ -33,6 +33,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "remove_incomplete",
     "save_checkpoint",
 ]
 
@@ -227,3 +228,18 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "ch
             path.unlink()
         removed.append(path)
     return removed
+
+
+def remove_incomplete(directory: str | os.PathLike, prefix: str = "checkpoint_") -> list[Path]:
+    """Delete what writers killed mid-way left in ``directory``: temporary files (``.NAME.tmp-PID``) and
+    checkpoints without a completion marker (invisible to every reader). Call it only while no other
+    process writes to ``directory`` (at the start of a run). Returns the deleted paths."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(f".{prefix}*.tmp-*") if p.is_file()]
+    stale += [p for p in directory.glob(f"{prefix}*.pt") if not _marker(p).exists()]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale

@@ -39,7 +39,14 @@ from agents.dqn.evaluation import best_epoch_mean, evaluate, select_actions, wri
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.replay import ReplayMemory
-from wn_rl.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from wn_rl.checkpoint import (
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_incomplete,
+    save_checkpoint,
+)
 from wn_rl.config import ConfigError, config_diff, flatten_config, resolve_device
 from wn_rl.provenance import provenance
 
@@ -360,6 +367,9 @@ class Trainer:
     def start(self) -> None:
         """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
         self._write_run_files()
+        removed = remove_incomplete(self.run_dir / "checkpoints")  # left by a process killed while writing
+        if removed:
+            print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
         resumed = self.resume()
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
         why_fresh = self._continue_games() if resumed else "a new run"
