@@ -157,6 +157,18 @@ def test_games_that_cannot_be_saved_warn_and_resume_with_fresh_games(tmp_path):
     assert summary["agent_steps"] == 400
 
 
+def test_a_forced_resume_with_changed_env_settings_starts_fresh_games(tmp_path):
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    Trainer(config, tmp_path / "run").run()
+    changed = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "env.max_episode_steps": 50})
+    trainer = Trainer(changed, tmp_path / "run", force=True)
+    with pytest.warns(
+        UserWarning, match=r"fresh games \(.*env settings changed since the checkpoint: max_episode_steps"
+    ):
+        trainer.run()
+    assert trainer.env.env.envs[0]._max_episode_steps == 50  # the new setting holds
+
+
 def _soak_command(tmp_path: Path) -> list[str]:
     overrides = {
         "run.total_agent_steps": 800,

@@ -85,6 +85,22 @@ def _check_env_step(obs: np.ndarray, rewards: np.ndarray, actions: np.ndarray, e
     )
 
 
+def _games_for_config(loop: dict | None, saved: dict, now: dict) -> dict | None:
+    """``loop`` without the saved games whose env settings changed since (a resume forced past the config
+    check): restoring them would bring back the old settings (time limit, sticky actions...)."""
+    if loop is None or "games" not in loop:
+        return loop
+    loop = dict(loop)
+    eval_keys = ("num_envs", "max_episode_steps", "max_episode_frames")
+    if any(saved["eval"].get(k) != now["eval"].get(k) for k in eval_keys):
+        loop.pop("eval_games", None)  # evaluation builds a fresh env
+    if saved["env"] != now["env"]:
+        changed = sorted(k for k in now["env"] if saved["env"].get(k) != now["env"][k])
+        loop.pop("games")
+        loop["games_missing"] = f"env settings changed since the checkpoint: {', '.join(changed)}"
+    return loop
+
+
 def pick_device(name: str) -> torch.device:
     """``run.device``: ``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
     return resolve_device(name, "run.device")
@@ -245,7 +261,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
-        self._saved_loop = state.get("loop")
+        self._saved_loop = _games_for_config(state.get("loop"), state["config"], config_dict(self.config))
         self.resumed_from = self.last_checkpoint = path
         return True
 
