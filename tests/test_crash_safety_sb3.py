@@ -80,6 +80,16 @@ def test_damaged_newest_model_falls_back_to_the_previous_one_and_says_so(trained
     assert DQN.load(found).num_timesteps == 400
 
 
+def test_a_resumed_run_removes_temporary_files_of_killed_writes(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained / "run"), str(run_dir)], check=True)
+    left = [run_dir / "checkpoints" / ".model_600_steps.zip.tmp-4242", run_dir / ".final_model.zip.tmp-4242"]
+    for path in left:
+        path.write_bytes(b"PK\x03\x04 half a zip")
+    summary = SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path)), run_dir, resume=True).train()
+    assert summary["num_timesteps"] == 400 and not any(path.exists() for path in left)
+
+
 def test_sigterm_saves_the_model_and_exits_143(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "scripts" / "train_sb3.py"), "--config", CONFIG]

@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "prune_checkpoints",
     "remove_incomplete",
+    "remove_temporaries",
     "save_checkpoint",
 ]
 
@@ -237,8 +238,18 @@ def remove_incomplete(directory: str | os.PathLike, prefix: str = "checkpoint_")
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.glob(f".{prefix}*.tmp-*") if p.is_file()]
-    stale += [p for p in directory.glob(f"{prefix}*.pt") if not _marker(p).exists()]
+    stale = [p for p in directory.glob(f"{prefix}*.pt") if not _marker(p).exists()]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return remove_temporaries(directory, prefix) + stale
+
+
+def remove_temporaries(directory: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Delete the temporary files (``.NAME.tmp-PID``) that writers killed before their rename left in
+    ``directory`` (names starting with ``prefix``). Only while no other process writes there."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(f".{prefix}*.tmp-*") if p.is_file()] if directory.is_dir() else []
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

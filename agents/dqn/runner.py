@@ -306,6 +306,7 @@ class Trainer:
             "episode_returns": torch.from_numpy(self.tracker.returns.copy()),
             "episode_lengths": torch.from_numpy(self.tracker.lengths.copy()),
             "recent_returns": list(self.tracker.recent),
+            "finished_episodes": [list(episode) for episode in self.tracker.finished],  # not yet logged
         }
         try:
             loop["games"] = self.env.env_state()
@@ -344,6 +345,7 @@ class Trainer:
         self.tracker.returns[:] = loop["episode_returns"].numpy()
         self.tracker.lengths[:] = loop["episode_lengths"].numpy()
         self.tracker.recent.extend(loop["recent_returns"])
+        self.tracker.finished = [(float(r), int(n)) for r, n in loop.get("finished_episodes", [])]
         return None
 
     # ----- the loop --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
-from wn_rl.checkpoint import atomic_write_bytes
+from wn_rl.checkpoint import atomic_write_bytes, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
@@ -328,6 +328,8 @@ class SB3Run:
             th.set_num_threads(config.torch_threads)
         if self.resume_from is None:
             self._write_run_files()
+        for directory in (self.run_dir, self.run_dir / "checkpoints"):
+            remove_temporaries(directory)  # left by a process killed while writing
         env = self._make_env(config.n_envs, config.seed, subprocess=config.subprocess_envs)
         model = self._make_model(env)
         start_steps = model.num_timesteps
