@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import threading
 import time
@@ -39,6 +38,15 @@ from agents.dqn.evaluation import best_epoch_mean, evaluate, select_actions, wri
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.replay import ReplayMemory
+from agents.dqn.run_state import (
+    games_for_config,
+    games_state,
+    loop_state,
+    restore_tracker,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from wn_rl.checkpoint import (
     atomic_write_bytes,
     latest_checkpoint,
@@ -85,22 +93,6 @@ def _check_env_step(obs: np.ndarray, rewards: np.ndarray, actions: np.ndarray, e
     )
 
 
-def _games_for_config(loop: dict | None, saved: dict, now: dict) -> dict | None:
-    """``loop`` without the saved games whose env settings changed since (a resume forced past the config
-    check): restoring them would bring back the old settings (time limit, sticky actions...)."""
-    if loop is None or "games" not in loop:
-        return loop
-    loop = dict(loop)
-    eval_keys = ("num_envs", "max_episode_steps", "max_episode_frames")
-    if any(saved["eval"].get(k) != now["eval"].get(k) for k in eval_keys):
-        loop.pop("eval_games", None)  # evaluation builds a fresh env
-    if saved["env"] != now["env"]:
-        changed = sorted(k for k in now["env"] if saved["env"].get(k) != now["env"][k])
-        loop.pop("games")
-        loop["games_missing"] = f"env settings changed since the checkpoint: {', '.join(changed)}"
-    return loop
-
-
 def pick_device(name: str) -> torch.device:
     """``run.device``: ``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
     return resolve_device(name, "run.device")
@@ -111,33 +103,6 @@ def run_dir_for(config: DQNConfig, config_name: str) -> Path:
     r, e = config.run, config.env
     name = r.name or f"{config_name}__{e.suite}-{e.name}__{config.network.parameterization}__seed{r.seed}"
     return Path(r.runs_dir) / name.replace("/", "_")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in np_state["state"].items()}
-    state["numpy"] = json.dumps(np_state)
-    if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = json.loads(state["numpy"])
-    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class EpisodeTracker:
@@ -175,7 +140,7 @@ class Trainer:
         if config.run.torch_threads is not None:
             torch.set_num_threads(config.run.torch_threads)
         self._check_resume_config(force)
-        _seed_everything(config.run.seed)
+        seed_everything(config.run.seed)
         self.env: VecEnv = make_env(config.env)
         self.spec = self.env.spec
         self.terminal_on_life_loss = self.spec.suite == "atari" and bool(
@@ -258,10 +223,10 @@ class Trainer:
         self.tracker.episodes = int(counters["episodes"])
         self.learn_after = int(counters.get("learn_after", 0))
         self.history = list(state["history"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
-        self._saved_loop = _games_for_config(state.get("loop"), state["config"], config_dict(self.config))
+        self._saved_loop = games_for_config(state.get("loop"), state["config"], config_dict(self.config))
         self.resumed_from = self.last_checkpoint = path
         return True
 
@@ -280,7 +245,7 @@ class Trainer:
             },
             "loop": self._loop_state(),
             "history": self.history,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": config_dict(self.config),
             "env": {
                 "n_actions": self.spec.n_actions,
@@ -298,22 +263,11 @@ class Trainer:
         return path
 
     def _loop_state(self) -> dict[str, Any]:
-        """What the loop carries from one step to the next, and the games' states when capturable."""
-        loop: dict[str, Any] = {
-            "obs": self._obs.cpu(),
-            "first": self._first.clone(),
-            "final": self._final.clone(),
-            "episode_returns": torch.from_numpy(self.tracker.returns.copy()),
-            "episode_lengths": torch.from_numpy(self.tracker.lengths.copy()),
-            "recent_returns": list(self.tracker.recent),
-            "finished_episodes": [list(episode) for episode in self.tracker.finished],  # not yet logged
-        }
+        """The loop's carried state and, when the envs can capture it, the games' states."""
+        loop = loop_state(self._obs, self._first, self._final, self.tracker)
         try:
-            loop["games"] = self.env.env_state()
-            if self.eval_env is not None:
-                loop["eval_games"] = self.eval_env.env_state()
+            loop.update(games_state(self.env, self.eval_env))
         except EnvStateError as exc:
-            loop.pop("games", None)
             loop["games_missing"] = str(exc)
             if self._env_state_problem is None:
                 self._env_state_problem = str(exc)
@@ -342,10 +296,7 @@ class Trainer:
             return f"the saved game state does not fit this env: {exc}"
         self._obs = loop["obs"].to(self.device)
         self._first, self._final = loop["first"].clone(), loop["final"].clone()
-        self.tracker.returns[:] = loop["episode_returns"].numpy()
-        self.tracker.lengths[:] = loop["episode_lengths"].numpy()
-        self.tracker.recent.extend(loop["recent_returns"])
-        self.tracker.finished = [(float(r), int(n)) for r, n in loop.get("finished_episodes", [])]
+        restore_tracker(self.tracker, loop)
         return None
 
     # ----- the loop --------------------------------------------------------------------------------
