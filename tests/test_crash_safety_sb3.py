@@ -32,6 +32,7 @@ def _overrides(tmp_path: Path, **extra) -> list[str]:
         "total_timesteps": 400,
         "hyperparameters.learning_starts": 200,
         "hyperparameters.train_freq": 4,
+        "hyperparameters.gradient_steps": 1,  # the config's 128 per rollout would dominate the test time
         "init.n_samples": 128,
         "checkpoint_freq": 200,
         "eval.freq": 0,
@@ -110,7 +111,12 @@ def test_sigterm_saves_the_model_and_exits_143(tmp_path):
 
 def test_absurd_learning_rate_stops_the_run_and_nothing_bad_is_applied_or_saved(tmp_path):
     config = load_sb3_config(
-        CONFIG, _overrides(tmp_path, total_timesteps=4000, **{"hyperparameters.learning_rate": "1.0e+30"})
+        CONFIG,
+        _overrides(
+            tmp_path,
+            total_timesteps=4000,
+            **{"hyperparameters.learning_rate": "1.0e+30", "hyperparameters.gradient_steps": 128},
+        ),
     )
     run = SB3Run(config, tmp_path / "run")
     with pytest.raises(NonFiniteTrainingError) as info:
@@ -162,8 +168,7 @@ def test_nan_reward_is_reported_as_coming_from_the_environment(tmp_path):
     env_id = "wn_rl_test/NanRewardCartPole-v1"
     if env_id not in gym.registry:
         gym.register(env_id, entry_point=lambda **kw: _NanRewardAfter(gym.make("CartPole-v1", **kw), 300))
-    overrides = _overrides(tmp_path, total_timesteps=1000, env_id=env_id, **{"hyperparameters.gradient_steps": 1})
-    config = load_sb3_config(CONFIG, overrides)
+    config = load_sb3_config(CONFIG, _overrides(tmp_path, total_timesteps=1000, env_id=env_id))
     run = SB3Run(config, tmp_path / "run")
     with pytest.raises(EnvNonFiniteError) as info:
         run.train()
