@@ -135,10 +135,11 @@ def test_absurd_learning_rate_stops_the_run_and_nothing_bad_is_applied_or_saved(
         run.checkpoints.save()
 
 
-def test_a_nan_gradient_step_is_skipped_on_the_device():
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host_check", "device_only"])
+def test_a_nan_gradient_step_is_not_applied(sync_free):
     net = th.nn.Linear(3, 2)
     optimizer = th.optim.Adam(net.parameters(), lr=0.1)
-    guard = NonFiniteGuard({id(p): f"net.{n}" for n, p in net.named_parameters()})
+    guard = NonFiniteGuard({id(p): f"net.{n}" for n, p in net.named_parameters()}, sync_free=sync_free)
     guard.wrap(optimizer, "opt")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     net(th.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
@@ -151,6 +152,14 @@ def test_a_nan_gradient_step_is_skipped_on_the_device():
     net(th.ones(1, 3)).sum().backward()
     optimizer.step()  # a good step afterwards is applied
     assert not th.equal(before["weight"], net.weight)
+    good = {k: v.clone() for k, v in net.state_dict().items()}
+    for group in optimizer.param_groups:
+        group["lr"] = float("inf")  # the new parameters would be inf: the step is undone
+    optimizer.zero_grad()
+    net(th.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert all(th.equal(good[k], v) for k, v in net.state_dict().items())
+    assert guard.steps == 3
 
 
 class _NanRewardAfter(gym.Wrapper):

@@ -43,103 +43,186 @@ class EnvNonFiniteError(FloatingPointError):
     """The environment returned a NaN or inf reward or observation."""
 
 
+def _nonfinite(tensors: list[th.Tensor]) -> th.Tensor:
+    """A one-element tensor, non-zero when any of ``tensors`` holds a NaN or inf: one fused kernel (the
+    check ``torch.amp.GradScaler`` uses; the tensors are multiplied by 1, which leaves them unchanged)."""
+    found = th.zeros(1, device=tensors[0].device)
+    th._amp_foreach_non_finite_check_and_unscale_(tensors, found, th.ones(1, device=found.device))
+    return found
+
+
+def _nonfinite_mask(tensors: list[th.Tensor | None]) -> th.Tensor:
+    """Per tensor, whether it holds a NaN or inf (``None`` counts as finite), on the device."""
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    device = tensors[present[0]].device if present else "cpu"
+    mask = th.zeros(len(tensors), dtype=th.bool, device=device)
+    if present:  # 0 * x is 0 for finite x and NaN for NaN or inf
+        norms = th._foreach_norm(th._foreach_mul([tensors[i] for i in present], 0.0))
+        mask[present] = th.isnan(th.stack(norms))
+    return mask
+
+
+class _GuardedOptimizer:
+    """One optimizer's guarded ``step``: saves the state before the step and puts it back after a bad one."""
+
+    def __init__(self, guard: NonFiniteGuard, optimizer: th.optim.Optimizer, params: list, offset: int) -> None:
+        self.guard, self.optimizer, self.params, self.offset = guard, optimizer, params, offset
+        self.unguarded = optimizer.step
+        self.saved: list[th.Tensor] = []
+
+    def live(self) -> list[th.Tensor]:
+        """Everything a step changes: the parameters and the optimizer state on their device."""
+        device = self.params[0].device
+        out = [p.data for p in self.params]
+        for p in self.params:
+            state = self.optimizer.state.get(p, {})
+            out += [t for t in state.values() if isinstance(t, th.Tensor) and t.device == device]
+        return out
+
+    def save(self) -> None:
+        live = self.live()
+        if [t.shape for t in self.saved] == [t.shape for t in live]:
+            th._foreach_copy_(self.saved, live)  # into the buffers of the previous step: no allocation
+        else:
+            self.saved = [t.detach().clone() for t in live]
+
+    def restore(self, ok: th.Tensor | None = None) -> None:
+        """Put back the saved state (where ``ok`` is false, without a host read, when ``ok`` is given)."""
+        live = self.live()
+        saved = self.saved + [th.zeros_like(t) for t in live[len(self.saved) :]]  # moments the step created
+        if ok is None:
+            th._foreach_copy_(live, saved)
+            return
+        for tensor, old in zip(live, saved, strict=True):
+            tensor.copy_(th.where(ok, tensor, old))
+
+    def step(self, closure: Callable | None = None) -> Any:
+        with th.no_grad():
+            if self.guard.sync_free:
+                return self._step_on_device(closure)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads and _nonfinite(grads).item():  # a host read is free on the CPU
+                self.guard.record_host(1, _nonfinite_mask([p.grad for p in self.params]), self.offset)
+                self.guard.stepped()
+                return None
+            self.save()
+            result = self._unguarded(closure)
+            if _nonfinite([p.data for p in self.params]).item():
+                self.restore()
+                self.guard.record_host(2, _nonfinite_mask([p.data for p in self.params]), self.offset)
+            self.guard.stepped()
+            return result
+
+    def _step_on_device(self, closure: Callable | None) -> Any:
+        grad_bad = _nonfinite_mask([p.grad for p in self.params])
+        self.save()
+        result = self._unguarded(closure)
+        param_bad = _nonfinite_mask([p.data for p in self.params])
+        ok = ~(grad_bad.any() | param_bad.any())
+        self.restore(ok)
+        code = th.where(grad_bad.any(), 1, 2)
+        self.guard.record_device(ok, code, th.where(code == 1, grad_bad, param_bad), self.offset)
+        self.guard.stepped()
+        return result
+
+    def _unguarded(self, closure: Callable | None) -> Any:
+        with th.enable_grad():
+            return self.unguarded(closure) if closure is not None else self.unguarded()
+
+
 class NonFiniteGuard:
-    """Wraps optimizers so that a step with non-finite gradients or resulting parameters is undone on the
-    device; :meth:`check` (one host read) raises :class:`NonFiniteTrainingError` for the first such step.
+    """Wraps optimizers so that a step with non-finite gradients or resulting parameters is never applied;
+    :meth:`check` raises :class:`NonFiniteTrainingError` for the first such step.
+
+    On the CPU a host read costs nothing: a step with non-finite gradients is skipped, and one whose new
+    parameters are not finite is undone from a copy taken before it. On an accelerator (``sync_free``) the
+    step always runs and is undone on the device with ``torch.where``; the flag is read every
+    ``check_every`` steps and by :meth:`check`.
 
     Args:
         names: qualified parameter names by ``id(parameter)``, for the error message.
-        check_every: gradient steps between two host reads of the flag inside ``train()``.
+        check_every: gradient steps between two reads of the flag inside ``train()``.
         context: returns text appended to the error (the environment step, the last good checkpoint).
+        sync_free: undo bad steps on the device without host reads; ``None``: when the parameters are
+            not on the CPU.
     """
 
-    def __init__(self, names: dict[int, str], check_every: int = 16, context: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        names: dict[int, str],
+        check_every: int = 16,
+        context: Callable[[], str] | None = None,
+        sync_free: bool | None = None,
+    ) -> None:
         self.names = names
         self.check_every = check_every
         self.context = context
-        self.steps = 0  # guarded optimizer steps so far (all optimizers)
+        self.sync_free = sync_free
+        self.steps = 0  # guarded optimizer steps so far (all optimizers, skipped ones included)
         self._tensor_names: list[str] = []
-        self._bad_code: th.Tensor | None = None  # 0 ok, else a key of _WHAT (device scalar)
+        self._host_bad: tuple[int, int, list[bool]] | None = None  # code, step, mask of the first bad step
+        self._bad_code: th.Tensor | None = None  # the same on the device: 0 ok, else a key of _WHAT
         self._bad_step: th.Tensor | None = None
-        self._bad_mask: th.Tensor | None = None  # which of _tensor_names were bad in the first bad step
+        self._bad_mask: th.Tensor | None = None
 
     def wrap(self, optimizer: th.optim.Optimizer, label: str) -> None:
         """Guard ``optimizer.step`` (idempotent); ``label`` names the optimizer in errors."""
-        if getattr(optimizer, "_wn_rl_guard", None) is self:
-            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not params:
+        if getattr(optimizer, "_wn_rl_guard", None) is self or not params:
             return
         device = params[0].device
+        if self.sync_free is None:
+            self.sync_free = device.type != "cpu"
         if self._bad_code is None:
             self._bad_code = th.zeros((), dtype=th.long, device=device)
             self._bad_step = th.zeros((), dtype=th.long, device=device)
             self._bad_mask = th.zeros(0, dtype=th.bool, device=device)
         offset = len(self._tensor_names)
-        self._tensor_names += [
-            f"{label}: {self.names.get(id(p), f'param_groups parameter {i}')}" for i, p in enumerate(params)
-        ]
+        self._tensor_names += [f"{label}: {self.names.get(id(p), f'parameter {i}')}" for i, p in enumerate(params)]
         self._bad_mask = th.cat([self._bad_mask, th.zeros(len(params), dtype=th.bool, device=device)])
-        unguarded = optimizer.step
-
-        def step(closure: Callable | None = None) -> Any:
-            return self._guarded_step(optimizer, unguarded, params, offset, closure)
-
-        optimizer.step = step
+        optimizer.step = _GuardedOptimizer(self, optimizer, params, offset).step
         optimizer._wn_rl_guard = self
 
-    @staticmethod
-    def _state_tensors(optimizer: th.optim.Optimizer, params: list[th.Tensor]) -> list[th.Tensor]:
-        device = params[0].device
-        out = [p.data for p in params]
-        for p in params:
-            state = optimizer.state.get(p, {})
-            out += [t for t in state.values() if isinstance(t, th.Tensor) and t.device == device]
-        return out
+    def record_host(self, code: int, mask: th.Tensor, offset: int) -> None:
+        """Note a bad step found by a host read (the first one is reported)."""
+        if self._host_bad is None:
+            full = [False] * len(self._tensor_names)
+            full[offset : offset + len(mask)] = mask.tolist()
+            self._host_bad = (code, self.steps + 1, full)
 
-    def _guarded_step(self, optimizer: Any, unguarded: Callable, params: list, offset: int, closure: Any) -> Any:
-        with th.no_grad():
-            device = params[0].device
-            grad_ok = th.stack(
-                [
-                    th.isfinite(p.grad).all() if p.grad is not None else th.ones((), dtype=th.bool, device=device)
-                    for p in params
-                ]
-            )
-            saved = [t.detach().clone() for t in self._state_tensors(optimizer, params)]
-        result = unguarded(closure) if closure is not None else unguarded()
-        with th.no_grad():
-            param_ok = th.stack([th.isfinite(p).all() for p in params])
-            ok = grad_ok.all() & param_ok.all()
-            live = self._state_tensors(optimizer, params)  # moments created by this first step restart at zero
-            saved += [th.zeros_like(t) for t in live[len(saved) :]]
-            for tensor, old in zip(live, saved, strict=True):
-                tensor.copy_(th.where(ok, tensor, old))
-            self.steps += 1
-            first = (self._bad_code == 0) & ~ok
-            code = th.where(grad_ok.all(), 2, 1)
-            self._bad_step = th.where(first, self.steps, self._bad_step)
-            self._bad_code = th.where(first, code, self._bad_code)
-            mask = th.where(code == 1, ~grad_ok, ~param_ok)
-            window = self._bad_mask[offset : offset + len(params)]
-            window.copy_(th.where(first, mask, window))
+    def record_device(self, ok: th.Tensor, code: th.Tensor, mask: th.Tensor, offset: int) -> None:
+        """Note on the device whether this step was bad (the first bad one is reported)."""
+        first = (self._bad_code == 0) & ~ok
+        self._bad_step = th.where(first, self.steps + 1, self._bad_step)
+        self._bad_code = th.where(first, code, self._bad_code)
+        window = self._bad_mask[offset : offset + len(mask)]
+        window.copy_(th.where(first, mask, window))
+
+    def stepped(self) -> None:
+        self.steps += 1
         if self.steps % self.check_every == 0:
             self.check()
-        return result
+
+    def _first_bad(self) -> tuple[int, int, list[bool]] | None:
+        if self._host_bad is not None:
+            return self._host_bad
+        if self._bad_code is None or int(self._bad_code) == 0:  # one host read
+            return None
+        return int(self._bad_code), int(self._bad_step), self._bad_mask.tolist()
 
     def check(self) -> None:
-        """Raise :class:`NonFiniteTrainingError` if any guarded step was not finite (one host read)."""
-        if self._bad_code is None or int(self._bad_code) == 0:
+        """Raise :class:`NonFiniteTrainingError` if any guarded step was not finite."""
+        bad = self._first_bad()
+        if bad is None:
             return
-        code, step = int(self._bad_code), int(self._bad_step)
-        names = [n for n, bad in zip(self._tensor_names, self._bad_mask.tolist(), strict=True) if bad]
-        tensor = names[0] if names else "?"
+        code, step, mask = bad
+        names = [n for n, is_bad in zip(self._tensor_names, mask, strict=True) if is_bad]
         raise NonFiniteTrainingError(
             f"non-finite value (NaN or inf) in {_WHAT[code]} of {', '.join(names) or 'an unnamed tensor'} at "
             f"gradient step {step:,}; that step and any later bad ones were not applied. Lower the learning rate, "
             "set max_grad_norm, or check the rewards and observations." + (self.context() if self.context else ""),
             step,
-            tensor,
+            names[0] if names else "?",
         )
 
 
