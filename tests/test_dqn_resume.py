@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
 from agents.dqn.config import EnvConfig, load_dqn_config
-from agents.dqn.env_state import EnvStateError
+from agents.dqn.env_state import EnvStateError, capture, restore
 from agents.dqn.envs import make_env
 from agents.dqn.runner import Trainer
 from wn_rl.checkpoint import complete_checkpoints, load_checkpoint, read_marker
@@ -63,6 +64,27 @@ def test_saved_games_continue_identically_in_a_new_env(config):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
         same_as_fresh &= np.array_equal(a.obs, c.obs)
     assert not same_as_fresh  # the check can fail: a fresh env plays other games
+
+
+def test_state_round_trip_keeps_types_values_and_shared_objects():
+    env = gym.make("CartPole-v1")
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(0)
+    game = env.unwrapped
+    game.extra = [np.int64(3), (1.5, None, "s"), {"a": np.arange(3, dtype=np.float32), 7: np.bool_(True)}]
+    game.shared = game.np_random  # one generator reachable twice, as MinAtar's game and wrapper share one
+    game.legacy = np.random.RandomState(5)
+    state = _through_a_checkpoint(capture(env))
+    fresh = gym.make("CartPole-v1")
+    restore(fresh, state)
+    new = fresh.unwrapped
+    assert type(new.extra[0]) is np.int64 and new.extra[0] == 3 and new.extra[1] == (1.5, None, "s")
+    assert new.extra[2]["a"].dtype == np.float32 and np.array_equal(new.extra[2]["a"], [0, 1, 2])
+    assert type(new.extra[2][7]) is np.bool_
+    assert new.shared is new.np_random and new.np_random.random() == game.np_random.random()
+    assert new.legacy.randint(10**9) == game.legacy.randint(10**9)
+    assert np.array_equal(new.state, game.state) and fresh.get_wrapper_attr("_elapsed_steps") == 3
 
 
 def test_a_value_that_is_not_plain_data_fails_loudly_naming_its_path():

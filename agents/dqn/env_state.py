@@ -131,6 +131,15 @@ def _generator(encoded: dict[str, Any], path: str) -> np.random.Generator:
     return np.random.Generator(bits)
 
 
+def _item(live: Any, key: Any) -> Any:
+    """The live counterpart of a container element (objects inside lists are restored in place too)."""
+    if isinstance(live, dict):
+        return live.get(key)
+    if isinstance(live, list | tuple) and isinstance(key, int) and key < len(live):
+        return live[key]
+    return None
+
+
 def _decode(encoded: Any, live: Any, path: str, restored: dict[str, Any]) -> Any:
     """The value for ``path`` from its encoding; objects are restored in place into ``live``."""
     if not isinstance(encoded, dict):
@@ -139,7 +148,7 @@ def _decode(encoded: Any, live: Any, path: str, restored: dict[str, Any]) -> Any
     if tag == "np_scalar":
         return np.dtype(encoded["dtype"]).type(encoded["v"])
     if tag == "tuple":
-        return tuple(_decode(v, None, f"{path}[{i}]", restored) for i, v in enumerate(encoded["v"]))
+        return tuple(_decode(v, _item(live, i), f"{path}[{i}]", restored) for i, v in enumerate(encoded["v"]))
     if tag == "ref":
         if encoded["path"] not in restored:
             raise EnvStateError(f"{path} refers to {encoded['path']}, which was not restored before it")
@@ -176,12 +185,12 @@ def _decode_random_state(encoded: dict[str, Any], live: Any, path: str, restored
 
 
 def _decode_list(encoded: dict[str, Any], live: Any, path: str, restored: dict[str, Any]) -> Any:
-    return [_decode(v, None, f"{path}[{i}]", restored) for i, v in enumerate(encoded["v"])]
+    return [_decode(v, _item(live, i), f"{path}[{i}]", restored) for i, v in enumerate(encoded["v"])]
 
 
 def _decode_dict(encoded: dict[str, Any], live: Any, path: str, restored: dict[str, Any]) -> Any:
     items = zip(encoded["k"], encoded["v"], strict=True)
-    return {k: _decode(v, None, f"{path}[{k!r}]", restored) for k, v in items}
+    return {k: _decode(v, _item(live, k), f"{path}[{k!r}]", restored) for k, v in items}
 
 
 _DECODERS = {
