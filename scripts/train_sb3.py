@@ -9,8 +9,10 @@ directory (its checkpoints or final model) with the step counter continued, usin
 ``config.yaml`` unless ``--config`` is given; a changed config is refused (except total_timesteps and the
 logging, checkpoint and evaluation intervals) unless ``--force``. Watch with ``tensorboard --logdir runs/sb3``.
 
-Exit codes: 0 done; 2 bad config or input; 1 a model could not be written; 130 after SIGINT and 143
-after SIGTERM, with the model saved first (a second Ctrl-C quits at once; earlier files stay intact).
+Exit codes: 0 done; 2 bad config or input; 1 a model could not be written, or a NaN/inf stopped the run
+(the message names the step, the tensor or the environment, and the last good checkpoint; the bad step
+was not applied and nothing after it was saved); 130 after SIGINT and 143 after SIGTERM, with the model
+saved first (a second Ctrl-C quits at once; earlier files stay intact).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError
 from wn_rl.sb3.config import load_sb3_config
+from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteTrainingError
 from wn_rl.sb3.runner import SB3Run, run_dir_for
 
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
     try:
         summary = run.train()
-    except CheckpointError as exc:
+    except (CheckpointError, NonFiniteTrainingError, EnvNonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """Fault injection for the native DQN (issue #5): signals, NaN/inf in the learner and the environment,
-full disks, damaged checkpoints, changed configs, bit-identical resume. Tiny CartPole/MinAtar runs on CPU."""
+full disks, damaged checkpoints, changed configs (exact resume and the SIGKILL soak: test_dqn_resume.py).
+Tiny CartPole/MinAtar runs on CPU."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Fault injection for ``scripts/train_sb3.py`` (issue #5, where SB3 allows): a changed config is refused
-on resume unless forced, a damaged newest model falls back to the previous one, SIGTERM saves and exits 143."""
+on resume unless forced, a damaged newest model falls back to the previous one, SIGTERM saves and exits 143,
+a NaN/inf gradient step is never applied or saved and stops the run, a NaN reward is blamed on the env."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
+import torch as th
 from stable_baselines3 import DQN
 
 from wn_rl.config import ConfigError
 from wn_rl.sb3.config import load_sb3_config
+from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteGuard, NonFiniteTrainingError
 from wn_rl.sb3.runner import SB3Run, latest_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +32,7 @@ def _overrides(tmp_path: Path, **extra) -> list[str]:
         "total_timesteps": 400,
         "hyperparameters.learning_starts": 200,
         "hyperparameters.train_freq": 4,
+        "hyperparameters.gradient_steps": 1,  # the config's 128 per rollout would dominate the test time
         "init.n_samples": 128,
         "checkpoint_freq": 200,
         "eval.freq": 0,
@@ -75,6 +81,16 @@ def test_damaged_newest_model_falls_back_to_the_previous_one_and_says_so(trained
     assert DQN.load(found).num_timesteps == 400
 
 
+def test_a_resumed_run_removes_temporary_files_of_killed_writes(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained / "run"), str(run_dir)], check=True)
+    left = [run_dir / "checkpoints" / ".model_600_steps.zip.tmp-4242", run_dir / ".final_model.zip.tmp-4242"]
+    for path in left:
+        path.write_bytes(b"PK\x03\x04 half a zip")
+    summary = SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path)), run_dir, resume=True).train()
+    assert summary["num_timesteps"] == 400 and not any(path.exists() for path in left)
+
+
 def test_sigterm_saves_the_model_and_exits_143(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "scripts" / "train_sb3.py"), "--config", CONFIG]
@@ -91,3 +107,82 @@ def test_sigterm_saves_the_model_and_exits_143(tmp_path):
     summary = json.loads(out[out.index("{") :])
     assert summary["interrupted"] == signal.SIGTERM and 0 < summary["num_timesteps"] < 10**7
     assert DQN.load(tmp_path / "run" / "final_model.zip").num_timesteps == summary["num_timesteps"]
+
+
+def test_absurd_learning_rate_stops_the_run_and_nothing_bad_is_applied_or_saved(tmp_path):
+    config = load_sb3_config(
+        CONFIG,
+        _overrides(
+            tmp_path,
+            total_timesteps=4000,
+            **{"hyperparameters.learning_rate": "1.0e+30", "hyperparameters.gradient_steps": 128},
+        ),
+    )
+    run = SB3Run(config, tmp_path / "run")
+    with pytest.raises(NonFiniteTrainingError) as info:
+        run.train()
+    message = str(info.value)
+    assert "non-finite value" in message and "policy.optimizer: policy.q_net" in message
+    assert f"gradient step {info.value.step:,}" in message and "Detected at environment step" in message
+    assert info.value.step <= run.guard.guard.steps <= info.value.step + 16  # read every 16 gradient steps
+    assert all(th.isfinite(p).all() for p in run.guard.model.policy.parameters())  # bad steps were undone
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("model_*_steps.zip"))
+    assert f"last good checkpoint: {saved[-1]}" in message
+    assert not (tmp_path / "run" / "final_model.zip").exists()
+    for path in saved:
+        assert all(th.isfinite(p).all() for p in DQN.load(path).policy.parameters())
+    with pytest.raises(NonFiniteTrainingError):  # the checkpoint callback refuses to save this model
+        run.checkpoints.save()
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host_check", "device_only"])
+def test_a_nan_gradient_step_is_not_applied(sync_free):
+    net = th.nn.Linear(3, 2)
+    optimizer = th.optim.Adam(net.parameters(), lr=0.1)
+    guard = NonFiniteGuard({id(p): f"net.{n}" for n, p in net.named_parameters()}, sync_free=sync_free)
+    guard.wrap(optimizer, "opt")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net(th.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    optimizer.step()  # no exception yet: the flag is read once per rollout, not per step
+    assert all(th.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(th.count_nonzero(t) == 0 for state in optimizer.state.values() for t in state.values())
+    with pytest.raises(NonFiniteTrainingError, match=r"in the gradient of opt: net.weight at gradient step 1"):
+        guard.check()
+    optimizer.zero_grad()
+    net(th.ones(1, 3)).sum().backward()
+    optimizer.step()  # a good step afterwards is applied
+    assert not th.equal(before["weight"], net.weight)
+    good = {k: v.clone() for k, v in net.state_dict().items()}
+    for group in optimizer.param_groups:
+        group["lr"] = float("inf")  # the new parameters would be inf: the step is undone
+    optimizer.zero_grad()
+    net(th.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert all(th.equal(good[k], v) for k, v in net.state_dict().items())
+    assert guard.steps == 3
+
+
+class _NanRewardAfter(gym.Wrapper):
+    def __init__(self, env: gym.Env, steps: int) -> None:
+        super().__init__(env)
+        self.remaining = steps
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.remaining -= 1
+        return obs, (np.nan if self.remaining == 0 else reward), terminated, truncated, info
+
+
+def test_nan_reward_is_reported_as_coming_from_the_environment(tmp_path):
+    env_id = "wn_rl_test/NanRewardCartPole-v1"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=lambda **kw: _NanRewardAfter(gym.make("CartPole-v1", **kw), 300))
+    config = load_sb3_config(CONFIG, _overrides(tmp_path, total_timesteps=1000, env_id=env_id))
+    run = SB3Run(config, tmp_path / "run")
+    with pytest.raises(EnvNonFiniteError) as info:
+        run.train()
+    message = str(info.value)
+    assert "environment (vector index 0) returned a non-finite reward (nan) after action" in message
+    assert "environment step 300" in message and "model_200_steps.zip" in message
+    replay = run.guard.model.replay_buffer
+    assert np.isfinite(replay.rewards[: replay.pos]).all() and replay.pos == 299  # the NaN was never stored

@@ -101,3 +101,16 @@ def test_prune_keeps_the_newest(tmp_path):
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["checkpoint_000030.pt", "checkpoint_000040.pt"]
     assert len(list(tmp_path.iterdir())) == 4  # two files + two markers
+
+
+def test_remove_incomplete_deletes_only_what_killed_writers_left(tmp_path):
+    kept = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
+    temporary = tmp_path / ".checkpoint_000020.pt.tmp-12345"  # a write killed before its rename
+    temporary.write_bytes(b"PK\x03\x04 half a zip")
+    unmarked = tmp_path / "checkpoint_000020.pt"  # killed after the rename, before the marker
+    unmarked.write_bytes(b"complete but unmarked")
+    other = tmp_path / "notes.txt"
+    other.write_text("not ours")
+    assert sorted(ck.remove_incomplete(tmp_path)) == sorted([temporary, unmarked])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept.name, kept.name + ck.MARKER_SUFFIX, "notes.txt"])
+    assert load_checkpoint(kept)["step"] == 10

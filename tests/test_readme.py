@@ -24,3 +24,15 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
     assert command.strip() in README.read_text()
+
+
+def test_every_test_the_reliability_section_cites_exists():
+    section = README.read_text().split("## Runs that survive crashes", 1)[1].split("\n## ", 1)[0]
+    cited = set(re.findall(r"\b(test_\w+)(?:\[|`|::|\b)", section)) - {
+        name for name in re.findall(r"\b(test_\w+)\.py", section)
+    }
+    defined = set()
+    for path in (README.parent / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.MULTILINE))
+    assert len(cited) >= 15
+    assert cited <= defined, f"README cites tests that do not exist: {sorted(cited - defined)}"

@@ -33,6 +33,8 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "remove_incomplete",
+    "remove_temporaries",
     "save_checkpoint",
 ]
 
@@ -227,3 +229,28 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "ch
             path.unlink()
         removed.append(path)
     return removed
+
+
+def remove_incomplete(directory: str | os.PathLike, prefix: str = "checkpoint_") -> list[Path]:
+    """Delete what writers killed mid-way left in ``directory``: temporary files (``.NAME.tmp-PID``) and
+    checkpoints without a completion marker (invisible to every reader). Call it only while no other
+    process writes to ``directory`` (at the start of a run). Returns the deleted paths."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(f"{prefix}*.pt") if not _marker(p).exists()]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return remove_temporaries(directory, prefix) + stale
+
+
+def remove_temporaries(directory: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Delete the temporary files (``.NAME.tmp-PID``) that writers killed before their rename left in
+    ``directory`` (names starting with ``prefix``). Only while no other process writes there."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(f".{prefix}*.tmp-*") if p.is_file()] if directory.is_dir() else []
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale

@@ -148,7 +148,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     "checkpoints kept on disk (the newest)."
     save_replay: bool = False
-    "also checkpoint the replay memory (exact resume, large files)."
+    "also checkpoint the replay memory (needed for a bit-identical resume; large files)."
     progress_bar: bool = True
     "show a tqdm bar with steps, SPS and recent return."
     torch_threads: int | None = None

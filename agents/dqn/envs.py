@@ -11,6 +11,11 @@
 Every env autoresets on the *next* step (gymnasium's NEXT_STEP mode, ale-py's default): the step that
 ends an episode returns the real final observation, and the following step ignores its action and
 returns the first observation of a new episode with reward 0. :class:`StepResult` marks both.
+
+``VecEnv.env_state()`` returns the state of every game as plain data and ``load_env_state`` puts it
+back (see :mod:`agents.dqn.env_state`), so that a resumed run continues the same games bit for bit.
+MinAtar and gymnasium's own envs support it; Atari's C++ vector env and envs whose state holds other
+objects raise :class:`EnvStateError`, and a resumed run starts fresh games instead.
 """
 
 from __future__ import annotations
@@ -21,10 +26,21 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from agents.dqn.config import EnvConfig
+from agents.dqn.env_state import EnvStateError, capture, restore
 
-__all__ = ["MINATAR_GAMES", "EnvSpec", "StepResult", "VecEnv", "atari_games", "make_env", "protocol_settings"]
+__all__ = [
+    "MINATAR_GAMES",
+    "EnvSpec",
+    "EnvStateError",
+    "StepResult",
+    "VecEnv",
+    "atari_games",
+    "make_env",
+    "protocol_settings",
+]
 
 MINATAR_GAMES = {
     "asterix": "Asterix",
@@ -109,6 +125,14 @@ class VecEnv:
     def close(self) -> None:
         raise NotImplementedError
 
+    def env_state(self) -> dict[str, Any]:
+        """Every game's state as tensors and plain data; raises :class:`EnvStateError` when not capturable."""
+        raise EnvStateError(f"{type(self).__name__} cannot save the state of its games")
+
+    def load_env_state(self, state: dict[str, Any]) -> None:
+        """Put back a state from :meth:`env_state` (of an env built from the same config)."""
+        raise EnvStateError(f"{type(self).__name__} cannot restore the state of its games")
+
 
 class AtariEnv(VecEnv):
     """ale-py's C++ vector env with life losses derived from ``info["lives"]``."""
@@ -149,6 +173,9 @@ class AtariEnv(VecEnv):
         self.done = np.zeros(self.spec.num_envs, dtype=bool)
         return obs
 
+    def env_state(self) -> dict[str, Any]:
+        raise EnvStateError("ale-py's C++ AtariVectorEnv does not expose the emulator states of its games")
+
     def step(self, actions: np.ndarray) -> StepResult:
         obs, rewards, terminated, truncated, info = self.env.step(actions.astype(np.int64, copy=False))
         lives = info["lives"].astype(np.int64)
@@ -185,6 +212,25 @@ class GymEnv(VecEnv):
         self.done = terminated | truncated
         no_lives = np.zeros_like(self.done)
         return StepResult(self._obs(obs), rewards.astype(np.float32), terminated, truncated, no_lives, episode_start)
+
+    def env_state(self) -> dict[str, Any]:
+        """Each sub-env's state (wrappers included: time limits, generators, game objects) plus the vector
+        env's pending autoresets."""
+        if not hasattr(self.env, "_autoreset_envs"):
+            raise EnvStateError("this gymnasium version's SyncVectorEnv keeps its autoreset flags elsewhere")
+        return {
+            "envs": [capture(env, f"envs[{i}]") for i, env in enumerate(self.env.envs)],
+            "autoreset": torch.from_numpy(np.array(self.env._autoreset_envs, dtype=bool)),
+            "done": torch.from_numpy(self.done.copy()),
+        }
+
+    def load_env_state(self, state: dict[str, Any]) -> None:
+        if len(state["envs"]) != self.spec.num_envs:
+            raise EnvStateError(f"the saved state has {len(state['envs'])} envs, this env {self.spec.num_envs}")
+        for i, (env, env_state) in enumerate(zip(self.env.envs, state["envs"], strict=True)):
+            restore(env, env_state, f"envs[{i}]")
+        self.env._autoreset_envs = state["autoreset"].numpy().copy()
+        self.done = state["done"].numpy().copy()
 
     def close(self) -> None:
         self.env.close()

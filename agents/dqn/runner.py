@@ -8,15 +8,16 @@ are read once per ``run.log_every_agent_steps``.
 Run directory (``runs/dqn/<name>``): ``config.yaml`` (resolved), ``provenance.json``, ``env.json``
 (resolved protocol), ``tb/`` (TensorBoard events), ``results.json`` / ``results.csv`` (evaluation per
 epoch and the paper's statistic) and ``checkpoints/``. Running the same command again resumes from the
-newest complete checkpoint (networks, optimizer, counters, RNG, and the replay memory when
-``run.save_replay``); environments restart with fresh games (emulator state is not restorable).
+newest complete checkpoint (networks, optimizer, counters, RNG, the replay memory when
+``run.save_replay``, and the state of every game where the env can capture it: MinAtar and gymnasium's
+own envs, see :mod:`agents.dqn.env_state`). With both, a resumed run is bit-identical to one that was
+never interrupted (on a CPU, one thread); Atari's emulators cannot be saved, so there the games restart.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import threading
 import time
@@ -32,12 +33,28 @@ from torch.utils.tensorboard import SummaryWriter
 
 import wn_rl
 from agents.dqn.config import DQNConfig, config_dict
-from agents.dqn.envs import VecEnv, make_env, protocol_settings
+from agents.dqn.envs import EnvStateError, VecEnv, make_env, protocol_settings
 from agents.dqn.evaluation import best_epoch_mean, evaluate, select_actions, write_results
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.replay import ReplayMemory
-from wn_rl.checkpoint import atomic_write_bytes, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from agents.dqn.run_state import (
+    games_for_config,
+    games_state,
+    loop_state,
+    restore_tracker,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from wn_rl.checkpoint import (
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_incomplete,
+    save_checkpoint,
+)
 from wn_rl.config import ConfigError, config_diff, flatten_config, resolve_device
 from wn_rl.provenance import provenance
 
@@ -88,33 +105,6 @@ def run_dir_for(config: DQNConfig, config_name: str) -> Path:
     return Path(r.runs_dir) / name.replace("/", "_")
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in np_state["state"].items()}
-    state["numpy"] = json.dumps(np_state)
-    if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = json.loads(state["numpy"])
-    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class EpisodeTracker:
     """Raw game scores and lengths per env; finished episodes are kept for logging."""
 
@@ -150,7 +140,7 @@ class Trainer:
         if config.run.torch_threads is not None:
             torch.set_num_threads(config.run.torch_threads)
         self._check_resume_config(force)
-        _seed_everything(config.run.seed)
+        seed_everything(config.run.seed)
         self.env: VecEnv = make_env(config.env)
         self.spec = self.env.spec
         self.terminal_on_life_loss = self.spec.suite == "atari" and bool(
@@ -179,6 +169,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM: the loop stops after the current step
         self.learn_after = 0  # agent step before which no update runs (set when resuming without replay)
+        self._saved_loop: dict[str, Any] | None = None  # the loop and games of the checkpoint resumed from
+        self._env_state_problem: str | None = None  # why the games cannot be checkpointed (warned once)
         self._initialized = False  # data-dependent init done (checked once, not per step)
 
     # ----- run directory, resume -------------------------------------------------------------------
@@ -229,10 +221,12 @@ class Trainer:
         self.agent_step = int(counters["agent_step"])
         self.update_credit = float(counters["update_credit"])
         self.tracker.episodes = int(counters["episodes"])
+        self.learn_after = int(counters.get("learn_after", 0))
         self.history = list(state["history"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        self._saved_loop = games_for_config(state.get("loop"), state["config"], config_dict(self.config))
         self.resumed_from = self.last_checkpoint = path
         return True
 
@@ -247,9 +241,11 @@ class Trainer:
                 "update_credit": self.update_credit,
                 "episodes": self.tracker.episodes,
                 "updates": self.learner.updates,
+                "learn_after": self.learn_after,
             },
+            "loop": self._loop_state(),
             "history": self.history,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": config_dict(self.config),
             "env": {
                 "n_actions": self.spec.n_actions,
@@ -265,6 +261,43 @@ class Trainer:
         self.last_checkpoint = path
         prune_checkpoints(self.run_dir / "checkpoints", self.config.run.keep_checkpoints)
         return path
+
+    def _loop_state(self) -> dict[str, Any]:
+        """The loop's carried state and, when the envs can capture it, the games' states."""
+        loop = loop_state(self._obs, self._first, self._final, self.tracker)
+        try:
+            loop.update(games_state(self.env, self.eval_env))
+        except EnvStateError as exc:
+            loop["games_missing"] = str(exc)
+            if self._env_state_problem is None:
+                self._env_state_problem = str(exc)
+                warnings.warn(
+                    f"checkpoints will not hold the games' state ({exc}); a resumed run starts fresh games",
+                    stacklevel=3,
+                )
+        return loop
+
+    def _continue_games(self) -> str | None:
+        """Put back the games and the loop state saved with the checkpoint resumed from; returns why
+        that was impossible (the caller then starts fresh games), or ``None``."""
+        loop = self._saved_loop
+        if loop is None or "games" not in loop:
+            why = "written by an older wn_rl" if loop is None else loop["games_missing"]
+            return f"the checkpoint holds no game state: {why}"
+        try:
+            self.env.load_env_state(loop["games"])
+            if "eval_games" in loop:
+                self.eval_env = self._make_eval_env()
+                self.eval_env.load_env_state(loop["eval_games"])
+        except EnvStateError as exc:
+            if self.eval_env is not None:  # possibly half restored: evaluation builds a new one
+                self.eval_env.close()
+                self.eval_env = None
+            return f"the saved game state does not fit this env: {exc}"
+        self._obs = loop["obs"].to(self.device)
+        self._first, self._final = loop["first"].clone(), loop["final"].clone()
+        restore_tracker(self.tracker, loop)
+        return None
 
     # ----- the loop --------------------------------------------------------------------------------
     def _act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -303,10 +336,15 @@ class Trainer:
     def start(self) -> None:
         """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
         self._write_run_files()
+        removed = remove_incomplete(self.run_dir / "checkpoints")  # left by a process killed while writing
+        if removed:
+            print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
         resumed = self.resume()
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        why_fresh = self._continue_games() if resumed else "a new run"
         if resumed:
-            msg = f"resumed from {self.resumed_from} at agent step {self.agent_step:,}; envs restart with fresh games"
+            msg = f"resumed from {self.resumed_from} at agent step {self.agent_step:,}; "
+            msg += "the games continue" if why_fresh is None else f"envs restart with fresh games ({why_fresh})"
             if self.replay.writes == 0:
                 self.learn_after = self.agent_step + self.config.agent.learning_starts_agent_steps
                 msg += f"; the replay memory was not saved, so updates wait until agent step {self.learn_after:,}"
@@ -314,10 +352,11 @@ class Trainer:
             self.writer.add_text("resume", msg, self.agent_step)
         else:
             self._log_hparams()
-        n = self.spec.num_envs
-        self._obs = torch.from_numpy(self.env.reset(seed=self.config.run.seed + self.agent_step)).to(self.device)
-        self._first = torch.ones(n, dtype=torch.bool)
-        self._final = torch.zeros(n, dtype=torch.bool)
+        if why_fresh is not None:
+            n = self.spec.num_envs
+            self._obs = torch.from_numpy(self.env.reset(seed=self.config.run.seed + self.agent_step)).to(self.device)
+            self._first = torch.ones(n, dtype=torch.bool)
+            self._final = torch.zeros(n, dtype=torch.bool)
         self._clock = _Clock(self.agent_step)
 
     def finish(self) -> None:
@@ -426,11 +465,15 @@ class Trainer:
         w.add_scalar("perf/sps", sps, step)
         w.add_scalar("perf/frames", step * self.config.frames_per_agent_step, step)
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _make_eval_env(self) -> VecEnv:
         v, e = self.config.eval, self.config.env
+        limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
+        return make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
+
+    def _evaluate(self) -> dict[str, Any]:
+        v = self.config.eval
         if self.eval_env is None:
-            limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
-            self.eval_env = make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
+            self.eval_env = self._make_eval_env()
         result = evaluate(
             self.learner.q_network,
             self.eval_env,

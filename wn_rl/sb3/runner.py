@@ -25,11 +25,12 @@ from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
-from wn_rl.checkpoint import atomic_write_bytes
+from wn_rl.checkpoint import atomic_write_bytes, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
 from wn_rl.sb3.envs import make_env
+from wn_rl.sb3.guard import NonFiniteGuardCallback
 from wn_rl.sb3.init import has_init_flags
 
 __all__ = ["SAFE_TO_CHANGE", "AtomicCheckpointCallback", "SB3Run", "latest_model", "run_dir_for"]
@@ -112,13 +113,23 @@ def save_model_atomically(model: BaseAlgorithm, path: Path) -> None:
 
 class AtomicCheckpointCallback(BaseCallback):
     """Save ``model_<steps>_steps.zip`` every ``save_freq`` environment steps, atomically, plus the
-    replay buffer (``replay_buffer_<steps>_steps.pkl``, written first) when asked."""
+    replay buffer (``replay_buffer_<steps>_steps.pkl``, written first) when asked. With a ``guard``, a
+    model that had a non-finite gradient step is never saved: the guard's error is raised instead."""
 
-    def __init__(self, save_freq: int, save_dir: Path, save_replay_buffer: bool = False, verbose: int = 0) -> None:
+    def __init__(
+        self,
+        save_freq: int,
+        save_dir: Path,
+        save_replay_buffer: bool = False,
+        verbose: int = 0,
+        guard: NonFiniteGuardCallback | None = None,
+    ) -> None:
         super().__init__(verbose)
         self.save_freq = save_freq
         self.save_dir = Path(save_dir)
         self.save_replay_buffer = save_replay_buffer
+        self.guard = guard
+        self.last_path: Path | None = None
         self._last_saved = 0
 
     def _init_callback(self) -> None:
@@ -131,12 +142,15 @@ class AtomicCheckpointCallback(BaseCallback):
         return True
 
     def save(self) -> Path:
+        if self.guard is not None:
+            self.guard.check()
         steps = self.num_timesteps
         path = self.save_dir / f"model_{steps}_steps.zip"
         if self.save_replay_buffer and isinstance(self.model, OffPolicyAlgorithm):
             save_replay_buffer_atomically(self.model, replay_buffer_path(path))  # before the model: never newer
         save_model_atomically(self.model, path)
         self._last_saved = steps
+        self.last_path = path
         if self.verbose:
             print(f"checkpoint: {path}")
         return path
@@ -195,6 +209,8 @@ class SB3Run:
         self.config = config
         self.run_dir = Path(run_dir)
         self.stop = _StopOnSignal()
+        self.guard = NonFiniteGuardCallback(self._last_good_model)
+        self.checkpoints: AtomicCheckpointCallback | None = None
         if resume:
             self._check_resume_config(force)
         self.resume_from = latest_model(self.run_dir) if resume else None
@@ -206,6 +222,12 @@ class SB3Run:
             raise ConfigError(
                 "progress_bar=true needs tqdm and rich (pip install -e '.[sb3]'); or set progress_bar=false"
             )
+
+    def _last_good_model(self) -> Path | None:
+        """The newest model saved by this run, or the one it resumed from."""
+        if self.checkpoints is not None and self.checkpoints.last_path is not None:
+            return self.checkpoints.last_path
+        return self.resume_from
 
     def _check_resume_config(self, force: bool) -> None:
         """Refuse to resume with a config that differs from the run's ``config.yaml`` in any key outside
@@ -269,21 +291,21 @@ class SB3Run:
 
     def _callbacks(self, model: BaseAlgorithm) -> list[BaseCallback]:
         config = self.config
-        callbacks: list[BaseCallback] = [self.stop, _HyperparameterText(config)]
+        callbacks: list[BaseCallback] = [self.stop, self.guard, _HyperparameterText(config)]
         wn_policy = has_init_flags(model.policy)
         if config.init.enabled and wn_policy:
             callbacks.append(DataDependentInitCallback(config.init.n_samples, verbose=config.verbose))
         if config.wn_stats_freq and wn_policy:
             callbacks.append(WnStatsCallback(config.wn_stats_freq))
         if config.checkpoint_freq:
-            callbacks.append(
-                AtomicCheckpointCallback(
-                    config.checkpoint_freq,
-                    self.run_dir / "checkpoints",
-                    config.save_replay_buffer,
-                    verbose=config.verbose,
-                )
+            self.checkpoints = AtomicCheckpointCallback(
+                config.checkpoint_freq,
+                self.run_dir / "checkpoints",
+                config.save_replay_buffer,
+                verbose=config.verbose,
+                guard=self.guard,
             )
+            callbacks.append(self.checkpoints)
         if config.eval.freq:
             eval_env = self._make_env(1, config.seed + 10_000)
             callbacks.append(
@@ -306,6 +328,8 @@ class SB3Run:
             th.set_num_threads(config.torch_threads)
         if self.resume_from is None:
             self._write_run_files()
+        for directory in (self.run_dir, self.run_dir / "checkpoints"):
+            remove_temporaries(directory)  # left by a process killed while writing
         env = self._make_env(config.n_envs, config.seed, subprocess=config.subprocess_envs)
         model = self._make_model(env)
         start_steps = model.num_timesteps
@@ -313,15 +337,19 @@ class SB3Run:
         if remaining > 0:
             learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
             started = time.perf_counter()
-            model.learn(
-                remaining,
-                callback=CallbackList(self._callbacks(model)),
-                tb_log_name=TB_LOG_NAME,
-                reset_num_timesteps=self.resume_from is None,
-                progress_bar=config.progress_bar,
-                **learn_kwargs,
-            )
+            try:
+                model.learn(
+                    remaining,
+                    callback=CallbackList(self._callbacks(model)),
+                    tb_log_name=TB_LOG_NAME,
+                    reset_num_timesteps=self.resume_from is None,
+                    progress_bar=config.progress_bar,
+                    **learn_kwargs,
+                )
+            finally:
+                self.stop._on_training_end()  # restore the signal handlers when learn raised
             seconds = time.perf_counter() - started
+            self.guard.check()  # never save a model after a non-finite step
         else:
             seconds = 0.0
         if config.save_replay_buffer and isinstance(model, OffPolicyAlgorithm):
