@@ -225,6 +225,10 @@ class ReplayMemory:
         pick = valid[torch.linspace(0, valid.numel() - 1, min(count, valid.numel()), device=self.device).long()]
         return self.stacks(pick // self.num_envs, pick % self.num_envs)
 
+    def state_tensors(self) -> list[Tensor]:
+        """The storage tensors (written in place by :meth:`add`; never reallocated)."""
+        return [getattr(self, name) for name in ("frames", "valid", *_SCALARS, *_FLAGS)]
+
     def state_dict(self) -> dict:
         """Tensors and plain counters, for ``wn_rl.checkpoint`` (``torch.load(weights_only=True)``)."""
         state = {name: getattr(self, name) for name in ("frames", "valid", *_SCALARS, *_FLAGS)}

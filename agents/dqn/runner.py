@@ -53,6 +53,7 @@ SAFE_TO_CHANGE = (
     "run.device",
     "run.torch_threads",
     "run.runs_dir",
+    "agent.update_mode",  # the same math (tests/test_dqn_fused.py), only how it runs
 )
 
 
@@ -298,7 +299,7 @@ class Trainer:
         self.update_credit += (self.agent_step - max(before, start)) / a.agent_steps_per_update
         while self.update_credit >= 1.0:
             self.update_credit -= 1.0
-            self.learner.update(self.replay.sample(a.batch_size, self.terminal_on_life_loss))
+            self.learner.sample_and_update(self.replay, a.batch_size)
 
     def start(self) -> None:
         """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
