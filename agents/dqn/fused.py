@@ -146,7 +146,7 @@ def fused_update(
 
 def sample_and_update(
     replay: Any,
-    batch_size: int,
+    uniforms: Tensor,
     terminal_on_life_loss: bool,
     loss_fn: Callable,
     config: AgentConfig,
@@ -156,8 +156,9 @@ def sample_and_update(
     opt_state: dict[str, list[Tensor]],
     guard: dict[str, Tensor],
 ) -> None:
-    """Draw a minibatch from ``replay`` (on the device) and apply :func:`fused_update`: one graph."""
-    batch = replay.sample(batch_size, terminal_on_life_loss)
+    """Draw a minibatch from ``replay`` (on the device) and apply :func:`fused_update`: one graph. The
+    ``uniforms`` come from outside the graph, so the random stream is the eager path's."""
+    batch = replay.sample(uniforms.shape[0], terminal_on_life_loss, uniforms=uniforms)
     fused_update(loss_fn, config, names, params, steps, opt_state, guard, batch)
 
 
@@ -236,8 +237,9 @@ class FusedUpdate:
             for t in replay.state_tensors():  # read in place by the graph, never copied into it
                 torch._dynamo.mark_static_address(t)
             self._static_replay = replay
+        uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
         args = (self.loss_fn, self.learner.config, self.names, *self._tensors, guard)
-        self._sample_and_update(replay, batch_size, self.learner.terminal_on_life_loss, *args)
+        self._sample_and_update(replay, uniforms, self.learner.terminal_on_life_loss, *args)
 
 
 def supports_fused(model: nn.Module) -> bool:

@@ -162,11 +162,14 @@ class ReplayMemory:
         ok_age = (ages >= self.n_step) & (ages < self.writes) & (ages <= self.length - self.stack)
         return ok_age[:, None] & ~self.final
 
-    def sample_indices(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """``batch_size`` flat indices ``slot * N + env``, uniform over valid slots, drawn on the device."""
+    def sample_indices(
+        self, batch_size: int, generator: torch.Generator | None = None, uniforms: Tensor | None = None
+    ) -> Tensor:
+        """``batch_size`` flat indices ``slot * N + env``, uniform over valid slots, drawn on the device.
+        ``uniforms``: the ``(batch_size,)`` U[0, 1) draws to use instead of drawing them here."""
         cumulative = torch.cumsum(self.valid_mask().flatten(), 0)
         total = cumulative[-1]
-        u = torch.rand(batch_size, device=self.device, generator=generator)
+        u = torch.rand(batch_size, device=self.device, generator=generator) if uniforms is None else uniforms
         ranks = (u * total).long().clamp_max(total - 1)
         return torch.searchsorted(cumulative, ranks, right=True)
 
@@ -212,9 +215,13 @@ class ReplayMemory:
         )
 
     def sample(
-        self, batch_size: int, terminal_on_life_loss: bool, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        terminal_on_life_loss: bool,
+        generator: torch.Generator | None = None,
+        uniforms: Tensor | None = None,
     ) -> ReplayBatch:
-        return self.gather(self.sample_indices(batch_size, generator), terminal_on_life_loss)
+        return self.gather(self.sample_indices(batch_size, generator, uniforms), terminal_on_life_loss)
 
     def recent_observations(self, count: int) -> Tensor:
         """Up to ``count`` stored observations from valid slots, spread over the memory (for
