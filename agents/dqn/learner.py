@@ -26,6 +26,7 @@ __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_loss
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
 NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
 RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
 
 
@@ -102,6 +103,25 @@ def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.opt
     return torch.optim.RMSprop(params, alpha=RMSPROP_ALPHA, momentum=config.beta1, **common)
 
 
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks in the process instead of returning them to the OS.
+
+    An update allocates and frees temporaries of up to the parameters' size (gradients, moments'
+    updates, activations). glibc serves blocks above its mmap threshold with fresh ``mmap``s and trims
+    the heap top, so every update page-faults megabytes in again; on the 2-core KVM CPU this was ~25% of
+    an eager Nature-CNN update (docs/benchmarks.md). Raising both thresholds (to 32 MiB, glibc's maximum
+    mmap threshold, and 1 GiB) keeps them mapped. Process-wide; a no-op where glibc is not the C library.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)  # the running process: glibc's symbols included
+    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+
+
 def resolve_update_mode(mode: str, device: torch.device, model: nn.Module) -> str:
     """``agent.update_mode``: ``auto`` is ``cudagraph`` on CUDA and ``eager`` elsewhere (on this project's
     CPU machines compiling costs more than it saves for short runs; see docs/benchmarks.md). Networks
@@ -152,7 +172,10 @@ class Learner:
             "bad_names": torch.zeros(len(self._names), dtype=torch.bool, device=device),
         }
         self._metric_count = 0
+        self._saved: list[Tensor] = []  # the eager guard's copy of the state before the step
         self._fused = None
+        if device.type == "cpu":
+            keep_freed_memory()
         if self.update_mode != "eager":
             from agents.dqn.fused import FusedUpdate
 
@@ -206,10 +229,13 @@ class Learner:
             grad_norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
             grad_norm = torch.linalg.vector_norm(grad_norms)
-        saved = torch._foreach_mul(self._state_tensors(), 1.0)  # copies, one call
+        live = self._state_tensors()
+        if [t.shape for t in self._saved] != [t.shape for t in live]:  # allocated once, not per update
+            self._saved = [torch.empty_like(t) for t in live]
+        torch._foreach_copy_(self._saved, live)
         self.optimizer.step()
         param_norms = torch.stack(torch._foreach_norm(params))
-        self._guard(loss.detach(), grad_norms, param_norms, [n for n, _ in named], list(saved))
+        self._guard(loss.detach(), grad_norms, param_norms, [n for n, _ in named])
         row = torch.stack([loss.detach(), td_error.abs().mean(), q_taken.mean(), grad_norm, target.mean()])
         self._guard_state["metric_sum"] += torch.nan_to_num(row)
 
@@ -222,7 +248,7 @@ class Learner:
             out += [t for t in state.values() if isinstance(t, Tensor) and t.device == device]
         return out
 
-    def _guard(self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str], saved: list) -> None:
+    def _guard(self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str]) -> None:
         g = self._guard_state
         bad_grads, bad_params = ~torch.isfinite(grad_norms), ~torch.isfinite(param_norms)
         code = torch.where(
@@ -232,9 +258,9 @@ class Learner:
         )
         ok = code == 0
         live = self._state_tensors()  # optimizer moments created by the first step are restored to zero
-        saved = saved + [torch.zeros_like(t) for t in live[len(saved) :]]
+        saved = self._saved + [torch.zeros_like(t) for t in live[len(self._saved) :]]
         for t, old in zip(live, saved, strict=True):
-            t.copy_(torch.where(ok, t, old))
+            torch.where(ok, t, old, out=t)  # in place: no temporary of the parameters' size
         g["updates"] += 1
         first = (g["bad_code"] == 0) & ~ok
         g["bad_update"].copy_(torch.where(first, g["updates"], g["bad_update"]))
