@@ -101,6 +101,8 @@ def test_fused_guard_skips_a_nan_loss_and_an_overflowing_step():
 def test_update_mode_auto_and_its_errors():
     q = mlp([4, 3], "normal")
     assert resolve_update_mode("auto", torch.device("cpu"), q) == "eager"
+    assert resolve_update_mode("auto", torch.device("cpu"), q, planned_updates=10**6) == "compiled"
+    assert resolve_update_mode("auto", torch.device("cpu"), q, planned_updates=1000) == "eager"
     assert resolve_update_mode("auto", torch.device("cuda"), q) == "cudagraph"
     assert resolve_update_mode("auto", torch.device("cuda"), mlp([4, 8, 3], "batch_norm")) == "eager"
     with pytest.raises(ValueError, match="batch statistics"):

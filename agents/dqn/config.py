@@ -101,7 +101,8 @@ class AgentConfig:
     "copy the online network to the target network every this many updates."
     update_mode: Literal["auto", "eager", "compiled", "cudagraph"] = "auto"
     "eager: autograd + torch.optim; compiled: the whole update as one torch.compile graph; cudagraph: "
-    "that graph replayed as a CUDA graph. auto: cudagraph on CUDA, eager on CPU (docs/benchmarks.md)."
+    "that graph replayed as a CUDA graph. auto: cudagraph on CUDA; on a CPU compiled for runs of at least "
+    "50k updates (compiling takes minutes), else eager (docs/benchmarks.md)."
     epsilon_start: float = 1.0
     "exploration at agent step 0."
     epsilon_end: float = 0.1

@@ -24,6 +24,7 @@ from agents.dqn.replay import ReplayBatch, ReplayMemory
 __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_loss", "td_targets"]
 
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
+COMPILE_PAYS_AFTER_UPDATES = 50_000  # CPU: below this, update_mode auto stays eager
 NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
 RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -122,15 +123,20 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 2**30)
 
 
-def resolve_update_mode(mode: str, device: torch.device, model: nn.Module) -> str:
-    """``agent.update_mode``: ``auto`` is ``cudagraph`` on CUDA and ``eager`` elsewhere (on this project's
-    CPU machines compiling costs more than it saves for short runs; see docs/benchmarks.md). Networks
-    with batch statistics always run eager (their forward changes buffers)."""
+def resolve_update_mode(mode: str, device: torch.device, model: nn.Module, planned_updates: int | None = None) -> str:
+    """``agent.update_mode``. ``auto``: ``cudagraph`` on CUDA; on a CPU ``compiled`` when the run plans at
+    least ``COMPILE_PAYS_AFTER_UPDATES`` updates (compiling takes ~0.5-2 min there and saves ~1.5 ms per
+    MinAtar and ~10 ms per Nature-CNN update, docs/benchmarks.md), else ``eager``. Networks with batch
+    statistics always run eager (their forward changes buffers)."""
     from agents.dqn.networks import has_batch_statistics
 
     if mode == "auto":
-        mode = "cudagraph" if device.type == "cuda" else "eager"
-        return "eager" if has_batch_statistics(model) else mode
+        if has_batch_statistics(model):
+            return "eager"
+        if device.type == "cuda":
+            return "cudagraph"
+        long_run = planned_updates is not None and planned_updates >= COMPILE_PAYS_AFTER_UPDATES
+        return "compiled" if device.type == "cpu" and long_run else "eager"
     if mode != "eager" and has_batch_statistics(model):
         raise ValueError(
             f"agent.update_mode={mode!r} cannot run a network with batch statistics (batch norm, mean-only BN): "
@@ -150,7 +156,13 @@ class Learner:
     graph). Both apply the same step to the same batch, guard it the same way and keep the optimizer
     state in the same format."""
 
-    def __init__(self, q_network: nn.Module, config: AgentConfig, terminal_on_life_loss: bool) -> None:
+    def __init__(
+        self,
+        q_network: nn.Module,
+        config: AgentConfig,
+        terminal_on_life_loss: bool,
+        planned_updates: int | None = None,
+    ) -> None:
         self.config = config
         self.q_network = q_network
         self.target_network = copy.deepcopy(q_network).eval()
@@ -160,7 +172,7 @@ class Learner:
         self.terminal_on_life_loss = terminal_on_life_loss
         self.updates = 0
         device = next(q_network.parameters()).device
-        self.update_mode = resolve_update_mode(config.update_mode, device, q_network)
+        self.update_mode = resolve_update_mode(config.update_mode, device, q_network, planned_updates)
         self._names = [name for name, _ in q_network.named_parameters()]
         self._bad_name_list = self._names
         # On-device state of the guard and the metrics; written in place by both update paths.

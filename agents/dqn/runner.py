@@ -168,7 +168,8 @@ class Trainer:
             self.device,
         )
         q_network = build_q_network(config.network, self.spec).to(self.device)
-        self.learner = Learner(q_network, a, self.terminal_on_life_loss)
+        planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
+        self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
         self.switch_modes = has_batch_statistics(q_network)
         self.agent_step = 0
         self.update_credit = 0.0
