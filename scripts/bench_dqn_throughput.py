@@ -34,9 +34,9 @@ from agents.dqn.benchmark import (
 from wn_rl.provenance import provenance
 
 
-def bench_game(game: str, args: argparse.Namespace) -> dict:
+def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dict:
     suite, name = game.split(":")
-    num_envs = args.num_envs or (4 if suite == "atari" else 1)
+    num_envs = num_envs or (4 if suite == "atari" else 1)
     s = settings_for(suite, num_envs, args.learning_starts, args.replay, decay=args.warmup)
     total = args.warmup + args.steps * (args.rounds + 1) + 10 * num_envs
     load_before = os.getloadavg()
@@ -56,7 +56,7 @@ def bench_game(game: str, args: argparse.Namespace) -> dict:
         modes = {label: t.learner.update_mode for label, t in trainers.items()}
         for c in contenders:
             c.close()
-    result = {"game": game, "settings": s, "sps": sps, "update_mode": modes, "profile": profiles}
+    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps, "update_mode": modes, "profile": profiles}
     if "sb3" in sps:
         result["ratio_to_sb3"] = {label: sps[label] / sps["sb3"] for label in trainers}
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}
@@ -82,7 +82,7 @@ def _print_table(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--games", nargs="+", default=["minatar:breakout", "atari:breakout"])
-    parser.add_argument("--num-envs", type=int, default=None, help="default: 4 for Atari, 1 for MinAtar")
+    parser.add_argument("--num-envs", type=int, nargs="+", default=[None], help="default: 4 for Atari, 1 for MinAtar")
     parser.add_argument(
         "--update-mode", nargs="+", default=["eager", "compiled"], choices=["auto", "eager", "compiled", "cudagraph"]
     )
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [bench_game(game, args) for game in args.games]
+    results = [bench_game(game, n, args) for game in args.games for n in args.num_envs]
     for result in results:
         _print_table(result)
     meta = {k: provenance()[k] for k in ("git", "versions", "hardware", "time_utc")}

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad_and_value
 
 from agents.dqn.config import AgentConfig
@@ -29,7 +29,7 @@ from agents.dqn.learner import RMSPROP_ALPHA, td_loss
 from agents.dqn.replay import ReplayBatch
 
 REALIZE_WIDTH = 16  # > inductor's unroll_reductions_threshold (8), so the reduction stays one
-__all__ = ["FusedUpdate", "STATE_KEYS", "fused_update"]
+__all__ = ["STATE_KEYS", "FusedUpdate", "fused_update", "sample_and_update"]
 
 # Optimizer state tensors per parameter, in torch.optim's names (``step`` is kept separately).
 STATE_KEYS = {"adamax": ("exp_avg", "exp_inf"), "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}
@@ -196,7 +196,7 @@ class FusedUpdate:
         self._update = torch.compile(fused_update, **options)
         self._sample_and_update = torch.compile(sample_and_update, **options)
         self._tensors: tuple | None = None
-        self._static_replay: Any = None
+        self._static: set[int] = set()  # ids of tensors marked static (cudagraph mode)
 
     def refresh(self) -> None:
         """Rebuild the tensor lists (after the optimizer state was replaced, e.g. by a checkpoint load)."""
@@ -223,27 +223,28 @@ class FusedUpdate:
                 torch._dynamo.mark_static_address(t)
         return detached, steps, opt_state
 
-    def update(self, batch: ReplayBatch, guard: dict[str, Tensor]) -> None:
-        """The compiled update on a given batch."""
+    def _prepare(self, guard: dict[str, Tensor], replay: Any = None) -> tuple:
+        """The bound tensors; for CUDA graphs every tensor the graph writes or reads in place (parameters,
+        optimizer state, guard, replay storage) is marked static, so it is used where it lives, not
+        copied into the graph's own buffers on every replay."""
         if self._tensors is None:
             self._tensors = self._bind()
-        self._update(self.loss_fn, self.learner.config, self.names, *self._tensors, guard, batch)
+            self._static = set()
+        if self.mode == "cudagraph":
+            for t in [*guard.values(), *(replay.state_tensors() if replay is not None else [])]:
+                if id(t) not in self._static:
+                    torch._dynamo.mark_static_address(t)
+                    self._static.add(id(t))
+        return self._tensors
+
+    def update(self, batch: ReplayBatch, guard: dict[str, Tensor]) -> None:
+        """The compiled update on a given batch."""
+        tensors = self._prepare(guard)
+        self._update(self.loss_fn, self.learner.config, self.names, *tensors, guard, batch)
 
     def sample_and_update(self, replay: Any, batch_size: int, guard: dict[str, Tensor]) -> None:
         """The compiled sampling from ``replay`` and update, one graph."""
-        if self._tensors is None:
-            self._tensors = self._bind()
-        if self.mode == "cudagraph" and self._static_replay is not replay:
-            for t in replay.state_tensors():  # read in place by the graph, never copied into it
-                torch._dynamo.mark_static_address(t)
-            self._static_replay = replay
+        tensors = self._prepare(guard, replay)
         uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
-        args = (self.loss_fn, self.learner.config, self.names, *self._tensors, guard)
+        args = (self.loss_fn, self.learner.config, self.names, *tensors, guard)
         self._sample_and_update(replay, uniforms, self.learner.terminal_on_life_loss, *args)
-
-
-def supports_fused(model: nn.Module) -> bool:
-    """Whether :class:`FusedUpdate` can run ``model``: no buffer changes in the forward (batch norm)."""
-    from agents.dqn.networks import has_batch_statistics
-
-    return not has_batch_statistics(model)
