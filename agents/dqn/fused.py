@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad_and_value
 
 from agents.dqn.config import AgentConfig
@@ -31,7 +31,7 @@ from agents.dqn.replay import ReplayBatch
 
 GUARD_CHECK_EVERY = 64  # calls between checks of the ahead-of-time graph's assumptions
 REALIZE_WIDTH = 16  # > inductor's unroll_reductions_threshold (8), so the reduction stays one
-__all__ = ["STATE_KEYS", "CompiledForward", "FusedUpdate", "fused_update", "sample_and_update"]
+__all__ = ["STATE_KEYS", "FusedUpdate", "fused_update", "sample_and_update"]
 
 # Optimizer state tensors per parameter, in torch.optim's names (``step`` is kept separately).
 STATE_KEYS = {"adamax": ("exp_avg", "exp_inf"), "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}
@@ -271,30 +271,3 @@ def _compile_ahead_of_time(compiled: Any, args: tuple) -> Any:
     function = compiled.aot_compile((args, {}))
     function.disable_guard_check()
     return function
-
-
-def _no_grad_forward(model: nn.Module, obs: Tensor) -> Tensor:
-    with torch.no_grad():
-        return model(obs)
-
-
-class CompiledForward:
-    """``model(obs)`` without autograd, compiled (for acting): one ahead-of-time trace per observation
-    shape, called without per-call guard evaluation, like :meth:`FusedUpdate.sample_and_update`. The
-    parameters are read where they live, so every update is seen. ``cudagraph`` mode replays it as a
-    CUDA graph instead."""
-
-    def __init__(self, model: nn.Module, mode: str) -> None:
-        self.model = model
-        self.mode = mode
-        options: dict[str, Any] = {"mode": "reduce-overhead"} if mode == "cudagraph" else {}
-        self._compiled = torch.compile(_no_grad_forward, fullgraph=True, dynamic=False, **options)
-        self._traced: dict[tuple, Any] = {}
-
-    def __call__(self, obs: Tensor) -> Tensor:
-        if self.mode == "cudagraph":
-            return self._compiled(self.model, obs).clone()  # the graph's output buffer is reused
-        key = (tuple(obs.shape), obs.dtype, obs.device)
-        if key not in self._traced:
-            self._traced[key] = _compile_ahead_of_time(self._compiled, (self.model, obs)) or self._compiled
-        return self._traced[key](self.model, obs)

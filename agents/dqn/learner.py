@@ -186,14 +186,12 @@ class Learner:
         self._metric_count = 0
         self._saved: list[Tensor] = []  # the eager guard's copy of the state before the step
         self._fused = None
-        self.act_network: QFunction = q_network  # what acting calls; compiled with the update
         if device.type == "cpu":
             keep_freed_memory()
         if self.update_mode != "eager":
-            from agents.dqn.fused import CompiledForward, FusedUpdate
+            from agents.dqn.fused import FusedUpdate
 
             self._fused = FusedUpdate(self, self.update_mode)
-            self.act_network = CompiledForward(q_network, self.update_mode)
 
     def sync_target(self) -> None:
         """Copy the online network (parameters and buffers) into the target network."""

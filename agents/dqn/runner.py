@@ -276,7 +276,7 @@ class Trainer:
             actions = select_actions(q, obs, epsilon, self.spec.n_actions)
             q.train()
             return actions
-        return select_actions(self.learner.act_network, obs, epsilon, self.spec.n_actions)
+        return select_actions(q, obs, epsilon, self.spec.n_actions)
 
     def _data_dependent_init(self) -> None:
         q = self.learner.q_network
