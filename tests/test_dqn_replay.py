@@ -200,3 +200,22 @@ def test_life_loss_is_terminal_only_under_the_nature_protocol(atari_run):
     assert not (machado.terminals[:, 0] & lost).any()
     # without the terminal, a life loss neither cuts the n-step sequence nor the bootstrap
     assert (machado.next_offsets[lost & ~machado.truncations[:, 0]] > 1).all()
+
+
+def test_blocked_sampler_equals_a_cumulative_sum_over_the_whole_mask():
+    """The two-level sampler picks the same slot as ``searchsorted(cumsum(valid))`` for every draw."""
+    from agents.dqn.replay import SAMPLE_BLOCK
+
+    replay = ReplayMemory(3 * SAMPLE_BLOCK + 300, 3, (2,), np.uint8, 1, 1, "cpu")  # last block padded
+    g = torch.Generator().manual_seed(0)
+    replay.valid.copy_(torch.rand(replay.valid.shape, generator=g) < 0.3)
+    replay.valid[200:700] = False  # a stretch of empty blocks
+    u = torch.rand(4096, generator=g)
+    u[:3] = torch.tensor([0.0, 0.5, 1.0 - 1e-7])
+    flat = replay.valid.flatten()
+    cumulative = torch.cumsum(flat, 0)
+    ranks = (u * cumulative[-1]).long().clamp_max(cumulative[-1] - 1)
+    expected = torch.searchsorted(cumulative, ranks, right=True)
+    indices = replay.sample_indices(len(u), uniforms=u)
+    assert torch.equal(indices, expected)
+    assert flat[indices].all()

@@ -99,6 +99,10 @@ class AgentConfig:
     "one update every this many agent steps (0.5 = two updates per agent step)."
     target_update_every_updates: int = 10_000
     "copy the online network to the target network every this many updates."
+    update_mode: Literal["auto", "eager", "compiled", "cudagraph"] = "auto"
+    "eager: autograd + torch.optim; compiled: the whole update as one torch.compile graph; cudagraph: "
+    "that graph replayed as a CUDA graph. auto: cudagraph on CUDA; on a CPU compiled for runs of at least "
+    "50k updates (compiling takes minutes), else eager (docs/benchmarks.md)."
     epsilon_start: float = 1.0
     "exploration at agent step 0."
     epsilon_end: float = 0.1

@@ -12,18 +12,22 @@ bootstrapping from the last real observation. The loss is the Huber loss of y - 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.dqn.config import AgentConfig
-from agents.dqn.replay import ReplayBatch
+from agents.dqn.replay import ReplayBatch, ReplayMemory
 
-__all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_targets"]
+__all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_loss", "td_targets"]
 
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
+COMPILE_PAYS_AFTER_UPDATES = 50_000  # CPU: below this, update_mode auto stays eager
 NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
+RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
 
 
@@ -72,6 +76,24 @@ def td_targets(returns: Tensor, discount: Tensor, next_q_target: Tensor, next_q_
     return returns + discount * next_q_target.gather(1, best).squeeze(1)
 
 
+QFunction = Callable[[Tensor], Tensor]  # observations -> Q-values (a module, or a functional call)
+
+
+def td_loss(
+    q_values: QFunction, target_q_values: QFunction, batch: ReplayBatch, c: AgentConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Huber loss of ``y - Q(s, a)`` (the module docstring's y); returns ``(loss, td_error, q_taken, target)``."""
+    rewards = batch.rewards.clamp(-1.0, 1.0) if c.clip_rewards else batch.rewards
+    returns, discount = n_step_returns(rewards, batch.terminals, batch.truncations, c.gamma)
+    with torch.no_grad():
+        next_q_target = target_q_values(batch.next_obs)
+        next_q_online = q_values(batch.next_obs) if c.double_dqn else None
+        target = td_targets(returns, discount, next_q_target, next_q_online)
+    q_taken = q_values(batch.obs).gather(1, batch.actions[:, None]).squeeze(1)
+    loss = F.huber_loss(q_taken, target, delta=c.huber_delta)
+    return loss, (target - q_taken).detach(), q_taken.detach(), target
+
+
 def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.optim.Optimizer:
     betas = (config.beta1, config.beta2)
     common = {"lr": config.lr, "eps": config.optimizer_eps, "foreach": True}  # one kernel per op for all tensors
@@ -79,14 +101,68 @@ def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.opt
         return torch.optim.Adamax(params, betas=betas, **common)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, betas=betas, **common)
-    return torch.optim.RMSprop(params, alpha=0.95, momentum=config.beta1, **common)
+    return torch.optim.RMSprop(params, alpha=RMSPROP_ALPHA, momentum=config.beta1, **common)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks in the process instead of returning them to the OS.
+
+    An update allocates and frees temporaries of up to the parameters' size (gradients, moments'
+    updates, activations). glibc serves blocks above its mmap threshold with fresh ``mmap``s and trims
+    the heap top, so every update page-faults megabytes in again; on the 2-core KVM CPU this was ~25% of
+    an eager Nature-CNN update (docs/benchmarks.md). Raising both thresholds (to 32 MiB, glibc's maximum
+    mmap threshold, and 1 GiB) keeps them mapped. Process-wide; a no-op where glibc is not the C library.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)  # the running process: glibc's symbols included
+    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+
+
+def resolve_update_mode(mode: str, device: torch.device, model: nn.Module, planned_updates: int | None = None) -> str:
+    """``agent.update_mode``. ``auto``: ``cudagraph`` on CUDA; on a CPU ``compiled`` when the run plans at
+    least ``COMPILE_PAYS_AFTER_UPDATES`` updates (compiling takes ~0.5-2 min there and saves ~1.5 ms per
+    MinAtar and ~10 ms per Nature-CNN update, docs/benchmarks.md), else ``eager``. Networks with batch
+    statistics always run eager (their forward changes buffers)."""
+    from agents.dqn.networks import has_batch_statistics
+
+    if mode == "auto":
+        if has_batch_statistics(model):
+            return "eager"
+        if device.type == "cuda":
+            return "cudagraph"
+        long_run = planned_updates is not None and planned_updates >= COMPILE_PAYS_AFTER_UPDATES
+        return "compiled" if device.type == "cpu" and long_run else "eager"
+    if mode != "eager" and has_batch_statistics(model):
+        raise ValueError(
+            f"agent.update_mode={mode!r} cannot run a network with batch statistics (batch norm, mean-only BN): "
+            "its forward changes buffers. Use agent.update_mode=eager (or auto)."
+        )
+    if mode == "cudagraph" and device.type != "cuda":
+        raise ValueError(f"agent.update_mode='cudagraph' needs a CUDA device, not {device}; use 'compiled' or 'auto'.")
+    return mode
 
 
 class Learner:
     """Online and target Q-networks, the optimizer and the update. Metrics stay on the device: each
-    update adds to a running sum that :meth:`read_metrics` reads (one host sync per logging interval)."""
+    update adds to a running sum that :meth:`read_metrics` reads (one host sync per logging interval).
 
-    def __init__(self, q_network: nn.Module, config: AgentConfig, terminal_on_life_loss: bool) -> None:
+    ``config.update_mode`` picks how an update runs: ``eager`` (autograd and ``torch.optim``, below) or
+    ``compiled`` / ``cudagraph`` (:class:`agents.dqn.fused.FusedUpdate`: the same math as one compiled
+    graph). Both apply the same step to the same batch, guard it the same way and keep the optimizer
+    state in the same format."""
+
+    def __init__(
+        self,
+        q_network: nn.Module,
+        config: AgentConfig,
+        terminal_on_life_loss: bool,
+        planned_updates: int | None = None,
+    ) -> None:
         self.config = config
         self.q_network = q_network
         self.target_network = copy.deepcopy(q_network).eval()
@@ -96,13 +172,26 @@ class Learner:
         self.terminal_on_life_loss = terminal_on_life_loss
         self.updates = 0
         device = next(q_network.parameters()).device
-        self._metric_sum = torch.zeros(len(METRICS), device=device)
-        self._metric_count = 0
-        self._bad_code = torch.zeros((), dtype=torch.long, device=device)  # 0 ok, else a key of _WHAT
-        self._bad_update = torch.full((), -1, dtype=torch.long, device=device)
-        self._bad_names = torch.zeros(0, dtype=torch.bool, device=device)
+        self.update_mode = resolve_update_mode(config.update_mode, device, q_network, planned_updates)
         self._names = [name for name, _ in q_network.named_parameters()]
-        self._bad_name_list: list[str] = []
+        self._bad_name_list = self._names
+        # On-device state of the guard and the metrics; written in place by both update paths.
+        self._guard_state = {
+            "metric_sum": torch.zeros(len(METRICS), device=device),
+            "updates": torch.zeros((), dtype=torch.long, device=device),
+            "bad_code": torch.zeros((), dtype=torch.long, device=device),  # 0 ok, else a key of _WHAT
+            "bad_update": torch.full((), -1, dtype=torch.long, device=device),
+            "bad_names": torch.zeros(len(self._names), dtype=torch.bool, device=device),
+        }
+        self._metric_count = 0
+        self._saved: list[Tensor] = []  # the eager guard's copy of the state before the step
+        self._fused = None
+        if device.type == "cpu":
+            keep_freed_memory()
+        if self.update_mode != "eager":
+            from agents.dqn.fused import FusedUpdate
+
+            self._fused = FusedUpdate(self, self.update_mode)
 
     def sync_target(self) -> None:
         """Copy the online network (parameters and buffers) into the target network."""
@@ -110,24 +199,38 @@ class Learner:
 
     def loss(self, batch: ReplayBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Huber TD loss of a batch; returns ``(loss, td_error, q_taken, target)``."""
-        c = self.config
-        rewards = batch.rewards.clamp(-1.0, 1.0) if c.clip_rewards else batch.rewards
-        returns, discount = n_step_returns(rewards, batch.terminals, batch.truncations, c.gamma)
-        with torch.no_grad():
-            next_q_target = self.target_network(batch.next_obs)
-            next_q_online = self.q_network(batch.next_obs) if c.double_dqn else None
-            target = td_targets(returns, discount, next_q_target, next_q_online)
-        q_taken = self.q_network(batch.obs).gather(1, batch.actions[:, None]).squeeze(1)
-        loss = F.huber_loss(q_taken, target, delta=c.huber_delta)
-        return loss, (target - q_taken).detach(), q_taken.detach(), target
+        return td_loss(self.q_network, self.target_network, batch, self.config)
 
     def update(self, batch: ReplayBatch) -> None:
         """One gradient step on ``batch``; syncs the target every ``target_update_every_updates``.
 
-        A step whose loss, gradients or resulting parameters are not finite is undone on the device
-        (parameters, optimizer moments and float buffers are restored with ``torch.where``; no host
+        A step whose loss, gradients or resulting parameters are not finite is not applied (parameters,
+        optimizer moments and float buffers keep their values, selected with ``torch.where``; no host
         synchronisation) and recorded; :meth:`raise_if_nonfinite` runs every ``NONFINITE_CHECK_EVERY``
         updates and raises :class:`NonFiniteError`, so a run stops within a few updates."""
+        if self._fused is not None:
+            self._fused.update(batch, self._guard_state)
+        else:
+            self._eager_update(batch)
+        self._after_update()
+
+    def sample_and_update(self, replay: ReplayMemory, batch_size: int) -> None:
+        """:meth:`update` on a minibatch drawn from ``replay`` (in compiled modes, sampling is in the graph)."""
+        if self._fused is not None:
+            self._fused.sample_and_update(replay, batch_size, self._guard_state)
+            self._after_update()
+        else:
+            self.update(replay.sample(batch_size, self.terminal_on_life_loss))
+
+    def _after_update(self) -> None:
+        self.updates += 1
+        self._metric_count += 1
+        if self.updates % self.config.target_update_every_updates == 0:
+            self.sync_target()
+        if self.updates % NONFINITE_CHECK_EVERY == 0:
+            self.raise_if_nonfinite()
+
+    def _eager_update(self, batch: ReplayBatch) -> None:
         loss, td_error, q_taken, target = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,29 +241,27 @@ class Learner:
             grad_norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
             grad_norm = torch.linalg.vector_norm(grad_norms)
-        saved = [t.detach().clone() for t in self._state_tensors()]
+        live = self._state_tensors()
+        if [t.shape for t in self._saved] != [t.shape for t in live]:  # allocated once, not per update
+            self._saved = [torch.empty_like(t) for t in live]
+        torch._foreach_copy_(self._saved, live)
         self.optimizer.step()
         param_norms = torch.stack(torch._foreach_norm(params))
-        self._guard(loss.detach(), grad_norms, param_norms, [n for n, _ in named], saved)
-        self.updates += 1
-        if self.updates % self.config.target_update_every_updates == 0:
-            self.sync_target()
+        self._guard(loss.detach(), grad_norms, param_norms, [n for n, _ in named])
         row = torch.stack([loss.detach(), td_error.abs().mean(), q_taken.mean(), grad_norm, target.mean()])
-        self._metric_sum += torch.nan_to_num(row)
-        self._metric_count += 1
-        if self.updates % NONFINITE_CHECK_EVERY == 0:
-            self.raise_if_nonfinite()
+        self._guard_state["metric_sum"] += torch.nan_to_num(row)
 
     def _state_tensors(self) -> list[Tensor]:
         """Everything an optimizer step (or a forward with batch statistics) changes, on the parameters' device."""
-        device = self._metric_sum.device
+        device = self._guard_state["metric_sum"].device
         out = [p.data for p in self.q_network.parameters()]
         out += [b for b in self.q_network.buffers() if b.is_floating_point()]
         for state in self.optimizer.state.values():
             out += [t for t in state.values() if isinstance(t, Tensor) and t.device == device]
         return out
 
-    def _guard(self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str], saved: list) -> None:
+    def _guard(self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str]) -> None:
+        g = self._guard_state
         bad_grads, bad_params = ~torch.isfinite(grad_norms), ~torch.isfinite(param_norms)
         code = torch.where(
             ~torch.isfinite(loss),
@@ -169,25 +270,27 @@ class Learner:
         )
         ok = code == 0
         live = self._state_tensors()  # optimizer moments created by the first step are restored to zero
-        saved = saved + [torch.zeros_like(t) for t in live[len(saved) :]]
+        saved = self._saved + [torch.zeros_like(t) for t in live[len(self._saved) :]]
         for t, old in zip(live, saved, strict=True):
-            t.copy_(torch.where(ok, t, old))
-        first = (self._bad_code == 0) & ~ok
-        self._bad_update = torch.where(first, self.updates + 1, self._bad_update)
-        self._bad_code = torch.where(first, code, self._bad_code)
+            torch.where(ok, t, old, out=t)  # in place: no temporary of the parameters' size
+        g["updates"] += 1
+        first = (g["bad_code"] == 0) & ~ok
+        g["bad_update"].copy_(torch.where(first, g["updates"], g["bad_update"]))
+        g["bad_code"].copy_(torch.where(first, code, g["bad_code"]))
         mask = torch.where(code == 2, bad_grads, bad_params)
-        if self._bad_names.shape != mask.shape:
-            self._bad_names = torch.zeros_like(mask)
+        if g["bad_names"].shape != mask.shape:  # some parameter got no gradient
+            g["bad_names"] = torch.zeros_like(mask)
             self._bad_name_list = names
-        self._bad_names = torch.where(first, mask, self._bad_names)
+        g["bad_names"].copy_(torch.where(first, mask, g["bad_names"]))
 
     def raise_if_nonfinite(self) -> None:
         """One host read of the non-finite flag; raises :class:`NonFiniteError` naming the update and tensor."""
-        code = int(self._bad_code)
+        g = self._guard_state
+        code = int(g["bad_code"])
         if code == 0:
             return
-        update = int(self._bad_update)
-        names = [n for n, bad in zip(self._bad_name_list, self._bad_names.tolist(), strict=True) if bad]
+        update = int(g["bad_update"])
+        names = [n for n, bad in zip(self._bad_name_list, g["bad_names"].tolist(), strict=True) if bad]
         what = _WHAT[code] + (f" ({', '.join(names)})" if code > 1 and names else "")
         raise NonFiniteError(
             f"non-finite value (NaN or inf) in {what} at update {update}; that step and any later bad ones "
@@ -200,8 +303,9 @@ class Learner:
         """Means since the last call (one host synchronisation), ``{}`` when no update ran."""
         if self._metric_count == 0:
             return {}
-        values = (self._metric_sum / self._metric_count).tolist()
-        self._metric_sum.zero_()
+        metric_sum = self._guard_state["metric_sum"]
+        values = (metric_sum / self._metric_count).tolist()
+        metric_sum.zero_()
         self._metric_count = 0
         return dict(zip(METRICS, values, strict=True))
 
@@ -218,3 +322,6 @@ class Learner:
         self.target_network.load_state_dict(state["target_network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
+        self._guard_state["updates"].fill_(self.updates)
+        if self._fused is not None:
+            self._fused.refresh()  # the optimizer's state tensors were replaced

@@ -70,6 +70,7 @@ SAFE_TO_CHANGE = (
     "run.device",
     "run.torch_threads",
     "run.runs_dir",
+    "agent.update_mode",  # the same math (tests/test_dqn_fused.py), only how it runs
 )
 
 
@@ -157,7 +158,8 @@ class Trainer:
             self.device,
         )
         q_network = build_q_network(config.network, self.spec).to(self.device)
-        self.learner = Learner(q_network, a, self.terminal_on_life_loss)
+        planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
+        self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
         self.switch_modes = has_batch_statistics(q_network)
         self.agent_step = 0
         self.update_credit = 0.0
@@ -331,7 +333,7 @@ class Trainer:
         self.update_credit += (self.agent_step - max(before, start)) / a.agent_steps_per_update
         while self.update_credit >= 1.0:
             self.update_credit -= 1.0
-            self.learner.update(self.replay.sample(a.batch_size, self.terminal_on_life_loss))
+            self.learner.sample_and_update(self.replay, a.batch_size)
 
     def start(self) -> None:
         """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""

@@ -1,0 +1,149 @@
+"""The fused update (agents/dqn/fused.py) against the eager one: same step on the same batch, for every
+optimizer; the non-finite guard; and one compiled training run equal to the eager run.
+
+The math tests run ``fused_update`` uncompiled (it is plain PyTorch), so they cost milliseconds; one
+test compiles (inductor, on the tiny CartPole MLP) and covers the graph the runner uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.dqn.config import AgentConfig, load_dqn_config
+from agents.dqn.fused import fused_update
+from agents.dqn.learner import Learner, NonFiniteError, resolve_update_mode
+from agents.dqn.replay import ReplayBatch
+from agents.dqn.runner import Trainer
+from wn_rl import mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(b: int = 16, n: int = 1) -> ReplayBatch:
+    g = torch.Generator().manual_seed(0)
+    return ReplayBatch(
+        obs=torch.randn(b, 4, generator=g),
+        actions=torch.randint(0, 3, (b,), generator=g),
+        rewards=torch.randn(b, n, generator=g) * 3,
+        terminals=torch.rand(b, n, generator=g) < 0.2,
+        truncations=torch.zeros(b, n, dtype=torch.bool),
+        next_obs=torch.randn(b, 4, generator=g),
+        next_offsets=torch.full((b,), n),
+        indices=torch.arange(b),
+    )
+
+
+def _uncompiled_pair(config: AgentConfig, parameterization: str) -> tuple[Learner, Learner]:
+    """An eager learner and a fused one running ``fused_update`` without compiling, same start."""
+    torch.manual_seed(0)
+    q = mlp([4, 16, 3], parameterization)
+    eager = Learner(copy.deepcopy(q), replace(config, update_mode="eager"), terminal_on_life_loss=False)
+    fused = Learner(copy.deepcopy(q), replace(config, update_mode="compiled"), terminal_on_life_loss=False)
+    fused._fused._update = fused_update  # the same function, run eagerly
+    return eager, fused
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "parameterization", "max_grad_norm", "double_dqn"),
+    [
+        ("adamax", "weight_norm", None, False),
+        ("adam", "normal", 0.1, True),  # a small max norm, so clipping is active
+        ("rmsprop", "weight_norm", 10.0, False),
+    ],
+)
+def test_fused_update_equals_eager_update(optimizer, parameterization, max_grad_norm, double_dqn):
+    config = AgentConfig(
+        optimizer=optimizer, lr=1e-3, max_grad_norm=max_grad_norm, double_dqn=double_dqn, target_update_every_updates=2
+    )
+    eager, fused = _uncompiled_pair(config, parameterization)
+    batch = _batch()
+    for _ in range(3):
+        eager.update(batch)
+        fused.update(batch)
+    for (name, a), b in zip(eager.q_network.named_parameters(), fused.q_network.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    for a, b in zip(eager.target_network.parameters(), fused.target_network.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # synced after update 2 in both
+    state_a, state_b = eager.optimizer.state_dict()["state"], fused.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        assert state_a[i].keys() == state_b[i].keys()  # torch.optim's format: checkpoints interchangeable
+        for key, value in state_a[i].items():
+            assert torch.allclose(value.float(), state_b[i][key].float(), rtol=1e-5, atol=1e-7), (i, key)
+    metrics_a, metrics_b = eager.read_metrics(), fused.read_metrics()
+    assert metrics_a == pytest.approx(metrics_b, rel=1e-4)
+
+
+def test_fused_guard_skips_a_nan_loss_and_an_overflowing_step():
+    _, fused = _uncompiled_pair(AgentConfig(lr=1e-3), "weight_norm")
+    before = {k: v.clone() for k, v in fused.q_network.state_dict().items()}
+    bad = _batch()
+    bad.rewards[0, 0] = float("nan")
+    fused.update(bad)
+    assert all(torch.equal(before[k], v) for k, v in fused.q_network.state_dict().items())
+    assert all(torch.count_nonzero(t) == 0 for s in fused.optimizer.state.values() for t in s.values())
+    with pytest.raises(NonFiniteError, match=r"in the loss at update 1"):
+        fused.raise_if_nonfinite()
+
+    _, fused = _uncompiled_pair(AgentConfig(lr=1e39), "normal")  # finite grads, parameters overflow
+    before = {k: v.clone() for k, v in fused.q_network.state_dict().items()}
+    fused.update(_batch())
+    assert all(torch.equal(before[k], v) for k, v in fused.q_network.state_dict().items())
+    with pytest.raises(NonFiniteError, match=r"parameters after the optimizer step \(.*\) at update 1"):
+        fused.raise_if_nonfinite()
+
+
+def test_update_mode_auto_and_its_errors():
+    q = mlp([4, 3], "normal")
+    assert resolve_update_mode("auto", torch.device("cpu"), q) == "eager"
+    assert resolve_update_mode("auto", torch.device("cpu"), q, planned_updates=10**6) == "compiled"
+    assert resolve_update_mode("auto", torch.device("cpu"), q, planned_updates=1000) == "eager"
+    assert resolve_update_mode("auto", torch.device("cuda"), q) == "cudagraph"
+    assert resolve_update_mode("auto", torch.device("cuda"), mlp([4, 8, 3], "batch_norm")) == "eager"
+    with pytest.raises(ValueError, match="batch statistics"):
+        resolve_update_mode("compiled", torch.device("cpu"), mlp([4, 8, 3], "batch_norm"))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_update_mode("cudagraph", torch.device("cpu"), q)
+
+
+def _cartpole_run(tmp_path: Path, mode: str) -> Trainer:
+    overrides = {
+        "agent.update_mode": mode,
+        "agent.epsilon_start": 1.0,  # random acting: both runs see the same transitions
+        "agent.epsilon_end": 1.0,
+        "agent.learning_starts_agent_steps": 200,
+        "agent.agent_steps_per_update": 8,
+        "agent.batch_size": 32,
+        "agent.target_update_every_updates": 10,
+        "run.total_agent_steps": 360,
+        "eval.every_agent_steps": 0,
+        "run.checkpoint_every_agent_steps": 0,
+        "run.runs_dir": str(tmp_path),
+        "run.name": mode,
+        "run.progress_bar": "false",
+        "run.device": "cpu",
+        "network.ddi_batch_size": 64,
+    }
+    config = load_dqn_config(
+        str(ROOT / "configs" / "dqn" / "cartpole.yaml"), [f"{k}={v}" for k, v in overrides.items()]
+    )
+    trainer = Trainer(config, tmp_path / mode)
+    trainer.run()
+    return trainer
+
+
+def test_compiled_training_run_equals_the_eager_run(tmp_path):
+    """The runner's compiled graph (sampling + update) against eager, over 20 updates with target syncs."""
+    eager = _cartpole_run(tmp_path, "eager")
+    compiled = _cartpole_run(tmp_path, "compiled")
+    assert compiled.learner.update_mode == "compiled" and compiled.learner.updates == eager.learner.updates == 20
+    for (name, a), b in zip(
+        eager.learner.q_network.named_parameters(), compiled.learner.q_network.parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    assert compiled.history == eager.history
