@@ -1,11 +1,13 @@
 """The TD math in isolation (float64): terminal vs truncation vs life loss, n-step, double DQN, the
 epsilon schedule, and one update that changes the network and keeps metrics on the device."""
 
+import copy
+
 import pytest
 import torch
 
 from agents.dqn.config import AgentConfig
-from agents.dqn.learner import Learner, epsilon_at, n_step_returns, td_targets
+from agents.dqn.learner import Learner, NonFiniteError, epsilon_at, n_step_returns, td_targets
 from agents.dqn.replay import ReplayBatch
 
 G = 0.9
@@ -103,3 +105,65 @@ def test_rewards_are_clipped_in_the_learner_only():
     clipped = Learner(q, AgentConfig(lr=1e-3, clip_rewards=True), False).loss(batch)[3]
     raw = Learner(q, AgentConfig(lr=1e-3, clip_rewards=False), False).loss(batch)[3]
     assert torch.allclose(clipped, torch.ones(8)) and torch.allclose(raw, torch.full((8,), 100.0))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "beta1", "beta2"),
+    [("adam", 0.9, 0.999), ("adam", 0.5, 0.999), ("adamax", 0.5, 0.999), ("rmsprop", 0.9, 0.999)],
+)
+def test_step_bound_bounds_every_parameter_change(optimizer, beta1, beta2):
+    """The CPU guard skips its copy of the state when lr * K cannot overflow: K must really bound |dp| / lr,
+    here under gradients that jump over 12 orders of magnitude and flip sign."""
+    from agents.dqn.learner import make_optimizer, step_bound
+
+    config = AgentConfig(optimizer=optimizer, lr=1.0, beta1=beta1, beta2=beta2)
+    bound = step_bound(config)
+    p = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float64))
+    opt = make_optimizer([p], config)
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for step in range(300):
+        scale = 10.0 ** torch.randint(-6, 7, (1000,), generator=g).double()
+        p.grad = torch.randn(1000, generator=g, dtype=torch.float64) * scale * (-1) ** step
+        before = p.detach().clone()
+        opt.step()
+        worst = max(worst, (p.detach() - before).abs().max().item())
+    assert 0.5 < worst <= bound
+
+
+def test_cpu_guard_without_a_copy_gives_the_same_steps_and_still_undoes_an_overflow():
+    from wn_rl import mlp
+
+    torch.manual_seed(0)
+    q = mlp([4, 16, 2], "weight_norm")
+    fast = Learner(q, AgentConfig(lr=1e-2, batch_size=8), terminal_on_life_loss=False)
+    slow = Learner(copy.deepcopy(q), AgentConfig(lr=1e-2, batch_size=8), terminal_on_life_loss=False)
+    slow._host_checks = False  # always copy the state and select with torch.where, as on a GPU
+    copies = []
+    real_copy = torch._foreach_copy_
+    for _ in range(5):
+        for learner in (fast, slow):
+            torch._foreach_copy_ = lambda dst, src, who=learner, **kw: copies.append(who) or real_copy(dst, src, **kw)
+            try:
+                learner.update(_batch())
+            finally:
+                torch._foreach_copy_ = real_copy
+    assert copies.count(fast) == 1 and copies.count(slow) == 5  # fast: only before its first step
+    for a, b in zip(fast.q_network.parameters(), slow.q_network.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # lr * K near float32's limit: the step may overflow, so the state is copied and an overflow undone
+    for group in fast.optimizer.param_groups:
+        group["lr"] = 1e37
+    real_step = fast.optimizer.step
+
+    def overflowing_step():
+        real_step()
+        with torch.no_grad():
+            next(fast.q_network.parameters()).view(-1)[0] = float("inf")
+
+    fast.optimizer.step = overflowing_step
+    before = [p.detach().clone() for p in fast.q_network.parameters()]
+    fast.update(_batch())
+    assert all(torch.equal(a, p) for a, p in zip(before, fast.q_network.parameters(), strict=True))
+    with pytest.raises(NonFiniteError, match="parameters after the optimizer step"):
+        fast.raise_if_nonfinite()

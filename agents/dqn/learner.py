@@ -12,6 +12,7 @@ bootstrapping from the last real observation. The loss is the Huber loss of y - 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,8 @@ __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_loss
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
 COMPILE_PAYS_AFTER_UPDATES = 50_000  # CPU: below this, update_mode auto stays eager
 NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
+GRADIENT_LIMIT = 1e18  # CPU guard: gradient norms below this keep Adam's g^2 finite
+PARAMETER_LIMIT = 1e37  # CPU guard: parameter norms below this (float32 max 3.4e38) are safely finite
 RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
@@ -102,6 +105,27 @@ def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.opt
     if config.optimizer == "adam":
         return torch.optim.Adam(params, betas=betas, **common)
     return torch.optim.RMSprop(params, alpha=RMSPROP_ALPHA, momentum=config.beta1, **common)
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor 2-norms as one tensor, outside autograd."""
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(tensors))
+
+
+def step_bound(config: AgentConfig) -> float:
+    """K with |parameter change| <= lr * K for every step of ``config.optimizer`` (inf if unbounded).
+
+    Adam: |m_hat / sqrt(v_hat)| <= 1 / sqrt((1 - b2)(1 - b1^2 / b2)) when b1^2 < b2 (Cauchy-Schwarz
+    over the moments' sums). Adamax: |m_hat| / u <= 1 / (1 - b1 / b2) when b1 < b2 (u >= b2^j |g_{t-j}|).
+    RMSprop: |g| / sqrt(avg) <= 1 / sqrt(1 - alpha), and momentum sums that to 1 / (1 - momentum).
+    """
+    b1, b2 = config.beta1, config.beta2
+    if config.optimizer == "adam":
+        return 1.0 / math.sqrt((1 - b2) * (1 - b1 * b1 / b2)) if b1 * b1 < b2 else math.inf
+    if config.optimizer == "adamax":
+        return 1.0 / (1 - b1 / b2) if b1 < b2 else math.inf
+    return 1.0 / ((1 - b1) * math.sqrt(1 - RMSPROP_ALPHA))
 
 
 def keep_freed_memory() -> None:
@@ -185,6 +209,10 @@ class Learner:
         }
         self._metric_count = 0
         self._saved: list[Tensor] = []  # the eager guard's copy of the state before the step
+        # CPU: host reads are free, so the eager guard skips bad steps and copies only when a step could overflow
+        self._host_checks = device.type == "cpu" and not any(b.is_floating_point() for b in q_network.buffers())
+        self._step_bound = step_bound(config)
+        self._param_norm_max: float | None = None  # largest parameter norm after the last step (CPU)
         self._fused = None
         if device.type == "cpu":
             keep_freed_memory()
@@ -241,13 +269,25 @@ class Learner:
             grad_norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
             grad_norm = torch.linalg.vector_norm(grad_norms)
-        live = self._state_tensors()
-        if [t.shape for t in self._saved] != [t.shape for t in live]:  # allocated once, not per update
-            self._saved = [torch.empty_like(t) for t in live]
-        torch._foreach_copy_(self._saved, live)
-        self.optimizer.step()
-        param_norms = torch.stack(torch._foreach_norm(params))
-        self._guard(loss.detach(), grad_norms, param_norms, [n for n, _ in named])
+        names = [n for n, _ in named]
+        if self._step_is_provably_finite(loss, grad_norms):
+            self.optimizer.step()  # nothing to undo: no copy (CPU only, see the method)
+            param_norms = _norms(params)
+            self._param_norm_max = float(param_norms.max())
+            self._guard(loss.detach(), grad_norms, param_norms, names, restore=False)
+        elif self._host_checks and not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all()):
+            param_norms = _norms(params)  # a bad step is skipped: nothing changed
+            self._guard(loss.detach(), grad_norms, param_norms, names, restore=False)
+        else:
+            live = self._state_tensors()
+            if [t.shape for t in self._saved] != [t.shape for t in live]:  # allocated once, not per update
+                self._saved = [torch.empty_like(t) for t in live]
+            torch._foreach_copy_(self._saved, live)
+            self.optimizer.step()
+            param_norms = _norms(params)
+            if self._host_checks:
+                self._param_norm_max = float(param_norms.max())
+            self._guard(loss.detach(), grad_norms, param_norms, names)
         row = torch.stack([loss.detach(), td_error.abs().mean(), q_taken.mean(), grad_norm, target.mean()])
         self._guard_state["metric_sum"] += torch.nan_to_num(row)
 
@@ -260,7 +300,25 @@ class Learner:
             out += [t for t in state.values() if isinstance(t, Tensor) and t.device == device]
         return out
 
-    def _guard(self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str]) -> None:
+    def _step_is_provably_finite(self, loss: Tensor, grad_norms: Tensor) -> bool:
+        """Whether the optimizer step about to run cannot make anything non-finite, so the copy of the
+        state that would undo it can be skipped. Only on a CPU, where reading these scalars costs no
+        device synchronisation, and only for networks without float buffers (batch statistics).
+
+        With a finite loss and every gradient norm below ``GRADIENT_LIMIT`` the moments stay finite
+        (g^2 < 1e36), and each parameter moves by at most ``lr * K``, K the optimizer's bound on
+        |update| / lr (:func:`step_bound`); so when the largest parameter norm after the previous step
+        plus ``lr * K`` stays below ``PARAMETER_LIMIT`` the new parameters are finite too."""
+        if not self._host_checks or self._param_norm_max is None or not math.isfinite(self._step_bound):
+            return False
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        if self._param_norm_max + lr * self._step_bound >= PARAMETER_LIMIT:
+            return False
+        return bool(torch.isfinite(loss) & (grad_norms < GRADIENT_LIMIT).all())
+
+    def _guard(
+        self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str], restore: bool = True
+    ) -> None:
         g = self._guard_state
         bad_grads, bad_params = ~torch.isfinite(grad_norms), ~torch.isfinite(param_norms)
         code = torch.where(
@@ -269,10 +327,11 @@ class Learner:
             torch.where(bad_grads.any(), 2, torch.where(bad_params.any(), 3, 0)),
         )
         ok = code == 0
-        live = self._state_tensors()  # optimizer moments created by the first step are restored to zero
-        saved = self._saved + [torch.zeros_like(t) for t in live[len(self._saved) :]]
-        for t, old in zip(live, saved, strict=True):
-            torch.where(ok, t, old, out=t)  # in place: no temporary of the parameters' size
+        if restore:
+            live = self._state_tensors()  # optimizer moments created by the first step are restored to zero
+            saved = self._saved + [torch.zeros_like(t) for t in live[len(self._saved) :]]
+            for t, old in zip(live, saved, strict=True):
+                torch.where(ok, t, old, out=t)  # in place: no temporary of the parameters' size
         g["updates"] += 1
         first = (g["bad_code"] == 0) & ~ok
         g["bad_update"].copy_(torch.where(first, g["updates"], g["bad_update"]))
@@ -318,6 +377,7 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self._param_norm_max = None  # the CPU guard re-derives its bound from the loaded parameters
         self.q_network.load_state_dict(state["q_network"])
         self.target_network.load_state_dict(state["target_network"])
         self.optimizer.load_state_dict(state["optimizer"])
