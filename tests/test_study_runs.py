@@ -127,7 +127,7 @@ def test_set_adds_a_run_override_after_the_study_ones(capsys: pytest.CaptureFixt
     args = ["configs/studies/minatar_lr_robustness.yaml", "--set", "run.total_agent_steps=99000", "--dry-run"]
     assert study_script.main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("run.total_agent_steps=99000") == 24 and "of 99,000 steps" in out
+    assert out.count("run.total_agent_steps=99000") == 40 and "of 99,000 steps" in out
 
 
 def test_run_lock_keeps_two_drivers_off_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
