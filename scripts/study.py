@@ -4,7 +4,8 @@ Expands the study's grid into DQN runs, skips runs that are already complete, ru
 ``--jobs`` at a time, or as Ray tasks with ``--backend ray --address ...``), then writes the figure,
 the per-run and aggregate tables (markdown + CSV) to the study's report folder. Running the same
 command again resumes an interrupted study. ``--set KEY=VALUE`` adds a DQN override to every run
-(e.g. a larger budget, which extends finished runs); ``--dry-run`` prints the plan; ``--analyze-only``
+(e.g. a larger budget, which extends finished runs; their replay memory restarts empty unless the runs
+set ``run.save_replay=true``); ``--dry-run`` prints the plan; ``--analyze-only``
 only rebuilds the figure and tables from what the runs have written so far.
 """
 

@@ -204,7 +204,9 @@ def plot_sweep(
         for ax, attribute in zip(axes, ("final_eval", "auc_eval"), strict=True):
             per_x = [np.array([getattr(s, attribute) for x, s in members if x == value]) for value in xs]
             means = np.array([np.nanmean(v) for v in per_x])
-            stds = np.array([np.nanstd(v) for v in per_x])
+            stds = np.array(
+                [np.nanstd(v, ddof=1) if np.count_nonzero(~np.isnan(v)) > 1 else 0.0 for v in per_x]
+            )  # sample std, as the tables
             ax.errorbar(xs, means, yerr=stds, color=color, marker="o", capsize=3, label=group)
             for value, v in zip(xs, per_x, strict=True):
                 ax.scatter([value] * v.size, v, color=color, s=8, alpha=0.4)

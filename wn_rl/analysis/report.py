@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,7 +140,7 @@ def aggregate_rows(summaries: Sequence[RunSummary], *, reps: int = 10_000, seed:
     return rows
 
 
-def _normalizer(task: str, suite: str, summaries: Sequence[RunSummary]) -> tuple[str, callable]:
+def _normalizer(task: str, suite: str, summaries: Sequence[RunSummary]) -> tuple[str, Callable[[float], float]]:
     if suite == "atari":
         return "human-normalised", lambda x: human_normalized_score(task, x)
     scale = max((abs(s.max_eval) for s in summaries if s.task == task and math.isfinite(s.max_eval)), default=1.0)

@@ -8,7 +8,8 @@ run is one ``scripts/train_dqn.py`` process with ``key=value`` overrides; its ru
 invocations. A run is complete when its newest complete checkpoint has reached the run's
 ``run.total_agent_steps`` (the runner writes a final checkpoint); complete runs are skipped and
 incomplete ones resume from their newest checkpoint, so an interrupted study is continued by running
-the same command again. Raising the budget in the study config extends finished runs.
+the same command again. Raising the budget in the study config extends finished runs (their replay memory restarts empty
+unless the runs set ``run.save_replay=true``, so prefer a new study name for a longer budget).
 """
 
 from __future__ import annotations
