@@ -270,24 +270,26 @@ class Learner:
         else:
             grad_norm = torch.linalg.vector_norm(grad_norms)
         names = [n for n, _ in named]
-        if self._step_is_provably_finite(loss, grad_norms):
-            self.optimizer.step()  # nothing to undo: no copy (CPU only, see the method)
-            param_norms = _norms(params)
-            self._param_norm_max = float(param_norms.max())
-            self._guard(loss.detach(), grad_norms, param_norms, names, restore=False)
-        elif self._host_checks and not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all()):
-            param_norms = _norms(params)  # a bad step is skipped: nothing changed
-            self._guard(loss.detach(), grad_norms, param_norms, names, restore=False)
-        else:
+        # On a CPU a bad step is simply skipped (a free host read) and the state is copied only when the
+        # step could overflow; elsewhere it is always copied and selected back on the device.
+        provably_finite = self._step_is_provably_finite(loss, grad_norms)
+        skip = (
+            not provably_finite
+            and self._host_checks
+            and not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all())
+        )
+        copy_state = not (provably_finite or skip)
+        if copy_state:
             live = self._state_tensors()
             if [t.shape for t in self._saved] != [t.shape for t in live]:  # allocated once, not per update
                 self._saved = [torch.empty_like(t) for t in live]
             torch._foreach_copy_(self._saved, live)
+        if not skip:
             self.optimizer.step()
-            param_norms = _norms(params)
-            if self._host_checks:
-                self._param_norm_max = float(param_norms.max())
-            self._guard(loss.detach(), grad_norms, param_norms, names)
+        param_norms = _norms(params)
+        if self._host_checks and not skip:
+            self._param_norm_max = float(param_norms.max())
+        self._guard(loss.detach(), grad_norms, param_norms, names, restore=copy_state)
         row = torch.stack([loss.detach(), td_error.abs().mean(), q_taken.mean(), grad_norm, target.mean()])
         self._guard_state["metric_sum"] += torch.nan_to_num(row)
 
