@@ -21,15 +21,7 @@ from wn_rl.models.cifar_experiment import CifarConfig
 from wn_rl.models.comparison import FIVE, CompareConfig
 from wn_rl.models.training import copy_directions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tests share a small CPU with other test processes; with several intra-op threads on busy
-    cores each step waits on the slowest thread (measured: 0.04 s -> 2 s per step), so run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +152,7 @@ def test_paper_configs_load():
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread in conftest.py
     done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout

@@ -28,15 +28,7 @@ from wn_rl.models.generative_experiment import GenerativeConfig, free_bits_kl
 from wn_rl.models.training import PolyakAverage
 from wn_rl.models.vae import ConvVAE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tests share a small CPU with other test processes; with several intra-op threads on busy
-    cores each step waits on the slowest thread (measured: 0.04 s -> 2 s per step), so run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +248,7 @@ def test_generative_config_checks_model_and_dataset():
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread in conftest.py
     done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout

@@ -10,15 +10,7 @@ import wn_rl
 from wn_rl.models.comparison import FIVE
 from wn_rl.models.iaf import IAF, MADE, ConvARNet, MaskedWNLinear, conv_ar_mask, linear_ar_mask
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tests share a small CPU with other test processes; with several intra-op threads on busy
-    cores each step waits on the slowest thread (measured: 0.04 s -> 2 s per step), so run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _perturb(module: torch.nn.Module, scale: float, seed: int = 0) -> None:

@@ -22,13 +22,7 @@ from wn_rl.sb3 import (
     WnTD3Policy,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def preactivations(net: torch.nn.Module, run) -> list[tuple[str, torch.Tensor, float]]:

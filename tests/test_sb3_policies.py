@@ -36,13 +36,7 @@ from wn_rl.sb3.envs import register_envs
 ATARI = "BreakoutNoFrameskip-v4"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small nets on a shared 2-core machine run far faster on one thread (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def atari_env(n_envs: int = 1):
