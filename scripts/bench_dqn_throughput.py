@@ -42,11 +42,19 @@ def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dic
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as runs_dir:
         trainers = {
-            f"ours_{mode}_{p}": build_ours(
-                suite, name, s, total, 0, runs_dir, p, (f"agent.update_mode={mode}", f"run.device={args.device}")
+            f"ours_{mode}_{p}" + (f"_{overlap}" if len(args.overlap) > 1 else ""): build_ours(
+                suite,
+                name,
+                s,
+                total,
+                0,
+                runs_dir,
+                p,
+                (f"agent.update_mode={mode}", f"run.device={args.device}", f"run.overlap_updates={overlap}"),
             )
             for mode in args.update_mode
             for p in args.parameterization
+            for overlap in args.overlap
         }
         contenders = [ours_contender(label, t) for label, t in trainers.items()]
         if not args.no_sb3:
@@ -54,9 +62,11 @@ def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dic
         sps = throughput(contenders, args.warmup, args.steps, args.rounds)
         profiles = {label: profile_loop(t, args.steps) for label, t in trainers.items()} if args.profile else {}
         modes = {label: t.learner.update_mode for label, t in trainers.items()}
+        overlaps = {label: t.update_runner.mode for label, t in trainers.items()}
         for c in contenders:
             c.close()
-    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps, "update_mode": modes, "profile": profiles}
+    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps, "update_mode": modes, "overlap": overlaps}
+    result["profile"] = profiles
     if "sb3" in sps:
         result["ratio_to_sb3"] = {label: sps[label] / sps["sb3"] for label in trainers}
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}
@@ -87,6 +97,13 @@ def main() -> None:
         "--update-mode", nargs="+", default=["eager", "compiled"], choices=["auto", "eager", "compiled", "cudagraph"]
     )
     parser.add_argument("--parameterization", nargs="+", default=["normal", "weight_norm"])
+    parser.add_argument(
+        "--overlap",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "thread", "inline"],
+        help="run.overlap_updates (thread: updates in a worker thread while acting and env stepping)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (both implementations)")
     parser.add_argument("--steps", type=int, default=1000, help="agent steps per timed chunk")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved chunks per contender")

@@ -26,6 +26,7 @@ from torch import nn
 
 from agents.dqn.config import load_dqn_config
 from agents.dqn.envs import MINATAR_GAMES
+from agents.dqn.overlap import UpdateRunner
 from agents.dqn.runner import Trainer
 from wn_rl.parameterization import Parameterization
 
@@ -229,7 +230,18 @@ class _Timed:
 def profile_loop(trainer: Trainer, steps: int) -> dict[str, float]:
     """Where ``steps`` agent steps of ``trainer`` (started and warmed up) spend their time, in ms per
     agent step, and the bound set by the updates alone (``bound_sps``). Timers synchronise the device,
-    so the loop runs a little slower than unprofiled."""
+    so the loop runs a little slower than unprofiled. The updates run inline here (a worker thread's
+    time would overlap the others), so the parts add up to the sequential loop's step."""
+    runner = trainer.update_runner
+    trainer.update_runner = UpdateRunner(trainer.learner, trainer.replay, runner.batch_size, "inline")
+    try:
+        return _profile_parts(trainer, steps)
+    finally:
+        trainer.update_runner = runner
+        runner.mark_changed()
+
+
+def _profile_parts(trainer: Trainer, steps: int) -> dict[str, float]:
     parts = {
         "env": (trainer.env, "step"),
         "acting": (trainer, "_act"),

@@ -157,6 +157,10 @@ class RunConfig:
     "show a tqdm bar with steps, SPS and recent return."
     torch_threads: int | None = None
     "torch CPU threads (None: torch's default)."
+    overlap_updates: Literal["auto", "thread", "inline"] = "auto"
+    "how a step's updates run beside the env step (bit-identical results either way). thread: in a worker "
+    "thread while the main thread acts and steps the envs (CPU); inline: in the loop (a GPU still overlaps, "
+    "its kernels run while the emulators step). auto: thread on a CPU with at least 2 cores, else inline."
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,32 @@ from torch import Tensor, nn
 from agents.dqn.envs import VecEnv
 from wn_rl.checkpoint import atomic_write_bytes
 
-__all__ = ["best_epoch_mean", "evaluate", "game_quotas", "select_actions", "write_results"]
+__all__ = ["best_epoch_mean", "evaluate", "exploration_draws", "game_quotas", "select_actions", "write_results"]
 
 
-def select_actions(q_network: nn.Module | None, obs: Tensor, epsilon: float, n_actions: int) -> Tensor:
+def exploration_draws(n: int, n_actions: int, epsilon: float, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The random numbers of :func:`select_actions` for ``n`` envs: uniform actions and, when
+    ``epsilon < 1``, the explore coin flips (in that order from the global generator)."""
+    random_actions = torch.randint(0, n_actions, (n,), device=device)
+    explore = torch.rand(n, device=device) < epsilon if epsilon < 1.0 else None
+    return random_actions, explore
+
+
+def select_actions(
+    q_network: nn.Module | None,
+    obs: Tensor,
+    epsilon: float,
+    n_actions: int,
+    draws: tuple[Tensor, Tensor | None] | None = None,
+) -> Tensor:
     """Epsilon-greedy actions for a batch of observations, on the observations' device.
 
     With ``epsilon >= 1`` (or no network) the network is not evaluated: every action is uniform.
+    ``draws``: :func:`exploration_draws` made beforehand (drawn here when ``None``).
     """
-    n = obs.shape[0]
-    random_actions = torch.randint(0, n_actions, (n,), device=obs.device)
-    if q_network is None or epsilon >= 1.0:
+    random_actions, explore = draws or exploration_draws(obs.shape[0], n_actions, epsilon, obs.device)
+    if q_network is None or explore is None:
         return random_actions
-    explore = torch.rand(n, device=obs.device) < epsilon
     if obs.device.type == "cpu" and bool(explore.all()):  # free to check on the host: skip the forward
         return random_actions
     with torch.no_grad():

@@ -202,6 +202,11 @@ class FusedUpdate:
         self._calls = 0
         self._ahead_of_time: Any = None  # sample_and_update compiled ahead of time (mode "compiled")
 
+    @property
+    def calls(self) -> int:
+        """Calls of :meth:`sample_and_update` so far (the first compiles)."""
+        return self._calls
+
     def refresh(self) -> None:
         """Rebuild the tensor lists (after the optimizer state was replaced, e.g. by a checkpoint load)."""
         self._tensors = None
@@ -246,10 +251,13 @@ class FusedUpdate:
         tensors = self._prepare(guard)
         self._update(self.loss_fn, self.learner.config, self.names, *tensors, guard, batch)
 
-    def sample_and_update(self, replay: Any, batch_size: int, guard: dict[str, Tensor]) -> None:
-        """The compiled sampling from ``replay`` and update, one graph."""
+    def sample_and_update(
+        self, replay: Any, batch_size: int, guard: dict[str, Tensor], uniforms: Tensor | None = None
+    ) -> None:
+        """The compiled sampling from ``replay`` and update, one graph (``uniforms``: the sampling draws)."""
         tensors = self._prepare(guard, replay)
-        uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
+        if uniforms is None:
+            uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
         args = (replay, uniforms, self.learner.terminal_on_life_loss, self.loss_fn, self.learner.config)
         args += (self.names, *tensors, guard)
         self._calls += 1
@@ -269,7 +277,10 @@ def _compile_ahead_of_time(compiled: Any, args: tuple) -> Any:
     if not hasattr(compiled, "aot_compile"):
         return None
     try:
-        function = compiled.aot_compile((args, {}))
+        # Without AOTAutograd's cache: with it, a MinAtar run here loaded a graph that an earlier process had
+        # compiled for another replay capacity and failed a size assertion (not reproduced in a fresh cache).
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            function = compiled.aot_compile((args, {}))
     except Exception as exc:  # an experimental torch API: fall back to the guarded graph
         warnings.warn(
             f"ahead-of-time compilation failed ({type(exc).__name__}: {exc}); using torch.compile's "

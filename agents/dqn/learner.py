@@ -242,13 +242,19 @@ class Learner:
             self._eager_update(batch)
         self._after_update()
 
-    def sample_and_update(self, replay: ReplayMemory, batch_size: int) -> None:
-        """:meth:`update` on a minibatch drawn from ``replay`` (in compiled modes, sampling is in the graph)."""
+    def sample_and_update(self, replay: ReplayMemory, batch_size: int, uniforms: Tensor | None = None) -> None:
+        """:meth:`update` on a minibatch drawn from ``replay`` (in compiled modes, sampling is in the graph).
+        ``uniforms``: the ``(batch_size,)`` U[0, 1) draws to sample with (drawn here when ``None``)."""
         if self._fused is not None:
-            self._fused.sample_and_update(replay, batch_size, self._guard_state)
+            self._fused.sample_and_update(replay, batch_size, self._guard_state, uniforms)
             self._after_update()
         else:
-            self.update(replay.sample(batch_size, self.terminal_on_life_loss))
+            self.update(replay.sample(batch_size, self.terminal_on_life_loss, uniforms=uniforms))
+
+    @property
+    def compiled_if_needed(self) -> bool:
+        """Whether an update can run without compiling first (eager, or the graph was compiled)."""
+        return self._fused is None or self._fused.calls > 0
 
     def _after_update(self) -> None:
         self.updates += 1

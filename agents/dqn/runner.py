@@ -34,9 +34,10 @@ from torch.utils.tensorboard import SummaryWriter
 import wn_rl
 from agents.dqn.config import DQNConfig, config_dict
 from agents.dqn.envs import EnvStateError, VecEnv, make_env, protocol_settings
-from agents.dqn.evaluation import best_epoch_mean, evaluate, select_actions, write_results
+from agents.dqn.evaluation import best_epoch_mean, evaluate, exploration_draws, select_actions, write_results
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
+from agents.dqn.overlap import UpdateRunner, resolve_overlap
 from agents.dqn.replay import ReplayMemory
 from agents.dqn.run_state import (
     games_for_config,
@@ -71,6 +72,7 @@ SAFE_TO_CHANGE = (
     "run.torch_threads",
     "run.runs_dir",
     "agent.update_mode",  # the same math (tests/test_dqn_fused.py), only how it runs
+    "run.overlap_updates",  # bit-identical either way (tests/test_dqn_overlap.py)
 )
 
 
@@ -161,6 +163,9 @@ class Trainer:
         planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
         self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
         self.switch_modes = has_batch_statistics(q_network)
+        self.update_runner = UpdateRunner(
+            self.learner, self.replay, a.batch_size, resolve_overlap(config.run.overlap_updates, self.device)
+        )
         self.agent_step = 0
         self.update_credit = 0.0
         self.history: list[dict[str, Any]] = []
@@ -219,6 +224,7 @@ class Trainer:
             return False
         state = load_checkpoint(path, map_location=self.device)
         self.learner.load_state_dict(state["learner"])
+        self.update_runner.mark_changed()
         counters = state["counters"]
         self.agent_step = int(counters["agent_step"])
         self.update_credit = float(counters["update_credit"])
@@ -302,14 +308,14 @@ class Trainer:
         return None
 
     # ----- the loop --------------------------------------------------------------------------------
-    def _act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
-        q = self.learner.q_network
+    def _act(self, obs: torch.Tensor, epsilon: float, draws: tuple | None = None) -> torch.Tensor:
+        q = self.update_runner.acting_network()  # the online network's weights theta_t
         if self.switch_modes and epsilon < 1.0:
             q.eval()
-            actions = select_actions(q, obs, epsilon, self.spec.n_actions)
+            actions = select_actions(q, obs, epsilon, self.spec.n_actions, draws)
             q.train()
             return actions
-        return select_actions(q, obs, epsilon, self.spec.n_actions)
+        return select_actions(q, obs, epsilon, self.spec.n_actions, draws)
 
     def _data_dependent_init(self) -> None:
         q = self.learner.q_network
@@ -320,20 +326,22 @@ class Trainer:
         obs = self.replay.recent_observations(self.config.network.ddi_batch_size)
         report = wn_rl.data_dependent_init(q, obs)
         self.learner.sync_target()
+        self.update_runner.mark_changed()
         for tag, value in report.scalars().items():
             self.writer.add_scalar(tag, value, self.agent_step)
 
-    def _learn(self, before: int) -> None:
-        """Updates owed for the agent steps since ``before`` that lie past the learning start."""
+    def _updates_owed(self, before: int, after: int) -> int:
+        """Updates owed for the agent steps ``before..after`` that lie past the learning start (the first
+        runs the data-dependent init); takes them from ``update_credit``."""
         a = self.config.agent
         start = max(a.learning_starts_agent_steps, self.learn_after)
-        if self.agent_step <= start:
-            return
+        if after <= start:
+            return 0
         self._data_dependent_init()
-        self.update_credit += (self.agent_step - max(before, start)) / a.agent_steps_per_update
-        while self.update_credit >= 1.0:
-            self.update_credit -= 1.0
-            self.learner.sample_and_update(self.replay, a.batch_size)
+        self.update_credit += (after - max(before, start)) / a.agent_steps_per_update
+        owed = int(self.update_credit)
+        self.update_credit -= owed
+        return owed
 
     def start(self) -> None:
         """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
@@ -362,7 +370,8 @@ class Trainer:
         self._clock = _Clock(self.agent_step)
 
     def finish(self) -> None:
-        """Final checkpoint; close TensorBoard and the envs."""
+        """Final checkpoint; close TensorBoard, the update worker and the envs."""
+        self.update_runner.close()
         self.save()
         self.writer.close()
         self.env.close()
@@ -388,6 +397,7 @@ class Trainer:
                 *_with_context(exc, f"Agent step {self.agent_step:,}; last good checkpoint: {last}.")
             ) from exc
         finally:
+            self.update_runner.close()
             self.writer.flush()
             if bar is not None:
                 bar.close()
@@ -406,31 +416,40 @@ class Trainer:
         }
 
     def advance(self, until_agent_step: int, bar: Any = None) -> None:
-        """Act, store and learn until ``until_agent_step`` (call :meth:`start` first)."""
+        """Act, store and learn until ``until_agent_step`` (call :meth:`start` first).
+
+        Per vector step: draw the sampling uniforms of the updates owed, act on s_t, step the envs while
+        the updates run (:mod:`agents.dqn.overlap`; they sample the transitions stored before this step),
+        then store the transition."""
         n, a = self.spec.num_envs, self.config.agent
-        while self.agent_step < until_agent_step and self.stop_signal is None:
-            epsilon = epsilon_at(self.agent_step, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
-            actions_host = self._act(self._obs, epsilon).cpu()
-            step = self.env.step(actions_host.numpy())
-            _check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, self.agent_step)
-            done = step.terminated | step.truncated
-            self.replay.add(
-                self._obs,
-                self._first,
-                self._final,
-                actions_host,
-                torch.from_numpy(step.rewards),
-                terminated=torch.from_numpy(step.terminated),
-                truncated=torch.from_numpy(step.truncated),
-                life_loss=torch.from_numpy(step.life_loss),
-            )
-            self.tracker.step(step.rewards, done, step.episode_start)
-            self._obs = torch.from_numpy(step.obs).to(self.device)
-            self._first, self._final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
-            before = self.agent_step
-            self.agent_step += n
-            self._learn(before)
-            self._periodic(before, epsilon, self._clock, bar)
+        with self.update_runner.running():
+            while self.agent_step < until_agent_step and self.stop_signal is None:
+                before = self.agent_step
+                epsilon = epsilon_at(before, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
+                # Every random draw of the step before the updates start: the same stream inline or threaded.
+                draws = exploration_draws(n, self.spec.n_actions, epsilon, self.device)
+                self.update_runner.start(self.update_runner.draw_uniforms(self._updates_owed(before, before + n)))
+                actions_host = self._act(self._obs, epsilon, draws).cpu()
+                self.update_runner.run_inline()  # on a GPU: queued while the emulators step below
+                step = self.env.step(actions_host.numpy())
+                _check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, before)
+                done = step.terminated | step.truncated
+                self.tracker.step(step.rewards, done, step.episode_start)
+                self.update_runner.finish()
+                self.replay.add(
+                    self._obs,
+                    self._first,
+                    self._final,
+                    actions_host,
+                    torch.from_numpy(step.rewards),
+                    terminated=torch.from_numpy(step.terminated),
+                    truncated=torch.from_numpy(step.truncated),
+                    life_loss=torch.from_numpy(step.life_loss),
+                )
+                self._obs = torch.from_numpy(step.obs).to(self.device)
+                self._first, self._final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
+                self.agent_step += n
+                self._periodic(before, epsilon, self._clock, bar)
 
     def _periodic(self, before: int, epsilon: float, clock: _Clock, bar: Any) -> None:
         r, step = self.config.run, self.agent_step

@@ -1,0 +1,156 @@
+"""The updates of one loop step, run while the envs step (``run.overlap_updates``).
+
+The loop's order is: draw the sampling uniforms of the updates this step owes, act on s_t with the
+weights theta_t, step the envs, run the updates (sampling from the transitions stored so far, that is
+up to t-1), then store transition t. The updates never read the transition being generated and the
+action never depends on them, so they can run while the envs step without changing anything:
+
+- ``inline`` (and ``auto`` on a GPU): the updates are called in the loop between acting and stepping
+  the envs. On a GPU this already overlaps: the actions are read back first, then the update kernels
+  are queued and the emulators step on the host while the GPU runs them.
+- ``thread`` (``auto`` on a CPU with at least 2 cores): the updates run in a worker thread while the main thread
+  acts and steps the envs. The main thread acts with a copy of the online network's weights taken after
+  the previous updates finished (``actor``; the worker writes the online weights in place), so it sees
+  exactly theta_t. The compiled update's C++ releases the GIL; Python's switch interval is shortened
+  while the loop runs so the worker's few lines of Python do not wait 5 ms for the main thread.
+
+Both give bit-identical runs (``tests/test_dqn_overlap.py``): the same random draws in the same order,
+the same weights for every action, the same minibatches.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from agents.dqn.learner import Learner
+from agents.dqn.replay import ReplayMemory
+
+__all__ = ["SWITCH_INTERVAL", "UpdateRunner", "resolve_overlap"]
+
+SWITCH_INTERVAL = 1e-4  # seconds; Python's default 5 ms would serialise the worker behind the main thread
+
+
+def resolve_overlap(setting: str, device: torch.device) -> str:
+    """``run.overlap_updates`` (``auto``, ``thread`` or ``inline``) -> ``thread`` or ``inline``. ``auto``: a
+    worker thread on a CPU with at least 2 cores, else inline (a GPU overlaps by queueing)."""
+    if setting not in ("auto", "thread", "inline"):
+        raise ValueError(f"run.overlap_updates must be auto, thread or inline, not {setting!r}")
+    if setting == "auto":
+        return "thread" if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else "inline"
+    return setting
+
+
+class UpdateRunner:
+    """Runs a loop step's updates (:meth:`start` ... :meth:`finish`) and provides the network to act with.
+
+    ``thread``: :meth:`start` hands the updates to a worker thread and returns; :meth:`finish` waits
+    for them (re-raising what they raised, e.g. :class:`agents.dqn.learner.NonFiniteError`). ``inline``:
+    :meth:`start` only records them and :meth:`run_inline` runs them where the loop calls it.
+    """
+
+    def __init__(self, learner: Learner, replay: ReplayMemory, batch_size: int, mode: str) -> None:
+        if mode not in ("thread", "inline"):
+            raise ValueError(f"UpdateRunner mode must be 'thread' or 'inline', not {mode!r}")
+        self.learner = learner
+        self.replay = replay
+        self.batch_size = batch_size
+        self.mode = mode
+        self._pool: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+        self._pending: list[Tensor] = []
+        if mode == "thread":
+            self.actor = copy.deepcopy(learner.q_network)
+            for p in self.actor.parameters():
+                p.requires_grad_(False)
+            self._actor_tensors = [*self.actor.parameters(), *self.actor.buffers()]
+            self._stale = True
+        else:
+            self.actor = learner.q_network
+
+    @property
+    def threaded(self) -> bool:
+        return self.mode == "thread"
+
+    def mark_changed(self) -> None:
+        """The online weights changed outside the updates (data-dependent init, a checkpoint load)."""
+        if self.threaded:
+            self._stale = True
+
+    def acting_network(self) -> nn.Module:
+        """The network to act with: the online network, or (threaded) its copy, refreshed if it changed."""
+        if self.threaded and self._stale:
+            online = [*self.learner.q_network.parameters(), *self.learner.q_network.buffers()]
+            with torch.no_grad():
+                torch._foreach_copy_(self._actor_tensors, online)
+            self.actor.train(self.learner.q_network.training)
+            self._stale = False
+        return self.actor
+
+    def draw_uniforms(self, count: int) -> list[Tensor]:
+        """The sampling draws of ``count`` updates, from the global generator, in the loop's thread (so the
+        random stream is the same whether the updates run inline or in the worker)."""
+        return [torch.rand(self.batch_size, device=self.replay.device) for _ in range(count)]
+
+    def start(self, uniforms: list[Tensor]) -> None:
+        """Begin the updates of this step (one per entry of ``uniforms``)."""
+        if not uniforms:
+            return
+        if self.threaded and self.learner.compiled_if_needed:
+            self.acting_network()  # theta_t, copied before the worker starts writing theta_{t+1}
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="dqn-updates")
+            self._future = self._pool.submit(self._run, uniforms)
+        else:  # inline, or the first compiled call (compilation stays in the loop's thread)
+            self._pending = uniforms
+
+    def run_inline(self) -> None:
+        """Run the updates :meth:`start` kept for the loop's thread now (no-op when there are none)."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._run(pending)
+            self.mark_changed()
+
+    def finish(self) -> None:
+        """Wait for the worker's updates (re-raising their exception); inline: run any not yet run."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            self._stale = True  # the actor copies theta_{t+1} before the next action
+            future.result()
+        self.run_inline()
+
+    def _run(self, uniforms: list[Tensor]) -> None:
+        for u in uniforms:
+            self.learner.sample_and_update(self.replay, self.batch_size, uniforms=u)
+
+    def close(self) -> None:
+        """Wait for running updates (without raising) and stop the worker thread."""
+        if self._future is not None:
+            self._future.exception()
+            self._future = None
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around the loop: the short switch interval while a worker may run; waits for it on the way out."""
+        previous = sys.getswitchinterval()
+        if self.threaded:
+            sys.setswitchinterval(SWITCH_INTERVAL)
+        try:
+            yield
+        finally:
+            if self._future is not None:  # an exception left the step: let the worker finish first
+                self._future.exception()
+                self._future = None
+            self._pending = []
+            sys.setswitchinterval(previous)

@@ -1,0 +1,97 @@
+"""Updates overlapped with the env step (agents/dqn/overlap.py): a run whose updates run in a worker
+thread is bit-identical to the same run with the updates inline, in eager and compiled mode; the
+updates really run in the worker; the worker's errors reach the loop; the setting's rules."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.dqn.config import load_dqn_config
+from agents.dqn.learner import NonFiniteError
+from agents.dqn.overlap import resolve_overlap
+from agents.dqn.runner import Trainer
+from wn_rl.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cartpole(tmp_path: Path, name: str, **overrides: object) -> Trainer:
+    settings = {
+        "agent.learning_starts_agent_steps": 200,
+        "agent.epsilon_decay_agent_steps": 400,  # greedy actions soon: acting reads the (copied) weights
+        "agent.epsilon_end": 0.05,
+        "agent.agent_steps_per_update": 2,  # two updates per vector step of 4 envs
+        "agent.batch_size": 32,
+        "agent.target_update_every_updates": 50,
+        "run.total_agent_steps": 1200,
+        "run.log_every_agent_steps": 400,
+        "eval.every_agent_steps": 0,
+        "run.checkpoint_every_agent_steps": 0,
+        "run.runs_dir": str(tmp_path),
+        "run.name": name,
+        "run.progress_bar": "false",
+        "run.device": "cpu",
+        "network.ddi_batch_size": 64,
+        **overrides,
+    }
+    config = load_dqn_config(str(ROOT / "configs" / "dqn" / "cartpole.yaml"), [f"{k}={v}" for k, v in settings.items()])
+    return Trainer(config, tmp_path / name)
+
+
+@pytest.mark.parametrize("update_mode", ["eager", "compiled"])
+def test_threaded_updates_give_the_same_run_as_inline_updates(tmp_path, update_mode):
+    runs = {}
+    for overlap in ("thread", "inline"):
+        trainer = _cartpole(tmp_path, overlap, **{"run.overlap_updates": overlap, "agent.update_mode": update_mode})
+        assert trainer.update_runner.mode == overlap
+        threads = set()
+        sample_and_update = trainer.learner.sample_and_update
+
+        def recorded(*args, _inner=sample_and_update, _threads=threads, **kwargs):
+            _threads.add(threading.current_thread().name)
+            return _inner(*args, **kwargs)
+
+        trainer.learner.sample_and_update = recorded
+        trainer.run()
+        runs[overlap] = trainer, threads
+    (threaded, worker_threads), (inline, inline_threads) = runs["thread"], runs["inline"]
+    assert inline_threads == {threading.current_thread().name}
+    assert any(name.startswith("dqn-updates") for name in worker_threads)  # not only the first (compiling) call
+    assert threaded.learner.updates == inline.learner.updates == (1200 - 200) // 2
+    for (name, a), b in zip(
+        threaded.learner.q_network.named_parameters(), inline.learner.q_network.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    for name in ("frames", "actions", "rewards", "terminated"):
+        assert torch.equal(getattr(threaded.replay, name), getattr(inline.replay, name)), name
+    assert threaded.tracker.episodes == inline.tracker.episodes > 0
+    for a, b in zip(threaded.learner.optimizer.state.values(), inline.learner.optimizer.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_update_in_the_worker_stops_the_loop(tmp_path):
+    trainer = _cartpole(tmp_path, "bad", **{"run.overlap_updates": "thread", "agent.lr": 1e30})
+    with pytest.raises(NonFiniteError, match="non-finite value"):
+        trainer.run()
+    assert trainer.update_runner._pool is None  # the worker thread was stopped
+    assert sorted(p.name for p in (tmp_path / "bad" / "checkpoints").iterdir()) == []  # nothing bad was saved
+
+
+def test_overlap_setting_rules_and_errors(tmp_path, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert resolve_overlap("auto", cpu) == "thread"
+    assert resolve_overlap("auto", cuda) == "inline"  # the GPU overlaps by queueing
+    assert resolve_overlap("inline", cpu) == "inline"
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert resolve_overlap("auto", cpu) == "inline"
+    assert resolve_overlap("thread", cpu) == "thread"
+    with pytest.raises(ValueError, match="auto, thread or inline"):
+        resolve_overlap("yes", cpu)
+    with pytest.raises(ConfigError, match=r"run\.overlap_updates"):
+        _cartpole(tmp_path, "x", **{"run.overlap_updates": "on"})
