@@ -1,8 +1,9 @@
 """The updates of one loop step, run while the envs step (``run.overlap_updates``).
 
-The loop's order is: draw the sampling uniforms of the updates this step owes, act on s_t with the
-weights theta_t, step the envs, run the updates (sampling from the transitions stored so far, that is
-up to t-1), then store transition t. The updates never read the transition being generated and the
+The loop's order is: draw the random numbers of acting and of the updates this step owes, store the
+previous step's transition, run the updates (sampling from the transitions stored so far), act on s_t
+with the weights theta_t (from before these updates), step the envs; transition t is stored at the
+start of the next step. The updates never read the transition being generated and the
 action never depends on them, so they can run while the envs step without changing anything:
 
 - ``inline`` (and ``auto`` on a GPU): the updates are called in the loop between acting and stepping
@@ -23,7 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -66,6 +67,7 @@ class UpdateRunner:
         self._pool: ThreadPoolExecutor | None = None
         self._future: Future | None = None
         self._pending: list[Tensor] = []
+        self._store: Callable[[], None] | None = None
         if mode == "thread":
             self.actor = copy.deepcopy(learner.q_network)
             for p in self.actor.parameters():
@@ -99,23 +101,26 @@ class UpdateRunner:
         random stream is the same whether the updates run inline or in the worker)."""
         return [torch.rand(self.batch_size, device=self.replay.device) for _ in range(count)]
 
-    def start(self, uniforms: list[Tensor]) -> None:
-        """Begin the updates of this step (one per entry of ``uniforms``)."""
+    def start(self, uniforms: list[Tensor], store: Callable[[], None] | None = None) -> None:
+        """Begin the updates of this step (one per entry of ``uniforms``), after ``store`` (the previous
+        step's replay write, deferred so that it too runs beside the env step)."""
         if not uniforms:
+            if store is not None:
+                store()
             return
         if self.threaded and self.learner.compiled_if_needed:
             self.acting_network()  # theta_t, copied before the worker starts writing theta_{t+1}
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="dqn-updates")
-            self._future = self._pool.submit(self._run, uniforms)
+            self._future = self._pool.submit(self._run, uniforms, store)
         else:  # inline, or the first compiled call (compilation stays in the loop's thread)
-            self._pending = uniforms
+            self._pending, self._store = uniforms, store
 
     def run_inline(self) -> None:
         """Run the updates :meth:`start` kept for the loop's thread now (no-op when there are none)."""
-        pending, self._pending = self._pending, []
+        pending, store, self._pending, self._store = self._pending, self._store, [], None
         if pending:
-            self._run(pending)
+            self._run(pending, store)
             self.mark_changed()
 
     def finish(self) -> None:
@@ -126,7 +131,9 @@ class UpdateRunner:
             future.result()
         self.run_inline()
 
-    def _run(self, uniforms: list[Tensor]) -> None:
+    def _run(self, uniforms: list[Tensor], store: Callable[[], None] | None = None) -> None:
+        if store is not None:
+            store()
         for u in uniforms:
             self.learner.sample_and_update(self.replay, self.batch_size, uniforms=u)
 
@@ -135,7 +142,7 @@ class UpdateRunner:
         if self._future is not None:
             self._future.exception()
             self._future = None
-        self._pending = []
+        self._pending, self._store = [], None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -152,5 +159,5 @@ class UpdateRunner:
             if self._future is not None:  # an exception left the step: let the worker finish first
                 self._future.exception()
                 self._future = None
-            self._pending = []
+            self._pending, self._store = [], None
             sys.setswitchinterval(previous)

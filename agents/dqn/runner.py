@@ -16,6 +16,7 @@ never interrupted (on a CPU, one thread); Atari's emulators cannot be saved, so 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -179,6 +180,7 @@ class Trainer:
         self._saved_loop: dict[str, Any] | None = None  # the loop and games of the checkpoint resumed from
         self._env_state_problem: str | None = None  # why the games cannot be checkpointed (warned once)
         self._initialized = False  # data-dependent init done (checked once, not per step)
+        self._unstored: Any = None  # the last step's replay write, done beside the next env step
 
     # ----- run directory, resume -------------------------------------------------------------------
     def _check_resume_config(self, force: bool) -> None:
@@ -242,6 +244,7 @@ class Trainer:
         """Write a checkpoint of everything needed to continue (atomic; prunes old ones). Raises
         :class:`NonFiniteError` instead when a non-finite step was seen: such a state is never saved."""
         self.learner.raise_if_nonfinite()
+        self._store_pending()
         payload = {
             "learner": self.learner.state_dict(),
             "counters": {
@@ -331,17 +334,22 @@ class Trainer:
             self.writer.add_scalar(tag, value, self.agent_step)
 
     def _updates_owed(self, before: int, after: int) -> int:
-        """Updates owed for the agent steps ``before..after`` that lie past the learning start (the first
-        runs the data-dependent init); takes them from ``update_credit``."""
+        """Updates owed for the agent steps ``before..after`` that lie past the learning start; takes them
+        from ``update_credit``."""
         a = self.config.agent
         start = max(a.learning_starts_agent_steps, self.learn_after)
         if after <= start:
             return 0
-        self._data_dependent_init()
         self.update_credit += (after - max(before, start)) / a.agent_steps_per_update
         owed = int(self.update_credit)
         self.update_credit -= owed
         return owed
+
+    def _store_pending(self) -> None:
+        """Write the transition the loop has not stored yet (it is stored beside the next step's env step)."""
+        store, self._unstored = self._unstored, None
+        if store is not None:
+            store()
 
     def start(self) -> None:
         """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
@@ -428,7 +436,13 @@ class Trainer:
                 epsilon = epsilon_at(before, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
                 # Every random draw of the step before the updates start: the same stream inline or threaded.
                 draws = exploration_draws(n, self.spec.n_actions, epsilon, self.device)
-                self.update_runner.start(self.update_runner.draw_uniforms(self._updates_owed(before, before + n)))
+                owed = self._updates_owed(before, before + n)
+                if owed and not self._initialized:
+                    self._store_pending()
+                    self._data_dependent_init()
+                uniforms = self.update_runner.draw_uniforms(owed)
+                store, self._unstored = self._unstored, None
+                self.update_runner.start(uniforms, store)
                 actions_host = self._act(self._obs, epsilon, draws).cpu()
                 self.update_runner.run_inline()  # on a GPU: queued while the emulators step below
                 step = self.env.step(actions_host.numpy())
@@ -436,7 +450,8 @@ class Trainer:
                 done = step.terminated | step.truncated
                 self.tracker.step(step.rewards, done, step.episode_start)
                 self.update_runner.finish()
-                self.replay.add(
+                self._unstored = functools.partial(
+                    self.replay.add,
                     self._obs,
                     self._first,
                     self._final,
@@ -450,6 +465,7 @@ class Trainer:
                 self._first, self._final = torch.from_numpy(step.episode_start), torch.from_numpy(done)
                 self.agent_step += n
                 self._periodic(before, epsilon, self._clock, bar)
+            self._store_pending()
 
     def _periodic(self, before: int, epsilon: float, clock: _Clock, bar: Any) -> None:
         r, step = self.config.run, self.agent_step
