@@ -148,18 +148,20 @@ def _final_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-@pytest.mark.parametrize("suite", ["gym", "minatar"])
-def test_resume_after_a_kill_is_bit_identical_to_a_straight_run(tmp_path, suite):
-    Trainer(_config(suite, tmp_path, "straight"), tmp_path / "straight").run()
-    killed = Trainer(_config(suite, tmp_path, "killed"), tmp_path / "killed")
+@pytest.mark.parametrize(("suite", "update_mode"), [("gym", "eager"), ("minatar", "eager"), ("gym", "compiled")])
+def test_resume_after_a_kill_is_bit_identical_to_a_straight_run(tmp_path, suite, update_mode):
+    mode = {"agent.update_mode": update_mode}
+    Trainer(_config(suite, tmp_path, "straight", **mode), tmp_path / "straight").run()
+    killed = Trainer(_config(suite, tmp_path, "killed", **mode), tmp_path / "killed")
     killed.start()
     killed.advance(300)  # checkpoint at 200 (after an evaluation), then 100 steps that die with the process
     killed.env.close()
     assert [p.name for p in complete_checkpoints(tmp_path / "killed" / "checkpoints")] == ["checkpoint_000000000200.pt"]
-    resumed = Trainer(_config(suite, tmp_path, "killed"), tmp_path / "killed")
+    resumed = Trainer(_config(suite, tmp_path, "killed", **mode), tmp_path / "killed")
     with pytest.warns(UserWarning, match="at agent step 200; the games continue"):
         summary = resumed.run()
     assert summary["agent_steps"] == 400 and summary["updates"] > 100
+    assert resumed.learner.update_mode == update_mode
     straight, resumed_state = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
     assert _differences(straight, resumed_state) == []
 
