@@ -85,11 +85,13 @@ def test_a_non_finite_update_in_the_worker_stops_the_loop(tmp_path):
 def test_overlap_setting_rules_and_errors(tmp_path, monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert resolve_overlap("auto", cpu) == "thread"
-    assert resolve_overlap("auto", cuda) == "inline"  # the GPU overlaps by queueing
-    assert resolve_overlap("inline", cpu) == "inline"
+    assert resolve_overlap("auto", cpu, "atari") == "thread"
+    assert resolve_overlap("auto", cpu, "minatar") == resolve_overlap("auto", cpu, "gym") == "inline"
+    assert resolve_overlap("auto", cuda, "atari") == "inline"  # the GPU overlaps by queueing
+    assert resolve_overlap("inline", cpu, "atari") == "inline"
+    assert resolve_overlap("thread", cpu, "gym") == "thread"
     monkeypatch.setattr("os.cpu_count", lambda: 1)
-    assert resolve_overlap("auto", cpu) == "inline"
+    assert resolve_overlap("auto", cpu, "atari") == "inline"
     assert resolve_overlap("thread", cpu) == "thread"
     with pytest.raises(ValueError, match="auto, thread or inline"):
         resolve_overlap("yes", cpu)

@@ -160,7 +160,7 @@ class RunConfig:
     overlap_updates: Literal["auto", "thread", "inline"] = "auto"
     "how a step's updates run beside the env step (bit-identical results either way). thread: in a worker "
     "thread while the main thread acts and steps the envs (CPU); inline: in the loop (a GPU still overlaps, "
-    "its kernels run while the emulators step). auto: thread on a CPU with at least 2 cores, else inline."
+    "its kernels run while the emulators step). auto: thread for Atari on a CPU with 2+ cores, else inline."
 
 
 @dataclass(frozen=True)

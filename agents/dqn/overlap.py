@@ -6,14 +6,15 @@ with the weights theta_t (from before these updates), step the envs; transition 
 start of the next step. The updates never read the transition being generated and the
 action never depends on them, so they can run while the envs step without changing anything:
 
-- ``inline`` (and ``auto`` on a GPU): the updates are called in the loop between acting and stepping
-  the envs. On a GPU this already overlaps: the actions are read back first, then the update kernels
-  are queued and the emulators step on the host while the GPU runs them.
-- ``thread`` (``auto`` on a CPU with at least 2 cores): the updates run in a worker thread while the main thread
-  acts and steps the envs. The main thread acts with a copy of the online network's weights taken after
-  the previous updates finished (``actor``; the worker writes the online weights in place), so it sees
-  exactly theta_t. The compiled update's C++ releases the GIL; Python's switch interval is shortened
-  while the loop runs so the worker's few lines of Python do not wait 5 ms for the main thread.
+- ``inline`` (``auto`` on a GPU, and for MinAtar and gym envs): the updates are called in the loop
+  between acting and stepping the envs. On a GPU this already overlaps: the actions are read back
+  first, then the update kernels are queued and the emulators step on the host while the GPU runs them.
+- ``thread`` (``auto`` for Atari on a CPU with at least 2 cores): the updates run in a worker thread
+  while the main thread acts and steps the envs. The main thread acts with a copy of the online
+  network's weights taken after the previous updates finished (``actor``; the worker writes the online
+  weights in place), so it sees exactly theta_t. The compiled update's C++ releases the GIL; Python's
+  switch interval is shortened while the loop runs so the worker's few lines of Python do not wait
+  5 ms for the main thread.
 
 Both give bit-identical runs (``tests/test_dqn_overlap.py``): the same random draws in the same order,
 the same weights for every action, the same minibatches.
@@ -39,13 +40,17 @@ __all__ = ["SWITCH_INTERVAL", "UpdateRunner", "resolve_overlap"]
 SWITCH_INTERVAL = 1e-4  # seconds; Python's default 5 ms would serialise the worker behind the main thread
 
 
-def resolve_overlap(setting: str, device: torch.device) -> str:
+def resolve_overlap(setting: str, device: torch.device, suite: str = "atari") -> str:
     """``run.overlap_updates`` (``auto``, ``thread`` or ``inline``) -> ``thread`` or ``inline``. ``auto``: a
-    worker thread on a CPU with at least 2 cores, else inline (a GPU overlaps by queueing)."""
+    worker thread for Atari on a CPU with at least 2 cores (the emulators' ~1 ms per vector step is worth
+    hiding: 1.12x vs 1.03x SB3 on the 2-core CPU), inline elsewhere: for MinAtar and gym envs the env
+    step is ~0.1 ms and the thread's hand-offs and weight copy cost as much (docs/benchmarks.md); a GPU
+    overlaps by queueing."""
     if setting not in ("auto", "thread", "inline"):
         raise ValueError(f"run.overlap_updates must be auto, thread or inline, not {setting!r}")
     if setting == "auto":
-        return "thread" if device.type == "cpu" and (os.cpu_count() or 1) >= 2 else "inline"
+        worth_it = device.type == "cpu" and suite == "atari" and (os.cpu_count() or 1) >= 2
+        return "thread" if worth_it else "inline"
     return setting
 
 

@@ -164,9 +164,8 @@ class Trainer:
         planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
         self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
         self.switch_modes = has_batch_statistics(q_network)
-        self.update_runner = UpdateRunner(
-            self.learner, self.replay, a.batch_size, resolve_overlap(config.run.overlap_updates, self.device)
-        )
+        overlap = resolve_overlap(config.run.overlap_updates, self.device, self.spec.suite)
+        self.update_runner = UpdateRunner(self.learner, self.replay, a.batch_size, overlap)
         self.agent_step = 0
         self.update_credit = 0.0
         self.history: list[dict[str, Any]] = []
