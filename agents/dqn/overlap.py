@@ -144,10 +144,7 @@ class UpdateRunner:
 
     def close(self) -> None:
         """Wait for running updates (without raising) and stop the worker thread."""
-        if self._future is not None:
-            self._future.exception()
-            self._future = None
-        self._pending, self._store = [], None
+        self._drop()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -161,8 +158,12 @@ class UpdateRunner:
         try:
             yield
         finally:
-            if self._future is not None:  # an exception left the step: let the worker finish first
-                self._future.exception()
-                self._future = None
-            self._pending, self._store = [], None
+            self._drop()  # after an exception inside a step: the worker finishes first
             sys.setswitchinterval(previous)
+
+    def _drop(self) -> None:
+        """Wait for the worker's updates without raising; forget updates not yet run inline."""
+        if self._future is not None:
+            self._future.exception()
+            self._future = None
+        self._pending, self._store = [], None
