@@ -65,8 +65,8 @@ def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dic
         overlaps = {label: t.update_runner.mode for label, t in trainers.items()}
         for c in contenders:
             c.close()
-    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps, "update_mode": modes, "overlap": overlaps}
-    result["profile"] = profiles
+    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps}
+    result.update(update_mode=modes, overlap=overlaps, profile=profiles)
     if "sb3" in sps:
         result["ratio_to_sb3"] = {label: sps[label] / sps["sb3"] for label in trainers}
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}

@@ -132,7 +132,7 @@ class UpdateRunner:
         """Wait for the worker's updates (re-raising their exception); inline: run any not yet run."""
         if self._future is not None:
             future, self._future = self._future, None
-            self._stale = True  # the actor copies theta_{t+1} before the next action
+            self.mark_changed()  # the actor copies theta_{t+1} before the next action
             future.result()
         self.run_inline()
 

@@ -425,9 +425,10 @@ class Trainer:
     def advance(self, until_agent_step: int, bar: Any = None) -> None:
         """Act, store and learn until ``until_agent_step`` (call :meth:`start` first).
 
-        Per vector step: draw the sampling uniforms of the updates owed, act on s_t, step the envs while
-        the updates run (:mod:`agents.dqn.overlap`; they sample the transitions stored before this step),
-        then store the transition."""
+        Per vector step: draw acting's random numbers and the sampling uniforms of the updates owed, store
+        the previous step's transition and run the updates (:mod:`agents.dqn.overlap`: inline, or in a
+        worker while the main thread acts on s_t and steps the envs); this step's transition is stored at
+        the start of the next one (or when the loop ends or a checkpoint is written)."""
         n, a = self.spec.num_envs, self.config.agent
         with self.update_runner.running():
             while self.agent_step < until_agent_step and self.stop_signal is None:
