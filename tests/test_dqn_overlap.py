@@ -1,6 +1,7 @@
 """Updates overlapped with the env step (agents/dqn/overlap.py): a run whose updates run in a worker
 thread is bit-identical to the same run with the updates inline, in eager and compiled mode; the
-updates really run in the worker; the worker's errors reach the loop; the setting's rules."""
+updates really run in the worker; the worker's errors reach the loop; the setting's rules. Acting inside
+the compiled update (``run.acting``) gives the same actions and run as a separate forward."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from agents.dqn.config import load_dqn_config
 from agents.dqn.learner import NonFiniteError
-from agents.dqn.overlap import resolve_overlap
+from agents.dqn.overlap import resolve_acting, resolve_overlap
 from agents.dqn.runner import Trainer
 from wn_rl.config import ConfigError
 
@@ -47,7 +48,8 @@ def _cartpole(tmp_path: Path, name: str, **overrides: object) -> Trainer:
 def test_threaded_updates_give_the_same_run_as_inline_updates(tmp_path, update_mode):
     runs = {}
     for overlap in ("thread", "inline"):
-        trainer = _cartpole(tmp_path, overlap, **{"run.overlap_updates": overlap, "agent.update_mode": update_mode})
+        settings = {"run.overlap_updates": overlap, "agent.update_mode": update_mode, "run.acting": "separate"}
+        trainer = _cartpole(tmp_path, overlap, **settings)
         assert trainer.update_runner.mode == overlap
         threads = set()
         sample_and_update = trainer.learner.sample_and_update
@@ -72,6 +74,51 @@ def test_threaded_updates_give_the_same_run_as_inline_updates(tmp_path, update_m
     assert threaded.tracker.episodes == inline.tracker.episodes > 0
     for a, b in zip(threaded.learner.optimizer.state.values(), inline.learner.optimizer.state.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_actions_chosen_in_the_compiled_update_give_the_same_run(tmp_path):
+    """run.acting=in_update (the step's first compiled update also picks the actions, with the weights
+    from before it) against acting with a separate eager forward: the same actions, the same run."""
+    runs = {}
+    for acting in ("in_update", "separate"):
+        trainer = _cartpole(tmp_path, acting, **{"agent.update_mode": "compiled", "run.acting": acting})
+        assert trainer.act_in_update == (acting == "in_update")
+        calls = []
+        act_sample_and_update = trainer.learner.act_sample_and_update
+
+        def recorded(*args, _inner=act_sample_and_update, _calls=calls, **kwargs):
+            _calls.append(1)
+            return _inner(*args, **kwargs)
+
+        trainer.learner.act_sample_and_update = recorded
+        trainer.run()
+        runs[acting] = trainer, len(calls)
+    (fused, fused_calls), (separate, separate_calls) = runs["in_update"], runs["separate"]
+    steps_with_updates = fused.learner.updates // 2  # two updates per vector step; the first one acts
+    assert separate_calls == 0 and fused_calls > 0.9 * steps_with_updates  # but where every env explores
+    assert torch.equal(fused.replay.actions, separate.replay.actions)
+    assert fused.learner.updates == separate.learner.updates
+    for (name, a), b in zip(
+        fused.learner.q_network.named_parameters(), separate.learner.q_network.parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+def test_acting_setting_rules(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    compiled = _cartpole(tmp_path, "c", **{"agent.update_mode": "compiled"}).learner
+    eager = _cartpole(tmp_path, "e", **{"agent.update_mode": "eager"}).learner
+    assert resolve_acting("auto", cpu, "inline", compiled) and resolve_acting("in_update", cuda, "inline", compiled)
+    assert not resolve_acting("auto", cuda, "inline", compiled)  # a GPU reads the actions back first
+    assert not resolve_acting("auto", cpu, "thread", compiled)  # the main thread acts beside the worker
+    assert not resolve_acting("in_update", cpu, "inline", eager)
+    assert not resolve_acting("separate", cpu, "inline", compiled)
+    with pytest.raises(ValueError, match="auto, in_update or separate"):
+        resolve_acting("fused", cpu, "inline", compiled)
+    with pytest.raises(RuntimeError, match="update_mode=compiled"):
+        eager.act_sample_and_update(None, torch.zeros(1, 4), (torch.zeros(1), torch.zeros(1, dtype=torch.bool)), None)
+    with pytest.raises(ConfigError, match=r"run\.acting"):
+        _cartpole(tmp_path, "x", **{"run.acting": "inside"})
 
 
 def test_a_non_finite_update_in_the_worker_stops_the_loop(tmp_path):

@@ -161,6 +161,11 @@ class RunConfig:
     "how a step's updates run beside the env step (bit-identical results either way). thread: in a worker "
     "thread while the main thread acts and steps the envs (CPU); inline: in the loop (a GPU still overlaps, "
     "its kernels run while the emulators step). auto: thread for Atari on a CPU with 2+ cores, else inline."
+    acting: Literal["auto", "in_update", "separate"] = "auto"
+    "where the actions are chosen. in_update: a step's first compiled update also computes them, with the "
+    "weights from before it (one C++ call instead of an eager forward; needs agent.update_mode compiled and "
+    "inline updates, else separate); separate: an eager forward of the online network. The same math, not "
+    "bit-identical (other kernels). auto: in_update on a CPU."
 
 
 @dataclass(frozen=True)

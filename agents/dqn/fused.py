@@ -32,7 +32,7 @@ from agents.dqn.replay import ReplayBatch
 
 GUARD_CHECK_EVERY = 64  # calls between checks of the ahead-of-time graph's assumptions
 REALIZE_WIDTH = 16  # > inductor's unroll_reductions_threshold (8), so the reduction stays one
-__all__ = ["STATE_KEYS", "FusedUpdate", "fused_update", "sample_and_update"]
+__all__ = ["STATE_KEYS", "FusedUpdate", "act_sample_and_update", "fused_update", "sample_and_update"]
 
 # Optimizer state tensors per parameter, in torch.optim's names (``step`` is kept separately).
 STATE_KEYS = {"adamax": ("exp_avg", "exp_inf"), "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}
@@ -165,6 +165,33 @@ def sample_and_update(
     fused_update(loss_fn, config, names, params, steps, opt_state, guard, batch)
 
 
+def act_sample_and_update(
+    replay: Any,
+    uniforms: Tensor,
+    obs: Tensor,
+    random_actions: Tensor,
+    explore: Tensor,
+    q_fn: Callable[[dict[str, Tensor], Tensor], Tensor],
+    terminal_on_life_loss: bool,
+    loss_fn: Callable,
+    config: AgentConfig,
+    names: list[str],
+    params: list[Tensor],
+    steps: list[Tensor],
+    opt_state: dict[str, list[Tensor]],
+    guard: dict[str, Tensor],
+) -> Tensor:
+    """Epsilon-greedy actions for ``obs`` with the parameters from *before* this update (what the loop's
+    separate acting forward would use), then :func:`sample_and_update`; returns the actions. One call
+    instead of an eager forward plus the update: on a CPU the eager forward of a small network costs
+    more than the update's own arithmetic for it (``run.acting``)."""
+    with torch.no_grad():
+        greedy = q_fn(dict(zip(names, params, strict=True)), obs).argmax(1)
+    actions = torch.where(explore, random_actions, greedy)
+    sample_and_update(replay, uniforms, terminal_on_life_loss, loss_fn, config, names, params, steps, opt_state, guard)
+    return actions
+
+
 def compile_options(device: torch.device, mode: str) -> dict[str, Any]:
     """``torch.compile``'s arguments for :class:`FusedUpdate` on ``device`` in ``mode``."""
     if mode == "cudagraph":
@@ -192,27 +219,32 @@ class FusedUpdate:
         q, target = learner.q_network, learner.target_network
         self.names = [name for name, _ in q.named_parameters()]
         buffers = dict(q.named_buffers())
+        config = learner.config  # the closures below must not hold the learner: ahead-of-time compilation
+        # serializes them, and the learner holds this object's compiled graphs (unpicklable guards)
 
         def loss_fn(params: dict[str, Tensor], batch: ReplayBatch) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
             def q_values(obs: Tensor) -> Tensor:
                 return functional_call(q, (params, buffers), (obs,))
 
-            loss, td_error, q_taken, target_values = td_loss(q_values, target, batch, learner.config)
+            loss, td_error, q_taken, target_values = td_loss(q_values, target, batch, config)
             return loss, (td_error, q_taken, target_values)
 
-        self.loss_fn = loss_fn
+        def q_fn(params: dict[str, Tensor], obs: Tensor) -> Tensor:
+            return functional_call(q, (params, buffers), (obs,))
+
+        self.loss_fn, self.q_fn = loss_fn, q_fn
         options = compile_options(next(q.parameters()).device, mode)
+        ahead = mode == "compiled"
         self._update = torch.compile(fused_update, **options)
-        self._sample_and_update = torch.compile(sample_and_update, **options)
+        self._sample_and_update = _Graph(torch.compile(sample_and_update, **options), ahead)
+        self._act_sample_and_update = _Graph(torch.compile(act_sample_and_update, **options), ahead)
         self._tensors: tuple | None = None
         self._static: set[int] = set()  # ids of tensors marked static (cudagraph mode)
-        self._calls = 0
-        self._ahead_of_time: Any = None  # sample_and_update compiled ahead of time (mode "compiled")
 
     @property
     def calls(self) -> int:
-        """Calls of :meth:`sample_and_update` so far (the first compiles)."""
-        return self._calls
+        """Calls of :meth:`sample_and_update` so far (the first compiles its graph)."""
+        return self._sample_and_update.calls
 
     def refresh(self) -> None:
         """Rebuild the tensor lists (after the optimizer state was replaced, e.g. by a checkpoint load)."""
@@ -253,6 +285,11 @@ class FusedUpdate:
                     self._static.add(id(t))
         return self._tensors
 
+    def _shared_args(self, guard: dict[str, Tensor], replay: Any) -> tuple:
+        """The arguments after the per-call ones: the learner's settings and tensors."""
+        learner = self.learner
+        return (learner.terminal_on_life_loss, self.loss_fn, learner.config, self.names, *self._prepare(guard, replay))
+
     def update(self, batch: ReplayBatch, guard: dict[str, Tensor]) -> None:
         """The compiled update on a given batch."""
         tensors = self._prepare(guard)
@@ -262,19 +299,39 @@ class FusedUpdate:
         self, replay: Any, batch_size: int, guard: dict[str, Tensor], uniforms: Tensor | None = None
     ) -> None:
         """The compiled sampling from ``replay`` and update, one graph (``uniforms``: the sampling draws)."""
-        tensors = self._prepare(guard, replay)
         if uniforms is None:
             uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
-        args = (replay, uniforms, self.learner.terminal_on_life_loss, self.loss_fn, self.learner.config)
-        args += (self.names, *tensors, guard)
-        self._calls += 1
-        if self.mode == "compiled" and self._ahead_of_time is None and self._calls == 1:
-            self._ahead_of_time = _compile_ahead_of_time(self._sample_and_update, args)
-        check = self._ahead_of_time is not None and self._calls % GUARD_CHECK_EVERY == 0
-        if check and not self._ahead_of_time.guard_check(*args):  # something the graph assumed changed
-            warnings.warn("the compiled DQN update's assumptions changed; recompiling", stacklevel=2)
-            self._ahead_of_time = None
-        (self._ahead_of_time or self._sample_and_update)(*args)
+        self._sample_and_update(replay, uniforms, *self._shared_args(guard, replay), guard)
+
+    def act_sample_and_update(
+        self, replay: Any, uniforms: Tensor, obs: Tensor, draws: tuple[Tensor, Tensor], guard: dict[str, Tensor]
+    ) -> Tensor:
+        """:func:`act_sample_and_update` compiled: the actions for ``obs`` (epsilon-greedy with ``draws``
+        from :func:`agents.dqn.evaluation.exploration_draws`, weights from before the update), then the
+        sampling and update with ``uniforms``. Returns the actions (on the device)."""
+        random_actions, explore = draws
+        args = (replay, uniforms, obs, random_actions, explore, self.q_fn)
+        return self._act_sample_and_update(*args, *self._shared_args(guard, replay), guard)
+
+
+class _Graph:
+    """A ``torch.compile``d function; with ``ahead``, traced ahead of time on its first call
+    (:func:`_compile_ahead_of_time`) and its guards checked only every ``GUARD_CHECK_EVERY`` calls."""
+
+    def __init__(self, compiled: Any, ahead: bool) -> None:
+        self.compiled, self.ahead = compiled, ahead
+        self.function: Any = None  # the ahead-of-time graph
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.ahead and self.function is None and self.calls == 1:
+            self.function = _compile_ahead_of_time(self.compiled, args)
+        check = self.function is not None and self.calls % GUARD_CHECK_EVERY == 0
+        if check and not self.function.guard_check(*args):  # something the graph assumed changed
+            warnings.warn("the compiled DQN update's assumptions changed; recompiling", stacklevel=3)
+            self.function = None
+        return (self.function or self.compiled)(*args)
 
 
 def _compile_ahead_of_time(compiled: Any, args: tuple) -> Any:

@@ -251,6 +251,23 @@ class Learner:
         else:
             self.update(replay.sample(batch_size, self.terminal_on_life_loss, uniforms=uniforms))
 
+    def act_sample_and_update(
+        self, replay: ReplayMemory, obs: Tensor, draws: tuple[Tensor, Tensor], uniforms: Tensor
+    ) -> Tensor:
+        """Epsilon-greedy actions for ``obs`` with the current weights (``draws``: the random actions and
+        explore flags), then :meth:`sample_and_update`, as one compiled call (:attr:`acts_in_update`).
+        Returns the actions."""
+        if not self.acts_in_update:
+            raise RuntimeError(f"acting inside the update needs agent.update_mode=compiled, not {self.update_mode!r}")
+        actions = self._fused.act_sample_and_update(replay, uniforms, obs, draws, self._guard_state)
+        self._after_update()
+        return actions
+
+    @property
+    def acts_in_update(self) -> bool:
+        """Whether :meth:`act_sample_and_update` is available (compiled updates, not CUDA graphs)."""
+        return self._fused is not None and self.update_mode == "compiled"
+
     @property
     def compiled_if_needed(self) -> bool:
         """Whether an update can run without compiling first (eager, or the graph was compiled)."""

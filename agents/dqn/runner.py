@@ -38,7 +38,7 @@ from agents.dqn.envs import EnvStateError, VecEnv, make_env, protocol_settings
 from agents.dqn.evaluation import best_epoch_mean, evaluate, exploration_draws, select_actions, write_results
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
-from agents.dqn.overlap import UpdateRunner, resolve_overlap
+from agents.dqn.overlap import UpdateRunner, resolve_acting, resolve_overlap
 from agents.dqn.replay import ReplayMemory
 from agents.dqn.run_state import (
     games_for_config,
@@ -74,6 +74,7 @@ SAFE_TO_CHANGE = (
     "run.runs_dir",
     "agent.update_mode",  # the same math (tests/test_dqn_fused.py), only how it runs
     "run.overlap_updates",  # bit-identical either way (tests/test_dqn_overlap.py)
+    "run.acting",  # the same math (tests/test_dqn_overlap.py), only where it runs
 )
 
 
@@ -166,6 +167,7 @@ class Trainer:
         self.switch_modes = has_batch_statistics(q_network)
         overlap = resolve_overlap(config.run.overlap_updates, self.device, self.spec.suite)
         self.update_runner = UpdateRunner(self.learner, self.replay, a.batch_size, overlap)
+        self.act_in_update = resolve_acting(config.run.acting, self.device, overlap, self.learner)
         self.agent_step = 0
         self.update_credit = 0.0
         self.history: list[dict[str, Any]] = []
@@ -319,6 +321,17 @@ class Trainer:
             return actions
         return select_actions(q, obs, epsilon, self.spec.n_actions, draws)
 
+    def _act_in_update(self, draws: tuple) -> torch.Tensor | None:
+        """The actions from the step's first update (``run.acting``), or ``None`` where they are chosen
+        separately: acting not in the update, no update pending here, or no forward needed (epsilon 1,
+        or every env explores, a free check on a CPU)."""
+        explore = draws[1]
+        if not self.act_in_update or explore is None:
+            return None
+        if self.device.type == "cpu" and bool(explore.all()):
+            return None
+        return self.update_runner.run_inline_acting(self._obs, draws)
+
     def _data_dependent_init(self) -> None:
         q = self.learner.q_network
         if self._initialized or wn_rl.is_initialized(q):
@@ -443,8 +456,11 @@ class Trainer:
                 uniforms = self.update_runner.draw_uniforms(owed)
                 store, self._unstored = self._unstored, None
                 self.update_runner.start(uniforms, store)
-                actions_host = self._act(self._obs, epsilon, draws).cpu()
-                self.update_runner.run_inline()  # on a GPU: queued while the emulators step below
+                actions = self._act_in_update(draws)
+                if actions is None:
+                    actions = self._act(self._obs, epsilon, draws)
+                    self.update_runner.run_inline()  # on a GPU: queued while the emulators step below
+                actions_host = actions.cpu()
                 step = self.env.step(actions_host.numpy())
                 _check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, before)
                 done = step.terminated | step.truncated
