@@ -210,6 +210,7 @@ def test_blocked_sampler_equals_a_cumulative_sum_over_the_whole_mask():
     g = torch.Generator().manual_seed(0)
     replay.valid.copy_(torch.rand(replay.valid.shape, generator=g) < 0.3)
     replay.valid[200:700] = False  # a stretch of empty blocks
+    replay.recount_valid()
     u = torch.rand(4096, generator=g)
     u[:3] = torch.tensor([0.0, 0.5, 1.0 - 1e-7])
     flat = replay.valid.flatten()
@@ -219,3 +220,55 @@ def test_blocked_sampler_equals_a_cumulative_sum_over_the_whole_mask():
     indices = replay.sample_indices(len(u), uniforms=u)
     assert torch.equal(indices, expected)
     assert flat[indices].all()
+
+
+def _sample_by_summing_blocks(replay, u):
+    """The sampler as it was before the block counts were kept: counts summed from the mask per draw."""
+    from agents.dqn.replay import SAMPLE_BLOCK
+
+    counts = replay._valid_blocks.sum(1)
+    cumulative = torch.cumsum(counts, 0)
+    ranks = (u * cumulative[-1]).long().clamp_max(cumulative[-1] - 1)
+    block = torch.searchsorted(cumulative, ranks, right=True)
+    within = ranks - (cumulative[block] - counts[block])
+    inside = torch.cumsum(replay._valid_blocks[block], 1)
+    return block * SAMPLE_BLOCK + torch.searchsorted(inside, within[:, None], right=True).squeeze(1)
+
+
+@pytest.mark.parametrize(("stack", "n_step", "block"), [(3, 2, 8), (1, 3, 8), (4, 1, 5), (3, 2, 1024)])
+def test_block_counts_stay_exact_through_episode_ends_and_wraparound(monkeypatch, stack, n_step, block):
+    """The per-block valid counts kept by ``add`` equal a sum over the mask after every write (small
+    blocks: rows straddle blocks and the written rows wrap around the ring), and the sampler draws the
+    same indices as when it summed the mask itself; ``load_state_dict`` recounts them."""
+    import agents.dqn.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "SAMPLE_BLOCK", block)
+    env = _Counter([2, 5, 1])
+    replay = ReplayMemory(3 * 17, 3, (2,), np.float32, stack, n_step, "cpu")
+    obs = env.reset(seed=0)
+    first, final = np.ones(3, bool), np.zeros(3, bool)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3 * replay.length):
+        step = env.step(np.zeros(3, np.int64))
+        replay.add(
+            torch.from_numpy(obs if stack > 1 else obs[:, -1]),  # add() keeps only the newest frame
+            torch.from_numpy(first),
+            torch.from_numpy(final),
+            torch.zeros(3, dtype=torch.int64),
+            torch.from_numpy(step.rewards),
+            terminated=torch.from_numpy(step.terminated),
+            truncated=torch.from_numpy(step.truncated),
+            life_loss=torch.from_numpy(step.life_loss),
+        )
+        first, final, obs = step.episode_start, step.terminated | step.truncated, step.obs
+        assert torch.equal(replay._block_counts, replay._valid_blocks.sum(1))
+        if replay.valid.any():
+            u = torch.rand(64, generator=g)
+            assert torch.equal(replay.sample_indices(64, uniforms=u), _sample_by_summing_blocks(replay, u))
+    assert replay.writes > replay.length and final.any()  # wrapped around, with episode ends
+    state = replay.state_dict()
+    assert "_block_counts" not in state  # derived: checkpoints hold only the mask
+    restored = ReplayMemory(3 * 17, 3, (2,), np.float32, stack, n_step, "cpu")
+    restored.load_state_dict(state)
+    assert torch.equal(restored._block_counts, replay._block_counts)
+    assert any(t is replay._block_counts for t in replay.state_tensors())

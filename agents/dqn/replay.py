@@ -11,12 +11,15 @@ stack at reset). So a sampled stack never mixes two games, and a 1M-transition A
 1M x 84 x 84 bytes (7.1 GB) instead of four times that.
 
 Sampling is uniform over the valid transitions, entirely on the device, without host synchronisation:
-the mask is cut into blocks of ``SAMPLE_BLOCK`` slots; a sampled rank picks a block by ``searchsorted``
-over the cumulative block counts, then its slot by a cumulative sum inside that one block. That is the
-same index a cumulative sum over the whole mask would give, for one pass over the mask (a sum) instead
-of a scan of it, which on a CPU cost ~1 ms per update for a 100k memory. A slot is valid when it is not ``final``,
-its next ``n_step`` slots are written (the n-step return and bootstrap observation are present) and
-its stack has not been overwritten by the ring's wrap-around.
+the mask is cut into blocks of ``SAMPLE_BLOCK`` slots whose valid counts are kept up to date by
+:meth:`ReplayMemory.add` (a write changes at most ``n_step + stack`` consecutive slot rows, so only the
+one or two blocks holding them are recounted); a sampled rank picks a block by ``searchsorted`` over the
+cumulative block counts, then its slot by a cumulative sum inside that one block. That is the same
+index a cumulative sum over the whole mask would give, without reading the mask outside the sampled
+blocks: a scan of a 100k memory cost ~1 ms per update on a CPU, a sum of it (the block counts
+recomputed at every sample) ~0.15 ms. A slot is valid when it is not ``final``, its next ``n_step``
+slots are written (the n-step return and bootstrap observation are present) and its stack has not
+been overwritten by the ring's wrap-around.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class ReplayMemory:
         blocks = math.ceil(self.length * num_envs / SAMPLE_BLOCK)
         self._valid_blocks = torch.zeros(blocks, SAMPLE_BLOCK, dtype=torch.bool, device=self.device)
         self.valid = self._valid_blocks.view(-1)[: self.length * num_envs].view(shape)
+        self._block_counts = torch.zeros(blocks, dtype=torch.int64, device=self.device)  # valid slots per block
         self.position = 0  # next slot to write
         self.writes = 0  # vector steps written in total
         self._older = torch.arange(1, stack, device=self.device)  # slots whose stacks a write overwrites
@@ -151,13 +155,28 @@ class ReplayMemory:
 
     def _update_valid(self, t: int) -> None:
         """Slot t has no successor yet; the S-1 oldest slots lost the start of their stacks; slot t-n now
-        has its n successors. Equivalent to :meth:`valid_mask_reference`, in O(N) per write."""
+        has its n successors. Equivalent to :meth:`valid_mask_reference`, in O(N) per write. The rows
+        written are t-n..t+S-1 (mod L): the blocks holding them are recounted."""
         self.valid[t] = False
         if self.stack > 1:
             self.valid[(t + self._older) % self.length] = False
         if self.writes >= self.n_step:
             ready = (t - self.n_step) % self.length
             self.valid[ready] = ~self.final[ready]
+        slots = self.length * self.num_envs
+        start = (t - self.n_step) % self.length * self.num_envs
+        stop = start + (self.n_step + self.stack) * self.num_envs  # past the end: wraps around to slot 0
+        self._count_blocks(start // SAMPLE_BLOCK, (min(stop, slots) - 1) // SAMPLE_BLOCK + 1)
+        if stop > slots:
+            self._count_blocks(0, (stop - slots - 1) // SAMPLE_BLOCK + 1)
+
+    def _count_blocks(self, first: int, end: int) -> None:
+        """Recount the valid slots of blocks ``first..end-1`` (slices: no index tensor, no host sync)."""
+        torch.sum(self._valid_blocks[first:end], 1, out=self._block_counts[first:end])
+
+    def recount_valid(self) -> None:
+        """Recount every block, after :attr:`valid` was written other than by :meth:`add`."""
+        self._count_blocks(0, self._block_counts.numel())
 
     def valid_mask(self) -> Tensor:
         """``(L, N)`` bool: slots a transition may be sampled from (see the module docstring)."""
@@ -174,7 +193,7 @@ class ReplayMemory:
     ) -> Tensor:
         """``batch_size`` flat indices ``slot * N + env``, uniform over valid slots, drawn on the device.
         ``uniforms``: the ``(batch_size,)`` U[0, 1) draws to use instead of drawing them here."""
-        counts = self._valid_blocks.sum(1)  # valid slots per block
+        counts = self._block_counts
         cumulative = torch.cumsum(counts, 0)
         total = cumulative[-1]
         u = torch.rand(batch_size, device=self.device, generator=generator) if uniforms is None else uniforms
@@ -254,10 +273,11 @@ class ReplayMemory:
 
     def state_tensors(self) -> list[Tensor]:
         """The storage tensors (written in place by :meth:`add`; never reallocated)."""
-        return [getattr(self, name) for name in ("frames", "valid", *_SCALARS, *_FLAGS)]
+        return [getattr(self, name) for name in ("frames", "valid", "_block_counts", *_SCALARS, *_FLAGS)]
 
     def state_dict(self) -> dict:
-        """Tensors and plain counters, for ``wn_rl.checkpoint`` (``torch.load(weights_only=True)``)."""
+        """Tensors and plain counters, for ``wn_rl.checkpoint`` (``torch.load(weights_only=True)``). The
+        block counts are left out: derived from ``valid``, recounted on load."""
         state = {name: getattr(self, name) for name in ("frames", "valid", *_SCALARS, *_FLAGS)}
         state.update(position=self.position, writes=self.writes, length=self.length, num_envs=self.num_envs)
         return state
@@ -270,4 +290,5 @@ class ReplayMemory:
             )
         for name in ("frames", "valid", *_SCALARS, *_FLAGS):
             getattr(self, name).copy_(state[name])
+        self.recount_valid()
         self.position, self.writes = int(state["position"]), int(state["writes"])
