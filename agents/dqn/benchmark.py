@@ -9,7 +9,8 @@ so a 1M buffer does not fit beside ours on a small machine). SB3 gets the same n
 :func:`throughput` times whole training loops (acting, env, replay, updates) in interleaved chunks
 (ours in each configuration, SB3, repeat) after a warm-up, so all see the same machine load.
 :func:`profile_loop` splits one of our loops into env, acting, replay writes and learning (sampling
-plus update), and times the updates alone: the bound ``agent_steps_per_update / update_seconds``.
+plus update; with ``run.acting=in_update`` the acting done inside an update counts as learning), and
+times the updates alone: the bound ``agent_steps_per_update / update_seconds``.
 """
 
 from __future__ import annotations
@@ -242,29 +243,31 @@ def profile_loop(trainer: Trainer, steps: int) -> dict[str, float]:
 
 
 def _profile_parts(trainer: Trainer, steps: int) -> dict[str, float]:
+    # learn: the updates, including the first update of a step that also picks the actions (run.acting)
     parts = {
-        "env": (trainer.env, "step"),
-        "acting": (trainer, "_act"),
-        "replay_add": (trainer.replay, "add"),
-        "learn": (trainer.learner, "sample_and_update"),
+        "env": [(trainer.env, "step")],
+        "acting": [(trainer, "_act")],
+        "replay_add": [(trainer.replay, "add")],
+        "learn": [(trainer.learner, "sample_and_update"), (trainer.learner, "act_sample_and_update")],
     }
-    timers = {}
-    for name, (owner, attr) in parts.items():
-        timers[name] = _Timed(getattr(owner, attr))
-        setattr(owner, attr, timers[name])
+    timers = {name: [_Timed(getattr(owner, attr)) for owner, attr in places] for name, places in parts.items()}
+    for name, places in parts.items():
+        for (owner, attr), timer in zip(places, timers[name], strict=True):
+            setattr(owner, attr, timer)
     before, t0 = trainer.agent_step, time.perf_counter()
     try:
         trainer.advance(trainer.agent_step + steps)
         _synchronize()
     finally:
-        for owner, attr in parts.values():
-            delattr(owner, attr)  # back to the class's method
+        for places in parts.values():
+            for owner, attr in places:
+                delattr(owner, attr)  # back to the class's method
     total, n = time.perf_counter() - t0, trainer.agent_step - before
-    out = {f"{name}_ms": 1e3 * t.seconds / n for name, t in timers.items()}
-    out["other_ms"] = 1e3 * (total - sum(t.seconds for t in timers.values())) / n
+    seconds = {name: sum(t.seconds for t in ts) for name, ts in timers.items()}
+    out = {f"{name}_ms": 1e3 * value / n for name, value in seconds.items()}
+    out["other_ms"] = 1e3 * (total - sum(seconds.values())) / n
     out["total_ms"] = 1e3 * total / n
-    learn = timers["learn"]
-    update_seconds = learn.seconds / max(learn.calls, 1)
+    update_seconds = seconds["learn"] / max(sum(t.calls for t in timers["learn"]), 1)
     out["update_ms"] = 1e3 * update_seconds
     out["bound_sps"] = trainer.config.agent.agent_steps_per_update / update_seconds
     out["sps"] = n / total
