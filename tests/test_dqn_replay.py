@@ -10,6 +10,20 @@ from agents.dqn.envs import make_env
 from agents.dqn.replay import ReplayMemory, replay_bytes
 
 
+def _add(replay, obs, first, final, actions, step):
+    """Write one vector step (numpy, as the env returned it) into ``replay``."""
+    replay.add(
+        torch.from_numpy(obs),
+        torch.from_numpy(first),
+        torch.from_numpy(final),
+        torch.from_numpy(actions),
+        torch.from_numpy(step.rewards),
+        terminated=torch.from_numpy(step.terminated),
+        truncated=torch.from_numpy(step.truncated),
+        life_loss=torch.from_numpy(step.life_loss),
+    )
+
+
 def _fill(env, replay, steps, seed=0):
     """Random play; returns the per-step observations and step results as the replay saw them."""
     rng = np.random.default_rng(seed)
@@ -20,16 +34,7 @@ def _fill(env, replay, steps, seed=0):
     for _ in range(steps):
         actions = rng.integers(0, env.spec.n_actions, n)
         step = env.step(actions)
-        replay.add(
-            torch.from_numpy(obs),
-            torch.from_numpy(first),
-            torch.from_numpy(final),
-            torch.from_numpy(actions),
-            torch.from_numpy(step.rewards),
-            terminated=torch.from_numpy(step.terminated),
-            truncated=torch.from_numpy(step.truncated),
-            life_loss=torch.from_numpy(step.life_loss),
-        )
+        _add(replay, obs, first, final, actions, step)
         record.append((obs, final.copy(), step))
         first, final = step.episode_start, step.terminated | step.truncated
         obs = step.obs
@@ -174,16 +179,7 @@ def test_incremental_validity_equals_the_rule_at_every_step():
     first, final = np.ones(4, bool), np.zeros(4, bool)
     for _ in range(40):
         step = env.step(np.zeros(4, np.int64))
-        replay.add(
-            torch.from_numpy(obs),
-            torch.from_numpy(first),
-            torch.from_numpy(final),
-            torch.zeros(4, dtype=torch.int64),
-            torch.from_numpy(step.rewards),
-            terminated=torch.from_numpy(step.terminated),
-            truncated=torch.from_numpy(step.truncated),
-            life_loss=torch.from_numpy(step.life_loss),
-        )
+        _add(replay, obs, first, final, np.zeros(4, np.int64), step)
         first, final, obs = step.episode_start, step.terminated | step.truncated, step.obs
         assert torch.equal(replay.valid_mask(), replay.valid_mask_reference())
 
@@ -250,16 +246,8 @@ def test_block_counts_stay_exact_through_episode_ends_and_wraparound(monkeypatch
     g = torch.Generator().manual_seed(0)
     for _ in range(3 * replay.length):
         step = env.step(np.zeros(3, np.int64))
-        replay.add(
-            torch.from_numpy(obs if stack > 1 else obs[:, -1]),  # add() keeps only the newest frame
-            torch.from_numpy(first),
-            torch.from_numpy(final),
-            torch.zeros(3, dtype=torch.int64),
-            torch.from_numpy(step.rewards),
-            terminated=torch.from_numpy(step.terminated),
-            truncated=torch.from_numpy(step.truncated),
-            life_loss=torch.from_numpy(step.life_loss),
-        )
+        frames = obs if stack > 1 else obs[:, -1]  # add() keeps only the newest frame
+        _add(replay, frames, first, final, np.zeros(3, np.int64), step)
         first, final, obs = step.episode_start, step.terminated | step.truncated, step.obs
         assert torch.equal(replay._block_counts, replay._valid_blocks.sum(1))
         if replay.valid.any():

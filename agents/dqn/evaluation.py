@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from agents.dqn.envs import VecEnv
 from wn_rl.checkpoint import atomic_write_bytes
 
-__all__ = ["best_epoch_mean", "evaluate", "exploration_draws", "game_quotas", "select_actions", "write_results"]
+__all__ = [
+    "best_epoch_mean",
+    "evaluate",
+    "exploration_draws",
+    "explores_everywhere",
+    "game_quotas",
+    "select_actions",
+    "write_results",
+]
 
 
 def exploration_draws(n: int, n_actions: int, epsilon: float, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -32,6 +40,12 @@ def exploration_draws(n: int, n_actions: int, epsilon: float, device: torch.devi
     random_actions = torch.randint(0, n_actions, (n,), device=device)
     explore = torch.rand(n, device=device) < epsilon if epsilon < 1.0 else None
     return random_actions, explore
+
+
+def explores_everywhere(explore: Tensor | None, device: torch.device) -> bool:
+    """Whether every action is known to be the random one without a forward: no explore flags (epsilon
+    1), or, on a CPU where reading them is free, every env's flag set."""
+    return explore is None or (device.type == "cpu" and bool(explore.all()))
 
 
 def select_actions(
@@ -47,9 +61,7 @@ def select_actions(
     ``draws``: :func:`exploration_draws` made beforehand (drawn here when ``None``).
     """
     random_actions, explore = draws or exploration_draws(obs.shape[0], n_actions, epsilon, obs.device)
-    if q_network is None or explore is None:
-        return random_actions
-    if obs.device.type == "cpu" and bool(explore.all()):  # free to check on the host: skip the forward
+    if q_network is None or explores_everywhere(explore, obs.device):
         return random_actions
     with torch.no_grad():
         greedy = q_network(obs).argmax(1)

@@ -137,7 +137,7 @@ class UpdateRunner:
 
     def run_inline(self) -> None:
         """Run the updates :meth:`start` kept for the loop's thread now (no-op when there are none)."""
-        pending, store, self._pending, self._store = self._pending, self._store, [], None
+        pending, store = self._take_pending()
         if pending:
             self._run(pending, store)
             self.mark_changed()
@@ -146,7 +146,7 @@ class UpdateRunner:
         """Like :meth:`run_inline`, with the first update also picking the actions for ``obs`` (with the
         weights from before it; :meth:`agents.dqn.learner.Learner.act_sample_and_update`). Returns the
         actions, or ``None`` (nothing done) when no updates are pending here."""
-        pending, store, self._pending, self._store = self._pending, self._store, [], None
+        pending, store = self._take_pending()
         if not pending:
             return None
         if store is not None:
@@ -155,6 +155,11 @@ class UpdateRunner:
         self._run(pending[1:])
         self.mark_changed()
         return actions
+
+    def _take_pending(self) -> tuple[list[Tensor], Callable[[], None] | None]:
+        """The updates (and replay write) :meth:`start` kept for the loop's thread; forgets them here."""
+        pending, store, self._pending, self._store = self._pending, self._store, [], None
+        return pending, store
 
     def finish(self) -> None:
         """Wait for the worker's updates (re-raising their exception); inline: run any not yet run."""
@@ -194,4 +199,4 @@ class UpdateRunner:
         if self._future is not None:
             self._future.exception()
             self._future = None
-        self._pending, self._store = [], None
+        self._take_pending()

@@ -35,7 +35,14 @@ from torch.utils.tensorboard import SummaryWriter
 import wn_rl
 from agents.dqn.config import DQNConfig, config_dict
 from agents.dqn.envs import EnvStateError, VecEnv, make_env, protocol_settings
-from agents.dqn.evaluation import best_epoch_mean, evaluate, exploration_draws, select_actions, write_results
+from agents.dqn.evaluation import (
+    best_epoch_mean,
+    evaluate,
+    exploration_draws,
+    explores_everywhere,
+    select_actions,
+    write_results,
+)
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.overlap import UpdateRunner, resolve_acting, resolve_overlap
@@ -325,10 +332,7 @@ class Trainer:
         """The actions from the step's first update (``run.acting``), or ``None`` where they are chosen
         separately: acting not in the update, no update pending here, or no forward needed (epsilon 1,
         or every env explores, a free check on a CPU)."""
-        explore = draws[1]
-        if not self.act_in_update or explore is None:
-            return None
-        if self.device.type == "cpu" and bool(explore.all()):
+        if not self.act_in_update or explores_everywhere(draws[1], self.device):
             return None
         return self.update_runner.run_inline_acting(self._obs, draws)
 
