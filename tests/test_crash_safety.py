@@ -97,17 +97,17 @@ def test_a_nan_gradient_step_is_skipped_on_the_device(tmp_path):
 
 def test_nan_reward_is_reported_as_coming_from_the_environment(tmp_path):
     trainer = Trainer(_cartpole(tmp_path), tmp_path / "run")
-    real_step = trainer.env.step
+    real_recv = trainer.env.recv
     calls = {"n": 0}
 
-    def step(actions):
-        result = real_step(actions)
+    def recv():
+        result = real_recv()
         calls["n"] += 1
         if calls["n"] == 120:
             result.rewards[2] = np.nan
         return result
 
-    trainer.env.step = step
+    trainer.env.recv = recv
     with pytest.raises(EnvNonFiniteError) as info:
         trainer.run()
     message = str(info.value)

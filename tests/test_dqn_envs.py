@@ -63,3 +63,26 @@ def test_unusable_spaces_are_refused():
         make_env(EnvConfig(suite="gym", name="Pendulum-v1", num_envs=1))
     with pytest.raises(ValueError, match="not a registered gymnasium id"):
         make_env(EnvConfig(suite="gym", name="CartPol-v1", num_envs=1))
+
+
+@pytest.mark.parametrize("suite,name", [("atari", "breakout"), ("minatar", "breakout")])
+def test_send_then_recv_is_the_step_and_misuse_is_refused(suite, name):
+    """The loop sends the actions, runs its updates while Atari's emulators step, then receives: the
+    same games as ``step``."""
+    config = EnvConfig(suite=suite, name=name, num_envs=3)
+    stepped, split = make_env(config), make_env(config)
+    np.testing.assert_array_equal(stepped.reset(seed=4), split.reset(seed=4))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        actions = rng.integers(0, stepped.spec.n_actions, 3)
+        a = stepped.step(actions)
+        split.send(actions)
+        b = split.recv()
+        for field in ("obs", "rewards", "terminated", "truncated", "life_loss", "episode_start"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    with pytest.raises(RuntimeError, match="without send"):
+        split.recv()
+    split.send(actions)
+    with pytest.raises(RuntimeError, match="twice without recv"):
+        split.send(actions)
+    split.close()  # with a step in flight

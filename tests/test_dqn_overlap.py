@@ -76,6 +76,26 @@ def test_threaded_updates_give_the_same_run_as_inline_updates(tmp_path, update_m
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_inline_updates_run_while_the_envs_step(tmp_path):
+    """Inline, a step's updates run between sending the actions and receiving the step (Atari's emulators
+    step in ale-py's threads meanwhile), after the actions are read back."""
+    trainer = _cartpole(tmp_path, "order", **{"run.overlap_updates": "inline", "run.total_agent_steps": 400})
+    events = []
+    env, learner = trainer.env, trainer.learner
+    for owner, name in ((env, "send"), (env, "recv"), (learner, "sample_and_update")):
+
+        def recorded(*args, _inner=getattr(owner, name), _name=name, **kwargs):
+            events.append(_name)
+            return _inner(*args, **kwargs)
+
+        setattr(owner, name, recorded)
+    trainer.run()
+    steps = " ".join(events).replace(" recv", " recv|").split("|")
+    with_updates = [s.split() for s in steps if "sample_and_update" in s]
+    assert len(with_updates) == (400 - 200) // 4  # the vector steps (4 envs) past the learning start
+    assert all(s == ["send", "sample_and_update", "sample_and_update", "recv"] for s in with_updates)
+
+
 def test_actions_chosen_in_the_compiled_update_give_the_same_run(tmp_path):
     """run.acting=in_update (the step's first compiled update also picks the actions, with the weights
     from before it) against acting with a separate eager forward: the same actions, the same run."""

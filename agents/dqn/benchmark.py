@@ -243,9 +243,18 @@ def profile_loop(trainer: Trainer, steps: int) -> dict[str, float]:
 
 
 def _profile_parts(trainer: Trainer, steps: int) -> dict[str, float]:
+    # env: the whole env step, made sequential (sent actions are stepped in recv, after the updates), so
+    # that the emulators' time is not hidden behind the updates'.
     # learn: the updates, including the first update of a step that also picks the actions (run.acting)
+    env, cls, sent = trainer.env, type(trainer.env), []
+
+    def sequential_recv() -> Any:  # the class's send and recv, back to back
+        cls.send(env, sent.pop())
+        return cls.recv(env)
+
+    env.send, env.recv = sent.append, sequential_recv
     parts = {
-        "env": [(trainer.env, "step")],
+        "env": [(env, "recv")],
         "acting": [(trainer, "_act")],
         "replay_add": [(trainer.replay, "add")],
         "learn": [(trainer.learner, "sample_and_update"), (trainer.learner, "act_sample_and_update")],
@@ -262,6 +271,7 @@ def _profile_parts(trainer: Trainer, steps: int) -> dict[str, float]:
         for places in parts.values():
             for owner, attr in places:
                 delattr(owner, attr)  # back to the class's method
+        del env.send
     total, n = time.perf_counter() - t0, trainer.agent_step - before
     seconds = {name: sum(t.seconds for t in ts) for name, ts in timers.items()}
     out = {f"{name}_ms": 1e3 * value / n for name, value in seconds.items()}

@@ -8,6 +8,10 @@
 - MinAtar (10x10xC binary images, channels moved first, stored as uint8) and any gymnasium env with a
   flat Box observation and Discrete actions, through ``gymnasium.vector.SyncVectorEnv``.
 
+A step is :meth:`VecEnv.send` then :meth:`VecEnv.recv` (``step`` does both). Atari's ``send`` returns at
+once and the emulators step in ale-py's C++ threads until ``recv``, so the training loop runs its
+updates in between; MinAtar and gym envs step inside ``recv``.
+
 Every env autoresets on the *next* step (gymnasium's NEXT_STEP mode, ale-py's default): the step that
 ends an episode returns the real final observation, and the following step ignores its action and
 returns the first observation of a new episode with reward 0. :class:`StepResult` marks both.
@@ -119,8 +123,19 @@ class VecEnv:
     def reset(self, seed: int) -> np.ndarray:
         raise NotImplementedError
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def send(self, actions: np.ndarray) -> None:
+        """Start a step with ``actions`` (one per env); :meth:`recv` returns its result. Atari's emulators
+        step in ale-py's C++ threads in between, so the caller can work meanwhile; elsewhere the step
+        happens in :meth:`recv`."""
         raise NotImplementedError
+
+    def recv(self) -> StepResult:
+        """The result of the step :meth:`send` started."""
+        raise NotImplementedError
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        self.send(actions)
+        return self.recv()
 
     def close(self) -> None:
         raise NotImplementedError
@@ -166,8 +181,11 @@ class AtariEnv(VecEnv):
         )
         self.lives = np.zeros(num_envs, dtype=np.int64)
         self.done = np.zeros(num_envs, dtype=bool)
+        self.sent = False  # a step was sent and not yet received
 
     def reset(self, seed: int) -> np.ndarray:
+        if self.sent:  # a step in flight is dropped with the games
+            self.recv()
         obs, info = self.env.reset(seed=seed)
         self.lives = info["lives"].astype(np.int64)
         self.done = np.zeros(self.spec.num_envs, dtype=bool)
@@ -176,8 +194,17 @@ class AtariEnv(VecEnv):
     def env_state(self) -> dict[str, Any]:
         raise EnvStateError("ale-py's C++ AtariVectorEnv does not expose the emulator states of its games")
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        obs, rewards, terminated, truncated, info = self.env.step(actions.astype(np.int64, copy=False))
+    def send(self, actions: np.ndarray) -> None:
+        if self.sent:
+            raise RuntimeError("AtariEnv.send() called twice without recv(): receive a step before sending the next")
+        self.env.send(actions.astype(np.int64, copy=False))
+        self.sent = True
+
+    def recv(self) -> StepResult:
+        if not self.sent:
+            raise RuntimeError("AtariEnv.recv() called without send(): send the actions first")
+        self.sent = False
+        obs, rewards, terminated, truncated, info = self.env.recv()
         lives = info["lives"].astype(np.int64)
         episode_start = self.done  # the previous step ended a game: this one was the autoreset
         self.done = terminated | truncated
@@ -186,6 +213,8 @@ class AtariEnv(VecEnv):
         return StepResult(obs, rewards.astype(np.float32), terminated, truncated, life_loss, episode_start)
 
     def close(self) -> None:
+        if self.sent:  # let the emulators finish the step in flight before the vector env goes away
+            self.recv()
         self.env.close()
 
 
@@ -197,16 +226,26 @@ class GymEnv(VecEnv):
         self.spec = spec
         self.transform = transform
         self.done = np.ones(spec.num_envs, dtype=bool)
+        self._actions: np.ndarray | None = None  # sent, stepped in recv()
 
     def _obs(self, obs: np.ndarray) -> np.ndarray:
         return self.transform(obs) if self.transform is not None else obs
 
     def reset(self, seed: int) -> np.ndarray:
+        self._actions = None  # a step sent and not received is dropped with the games
         obs, _ = self.env.reset(seed=seed)
         self.done[:] = False
         return self._obs(obs)
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def send(self, actions: np.ndarray) -> None:
+        if self._actions is not None:
+            raise RuntimeError("GymEnv.send() called twice without recv(): receive a step before sending the next")
+        self._actions = actions
+
+    def recv(self) -> StepResult:
+        if self._actions is None:
+            raise RuntimeError("GymEnv.recv() called without send(): send the actions first")
+        actions, self._actions = self._actions, None
         obs, rewards, terminated, truncated, _ = self.env.step(actions)
         episode_start = self.done.copy()
         self.done = terminated | truncated

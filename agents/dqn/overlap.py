@@ -6,9 +6,11 @@ with the weights theta_t (from before these updates), step the envs; transition 
 start of the next step. The updates never read the transition being generated and the
 action never depends on them, so they can run while the envs step without changing anything:
 
-- ``inline`` (``auto`` on a GPU, and for MinAtar and gym envs): the updates are called in the loop
-  between acting and stepping the envs. On a GPU this already overlaps: the actions are read back
-  first, then the update kernels are queued and the emulators step on the host while the GPU runs them.
+- ``inline`` (``auto`` on a GPU, and for MinAtar and gym envs): the loop's thread acts, sends the
+  actions to the envs (:meth:`agents.dqn.envs.VecEnv.send`), runs the updates and then receives the
+  step. Atari's emulators step in ale-py's C++ threads meanwhile: on a CPU while the host computes the
+  updates, on a GPU while it queues their kernels (the actions are read back before they are queued)
+  and the GPU runs them. MinAtar and gym envs step in ``recv``, after the updates.
 - ``thread`` (``auto`` for Atari on a CPU with at least 2 cores): the updates run in a worker thread
   while the main thread acts and steps the envs. The main thread acts with a copy of the online
   network's weights taken after the previous updates finished (``actor``; the worker writes the online
@@ -143,17 +145,16 @@ class UpdateRunner:
             self.mark_changed()
 
     def run_inline_acting(self, obs: Tensor, draws: tuple[Tensor, Tensor]) -> Tensor | None:
-        """Like :meth:`run_inline`, with the first update also picking the actions for ``obs`` (with the
-        weights from before it; :meth:`agents.dqn.learner.Learner.act_sample_and_update`). Returns the
-        actions, or ``None`` (nothing done) when no updates are pending here."""
+        """Run the first pending update, which also picks the actions for ``obs`` (with the weights from
+        before it; :meth:`agents.dqn.learner.Learner.act_sample_and_update`); the others stay for
+        :meth:`run_inline`. Returns the actions, or ``None`` (nothing done) when no updates are pending."""
         pending, store = self._take_pending()
         if not pending:
             return None
         if store is not None:
             store()
         actions = self.learner.act_sample_and_update(self.replay, obs, draws, pending[0])
-        self._run(pending[1:])
-        self.mark_changed()
+        self._pending = pending[1:]  # the step's other updates: run_inline, while the envs step
         return actions
 
     def _take_pending(self) -> tuple[list[Tensor], Callable[[], None] | None]:

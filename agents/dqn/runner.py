@@ -463,9 +463,8 @@ class Trainer:
                 actions = self._act_in_update(draws)
                 if actions is None:
                     actions = self._act(self._obs, epsilon, draws)
-                    self.update_runner.run_inline()  # on a GPU: queued while the emulators step below
-                actions_host = actions.cpu()
-                step = self.env.step(actions_host.numpy())
+                actions_host = actions.cpu()  # read back before the updates' kernels are queued behind it
+                step = self._step_envs(actions_host.numpy())
                 _check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, before)
                 done = step.terminated | step.truncated
                 self.tracker.step(step.rewards, done, step.episode_start)
@@ -486,6 +485,18 @@ class Trainer:
                 self.agent_step += n
                 self._periodic(before, epsilon, self._clock, bar)
             self._store_pending()
+
+    def _step_envs(self, actions: np.ndarray) -> Any:
+        """Step the envs with ``actions`` and run the step's inline updates meanwhile: they are called
+        between :meth:`VecEnv.send` and :meth:`VecEnv.recv`, so Atari's emulators step in ale-py's C++
+        threads while the host computes them (CPU) or queues their kernels (GPU)."""
+        self.env.send(actions)
+        try:
+            self.update_runner.run_inline()
+        except BaseException:
+            self.env.recv()  # the step in flight finishes before the error goes on
+            raise
+        return self.env.recv()
 
     def _periodic(self, before: int, epsilon: float, clock: _Clock, bar: Any) -> None:
         r, step = self.config.run, self.agent_step
