@@ -82,13 +82,16 @@ def test_inline_updates_run_while_the_envs_step(tmp_path):
     trainer = _cartpole(tmp_path, "order", **{"run.overlap_updates": "inline", "run.total_agent_steps": 400})
     events = []
     env, learner = trainer.env, trainer.learner
+
+    def recorded(inner, name):
+        def call(*args, **kwargs):
+            events.append(name)
+            return inner(*args, **kwargs)
+
+        return call
+
     for owner, name in ((env, "send"), (env, "recv"), (learner, "sample_and_update")):
-
-        def recorded(*args, _inner=getattr(owner, name), _name=name, **kwargs):
-            events.append(_name)
-            return _inner(*args, **kwargs)
-
-        setattr(owner, name, recorded)
+        setattr(owner, name, recorded(getattr(owner, name), name))
     trainer.run()
     steps = " ".join(events).replace(" recv", " recv|").split("|")
     with_updates = [s.split() for s in steps if "sample_and_update" in s]
