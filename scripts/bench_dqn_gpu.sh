@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The native DQN on one GPU (issue #6), in parts that each fit a 10-minute call on a lent GPU machine.
+#
+#   bash scripts/bench_dqn_gpu.sh PART [OUT_DIR]      PART: tests | atari | atari-envs | minatar
+#
+#   tests       tests/test_dqn_gpu.py (compiled/CUDA-graph runs equal eager, the graph is recorded, no host
+#               sync in the updates), then the hardware
+#   atari       Atari Breakout, 16 envs: eager vs compiled vs CUDA graph, normal vs weight_norm, SB3 beside
+#   atari-envs  Atari Breakout, CUDA graph, normal vs weight_norm, 8 and 32 envs, SB3 beside
+#   minatar     MinAtar Breakout, 1 and 16 envs: compiled vs CUDA graph, normal vs weight_norm, SB3 beside
+#
+# Results (JSON, the printed table, the log) go to OUT_DIR (default: $OUT on the device machine, else
+# ./bench_out). The GPU machine lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
+# ale_py is missing the wheels in ./.whl (see the device README) are installed into /tmp/site first.
+set -euo pipefail
+part=${1:?"usage: bash scripts/bench_dqn_gpu.sh tests|atari|atari-envs|minatar [OUT_DIR]"}
+out=${2:-${OUT:-bench_out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import ale_py" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null || { echo "ale_py is missing and there are no wheels in ./.whl" >&2; exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+bench() {  # name, then bench_dqn_throughput.py's arguments
+    local name=$1
+    shift
+    python3 scripts/bench_dqn_throughput.py --device cuda --threads 0 --profile --json "$out/$name.json" "$@" \
+        2> "$out/$name.log" | tee "$out/$name.txt"
+}
+case $part in
+    tests)
+        { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | head -20
+          python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; date -u; } \
+            > "$out/hardware.txt" 2>&1
+        python3 -m pytest -q -p no:cacheprovider tests/test_dqn_gpu.py 2>&1 | tee "$out/tests_gpu.txt"
+        ;;
+    atari)
+        bench atari16 --games atari:breakout --num-envs 16 --update-mode eager compiled cudagraph \
+            --parameterization normal weight_norm --steps 4000 --rounds 2 --warmup 6000 --learning-starts 4000
+        ;;
+    atari-envs)
+        bench atari_envs --games atari:breakout --num-envs 8 32 --update-mode cudagraph \
+            --parameterization normal weight_norm --steps 4000 --rounds 2 --warmup 6000 --learning-starts 4000
+        ;;
+    minatar)
+        bench minatar --games minatar:breakout --num-envs 1 16 --update-mode compiled cudagraph \
+            --parameterization normal weight_norm --steps 2000 --rounds 2 --warmup 3000 --learning-starts 2000
+        ;;
+    *)
+        echo "unknown part '$part': expected tests, atari, atari-envs or minatar" >&2
+        exit 2
+        ;;
+esac
