@@ -128,9 +128,8 @@ def test_compiled_step_with_pass_equals_eager(one_torch_thread: None) -> None:
 
 
 def test_compiled_minatar_update_equals_eager(one_torch_thread: None) -> None:
-    """FusedUpdate (compiled, with the rewrite) on the MinAtar network against the eager update. (With
-    weight norm the compiled and eager updates of the linear layer differ by more than float tolerance
-    after a few steps, with or without the rewrite; not covered here.)"""
+    """FusedUpdate (compiled, with the rewrite) on the MinAtar network against the eager update (with
+    weight norm: tests/test_dqn_fused.py)."""
     torch.manual_seed(0)
     p = Parameterization.get("normal")
     q = QNetwork(_minatar_body(p, 4, 10, 10), p.without_norm().linear(128, 3), 1.0, 3)

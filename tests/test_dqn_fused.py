@@ -1,8 +1,11 @@
 """The fused update (agents/dqn/fused.py) against the eager one: same step on the same batch, for every
-optimizer; the non-finite guard; and one compiled training run equal to the eager run.
+optimizer; the non-finite guard; the compiled update of the MinAtar network; and one compiled training
+run equal to the eager run.
 
-The math tests run ``fused_update`` uncompiled (it is plain PyTorch), so they cost milliseconds; one
-test compiles (inductor, on the tiny CartPole MLP) and covers the graph the runner uses.
+The math tests run ``fused_update`` uncompiled (it is plain PyTorch), so they cost milliseconds; the
+compiled ones (inductor, ~20-30 s each on 2 cores) cover what only the compiled graph does: the
+convolutions as matrix products (agents/dqn/compile_backend.py), the big WN linear layer's
+``_WNLinearFn`` under a compiled ``torch.func.grad``, and the runner's graph (sampling + update).
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ import copy
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from agents.dqn.config import AgentConfig, load_dqn_config
+from agents.dqn.config import AgentConfig, NetworkConfig, load_dqn_config
+from agents.dqn.envs import EnvSpec
 from agents.dqn.fused import fused_update
 from agents.dqn.learner import Learner, NonFiniteError, resolve_update_mode
+from agents.dqn.networks import build_q_network
 from agents.dqn.replay import ReplayBatch
 from agents.dqn.runner import Trainer
-from wn_rl import mlp
+from wn_rl import data_dependent_init, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +115,69 @@ def test_update_mode_auto_and_its_errors():
         resolve_update_mode("compiled", torch.device("cpu"), mlp([4, 8, 3], "batch_norm"))
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_update_mode("cudagraph", torch.device("cpu"), q)
+
+
+def _minatar_batch(b: int = 32) -> ReplayBatch:
+    """A batch shaped like MinAtar Breakout's: 4x10x10 uint8 planes (sparse 0/1), 3 actions."""
+    g = torch.Generator().manual_seed(0)
+
+    def planes() -> torch.Tensor:
+        return (torch.rand(b, 4, 10, 10, generator=g) < 0.1).to(torch.uint8)
+
+    return ReplayBatch(
+        obs=planes(),
+        actions=torch.randint(0, 3, (b,), generator=g),
+        rewards=torch.randint(-1, 2, (b, 1), generator=g).float(),
+        terminals=torch.rand(b, 1, generator=g) < 0.1,
+        truncations=torch.zeros(b, 1, dtype=torch.bool),
+        next_obs=planes(),
+        next_offsets=torch.ones(b, dtype=torch.long),
+        indices=torch.arange(b),
+    )
+
+
+def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: str, atol: float = 0.0) -> None:
+    """Within 1e-5 of the tensor's largest entry, plus ``atol``: float32 rounding of a sum shows up as an
+    absolute error on the scale of the sum's terms, so entries near zero cannot match to a relative tolerance."""
+    error = float((actual - expected).abs().max())
+    assert error <= 1e-5 * float(expected.abs().max()) + atol, (name, error, float(expected.abs().max()))
+
+
+def test_compiled_update_of_the_weight_norm_minatar_network_equals_eager(one_torch_thread):
+    """The update compiled as on a CPU run (inductor, small convolutions as matrix products) for the
+    MinAtar network with weight norm, against eager (``normal``: tests/test_compile_backend.py). Its
+    1024 -> 128 layer computes through ``_WNLinearFn``, whose parameter gradients the compiled
+    ``torch.func.grad`` once dropped (the layer never trained).
+
+    Step 1's first moments are (1 - beta1) g in both paths, so they compare the gradients (measured:
+    differences of at most 6e-7 of each tensor's largest entry). Adamax's first steps are about lr * sign(g):
+    a gradient near zero whose sign differs by rounding moves its parameter by lr one way or the other.
+    With ``optimizer_eps = 1`` a step is nearly lr * g instead, so the parameters' changes over three
+    updates must agree as closely as the gradients, up to the rounding of each new parameter to float32
+    (a few units in its last place; lr = 1e-2 keeps the changes far above that)."""
+    spec = EnvSpec("minatar", "breakout", 1, (4, 10, 10), 1, np.dtype(np.uint8), 3, {})
+    torch.manual_seed(0)
+    q = build_q_network(NetworkConfig(parameterization="weight_norm"), spec)
+    batch = _minatar_batch()
+    data_dependent_init(q, batch.next_obs)
+    config = AgentConfig(optimizer="adamax", lr=1e-2, optimizer_eps=1.0)
+    eager = Learner(copy.deepcopy(q), replace(config, update_mode="eager"), terminal_on_life_loss=False)
+    compiled = Learner(copy.deepcopy(q), replace(config, update_mode="compiled"), terminal_on_life_loss=False)
+    eager.update(batch)
+    compiled.update(batch)
+    metrics_a, metrics_b = eager.read_metrics(), compiled.read_metrics()
+    for key in ("loss", "grad_norm"):
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-5), key
+    pairs = list(zip(eager.q_network.named_parameters(), compiled.q_network.parameters(), strict=True))
+    for (name, a), b in pairs:
+        _assert_close_to_scale(compiled.optimizer.state[b]["exp_avg"], eager.optimizer.state[a]["exp_avg"], name)
+    for _ in range(2):
+        eager.update(batch)
+        compiled.update(batch)
+    for (name, a), b in pairs:
+        a, b, start = a.detach(), b.detach(), q.get_parameter(name).detach()
+        ulp = torch.finfo(torch.float32).eps * float(a.abs().max())
+        _assert_close_to_scale(b - start, a - start, name, atol=4 * ulp)
 
 
 def _cartpole_run(tmp_path: Path, mode: str) -> Trainer:

@@ -365,6 +365,27 @@ def test_output_scaling_under_torch_func_and_compile():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_scaling_under_compiled_torch_func_grad(bias):
+    """``torch.func.grad`` inside ``torch.compile``, as the compiled DQN update takes it, with an input that
+    carries a gradient (a layer before this one): Dynamo's ``needs_input_grad`` said False for v, g and
+    bias there, and their gradients came back zero."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 512), WNLinear(512, 128, bias=bias))
+    x = torch.randn(8, 16)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+
+    def loss(params):
+        return functional_call(net, params, (x,)).square().sum()
+
+    expected = grad(loss)(params)
+    compiled = torch.compile(grad(loss), backend="eager", fullgraph=True)(params)  # Dynamo alone: seconds
+    for name, value in expected.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-5 * float(value.abs().max()))
+
+
 def test_cached_no_grad_forward_of_a_big_linear_keeps_only_the_scale():
     torch.manual_seed(0)
     layer = WNLinear(512, 128)

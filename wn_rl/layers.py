@@ -106,6 +106,18 @@ def _scale_outputs(input: Tensor, v: Tensor) -> bool:
     )
 
 
+def _needs_input_grad(ctx: Any) -> tuple[bool, bool, bool, bool]:
+    """``ctx.needs_input_grad`` of :class:`_WNLinearFn` (x, v, g, bias), but all True (bias's where there
+    is one) while ``torch.compile`` traces. There Dynamo answered False for v, g and bias when
+    ``torch.func.grad`` differentiated them through ``functional_call`` and x came from an earlier layer
+    (torch 2.13), so the compiled DQN update (``agents.dqn.fused``) got zero gradients for them and never
+    trained the hidden fc layer of the MinAtar network. The compiled graph drops unused gradients anyway.
+    """
+    if torch.compiler.is_compiling():
+        return True, True, True, ctx.has_bias
+    return ctx.needs_input_grad
+
+
 class _WNLinearFn(torch.autograd.Function):
     """y = (x v^T) * g / ||v|| + b: the WN linear layer (eq. 2) without materialising w.
 
@@ -129,9 +141,10 @@ class _WNLinearFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, v, g, _bias = inputs
+        x, v, g, bias = inputs
         _y, z, norm = output
         ctx.set_materialize_grads(False)
+        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, v, g, z, norm)
 
     @staticmethod
@@ -148,16 +161,17 @@ class _WNLinearFn(torch.autograd.Function):
             grad_norm_total = grad_norm_total + grad_norm
         grad_z_total = grad_z_total.reshape(-1, out_features)
         grad_x = grad_v = grad_g = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        needs_input_grad = _needs_input_grad(ctx)
+        if needs_input_grad[0]:
             grad_x = grad_z_total.matmul(v).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # d||v||/dv = v / ||v||
+        if needs_input_grad[1]:  # d||v||/dv = v / ||v||
             grad_v = grad_z_total.t().matmul(x.reshape(-1, in_features))
             radial = (grad_norm_total / norm)[:, None]
             # in place unless a double backward records this graph (grad mode is on only then)
             grad_v = torch.addcmul(grad_v, v, radial) if torch.is_grad_enabled() else grad_v.addcmul_(v, radial)
-        if ctx.needs_input_grad[2]:
+        if needs_input_grad[2]:
             grad_g = grad_s / norm
-        if ctx.needs_input_grad[3] and grad_y is not None:
+        if needs_input_grad[3] and grad_y is not None:
             grad_bias = grad_y.reshape(-1, out_features).sum(0)
         return grad_x, grad_v, grad_g, grad_bias
 
