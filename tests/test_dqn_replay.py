@@ -172,6 +172,19 @@ def test_one_million_atari_transitions_fit_in_7_5_gb():
     assert replay_bytes(1_000_000, 8, (84, 84), np.uint8) < 7.5e9
 
 
+@pytest.mark.parametrize(
+    ("capacity", "num_envs", "frame_shape", "dtype"), [(5000, 3, (2, 3), np.uint8), (999, 4, (4,), np.float32)]
+)
+def test_the_memory_check_predicts_what_is_allocated(capacity, num_envs, frame_shape, dtype):
+    replay = ReplayMemory(capacity, num_envs, frame_shape, dtype, 1, 1, "cpu")
+    storages = {  # every tensor the memory holds, views counted once; not the few indices of _older
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for name, t in vars(replay).items()
+        if isinstance(t, torch.Tensor) and name != "_older"
+    }
+    assert replay.nbytes == sum(storages.values()) == replay_bytes(capacity, num_envs, frame_shape, dtype)
+
+
 def test_incremental_validity_equals_the_rule_at_every_step():
     env = _Counter([2, 5, 1, 7])
     replay = ReplayMemory(4 * 13, 4, (2,), np.float32, 3, 2, "cpu")

@@ -61,7 +61,8 @@ def replay_bytes(capacity: int, num_envs: int, frame_shape: tuple[int, ...], fra
     slots = math.ceil(capacity / num_envs) * num_envs
     frame = int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize
     scalars = sum(torch.empty((), dtype=d).element_size() for d in _SCALARS.values())
-    return slots * (frame + scalars + len(_FLAGS) + 1)
+    blocks = math.ceil(slots / SAMPLE_BLOCK)  # the validity mask padded to whole blocks, and their counts
+    return slots * (frame + scalars + len(_FLAGS)) + blocks * (SAMPLE_BLOCK + 8)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -129,7 +130,13 @@ class ReplayMemory:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.frames, self.valid, *(getattr(self, n) for n in (*_SCALARS, *_FLAGS))]
+        """Bytes of every tensor the memory allocated (what :func:`replay_bytes` predicts)."""
+        tensors = [
+            self.frames,
+            self._valid_blocks,
+            self._block_counts,
+            *(getattr(self, n) for n in (*_SCALARS, *_FLAGS)),
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __len__(self) -> int:
