@@ -119,6 +119,7 @@ class VecEnv:
     """N environments stepped together; see the module docstring for the conventions."""
 
     spec: EnvSpec
+    _sent: np.ndarray | None = None  # the actions of a step sent and not yet received
 
     def reset(self, seed: int) -> np.ndarray:
         raise NotImplementedError
@@ -127,10 +128,25 @@ class VecEnv:
         """Start a step with ``actions`` (one per env); :meth:`recv` returns its result. Atari's emulators
         step in ale-py's C++ threads in between, so the caller can work meanwhile; elsewhere the step
         happens in :meth:`recv`."""
-        raise NotImplementedError
+        if self._sent is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.send() called twice without recv(): receive a step before sending the next"
+            )
+        self._start(actions)
+        self._sent = actions
 
     def recv(self) -> StepResult:
         """The result of the step :meth:`send` started."""
+        if self._sent is None:
+            raise RuntimeError(f"{type(self).__name__}.recv() called without send(): send the actions first")
+        actions, self._sent = self._sent, None
+        return self._finish(actions)
+
+    def _start(self, actions: np.ndarray) -> None:
+        """Begin the step (Atari: hand the actions to the emulators' threads); by default nothing."""
+
+    def _finish(self, actions: np.ndarray) -> StepResult:
+        """Complete the step begun with ``actions`` and return its result."""
         raise NotImplementedError
 
     def step(self, actions: np.ndarray) -> StepResult:
@@ -181,10 +197,9 @@ class AtariEnv(VecEnv):
         )
         self.lives = np.zeros(num_envs, dtype=np.int64)
         self.done = np.zeros(num_envs, dtype=bool)
-        self.sent = False  # a step was sent and not yet received
 
     def reset(self, seed: int) -> np.ndarray:
-        if self.sent:  # a step in flight is dropped with the games
+        if self._sent is not None:  # a step in flight is dropped with the games
             self.recv()
         obs, info = self.env.reset(seed=seed)
         self.lives = info["lives"].astype(np.int64)
@@ -194,16 +209,10 @@ class AtariEnv(VecEnv):
     def env_state(self) -> dict[str, Any]:
         raise EnvStateError("ale-py's C++ AtariVectorEnv does not expose the emulator states of its games")
 
-    def send(self, actions: np.ndarray) -> None:
-        if self.sent:
-            raise RuntimeError("AtariEnv.send() called twice without recv(): receive a step before sending the next")
+    def _start(self, actions: np.ndarray) -> None:
         self.env.send(actions.astype(np.int64, copy=False))
-        self.sent = True
 
-    def recv(self) -> StepResult:
-        if not self.sent:
-            raise RuntimeError("AtariEnv.recv() called without send(): send the actions first")
-        self.sent = False
+    def _finish(self, actions: np.ndarray) -> StepResult:
         obs, rewards, terminated, truncated, info = self.env.recv()
         lives = info["lives"].astype(np.int64)
         episode_start = self.done  # the previous step ended a game: this one was the autoreset
@@ -213,7 +222,7 @@ class AtariEnv(VecEnv):
         return StepResult(obs, rewards.astype(np.float32), terminated, truncated, life_loss, episode_start)
 
     def close(self) -> None:
-        if self.sent:  # let the emulators finish the step in flight before the vector env goes away
+        if self._sent is not None:  # let the emulators finish the step in flight before the env goes away
             self.recv()
         self.env.close()
 
@@ -226,26 +235,17 @@ class GymEnv(VecEnv):
         self.spec = spec
         self.transform = transform
         self.done = np.ones(spec.num_envs, dtype=bool)
-        self._actions: np.ndarray | None = None  # sent, stepped in recv()
 
     def _obs(self, obs: np.ndarray) -> np.ndarray:
         return self.transform(obs) if self.transform is not None else obs
 
     def reset(self, seed: int) -> np.ndarray:
-        self._actions = None  # a step sent and not received is dropped with the games
+        self._sent = None  # a step sent and not received is dropped with the games
         obs, _ = self.env.reset(seed=seed)
         self.done[:] = False
         return self._obs(obs)
 
-    def send(self, actions: np.ndarray) -> None:
-        if self._actions is not None:
-            raise RuntimeError("GymEnv.send() called twice without recv(): receive a step before sending the next")
-        self._actions = actions
-
-    def recv(self) -> StepResult:
-        if self._actions is None:
-            raise RuntimeError("GymEnv.recv() called without send(): send the actions first")
-        actions, self._actions = self._actions, None
+    def _finish(self, actions: np.ndarray) -> StepResult:
         obs, rewards, terminated, truncated, _ = self.env.step(actions)
         episode_start = self.done.copy()
         self.done = terminated | truncated
