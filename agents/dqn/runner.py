@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import wn_rl
 from agents.dqn.config import DQNConfig, config_dict
-from agents.dqn.envs import EnvStateError, VecEnv, make_env, protocol_settings
+from agents.dqn.envs import EnvStateError, StepResult, VecEnv, make_env, protocol_settings
 from agents.dqn.evaluation import (
     best_epoch_mean,
     evaluate,
@@ -486,7 +486,7 @@ class Trainer:
                 self._periodic(before, epsilon, self._clock, bar)
             self._store_pending()
 
-    def _step_envs(self, actions: np.ndarray) -> Any:
+    def _step_envs(self, actions: np.ndarray) -> StepResult:
         """Step the envs with ``actions`` and run the step's inline updates meanwhile: they are called
         between :meth:`VecEnv.send` and :meth:`VecEnv.recv`, so Atari's emulators step in ale-py's C++
         threads while the host computes them (CPU) or queues their kernels (GPU)."""
