@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The native DQN on one GPU (issue #6), in parts that each fit a 10-minute call on a lent GPU machine.
 #
-#   bash scripts/bench_dqn_gpu.sh PART [OUT_DIR]      PART: tests | atari | atari-envs | minatar
+#   bash scripts/bench_dqn_gpu.sh PART [OUT_DIR]      PART: all | tests | atari | atari-envs | minatar
 #
+#   all         the four parts below in turn (~25-40 minutes; on the lent machine, whose calls stop at 10
+#               minutes, run the parts one call each instead)
 #   tests       tests/test_dqn_gpu.py (compiled/CUDA-graph runs equal eager, the graph is recorded, no host
 #               sync in the updates), then the hardware
-#   atari       Atari Breakout, 16 envs: eager vs compiled vs CUDA graph, normal vs weight_norm, SB3 beside
+#   atari       Atari Breakout, 16 envs, minibatch 64 (issue #6's target settings): eager vs compiled vs CUDA
+#               graph, normal vs weight_norm, SB3 beside
 #   atari-envs  Atari Breakout, CUDA graph, normal vs weight_norm, 8 and 32 envs, SB3 beside
 #   minatar     MinAtar Breakout, 1 and 16 envs: compiled vs CUDA graph, normal vs weight_norm, SB3 beside
 #
@@ -13,9 +16,15 @@
 # ./bench_out). The GPU machine lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
 # ale_py is missing the wheels in ./.whl (see the device README) are installed into /tmp/site first.
 set -euo pipefail
-part=${1:?"usage: bash scripts/bench_dqn_gpu.sh tests|atari|atari-envs|minatar [OUT_DIR]"}
+part=${1:?"usage: bash scripts/bench_dqn_gpu.sh all|tests|atari|atari-envs|minatar [OUT_DIR]"}
 out=${2:-${OUT:-bench_out}}
 mkdir -p "$out"
+if [ "$part" = all ]; then
+    for each in tests atari minatar atari-envs; do
+        bash "$0" "$each" "$out"
+    done
+    exit 0
+fi
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import ale_py" 2>/dev/null; then
     ls .whl/*.whl >/dev/null || { echo "ale_py is missing and there are no wheels in ./.whl" >&2; exit 2; }
@@ -38,7 +47,7 @@ case $part in
         python3 -m pytest -q -p no:cacheprovider tests/test_dqn_gpu.py 2>&1 | tee "$out/tests_gpu.txt"
         ;;
     atari)
-        bench atari16 --games atari:breakout --num-envs 16 --update-mode eager compiled cudagraph \
+        bench atari16 --games atari:breakout --num-envs 16 --batch-size 64 --update-mode eager compiled cudagraph \
             --parameterization normal weight_norm --steps 4000 --rounds 2 --warmup 6000 --learning-starts 4000
         ;;
     atari-envs)
@@ -50,7 +59,7 @@ case $part in
             --parameterization normal weight_norm --steps 2000 --rounds 2 --warmup 3000 --learning-starts 2000
         ;;
     *)
-        echo "unknown part '$part': expected tests, atari, atari-envs or minatar" >&2
+        echo "unknown part '$part': expected all, tests, atari, atari-envs or minatar" >&2
         exit 2
         ;;
 esac

@@ -1,9 +1,9 @@
 """Agent steps per second of our DQN and stable-baselines3's DQN, interleaved in one invocation.
 
 For each game, every configuration of ours (update mode x parameterization) and SB3's DQN run the same
-settings (``agents/dqn/benchmark.py``: 100k replay for both, minibatch 32, Atari one update per 4 agent
-steps, MinAtar one per agent step); after a warm-up in which learning starts (and compilation happens)
-each advances in interleaved chunks, so all see the same machine load. Prints SPS, the ratio to SB3
+settings (``agents/dqn/benchmark.py``: 100k replay for both, minibatch 32 unless ``--batch-size``, Atari
+one update per 4 agent steps, MinAtar one per agent step); after a warm-up in which learning starts (and
+compilation happens) each advances in interleaved chunks, so all see the same machine load. Prints SPS, the ratio to SB3
 and, with ``--profile``, where our loop's time goes (env, acting, replay writes, learning = sampling +
 update) and the bound set by the updates alone. Epsilon has decayed to its final 0.1 by the end of the
 warm-up on both sides.
@@ -37,7 +37,7 @@ from wn_rl.provenance import provenance
 def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dict:
     suite, name = game.split(":")
     num_envs = num_envs or (4 if suite == "atari" else 1)
-    s = settings_for(suite, num_envs, args.learning_starts, args.replay, decay=args.warmup)
+    s = settings_for(suite, num_envs, args.learning_starts, args.replay, decay=args.warmup, batch=args.batch_size)
     total = args.warmup + args.steps * (args.rounds + 1) + 10 * num_envs
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as runs_dir:
@@ -75,7 +75,8 @@ def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dic
 
 def _print_table(result: dict) -> None:
     print(
-        f"\n{result['game']}  (load average {result['load_average']['before'][0]:.1f} -> "
+        f"\n{result['game']}, {result['num_envs']} envs, minibatch {result['settings']['batch']}  "
+        f"(load average {result['load_average']['before'][0]:.1f} -> "
         f"{result['load_average']['after'][0]:.1f})"
     )
     for label, sps in result["sps"].items():
@@ -110,11 +111,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2000, help="agent steps before timing (learning starts inside)")
     parser.add_argument("--learning-starts", type=int, default=1000)
     parser.add_argument("--replay", type=int, default=100_000, help="replay capacity for both (transitions)")
+    parser.add_argument("--batch-size", type=int, default=32, help="minibatch for both (the paper's DQN: 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also split our loops into env/acting/replay/learn")
     parser.add_argument("--no-sb3", action="store_true", help="only ours")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    for option in ("batch_size", "steps", "rounds", "replay"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [bench_game(game, n, args) for game in args.games for n in args.num_envs]

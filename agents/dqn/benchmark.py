@@ -1,7 +1,8 @@
 """Our DQN against stable-baselines3's DQN on the same game and settings (for ``scripts/bench_dqn_*.py``).
 
-Settings shared by both sides: Atari uses the Nature ratio (one update per 4 agent steps, minibatch 32);
-MinAtar one update per agent step, minibatch 32, target sync every 1000 updates. Both use Adam, the
+Settings shared by both sides: Atari uses the Nature ratio (one update per 4 agent steps), MinAtar one
+update per agent step; minibatch 32 (SB3's default; the paper's 64 on request), target sync every 1000
+updates. Both use Adam, the
 Huber loss, max grad norm 10 and the same replay capacity (100k by default: SB3 stores stacked frames,
 so a 1M buffer does not fit beside ours on a small machine). SB3 gets the same network: ``CnnPolicy``
 (the Nature CNN) on Atari, the MinAtar CNN (conv 16@3x3, fc 128, ``normal``) on MinAtar.
@@ -34,11 +35,13 @@ from wn_rl.parameterization import Parameterization
 __all__ = ["Contender", "build_ours", "build_sb3", "profile_loop", "settings_for", "throughput"]
 
 
-def settings_for(suite: str, num_envs: int, learning_starts: int, replay: int, decay: int) -> dict[str, Any]:
+def settings_for(
+    suite: str, num_envs: int, learning_starts: int, replay: int, decay: int, batch: int = 32
+) -> dict[str, Any]:
     """The settings both implementations use (see the module docstring)."""
     atari = suite == "atari"
     return {
-        "batch": 32,
+        "batch": batch,
         "steps_per_update": 4 if atari else 1,
         "target": 1000,
         "lr": 1e-4 if atari else 2.5e-4,
