@@ -19,11 +19,12 @@ set -euo pipefail
 part=${1:?"usage: bash scripts/bench_dqn_gpu.sh all|tests|atari|atari-envs|minatar [OUT_DIR]"}
 out=${2:-${OUT:-bench_out}}
 mkdir -p "$out"
-if [ "$part" = all ]; then
+if [ "$part" = all ]; then  # every part, even after one fails (a failed configuration: FAILED in its table)
+    status=0
     for each in tests atari minatar atari-envs; do
-        bash "$0" "$each" "$out"
+        bash "$0" "$each" "$out" || { status=$?; echo "part '$each' failed (exit $status)" >&2; }
     done
-    exit 0
+    exit $status
 fi
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import ale_py" 2>/dev/null; then

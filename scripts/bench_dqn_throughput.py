@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 
 import torch
@@ -59,16 +60,19 @@ def bench_game(game: str, num_envs: int | None, args: argparse.Namespace) -> dic
         contenders = [ours_contender(label, t) for label, t in trainers.items()]
         if not args.no_sb3:
             contenders.append(sb3_contender(build_sb3(suite, name, s, total, 0, args.device)))
-        sps = throughput(contenders, args.warmup, args.steps, args.rounds)
-        profiles = {label: profile_loop(t, args.steps) for label, t in trainers.items()} if args.profile else {}
+        failures: dict[str, str] = {}
+        sps = throughput(contenders, args.warmup, args.steps, args.rounds, failures)
+        alive = {label: t for label, t in trainers.items() if label in sps}
+        profiles = {label: profile_loop(t, args.steps) for label, t in alive.items()} if args.profile else {}
         modes = {label: t.learner.update_mode for label, t in trainers.items()}
         overlaps = {label: t.update_runner.mode for label, t in trainers.items()}
         for c in contenders:
-            c.close()
-    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps}
+            if c.name in sps:
+                c.close()
+    result = {"game": game, "num_envs": num_envs, "settings": s, "sps": sps, "failures": failures}
     result.update(update_mode=modes, overlap=overlaps, profile=profiles)
     if "sb3" in sps:
-        result["ratio_to_sb3"] = {label: sps[label] / sps["sb3"] for label in trainers}
+        result["ratio_to_sb3"] = {label: sps[label] / sps["sb3"] for label in alive}
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     return result
 
@@ -88,6 +92,8 @@ def _print_table(result: dict) -> None:
             line += f"\n      ms/agent step: {parts}; update {prof['update_ms']:.2f} ms"
             line += f"; bound {prof['bound_sps']:.0f} SPS, profiled loop at {prof['sps_vs_bound']:.0%} of it"
         print(line)
+    for label, error in result["failures"].items():
+        print(f"  {label:36s}   FAILED: {error}")
 
 
 def main() -> None:
@@ -130,6 +136,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"results": results, "provenance": meta}, f, indent=1)
+    failed = [label for result in results for label in result["failures"]]
+    if failed:
+        sys.exit(f"{len(failed)} configuration(s) failed: {', '.join(failed)} (tracebacks above, on stderr)")
 
 
 if __name__ == "__main__":

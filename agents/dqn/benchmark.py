@@ -16,7 +16,9 @@ times the updates alone: the bound ``agent_steps_per_update / update_seconds``.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -199,21 +201,41 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def throughput(contenders: list[Contender], warmup: int, steps: int, rounds: int) -> dict[str, float]:
-    """Agent steps per second of each contender over ``rounds`` interleaved chunks of ``steps``."""
-    for c in contenders:
-        c.advance(warmup)  # learning starts inside the warm-up; compilation happens here
-    _synchronize()
-    seconds = dict.fromkeys((c.name for c in contenders), 0.0)
+def throughput(
+    contenders: list[Contender], warmup: int, steps: int, rounds: int, failures: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Agent steps per second of each contender over ``rounds`` interleaved chunks of ``steps``.
+
+    A contender that raises (a mode that fails to compile, say) is closed and dropped with its traceback
+    on stderr, and the others go on: one broken configuration does not cost a whole benchmark run on a
+    borrowed GPU. Its error goes into ``failures`` (by name) when given; it gets no SPS."""
+    failures = {} if failures is None else failures
+    live = list(contenders)
+
+    def attempt(c: Contender, n: int) -> bool:
+        try:
+            c.advance(n)
+            _synchronize()
+            return True
+        except Exception as exc:  # reported below; the other contenders go on
+            traceback.print_exc()
+            failures[c.name] = f"{type(exc).__name__}: {exc}"
+            live.remove(c)
+            with contextlib.suppress(Exception):
+                c.close()
+            return False
+
+    for c in list(live):
+        attempt(c, warmup)  # learning starts inside the warm-up; compilation happens here
+    seconds = {c.name: 0.0 for c in live}
     done = dict.fromkeys(seconds, 0)
     for _ in range(rounds):
-        for c in contenders:
+        for c in list(live):
             before, t0 = c.steps(), time.perf_counter()
-            c.advance(steps)
-            _synchronize()
-            seconds[c.name] += time.perf_counter() - t0
-            done[c.name] += c.steps() - before
-    return {name: done[name] / seconds[name] for name in seconds}
+            if attempt(c, steps):
+                seconds[c.name] += time.perf_counter() - t0
+                done[c.name] += c.steps() - before
+    return {c.name: done[c.name] / seconds[c.name] for c in live}
 
 
 class _Timed:

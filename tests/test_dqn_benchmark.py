@@ -1,0 +1,44 @@
+"""The throughput benchmark's interleaving: a contender that fails is dropped and reported, the others
+are still timed (one broken configuration must not cost a whole run on a borrowed GPU)."""
+
+from agents.dqn.benchmark import Contender, throughput
+
+
+def _contender(name, log, fail_on_call=None):
+    state = {"steps": 0, "calls": 0, "closed": False}
+
+    def advance(n):
+        state["calls"] += 1
+        log.append(name)
+        if state["calls"] == fail_on_call:
+            raise RuntimeError(f"{name} broke")
+        state["steps"] += n
+
+    def close():
+        state["closed"] = True
+
+    return Contender(name, advance, lambda: state["steps"], close), state
+
+
+def test_a_failing_contender_is_dropped_and_reported_and_the_others_are_timed(capsys):
+    log = []
+    ok, ok_state = _contender("ok", log)
+    bad, bad_state = _contender("bad", log, fail_on_call=2)  # fails in its first timed chunk
+    late, late_state = _contender("late", log, fail_on_call=1)  # fails in the warm-up
+    failures = {}
+    sps = throughput([ok, bad, late], warmup=5, steps=10, rounds=3, failures=failures)
+    assert set(sps) == {"ok"} and sps["ok"] > 0
+    assert ok_state["steps"] == 5 + 3 * 10
+    assert failures == {"bad": "RuntimeError: bad broke", "late": "RuntimeError: late broke"}
+    assert bad_state["closed"] and late_state["closed"] and not ok_state["closed"]
+    # interleaved: warm-ups first, then rounds; the failed ones get no further calls
+    assert log == ["ok", "bad", "late", "ok", "bad", "ok", "ok"]
+    assert "RuntimeError: bad broke" in capsys.readouterr().err
+
+
+def test_without_failures_every_contender_gets_a_rate():
+    log = []
+    contenders = [_contender(name, log)[0] for name in ("a", "b")]
+    sps = throughput(contenders, warmup=1, steps=4, rounds=2)
+    assert set(sps) == {"a", "b"} and all(v > 0 for v in sps.values())
+    assert log == ["a", "b", "a", "b", "a", "b"]
