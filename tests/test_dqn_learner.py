@@ -72,6 +72,41 @@ def _batch(b=8, n=1):
     )
 
 
+def test_targets_come_from_a_folded_copy_kept_in_step_with_the_target_network():
+    """The TD targets use the target network with its WN layers folded (no norms per update); the copy is
+    refreshed in place at every sync and on a checkpoint load, and equals the target network's outputs."""
+    from wn_rl import WNLayer, mlp
+
+    torch.manual_seed(0)
+    q = mlp([4, 16, 2], "weight_norm")
+    learner = Learner(q, AgentConfig(lr=1e-2, target_update_every_updates=2, batch_size=8), terminal_on_life_loss=False)
+    folded = learner.target_values
+    assert not any(isinstance(m, WNLayer) for m in folded.modules())
+    tensors = [t.data_ptr() for t in folded.state_dict().values()]
+    x = torch.randn(32, 4)
+
+    def agree():
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), learner.target_network(x), rtol=1e-5, atol=1e-6)
+
+    agree()
+    batch = _batch()
+    before = folded(x).detach().clone()
+    learner.update(batch)
+    assert torch.equal(folded(x), before)  # not synced yet: the targets stand still
+    learner.update(batch)  # second update: sync
+    assert not torch.equal(folded(x), before)
+    agree()
+    state = copy.deepcopy(learner.state_dict())
+    for _ in range(3):
+        learner.update(batch)
+    learner.load_state_dict(state)
+    agree()
+    assert [t.data_ptr() for t in folded.state_dict().values()] == tensors  # written in place
+    plain = Learner(mlp([4, 16, 2], "normal"), AgentConfig(lr=1e-3), terminal_on_life_loss=False)
+    assert plain.target_values is plain.target_network  # nothing to fold: no copy
+
+
 def test_update_reduces_loss_and_syncs_target_on_schedule():
     from wn_rl import mlp
 
@@ -167,3 +202,10 @@ def test_cpu_guard_without_a_copy_gives_the_same_steps_and_still_undoes_an_overf
     assert all(torch.equal(a, p) for a, p in zip(before, fast.q_network.parameters(), strict=True))
     with pytest.raises(NonFiniteError, match="parameters after the optimizer step"):
         fast.raise_if_nonfinite()
+
+
+def test_a_learner_without_a_learning_rate_is_refused_with_the_fix():
+    from wn_rl import mlp
+
+    with pytest.raises(ValueError, match="explicit lr"):
+        Learner(mlp([4, 8, 2], "normal"), AgentConfig(), terminal_on_life_loss=False)

@@ -216,7 +216,7 @@ class FusedUpdate:
     def __init__(self, learner: Any, mode: str) -> None:
         self.learner = learner
         self.mode = mode
-        q, target = learner.q_network, learner.target_network
+        q, target = learner.q_network, learner.target_values
         self.names = [name for name, _ in q.named_parameters()]
         buffers = dict(q.named_buffers())
         config = learner.config  # the closures below must not hold the learner: ahead-of-time compilation

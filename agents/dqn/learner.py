@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from agents.dqn.config import AgentConfig
 from agents.dqn.replay import ReplayBatch, ReplayMemory
+from wn_rl import WNLayer, WNLSTMCell, remove_weight_norm
 
 __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_loss", "td_targets"]
 
@@ -32,6 +33,19 @@ PARAMETER_LIMIT = 1e37  # CPU guard: parameter norms below this (float32 max 3.4
 RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
+
+
+def _folded(target: nn.Module) -> nn.Module:
+    """``target`` with its weight-normalized layers folded into plain ones (w = g v / ||v|| computed once),
+    or ``target`` itself when it has none. The target network changes only at a sync, so its TD targets
+    need no norms per update: a frozen copy computes them at ``normal``'s cost."""
+    if not any(isinstance(m, (WNLayer, WNLSTMCell)) for m in target.modules()):
+        return target
+    with torch.no_grad():
+        folded = remove_weight_norm(copy.deepcopy(target)).eval()
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
 
 
 class NonFiniteError(FloatingPointError):
@@ -98,6 +112,12 @@ def td_loss(
 
 
 def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.optim.Optimizer:
+    if config.lr is None:
+        raise ValueError(
+            "agent.lr is None: the default learning rate depends on the parameterization and is filled in by "
+            "DQNConfig (load_dqn_config); an AgentConfig used on its own needs an explicit lr, e.g. "
+            "AgentConfig(lr=1e-4)."
+        )
     betas = (config.beta1, config.beta2)
     common = {"lr": config.lr, "eps": config.optimizer_eps, "foreach": True}  # one kernel per op for all tensors
     if config.optimizer == "adamax":
@@ -178,7 +198,11 @@ class Learner:
     ``config.update_mode`` picks how an update runs: ``eager`` (autograd and ``torch.optim``, below) or
     ``compiled`` / ``cudagraph`` (:class:`agents.dqn.fused.FusedUpdate`: the same math as one compiled
     graph). Both apply the same step to the same batch, guard it the same way and keep the optimizer
-    state in the same format."""
+    state in the same format.
+
+    ``target_network`` holds the target parameters in the online network's form (what checkpoints
+    store); the TD targets come from ``target_values``, the same network with its weight-normalized
+    layers folded into plain ones at every sync, so weight norm costs nothing in the target's forward."""
 
     def __init__(
         self,
@@ -192,6 +216,7 @@ class Learner:
         self.target_network = copy.deepcopy(q_network).eval()
         for p in self.target_network.parameters():
             p.requires_grad_(False)
+        self.target_values = _folded(self.target_network)
         self.optimizer = make_optimizer(list(q_network.parameters()), config)
         self.terminal_on_life_loss = terminal_on_life_loss
         self.updates = 0
@@ -224,10 +249,17 @@ class Learner:
     def sync_target(self) -> None:
         """Copy the online network (parameters and buffers) into the target network."""
         self.target_network.load_state_dict(self.q_network.state_dict())
+        self._refold_target()
+
+    def _refold_target(self) -> None:
+        """Bring :attr:`target_values` up to date with :attr:`target_network`, in place (compiled graphs
+        and CUDA graphs hold its tensors)."""
+        if self.target_values is not self.target_network:
+            self.target_values.load_state_dict(_folded(self.target_network).state_dict())
 
     def loss(self, batch: ReplayBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Huber TD loss of a batch; returns ``(loss, td_error, q_taken, target)``."""
-        return td_loss(self.q_network, self.target_network, batch, self.config)
+        return td_loss(self.q_network, self.target_values, batch, self.config)
 
     def update(self, batch: ReplayBatch) -> None:
         """One gradient step on ``batch``; syncs the target every ``target_update_every_updates``.
@@ -405,6 +437,7 @@ class Learner:
         self._param_norm_max = None  # the CPU guard re-derives its bound from the loaded parameters
         self.q_network.load_state_dict(state["q_network"])
         self.target_network.load_state_dict(state["target_network"])
+        self._refold_target()
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
         self._guard_state["updates"].fill_(self.updates)
