@@ -2,10 +2,10 @@
 
 Settings shared by both sides: Atari uses the Nature ratio (one update per 4 agent steps), MinAtar one
 update per agent step; minibatch 32 (SB3's default; the paper's 64 on request), target sync every 1000
-updates. Both use Adam, the
-Huber loss, max grad norm 10 and the same replay capacity (100k by default: SB3 stores stacked frames,
-so a 1M buffer does not fit beside ours on a small machine). SB3 gets the same network: ``CnnPolicy``
-(the Nature CNN) on Atari, the MinAtar CNN (conv 16@3x3, fc 128, ``normal``) on MinAtar.
+updates. Both use Adam, the Huber loss, max grad norm 10 and the same replay capacity (100k by default:
+SB3 stores stacked frames, so a 1M buffer does not fit beside ours on a small machine). SB3 gets the
+same network: ``CnnPolicy`` (the Nature CNN) on Atari, the MinAtar CNN (conv 16@3x3, fc 128,
+``normal``) on MinAtar.
 
 :func:`throughput` times whole training loops (acting, env, replay, updates) in interleaved chunks
 (ours in each configuration, SB3, repeat) after a warm-up, so all see the same machine load.
