@@ -3,8 +3,8 @@
 #
 #   bash scripts/bench_dqn_gpu.sh PART [OUT_DIR]      PART: all | tests | atari | atari-envs | minatar
 #
-#   all         the four parts below in turn (~25-40 minutes; on the lent machine, whose calls stop at 10
-#               minutes, run the parts one call each instead)
+#   all         the four parts below in turn (each part is planned to fit a 10-minute call, not yet timed on a
+#               GPU; on the lent machine, whose calls stop at 10 minutes, run the parts one call each)
 #   tests       tests/test_dqn_gpu.py (compiled/CUDA-graph runs equal eager, the graph is recorded, no host
 #               sync in the updates), then the hardware
 #   atari       Atari Breakout, 16 envs, minibatch 64 (issue #6's target settings): eager vs compiled vs CUDA
