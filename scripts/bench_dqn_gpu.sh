@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The native DQN on one GPU (issue #6), in parts that each fit a 10-minute call on a lent GPU machine.
+# The native DQN on one GPU (issue #6) and weight norm's overhead per training step there (issue #2), in parts
+# that each fit a 10-minute call on a lent GPU machine.
 #
-#   bash scripts/bench_dqn_gpu.sh PART [OUT_DIR]      PART: all | tests | atari | atari-envs | minatar
+#   bash scripts/bench_dqn_gpu.sh PART [OUT_DIR]
+#   PART: all | tests | atari | atari-envs | minatar | wn-overhead | wn-overhead-more
 #
-#   all         the four parts below in turn (each part is planned to fit a 10-minute call, not yet timed on a
+#   all         the parts below in turn (each part is planned to fit a 10-minute call, not yet timed on a
 #               GPU; on the lent machine, whose calls stop at 10 minutes, run the parts one call each)
 #   tests       tests/test_dqn_gpu.py (compiled/CUDA-graph runs equal eager, the graph is recorded, no host
 #               sync in the updates), then the hardware
@@ -11,17 +13,22 @@
 #               graph, normal vs weight_norm, SB3 beside
 #   atari-envs  Atari Breakout, CUDA graph, normal vs weight_norm, 8 and 32 envs, SB3 beside
 #   minatar     MinAtar Breakout, 1 and 16 envs: compiled vs CUDA graph, normal vs weight_norm, SB3 beside
+#   wn-overhead scripts/bench_wn_overhead.py: one training step, plain vs wn_rl vs PyTorch's weight norm, eager
+#               and as one CUDA graph of the whole step (forward, backward, Adam), all three cases
+#   wn-overhead-more  the same, Nature CNN only: the compiled forward alone, the whole step compiled
+#               without CUDA graphs, and the CUDA graph with inductor's combo kernels
 #
 # Results (JSON, the printed table, the log) go to OUT_DIR (default: $OUT on the device machine, else
 # ./bench_out). The GPU machine lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
 # ale_py is missing the wheels in ./.whl (see the device README) are installed into /tmp/site first.
 set -euo pipefail
-part=${1:?"usage: bash scripts/bench_dqn_gpu.sh all|tests|atari|atari-envs|minatar [OUT_DIR]"}
+parts="tests atari minatar atari-envs wn-overhead wn-overhead-more"
+part=${1:?"usage: bash scripts/bench_dqn_gpu.sh all|${parts// /|} [OUT_DIR]"}
 out=${2:-${OUT:-bench_out}}
 mkdir -p "$out"
 if [ "$part" = all ]; then  # every part, even after one fails (a failed configuration: FAILED in its table)
     status=0
-    for each in tests atari minatar atari-envs; do
+    for each in $parts; do
         bash "$0" "$each" "$out" || { status=$?; echo "part '$each' failed (exit $status)" >&2; }
     done
     exit $status
@@ -34,6 +41,12 @@ if ! python3 -c "import ale_py" 2>/dev/null; then
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+wn_overhead() {  # name, then bench_wn_overhead.py's arguments; a failed configuration does not stop the others
+    local name=$1
+    shift
+    python3 scripts/bench_wn_overhead.py --device cuda --out "$out/$name.json" "$@" 2> "$out/$name.log" \
+        | tee "$out/$name.txt" || { echo "wn_overhead $name failed (see $name.log)" >&2; status=1; }
+}
 bench() {  # name, then bench_dqn_throughput.py's arguments
     local name=$1
     shift
@@ -59,8 +72,22 @@ case $part in
         bench minatar --games minatar:breakout --num-envs 1 16 --update-mode compiled cudagraph \
             --parameterization normal weight_norm --steps 2000 --rounds 2 --warmup 3000 --learning-starts 2000
         ;;
+    wn-overhead)
+        status=0
+        wn_overhead wn_eager --reps 21 --steps 20
+        wn_overhead wn_whole_cudagraph --step whole --compile-mode reduce-overhead --reps 21 --steps 20
+        exit $status
+        ;;
+    wn-overhead-more)
+        status=0
+        wn_overhead wn_compiled_forward --compile --cases nature32,nature64 --reps 21 --steps 20
+        wn_overhead wn_whole_compiled --step whole --cases nature32,nature64 --reps 21 --steps 20
+        wn_overhead wn_whole_cudagraph_combo --step whole --compile-mode reduce-overhead --combo-kernels \
+            --cases nature32,nature64 --reps 21 --steps 20
+        exit $status
+        ;;
     *)
-        echo "unknown part '$part': expected all, tests, atari, atari-envs or minatar" >&2
+        echo "unknown part '$part': expected all or one of: $parts" >&2
         exit 2
         ;;
 esac

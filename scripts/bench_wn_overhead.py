@@ -10,6 +10,13 @@ on a GPU (compiled), and no slower than PyTorch's own.
     python scripts/bench_wn_overhead.py --device cuda --compile --out results.json
     python scripts/bench_wn_overhead.py --threads 1 --clock cpu    # a shared CPU: time the process's CPU use
 
+``--step whole`` compiles the whole step (forward, backward and Adam, written as tensor math: the DQN
+learner's ``agents.dqn.fused`` code) into one graph instead of compiling the forward alone; with
+``--compile-mode reduce-overhead`` on a GPU that graph is replayed as one CUDA graph, so no host work is
+left between the kernels and the ratio measures what weight norm adds on the device:
+
+    python scripts/bench_wn_overhead.py --device cuda --step whole --compile-mode reduce-overhead
+
 ``--clock cpu`` times each step by the process's CPU time (``time.process_time``) instead of wall time:
 on a machine shared with other jobs that removes the time spent waiting for a core, the largest source
 of noise there (cache and memory-bandwidth contention remain).
@@ -29,11 +36,15 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad
 from torch.nn.utils import parametrizations
 
 import wn_rl
+from agents.dqn.config import AgentConfig
+from agents.dqn.fused import STATE_KEYS, bias_corrections, optimizer_math
 
 VARIANTS = ("plain", "wn_rl", "torch_wn")
+ADAM = AgentConfig(optimizer="adam", lr=1e-4, beta1=0.9, beta2=0.999)  # torch.optim.Adam's defaults, lr 1e-4
 
 
 def nature_cnn(n_actions: int = 6) -> nn.Module:
@@ -74,20 +85,65 @@ def make_variant(base: nn.Module, variant: str) -> nn.Module:
     return model
 
 
+def _batch(inputs: torch.Tensor, uint8: bool) -> torch.Tensor:
+    return inputs.float().div(255.0) if uint8 else inputs
+
+
 def make_step(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, uint8: bool, args: argparse.Namespace
 ) -> Callable[[], None]:
+    """One step as users write it: the module's forward (compiled with ``--compile``), autograd's
+    backward, ``torch.optim.Adam`` (fused on CUDA)."""
     forward = torch.compile(model, mode=args.compile_mode, dynamic=False) if args.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=inputs.is_cuda)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ADAM.lr, fused=inputs.is_cuda)
 
     def step() -> None:
-        x = inputs.float().div_(255.0) if uint8 else inputs
-        loss = nn.functional.smooth_l1_loss(forward(x), targets)
+        loss = nn.functional.smooth_l1_loss(forward(_batch(inputs, uint8)), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     return step
+
+
+def make_whole_step(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, uint8: bool, args: argparse.Namespace
+) -> Callable[[], None]:
+    """The same step as one function of tensors: gradients by ``torch.func.grad`` over
+    ``functional_call``, Adam as tensor math (``agents.dqn.fused.optimizer_math``, torch.optim's formulas),
+    every new value written in place; compiled whole with ``--compile`` (one CUDA graph with
+    ``--compile-mode reduce-overhead``)."""
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]  # same storage: in-place writes update the model
+    buffers = dict(model.named_buffers())
+    keys = STATE_KEYS[ADAM.optimizer]
+    state = {k: [torch.zeros_like(p) for p in params] for k in keys}
+    count = torch.zeros((), device=inputs.device)
+
+    def loss_fn(by_name: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.smooth_l1_loss(
+            functional_call(model, (by_name, buffers), (_batch(inputs, uint8),)), targets
+        )
+
+    def whole(params: list[torch.Tensor], count: torch.Tensor, state: dict[str, list[torch.Tensor]]) -> None:
+        grads = grad(loss_fn)(dict(zip(names, params, strict=True)))
+        new_count = count + 1
+        scalars = bias_corrections(ADAM, new_count)
+        for i, (name, p) in enumerate(zip(names, params, strict=True)):
+            new_p, new_state = optimizer_math(ADAM, p, grads[name], {k: state[k][i] for k in keys}, scalars)
+            p.copy_(new_p)
+            for k in keys:
+                state[k][i].copy_(new_state[k])
+        count.copy_(new_count)
+
+    if not args.compile:
+        return lambda: whole(params, count, state)
+    if inputs.is_cuda and args.compile_mode == "reduce-overhead":
+        # what the graph reads and writes in place is used where it lives, not copied in on every replay
+        for t in [*params, count, *(t for ts in state.values() for t in ts), inputs, targets]:
+            torch._dynamo.mark_static_address(t)
+    compiled = torch.compile(whole, mode=args.compile_mode, fullgraph=True, dynamic=False)
+    return lambda: compiled(params, count, state)
 
 
 def synchronize(device: torch.device) -> None:
@@ -104,7 +160,7 @@ def bench_case(
     steps = {}
     for variant in VARIANTS:
         model = make_variant(base, variant).to(device)
-        steps[variant] = make_step(model, inputs, targets, uint8, args)
+        steps[variant] = (make_whole_step if args.step == "whole" else make_step)(model, inputs, targets, uint8, args)
         for _ in range(args.warmup):
             steps[variant]()
     synchronize(device)
@@ -133,6 +189,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument(
+        "--step",
+        choices=("module", "whole"),
+        default="module",
+        help="module: compile the forward (autograd backward, torch.optim.Adam); whole: forward, backward and "
+        "Adam as one compiled graph (implies --compile)",
+    )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
     parser.add_argument("--combo-kernels", action="store_true", help="inductor: fuse independent small kernels")
     parser.add_argument("--matmul-precision", default="highest", help="torch.set_float32_matmul_precision")
@@ -145,6 +208,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.step == "whole" or args.compile_mode != "default":
+        args.compile = True
     if args.clock == "cpu" and device.type != "cpu":
         raise SystemExit("--clock cpu measures host CPU time, which says nothing about GPU work; use --clock wall")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -186,6 +251,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "clock": args.clock,
         "compile": args.compile_mode if args.compile else None,
+        "step": args.step,
         "combo_kernels": args.combo_kernels,
         "matmul_precision": args.matmul_precision,
         "reps": args.reps,
