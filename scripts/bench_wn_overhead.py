@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.func import functional_call, grad
 from torch.nn.utils import parametrizations
 
@@ -158,12 +159,15 @@ def bench_case(
     targets = torch.randn(inputs.shape[0], n_out, device=device)
     uint8 = inputs.dtype == torch.uint8
     steps = {}
+    skips = counters["inductor"]["cudagraph_skips"]
     for variant in VARIANTS:
         model = make_variant(base, variant).to(device)
         steps[variant] = (make_whole_step if args.step == "whole" else make_step)(model, inputs, targets, uint8, args)
         for _ in range(args.warmup):
             steps[variant]()
     synchronize(device)
+    if counters["inductor"]["cudagraph_skips"] != skips:  # a graph ran outside CUDA graphs: say so, time anyway
+        print(f"{name}: inductor skipped a CUDA graph (see the log for why)", flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)
@@ -182,6 +186,7 @@ def bench_case(
         "median_ms": {v: 1000 * m for v, m in medians.items()},
         "ratio_to_plain": {v: medians[v] / medians["plain"] for v in VARIANTS},
         "wn_rl_vs_torch_wn": medians["wn_rl"] / medians["torch_wn"],
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
     }
 
 
