@@ -28,8 +28,11 @@ def small_cnn() -> nn.Module:
     )  # fmt: skip
 
 
-def steps_taken(bench, variant: str, compile_whole: bool, n: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Parameters after ``n`` module steps and after ``n`` whole steps from the same start."""
+def steps_taken(
+    bench, variant: str, compile_whole: bool, n: int = 3, kept: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters after ``n`` module steps and after ``n`` whole steps (``kept``: with the effective
+    weights kept between steps) from the same start."""
     torch.manual_seed(0)
     base = small_cnn()
     inputs = torch.randint(0, 256, (6, 4, 14, 14), dtype=torch.uint8)
@@ -37,7 +40,8 @@ def steps_taken(bench, variant: str, compile_whole: bool, n: int = 3) -> tuple[l
     module_model, whole_model = bench.make_variant(base, variant), bench.make_variant(base, variant)
     module_step = bench.make_step(module_model, inputs, targets, True, argparse.Namespace(compile=False))
     whole_args = argparse.Namespace(compile=compile_whole, compile_mode="default")
-    whole_step = bench.make_whole_step(whole_model, inputs, targets, True, whole_args)
+    make_whole = bench.make_kept_whole_step if kept else bench.make_whole_step
+    whole_step = make_whole(whole_model, inputs, targets, True, whole_args)
     for _ in range(n):
         module_step()
         whole_step()
@@ -54,7 +58,18 @@ def test_the_whole_step_is_the_module_step(bench, variant):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)  # ... and both forms the same way
 
 
-def test_the_compiled_whole_step_is_the_module_step(bench):
-    module_params, whole_params = steps_taken(bench, "wn_rl", compile_whole=True)
+@pytest.mark.parametrize("kept", [False, True], ids=["weights_from_v_g", "weights_kept"])
+def test_the_compiled_whole_step_is_the_module_step(bench, kept):
+    module_params, whole_params = steps_taken(bench, "wn_rl", compile_whole=True, kept=kept)
     for a, b in zip(module_params, whole_params, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_kept_weights_move_g_v_b_as_autograd_through_the_wn_layers_does(bench):
+    """The experimental kept-weights step (eq. 3 applied to the folded network's gradients, w rewritten
+    after each step) moves g, v and b as autograd through the WN layers does."""
+    before = [p.detach().clone() for p in bench.make_variant(small_cnn(), "wn_rl").parameters()]
+    module_params, kept_params = steps_taken(bench, "wn_rl", compile_whole=False, kept=True)
+    for start, a, b in zip(before, module_params, kept_params, strict=True):
+        assert not torch.equal(a, start)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
