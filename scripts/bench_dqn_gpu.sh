@@ -20,7 +20,8 @@
 #
 # Results (JSON, the printed table, the log) go to OUT_DIR (default: $OUT on the device machine, else
 # ./bench_out). The GPU machine lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
-# ale_py is missing the wheels in ./.whl (see the device README) are installed into /tmp/site first.
+# ale_py is missing the wheels in ./.whl (see the device README) are installed into /tmp/site first (not for
+# the wn-overhead parts, which need torch only).
 set -euo pipefail
 parts="tests atari minatar atari-envs wn-overhead wn-overhead-more"
 part=${1:?"usage: bash scripts/bench_dqn_gpu.sh all|${parts// /|} [OUT_DIR]"}
@@ -34,13 +35,18 @@ if [ "$part" = all ]; then  # every part, even after one fails (a failed configu
     exit $status
 fi
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import ale_py" 2>/dev/null; then
-    ls .whl/*.whl >/dev/null || { echo "ale_py is missing and there are no wheels in ./.whl" >&2; exit 2; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+case $part in
+    wn-overhead*) ;;  # torch alone: no envs
+    *)
+        if ! python3 -c "import ale_py" 2>/dev/null; then
+            ls .whl/*.whl >/dev/null || { echo "ale_py is missing and there are no wheels in ./.whl" >&2; exit 2; }
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                .whl/*.whl
+            export PYTHONPATH=/tmp/site:$PYTHONPATH
+        fi
+        ;;
+esac
 wn_overhead() {  # name, then bench_wn_overhead.py's arguments; a failed configuration does not stop the others
     local name=$1
     shift
