@@ -43,6 +43,7 @@ from torch.nn.utils import parametrizations
 import wn_rl
 from agents.dqn.config import AgentConfig
 from agents.dqn.fused import STATE_KEYS, bias_corrections, optimizer_math
+from wn_rl.convert import layer_norms
 
 VARIANTS = ("plain", "wn_rl", "torch_wn")
 KEPT = "wn_rl_kept"  # experimental, --step whole --kept-weights: see make_kept_whole_step
@@ -166,18 +167,13 @@ def make_whole_step(
     return _as_step(whole, (params, count, state), static, args)
 
 
-def _norm(layer: wn_rl.WNLayer, v: torch.Tensor) -> torch.Tensor:
-    """||v|| per output unit, shaped to broadcast against ``v``."""
-    return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != layer.norm_dim], keepdim=True)
-
-
 def _wn_grads(
     layer: wn_rl.WNLayer, v: torch.Tensor, g: torch.Tensor, grad_w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (3): ``(grad_v, grad_g)`` from the gradient of the effective weight; ``g`` shaped like a norm."""
-    norm = _norm(layer, v)
-    grad_g = (grad_w * v).sum([d for d in range(v.dim()) if d != layer.norm_dim], keepdim=True) / norm
-    return g / norm * grad_w - g * grad_g / norm**2 * v, grad_g.flatten()
+    """Eq. (3): ``(grad_v, grad_g)`` from the gradient of the effective weight (``g``: one per unit)."""
+    shape, norm = layer._g_shape, layer_norms(v, layer.norm_dim)
+    grad_g = (grad_w * v).movedim(layer.norm_dim, 0).flatten(1).sum(1) / norm
+    return (g / norm).view(shape) * grad_w - (g * grad_g / norm**2).view(shape) * v, grad_g
 
 
 def make_kept_whole_step(
@@ -211,14 +207,12 @@ def make_kept_whole_step(
         plain = {n: t for n, t in by_name.items() if n not in wn_names}
         grads = grad(loss_fn)(plain | {f"{prefix}.weight": w for prefix, w in zip(layers, kept, strict=True)})
         for prefix, layer in layers.items():
-            g = by_name[f"{prefix}.g"].view(layer._g_shape)
-            grads[f"{prefix}.v"], grads[f"{prefix}.g"] = _wn_grads(
-                layer, by_name[f"{prefix}.v"], g, grads.pop(f"{prefix}.weight")
-            )
+            v, g = by_name[f"{prefix}.v"], by_name[f"{prefix}.g"]
+            grads[f"{prefix}.v"], grads[f"{prefix}.g"] = _wn_grads(layer, v, g, grads.pop(f"{prefix}.weight"))
         new = _adam_in_place(names, params, grads, state, count)
         for (prefix, layer), w in zip(layers.items(), kept, strict=True):
-            v = new[f"{prefix}.v"]
-            w.copy_(new[f"{prefix}.g"].view(layer._g_shape) * v / _norm(layer, v))
+            g = new[f"{prefix}.g"].view(layer._g_shape)
+            w.copy_(torch._weight_norm(new[f"{prefix}.v"], g, layer.norm_dim))
 
     static = [*params, *kept, count, *(t for ts in state.values() for t in ts), inputs, targets]
     return _as_step(whole, (params, kept, count, state), static, args)
