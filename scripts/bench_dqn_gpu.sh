@@ -15,8 +15,8 @@
 #   minatar     MinAtar Breakout, 1 and 16 envs: compiled vs CUDA graph, normal vs weight_norm, SB3 beside
 #   wn-overhead scripts/bench_wn_overhead.py: one training step, plain vs wn_rl vs PyTorch's weight norm, as one
 #               CUDA graph of the whole step (forward, backward, Adam; issue #2's target), then eager; all three cases
-#   wn-overhead-more  the same, Nature CNN only: the whole-step CUDA graph with the experimental kept weights
-#               (--kept-weights) and with inductor's combo kernels, then the compiled forward alone
+#   wn-overhead-more  the same, Nature CNN only: the whole-step CUDA graph with inductor's combo kernels, the
+#               whole step compiled without CUDA graphs, and the compiled forward alone
 #
 # Results (JSON, the printed table, the log) go to OUT_DIR (default: $OUT on the device machine, else
 # ./bench_out). The GPU machine lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
@@ -87,10 +87,9 @@ case $part in
         ;;
     wn-overhead-more)
         status=0
-        wn_overhead wn_whole_cudagraph_kept --step whole --kept-weights --compile-mode reduce-overhead \
-            --cases nature32,nature64 --reps 21 --steps 20
         wn_overhead wn_whole_cudagraph_combo --step whole --compile-mode reduce-overhead --combo-kernels \
             --cases nature32,nature64 --reps 21 --steps 20
+        wn_overhead wn_whole_compiled --step whole --cases nature32,nature64 --reps 21 --steps 20
         wn_overhead wn_compiled_forward --compile --cases nature32,nature64 --reps 21 --steps 20
         exit $status
         ;;

@@ -43,10 +43,8 @@ from torch.nn.utils import parametrizations
 import wn_rl
 from agents.dqn.config import AgentConfig
 from agents.dqn.fused import STATE_KEYS, bias_corrections, optimizer_math
-from wn_rl.convert import layer_norms
 
 VARIANTS = ("plain", "wn_rl", "torch_wn")
-KEPT = "wn_rl_kept"  # experimental, --step whole --kept-weights: see make_kept_whole_step
 ADAM = AgentConfig(optimizer="adam", lr=1e-4, beta1=0.9, beta2=0.999)  # torch.optim.Adam's defaults, lr 1e-4
 
 
@@ -81,7 +79,7 @@ def torch_weight_norm(model: nn.Module) -> nn.Module:
 
 def make_variant(base: nn.Module, variant: str) -> nn.Module:
     model = copy.deepcopy(base)
-    if variant in ("wn_rl", KEPT):
+    if variant == "wn_rl":
         return wn_rl.weight_norm(model)
     if variant == "torch_wn":
         return torch_weight_norm(model)
@@ -109,113 +107,43 @@ def make_step(
     return step
 
 
-def _adam_state(params: list[torch.Tensor]) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
-    """Adam's moments for ``params`` (zeros, torch.optim's names) and the step count."""
-    state = {k: [torch.zeros_like(p) for p in params] for k in STATE_KEYS[ADAM.optimizer]}
-    return state, torch.zeros((), device=params[0].device)
-
-
-def _adam_in_place(
-    names: list[str], params: list[torch.Tensor], grads: dict[str, torch.Tensor], state: dict, count: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """One Adam step (``agents.dqn.fused.optimizer_math``, torch.optim's formulas) written in place into
-    ``params``, ``state`` and ``count``; returns the new parameters by name."""
-    new_count = count + 1
-    scalars = bias_corrections(ADAM, new_count)
-    new = {}
-    for i, (name, p) in enumerate(zip(names, params, strict=True)):
-        new[name], new_state = optimizer_math(ADAM, p, grads[name], {k: s[i] for k, s in state.items()}, scalars)
-        p.copy_(new[name])
-        for k, s in state.items():
-            s[i].copy_(new_state[k])
-    count.copy_(new_count)
-    return new
-
-
-def _as_step(whole: Callable[..., None], tensors: tuple, static: list[torch.Tensor], args: argparse.Namespace):
-    """``whole(*tensors)`` as a step; compiled as one graph with ``--compile``. For CUDA graphs the
-    ``static`` tensors (what the graph reads and writes in place) are used where they live, not copied
-    in on every replay."""
-    if not args.compile:
-        return lambda: whole(*tensors)
-    if static[0].is_cuda and args.compile_mode == "reduce-overhead":
-        for t in static:
-            torch._dynamo.mark_static_address(t)
-    compiled = torch.compile(whole, mode=args.compile_mode, fullgraph=True, dynamic=False)
-    return lambda: compiled(*tensors)
-
-
 def make_whole_step(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, uint8: bool, args: argparse.Namespace
 ) -> Callable[[], None]:
     """The same step as one function of tensors: gradients by ``torch.func.grad`` over
-    ``functional_call``, Adam as tensor math, every new value written in place; compiled whole with
-    ``--compile`` (one CUDA graph with ``--compile-mode reduce-overhead``)."""
+    ``functional_call``, Adam as tensor math (``agents.dqn.fused.optimizer_math``, torch.optim's formulas),
+    every new value written in place; compiled whole with ``--compile`` (one CUDA graph with
+    ``--compile-mode reduce-overhead``)."""
     names = [name for name, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]  # same storage: in-place writes update the model
     buffers = dict(model.named_buffers())
-    state, count = _adam_state(params)
+    keys = STATE_KEYS[ADAM.optimizer]
+    state = {k: [torch.zeros_like(p) for p in params] for k in keys}
+    count = torch.zeros((), device=inputs.device)  # float32, as torch.optim keeps `step`
 
     def loss_fn(by_name: dict[str, torch.Tensor]) -> torch.Tensor:
         outputs = functional_call(model, (by_name, buffers), (_batch(inputs, uint8),))
         return nn.functional.smooth_l1_loss(outputs, targets)
 
     def whole(params: list[torch.Tensor], count: torch.Tensor, state: dict[str, list[torch.Tensor]]) -> None:
-        _adam_in_place(names, params, grad(loss_fn)(dict(zip(names, params, strict=True))), state, count)
+        grads = grad(loss_fn)(dict(zip(names, params, strict=True)))
+        new_count = count + 1
+        scalars = bias_corrections(ADAM, new_count)
+        for i, (name, p) in enumerate(zip(names, params, strict=True)):
+            new_p, new_state = optimizer_math(ADAM, p, grads[name], {k: state[k][i] for k in keys}, scalars)
+            p.copy_(new_p)
+            for k in keys:
+                state[k][i].copy_(new_state[k])
+        count.copy_(new_count)
 
-    static = [*params, count, *(t for ts in state.values() for t in ts), inputs, targets]
-    return _as_step(whole, (params, count, state), static, args)
-
-
-def _wn_grads(
-    layer: wn_rl.WNLayer, v: torch.Tensor, g: torch.Tensor, grad_w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (3): ``(grad_v, grad_g)`` from the gradient of the effective weight (``g``: one per unit)."""
-    shape, norm = layer._g_shape, layer_norms(v, layer.norm_dim)
-    grad_g = (grad_w * v).movedim(layer.norm_dim, 0).flatten(1).sum(1) / norm
-    return (g / norm).view(shape) * grad_w - (g * grad_g / norm**2).view(shape) * v, grad_g
-
-
-def make_kept_whole_step(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, uint8: bool, args: argparse.Namespace
-) -> Callable[[], None]:
-    """Experimental: wn_rl's whole step with each effective weight w = g v/||v|| kept between steps.
-
-    The forward and backward run on the folded network (plain layers holding the kept w), so they are
-    the plain network's; the gradients for g and v follow from grad_w by eq. (3); Adam updates v, g and
-    b; and the new w is written back for the next step. The norms then live in the optimizer's part of
-    the graph, where inductor can fuse them with the update of v, instead of in a separate kernel per
-    layer in the forward. Same arithmetic as :func:`make_whole_step` (tested), one more weight-sized
-    tensor per layer. Measured beside the others to decide whether the library should offer it."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, wn_rl.WNLayer)}
-    if any(m.scale != "linear" for m in layers.values()):
-        raise SystemExit("--kept-weights supports scale='linear' only")
-    folded = wn_rl.remove_weight_norm(copy.deepcopy(model))
-    names = [name for name, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    kept = [folded.get_parameter(f"{prefix}.weight").detach() for prefix in layers]
-    buffers = dict(folded.named_buffers())
-    wn_names = {f"{prefix}.{p}" for prefix in layers for p in ("v", "g")}
-    state, count = _adam_state(params)
-
-    def loss_fn(by_name: dict[str, torch.Tensor]) -> torch.Tensor:
-        outputs = functional_call(folded, (by_name, buffers), (_batch(inputs, uint8),))
-        return nn.functional.smooth_l1_loss(outputs, targets)
-
-    def whole(params: list[torch.Tensor], kept: list[torch.Tensor], count: torch.Tensor, state: dict) -> None:
-        by_name = dict(zip(names, params, strict=True))
-        plain = {n: t for n, t in by_name.items() if n not in wn_names}
-        grads = grad(loss_fn)(plain | {f"{prefix}.weight": w for prefix, w in zip(layers, kept, strict=True)})
-        for prefix, layer in layers.items():
-            v, g = by_name[f"{prefix}.v"], by_name[f"{prefix}.g"]
-            grads[f"{prefix}.v"], grads[f"{prefix}.g"] = _wn_grads(layer, v, g, grads.pop(f"{prefix}.weight"))
-        new = _adam_in_place(names, params, grads, state, count)
-        for (prefix, layer), w in zip(layers.items(), kept, strict=True):
-            g = new[f"{prefix}.g"].view(layer._g_shape)
-            w.copy_(torch._weight_norm(new[f"{prefix}.v"], g, layer.norm_dim))
-
-    static = [*params, *kept, count, *(t for ts in state.values() for t in ts), inputs, targets]
-    return _as_step(whole, (params, kept, count, state), static, args)
+    if not args.compile:
+        return lambda: whole(params, count, state)
+    if inputs.is_cuda and args.compile_mode == "reduce-overhead":
+        # what the graph reads and writes in place is used where it lives, not copied in on every replay
+        for t in [*params, count, *(t for ts in state.values() for t in ts), inputs, targets]:
+            torch._dynamo.mark_static_address(t)
+    compiled = torch.compile(whole, mode=args.compile_mode, fullgraph=True, dynamic=False)
+    return lambda: compiled(params, count, state)
 
 
 def synchronize(device: torch.device) -> None:
@@ -229,21 +157,19 @@ def bench_case(
     device = inputs.device
     targets = torch.randn(inputs.shape[0], n_out, device=device)
     uint8 = inputs.dtype == torch.uint8
-    variants = (*VARIANTS, KEPT) if args.kept_weights else VARIANTS
     steps = {}
     skips = counters["inductor"]["cudagraph_skips"]
-    for variant in variants:
+    for variant in VARIANTS:
         model = make_variant(base, variant).to(device)
-        make = make_kept_whole_step if variant == KEPT else make_whole_step if args.step == "whole" else make_step
-        steps[variant] = make(model, inputs, targets, uint8, args)
+        steps[variant] = (make_whole_step if args.step == "whole" else make_step)(model, inputs, targets, uint8, args)
         for _ in range(args.warmup):
             steps[variant]()
     synchronize(device)
     if device.type == "cuda" and counters["inductor"]["cudagraph_skips"] != skips:  # say so, time anyway
         print(f"{name}: inductor skipped a CUDA graph (its reason is on stderr, as a perf hint)", flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    order = list(variants)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
     for _ in range(args.reps):
         random.shuffle(order)
         for variant in order:
@@ -257,7 +183,7 @@ def bench_case(
     return {
         "case": name,
         "median_ms": {v: 1000 * m for v, m in medians.items()},
-        "ratio_to_plain": {v: medians[v] / medians["plain"] for v in variants},
+        "ratio_to_plain": {v: medians[v] / medians["plain"] for v in VARIANTS},
         "wn_rl_vs_torch_wn": medians["wn_rl"] / medians["torch_wn"],
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
     }
@@ -275,11 +201,6 @@ def parse_args() -> argparse.Namespace:
         "Adam as one compiled graph (implies --compile)",
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
-    parser.add_argument(
-        "--kept-weights",
-        action="store_true",
-        help=f"with --step whole, also time {KEPT} (experimental: effective weights kept between steps)",
-    )
     parser.add_argument("--combo-kernels", action="store_true", help="inductor: fuse independent small kernels")
     parser.add_argument("--matmul-precision", default="highest", help="torch.set_float32_matmul_precision")
     parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
@@ -292,8 +213,6 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.step == "whole" or args.compile_mode != "default":
         args.compile = True
-    if args.kept_weights and args.step != "whole":
-        raise SystemExit("--kept-weights is a form of the whole step: add --step whole")
     if args.clock == "cpu" and args.device != "cpu":
         raise SystemExit("--clock cpu measures host CPU time, which says nothing about GPU work; use --clock wall")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -337,8 +256,7 @@ def main() -> None:
         print(
             f"{name:9s} plain {ms['plain']:8.2f} ms | wn_rl {ms['wn_rl']:8.2f} ms ({ratio['wn_rl']:.3f}x) | "
             f"torch_wn {ms['torch_wn']:8.2f} ms ({ratio['torch_wn']:.3f}x) | wn_rl/torch_wn "
-            f"{result['wn_rl_vs_torch_wn']:.3f}"
-            + (f" | {KEPT} {ms[KEPT]:8.2f} ms ({ratio[KEPT]:.3f}x)" if KEPT in ms else ""),
+            f"{result['wn_rl_vs_torch_wn']:.3f}",
             flush=True,
         )
     meta = {
@@ -349,7 +267,6 @@ def main() -> None:
         "clock": args.clock,
         "compile": args.compile_mode if args.compile else None,
         "step": args.step,
-        "kept_weights": args.kept_weights,
         "combo_kernels": args.combo_kernels,
         "matmul_precision": args.matmul_precision,
         "reps": args.reps,
