@@ -157,14 +157,24 @@ def bench_case(
     device = inputs.device
     targets = torch.randn(inputs.shape[0], n_out, device=device)
     uint8 = inputs.dtype == torch.uint8
-    steps = {}
+    steps, agreement = {}, {}
     skips = counters["inductor"]["cudagraph_skips"]
     for variant in VARIANTS:
         model = make_variant(base, variant).to(device)
+        reference = copy.deepcopy(model) if args.step == "whole" else None
         steps[variant] = (make_whole_step if args.step == "whole" else make_step)(model, inputs, targets, uint8, args)
         for _ in range(args.warmup):
             steps[variant]()
+        if reference is not None:
+            agreement[variant] = agrees_with_module_step(reference, model, inputs, targets, uint8, args.warmup)
     synchronize(device)
+    for variant, check in agreement.items():
+        print(
+            f"{name} {variant}: after {args.warmup} steps the whole step's parameters differ from the module "
+            f"step's by at most {check['max_abs_diff']:.1e}; {check['share_off_by_a_tenth_step']:.2%} of them "
+            f"by more than a tenth of a step ({ADAM.lr / 10:g})",
+            flush=True,
+        )
     if device.type == "cuda" and counters["inductor"]["cudagraph_skips"] != skips:  # say so, time anyway
         print(f"{name}: inductor skipped a CUDA graph (its reason is on stderr, as a perf hint)", flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -186,6 +196,24 @@ def bench_case(
         "ratio_to_plain": {v: medians[v] / medians["plain"] for v in VARIANTS},
         "wn_rl_vs_torch_wn": medians["wn_rl"] / medians["torch_wn"],
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+        "whole_vs_module_step": agreement,
+    }
+
+
+def agrees_with_module_step(
+    start: nn.Module, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, uint8: bool, n: int
+) -> dict[str, float]:
+    """How far ``model``, after ``n`` whole steps from ``start``, is from ``n`` eager module steps (autograd,
+    torch.optim.Adam) from ``start``. A correct graph is off by rounding, which Adam's normalised update
+    can turn into a step's size for a few near-zero gradients; a miscompiled one by a step for many."""
+    step = make_step(start, inputs, targets, uint8, argparse.Namespace(compile=False))
+    for _ in range(n):
+        step()
+    pairs = zip(start.parameters(), model.parameters(), strict=True)
+    diffs = torch.cat([(a - b).detach().abs().flatten() for a, b in pairs])
+    return {
+        "max_abs_diff": diffs.max().item(),
+        "share_off_by_a_tenth_step": (diffs > ADAM.lr / 10).float().mean().item(),
     }
 
 

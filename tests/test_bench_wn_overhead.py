@@ -3,6 +3,7 @@ one graph) takes the same training step as the module form (autograd, ``torch.op
 layers, wn_rl's weight norm and PyTorch's own, so the GPU ratios it measures compare equal work."""
 
 import argparse
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -59,3 +60,20 @@ def test_the_whole_step_is_the_module_step(bench, variant, compiled):
         # ... and both forms the same way (the whole step's bias corrections are float32, as torch.optim's
         # step tensor, while torch.optim computes them in Python floats: ~1e-9 apart after three steps)
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+
+
+def test_the_benchmark_reports_how_far_the_whole_step_is_from_the_module_step(bench):
+    """``agrees_with_module_step``, which the GPU runs print beside their timings: zero for a correct
+    whole step, and most weights off by a step for a step that went wrong (here: one step too many)."""
+    torch.manual_seed(0)
+    inputs, targets = torch.rand(6, 4, 14, 14, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    model = bench.make_variant(small_cnn().double(), "wn_rl")
+    start = copy.deepcopy(model)
+    step = bench.make_whole_step(model, inputs, targets, False, argparse.Namespace(compile=False))
+    for _ in range(3):
+        step()
+    right = bench.agrees_with_module_step(copy.deepcopy(start), model, inputs, targets, False, 3)
+    assert right["max_abs_diff"] < 1e-8 and right["share_off_by_a_tenth_step"] == 0
+    step()
+    wrong = bench.agrees_with_module_step(copy.deepcopy(start), model, inputs, targets, False, 3)
+    assert wrong["max_abs_diff"] > 5e-5 and wrong["share_off_by_a_tenth_step"] > 0.5
