@@ -11,6 +11,7 @@ convolutions as matrix products (agents/dqn/compile_backend.py), the big WN line
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,6 +105,32 @@ def test_fused_guard_skips_a_nan_loss_and_an_overflowing_step():
         fused.raise_if_nonfinite()
 
 
+def test_the_first_compiled_update_is_checked_against_the_eager_one():
+    """A graph that computes the update wrong (here: every weight pushed 2 lr further) is reported at the
+    first update, with the fix; a right one is not, and only the first update pays for the check."""
+    config = AgentConfig(optimizer="adam", lr=1e-3)
+    _, right = _uncompiled_pair(config, "weight_norm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all from a right graph
+        right.update(_batch())
+    assert right.compiled_check["share_off"] == 0 and right.compiled_check["max_abs_diff"] < 1e-6
+
+    def wrong_update(*args):
+        fused_update(*args)
+        params = args[3]
+        for p in params:
+            p.add_(2 * config.lr)
+
+    _, wrong = _uncompiled_pair(config, "weight_norm")
+    wrong._fused._update = wrong_update
+    with pytest.warns(RuntimeWarning, match=r"does not match the eager update.*agent.update_mode=eager"):
+        wrong.update(_batch())
+    assert wrong.compiled_check["share_off"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrong.update(_batch())  # checked once per learner
+
+
 def test_update_mode_auto_and_its_errors():
     q = mlp([4, 3], "normal")
     assert resolve_update_mode("auto", torch.device("cpu"), q) == "eager"
@@ -165,6 +192,7 @@ def test_compiled_update_of_the_weight_norm_minatar_network_equals_eager(one_tor
     compiled = Learner(copy.deepcopy(q), replace(config, update_mode="compiled"), terminal_on_life_loss=False)
     eager.update(batch)
     compiled.update(batch)
+    assert compiled.compiled_check["share_off"] == 0  # the learner's own check of its graph agrees
     metrics_a, metrics_b = eager.read_metrics(), compiled.read_metrics()
     for key in ("loss", "grad_norm"):
         assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-5), key

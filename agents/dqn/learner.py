@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,13 @@ NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-fi
 GRADIENT_LIMIT = 1e18  # CPU guard: gradient norms below this keep Adam's g^2 finite
 PARAMETER_LIMIT = 1e37  # CPU guard: parameter norms below this (float32 max 3.4e38) are safely finite
 RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
+# The first compiled update is checked against the eager one: a weight counts as moved differently when the
+# two differ by more than this fraction of lr (an optimizer step is ~lr), the graph as wrong when more than
+# COMPILED_CHECK_SHARE of the weights do. Correct graphs on a CPU (scripts/bench_compiled_check.py, three
+# updates, each optimizer, normal and weight_norm): MinAtar at most 0.03 lr apart; the Nature CNN at most
+# 0.0041% of its weights over 0.1 lr (near-zero gradients whose sign rounds differently).
+COMPILED_CHECK_STEP_FRACTION = 0.1
+COMPILED_CHECK_SHARE = 1e-3
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
 
@@ -239,6 +249,7 @@ class Learner:
         self._step_bound = step_bound(config)
         self._param_norm_max: float | None = None  # largest parameter norm after the last step (CPU)
         self._fused = None
+        self.compiled_check: dict[str, Any] | None = None  # how the first compiled update compared to eager
         if device.type == "cpu":
             keep_freed_memory()
         if self.update_mode != "eager":
@@ -269,7 +280,7 @@ class Learner:
         synchronisation) and recorded; :meth:`raise_if_nonfinite` runs every ``NONFINITE_CHECK_EVERY``
         updates and raises :class:`NonFiniteError`, so a run stops within a few updates."""
         if self._fused is not None:
-            self._fused.update(batch, self._guard_state)
+            self._checked(lambda: self._fused.update(batch, self._guard_state), lambda: batch)
         else:
             self._eager_update(batch)
         self._after_update()
@@ -278,7 +289,12 @@ class Learner:
         """:meth:`update` on a minibatch drawn from ``replay`` (in compiled modes, sampling is in the graph).
         ``uniforms``: the ``(batch_size,)`` U[0, 1) draws to sample with (drawn here when ``None``)."""
         if self._fused is not None:
-            self._fused.sample_and_update(replay, batch_size, self._guard_state, uniforms)
+            if uniforms is None and self.compiled_check is None:  # the draw FusedUpdate would make, kept
+                uniforms = torch.rand(batch_size, device=replay.device)
+            self._checked(
+                lambda: self._fused.sample_and_update(replay, batch_size, self._guard_state, uniforms),
+                lambda: replay.sample(batch_size, self.terminal_on_life_loss, uniforms=uniforms),
+            )
             self._after_update()
         else:
             self.update(replay.sample(batch_size, self.terminal_on_life_loss, uniforms=uniforms))
@@ -291,7 +307,10 @@ class Learner:
         Returns the actions."""
         if not self.acts_in_update:
             raise RuntimeError(f"acting inside the update needs agent.update_mode=compiled, not {self.update_mode!r}")
-        actions = self._fused.act_sample_and_update(replay, uniforms, obs, draws, self._guard_state)
+        actions = self._checked(
+            lambda: self._fused.act_sample_and_update(replay, uniforms, obs, draws, self._guard_state),
+            lambda: replay.sample(uniforms.shape[0], self.terminal_on_life_loss, uniforms=uniforms),
+        )
         self._after_update()
         return actions
 
@@ -304,6 +323,49 @@ class Learner:
     def compiled_if_needed(self) -> bool:
         """Whether an update can run without compiling first (eager, or the graph was compiled)."""
         return self._fused is None or self._fused.calls > 0
+
+    def _checked(self, compiled_update: Callable[[], Any], batch: Callable[[], ReplayBatch]) -> Any:
+        """``compiled_update()``; the first one is also done eagerly, on a copy of the learner, and the
+        two results compared (:meth:`_compare_with_eager`). A compiled graph that computes something else
+        (a torch.compile fault in the installed torch: such a graph was found under torch 2.11,
+        docs/benchmarks.md) then warns at the run's first update instead of silently training wrong."""
+        if self.compiled_check is not None:
+            return compiled_update()
+        start = copy.deepcopy(self.q_network.state_dict()), copy.deepcopy(self.optimizer.state_dict())
+        out = compiled_update()
+        self._compare_with_eager(*start, batch())
+        return out
+
+    def _compare_with_eager(self, q_state: dict, optimizer_state: dict, batch: ReplayBatch) -> None:
+        """Redo the update just made from ``q_state`` and ``optimizer_state`` with the eager path on a copy,
+        record how far apart the results are in :attr:`compiled_check`, and warn if too far."""
+        config = replace(self.config, update_mode="eager")
+        reference = Learner(copy.deepcopy(self.q_network), config, self.terminal_on_life_loss)
+        reference.q_network.load_state_dict(q_state)
+        reference.target_network.load_state_dict(self.target_network.state_dict())
+        reference._refold_target()
+        reference.optimizer.load_state_dict(optimizer_state)
+        try:
+            reference.update(batch)
+        except Exception as exc:  # e.g. an lr torch.optim cannot convert: nothing to compare with, no verdict
+            self.compiled_check = {"skipped": f"the eager update failed: {type(exc).__name__}: {exc}"}
+            return
+        pairs = zip(reference.q_network.parameters(), self.q_network.parameters(), strict=True)
+        diffs = torch.cat([(a.detach() - b.detach()).abs().flatten() for a, b in pairs])
+        diffs = torch.nan_to_num(diffs, nan=math.inf)  # NaN on one side only: as far apart as can be
+        bound = COMPILED_CHECK_STEP_FRACTION * self.config.lr
+        self.compiled_check = {"max_abs_diff": diffs.max().item(), "share_off": (diffs > bound).float().mean().item()}
+        if self.compiled_check["share_off"] > COMPILED_CHECK_SHARE:
+            warnings.warn(
+                f"the compiled DQN update (agent.update_mode={self.update_mode}, torch {torch.__version__}) does "
+                f"not match the eager update on this run's first step: {self.compiled_check['share_off']:.2%} of "
+                f"the weights moved differently by more than {bound:g} (a tenth of the learning rate; largest "
+                f"difference {self.compiled_check['max_abs_diff']:.3g}), where a correct graph differs by rounding "
+                "only. The compiled graph is likely wrong in this torch version: set agent.update_mode=eager to "
+                "train with the eager update.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _after_update(self) -> None:
         self.updates += 1
