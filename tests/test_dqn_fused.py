@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.dqn.config import AgentConfig, NetworkConfig, load_dqn_config
 from agents.dqn.envs import EnvSpec
@@ -244,3 +245,8 @@ def test_compiled_training_run_equals_the_eager_run(tmp_path):
     ):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
     assert compiled.history == eager.history
+    assert eager.learner.compiled_check is None  # nothing compiled, nothing checked
+    assert compiled.learner.compiled_check["share_off"] == 0  # the run's check of its graph, in TensorBoard too
+    acc = EventAccumulator(str(tmp_path / "compiled" / "tb"))
+    acc.Reload()
+    assert "compiled_check/text_summary" in acc.Tags()["tensors"]

@@ -375,6 +375,7 @@ class Trainer:
             print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
         resumed = self.resume()
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self._compiled_check_logged = False
         why_fresh = self._continue_games() if resumed else "a new run"
         if resumed:
             msg = f"resumed from {self.resumed_from} at agent step {self.agent_step:,}; "
@@ -532,6 +533,10 @@ class Trainer:
         w.add_scalar("train/updates", self.learner.updates, step)
         w.add_scalar("perf/sps", sps, step)
         w.add_scalar("perf/frames", step * self.config.frames_per_agent_step, step)
+        check = self.learner.compiled_check  # the first compiled update against the eager one
+        if check is not None and not self._compiled_check_logged:
+            w.add_text("compiled_check", json.dumps(check), step)
+            self._compiled_check_logged = True
 
     def _make_eval_env(self) -> VecEnv:
         v, e = self.config.eval, self.config.env
