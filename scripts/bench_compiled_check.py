@@ -15,50 +15,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from agents.dqn.benchmark import GAME_BATCHES, random_batch
 from agents.dqn.config import AgentConfig, NetworkConfig
 from agents.dqn.envs import EnvSpec
-from agents.dqn.learner import COMPILED_CHECK_STEP_FRACTION, Learner
+from agents.dqn.learner import COMPILED_CHECK_STEP_FRACTION, Learner, parameter_gap
 from agents.dqn.networks import build_q_network
-from agents.dqn.replay import ReplayBatch
 from wn_rl import data_dependent_init
 
-SPECS = {  # (frame shape, actions, density of nonzero pixels: MinAtar's planes are sparse 0/1)
-    "minatar": ((4, 10, 10), 3, 0.1),
-    "atari": ((4, 84, 84), 4, None),
-}
-OPTIMIZERS = {"adamax": 1e-4, "adam": 1e-4, "rmsprop": 2.5e-4}
-
-
-def random_batch(game: str, batch_size: int, device: torch.device) -> ReplayBatch:
-    shape, n_actions, density = SPECS[game]
-    g = torch.Generator().manual_seed(0)
-
-    def frames() -> torch.Tensor:
-        if density is None:
-            return torch.randint(0, 256, (batch_size, *shape), generator=g, dtype=torch.uint8)
-        return (torch.rand(batch_size, *shape, generator=g) < density).to(torch.uint8)
-
-    batch = ReplayBatch(
-        obs=frames(),
-        actions=torch.randint(0, n_actions, (batch_size,), generator=g),
-        rewards=torch.randint(-1, 2, (batch_size, 1), generator=g).float(),
-        terminals=torch.rand(batch_size, 1, generator=g) < 0.1,
-        truncations=torch.zeros(batch_size, 1, dtype=torch.bool),
-        next_obs=frames(),
-        next_offsets=torch.ones(batch_size, dtype=torch.long),
-        indices=torch.arange(batch_size),
-    )
-    return ReplayBatch(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
+OPTIMIZERS = {"adamax": 1e-4, "adam": 1e-4, "rmsprop": 2.5e-4}  # the learning rate each is compared at
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--games", nargs="+", choices=sorted(SPECS), default=["minatar"])
+    parser.add_argument("--games", nargs="+", choices=sorted(GAME_BATCHES), default=["minatar"])
     parser.add_argument("--parameterizations", nargs="+", default=["normal", "weight_norm"])
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--updates", type=int, default=3, help="updates compared per configuration")
@@ -72,13 +46,14 @@ def main() -> None:
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
     rows = []
     for game in args.games:
-        shape, n_actions, _ = SPECS[game]
+        shape, n_actions, _ = GAME_BATCHES[game]
         spec = EnvSpec(game, "breakout", 1, shape, 1, np.dtype(np.uint8), n_actions, {})
         batch = random_batch(game, args.batch_size, device)
         for parameterization in args.parameterizations:
             torch.manual_seed(0)
             q = build_q_network(NetworkConfig(parameterization=parameterization), spec).to(device)
             data_dependent_init(q, batch.next_obs)
+            weights = sum(p.numel() for p in q.parameters())
             for optimizer in args.optimizers:
                 config = AgentConfig(optimizer=optimizer, lr=OPTIMIZERS[optimizer])
                 eager = Learner(copy.deepcopy(q), replace(config, update_mode="eager"), False)
@@ -86,21 +61,19 @@ def main() -> None:
                 for update in range(1, args.updates + 1):
                     eager.update(batch)
                     fast.update(batch)
-                    pairs = zip(eager.q_network.parameters(), fast.q_network.parameters(), strict=True)
-                    diffs = torch.cat([(a - b).detach().abs().flatten() for a, b in pairs])
-                    over = (diffs > COMPILED_CHECK_STEP_FRACTION * config.lr).float().mean().item()
+                    gap = parameter_gap(eager.q_network, fast.q_network, COMPILED_CHECK_STEP_FRACTION * config.lr)
                     row = {
                         "game": game,
                         "parameterization": parameterization,
                         "optimizer": optimizer,
                         "update": update,
-                        "max_diff_in_lr": diffs.max().item() / config.lr,
-                        "share_over_check_bound": over,
+                        "max_diff_in_lr": gap["max_abs_diff"] / config.lr,
+                        "share_over_check_bound": gap["share_off"],
                     }
                     rows.append(row)
                     print(
                         f"{game:8s} {parameterization:12s} {optimizer:8s} update {update}: largest difference "
-                        f"{row['max_diff_in_lr']:.2e} lr, {row['share_over_check_bound']:.4%} of {diffs.numel()} "
+                        f"{row['max_diff_in_lr']:.2e} lr, {row['share_over_check_bound']:.4%} of {weights} "
                         f"weights over {COMPILED_CHECK_STEP_FRACTION} lr",
                         flush=True,
                     )

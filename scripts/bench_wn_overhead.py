@@ -43,6 +43,7 @@ from torch.nn.utils import parametrizations
 import wn_rl
 from agents.dqn.config import AgentConfig
 from agents.dqn.fused import STATE_KEYS, bias_corrections, optimizer_math
+from agents.dqn.learner import parameter_gap
 
 VARIANTS = ("plain", "wn_rl", "torch_wn")
 ADAM = AgentConfig(optimizer="adam", lr=1e-4, beta1=0.9, beta2=0.999)  # torch.optim.Adam's defaults, lr 1e-4
@@ -209,12 +210,8 @@ def agrees_with_module_step(
     step = make_step(start, inputs, targets, uint8, argparse.Namespace(compile=False))
     for _ in range(n):
         step()
-    pairs = zip(start.parameters(), model.parameters(), strict=True)
-    diffs = torch.cat([(a - b).detach().abs().flatten() for a, b in pairs])
-    return {
-        "max_abs_diff": diffs.max().item(),
-        "share_off_by_a_tenth_step": (diffs > ADAM.lr / 10).float().mean().item(),
-    }
+    gap = parameter_gap(start, model, ADAM.lr / 10)
+    return {"max_abs_diff": gap["max_abs_diff"], "share_off_by_a_tenth_step": gap["share_off"]}
 
 
 def parse_args() -> argparse.Namespace:

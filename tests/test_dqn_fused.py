@@ -20,6 +20,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from agents.dqn.benchmark import random_batch
 from agents.dqn.config import AgentConfig, NetworkConfig, load_dqn_config
 from agents.dqn.envs import EnvSpec
 from agents.dqn.fused import fused_update
@@ -145,25 +146,6 @@ def test_update_mode_auto_and_its_errors():
         resolve_update_mode("cudagraph", torch.device("cpu"), q)
 
 
-def _minatar_batch(b: int = 32) -> ReplayBatch:
-    """A batch shaped like MinAtar Breakout's: 4x10x10 uint8 planes (sparse 0/1), 3 actions."""
-    g = torch.Generator().manual_seed(0)
-
-    def planes() -> torch.Tensor:
-        return (torch.rand(b, 4, 10, 10, generator=g) < 0.1).to(torch.uint8)
-
-    return ReplayBatch(
-        obs=planes(),
-        actions=torch.randint(0, 3, (b,), generator=g),
-        rewards=torch.randint(-1, 2, (b, 1), generator=g).float(),
-        terminals=torch.rand(b, 1, generator=g) < 0.1,
-        truncations=torch.zeros(b, 1, dtype=torch.bool),
-        next_obs=planes(),
-        next_offsets=torch.ones(b, dtype=torch.long),
-        indices=torch.arange(b),
-    )
-
-
 def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: str, atol: float = 0.0) -> None:
     """Within 1e-5 of the tensor's largest entry, plus ``atol``: float32 rounding of a sum shows up as an
     absolute error on the scale of the sum's terms, so entries near zero cannot match to a relative tolerance."""
@@ -186,7 +168,7 @@ def test_compiled_update_of_the_weight_norm_minatar_network_equals_eager(one_tor
     spec = EnvSpec("minatar", "breakout", 1, (4, 10, 10), 1, np.dtype(np.uint8), 3, {})
     torch.manual_seed(0)
     q = build_q_network(NetworkConfig(parameterization="weight_norm"), spec)
-    batch = _minatar_batch()
+    batch = random_batch("minatar", 32)  # sparse 0/1 4x10x10 planes, 3 actions
     data_dependent_init(q, batch.next_obs)
     config = AgentConfig(optimizer="adamax", lr=1e-2, optimizer_eps=1.0)
     eager = Learner(copy.deepcopy(q), replace(config, update_mode="eager"), terminal_on_life_loss=False)

@@ -20,7 +20,7 @@ import contextlib
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import gymnasium as gym
@@ -31,10 +31,41 @@ from torch import nn
 from agents.dqn.config import load_dqn_config
 from agents.dqn.envs import MINATAR_GAMES
 from agents.dqn.overlap import UpdateRunner
+from agents.dqn.replay import ReplayBatch
 from agents.dqn.runner import Trainer
 from wn_rl.parameterization import Parameterization
 
-__all__ = ["Contender", "build_ours", "build_sb3", "profile_loop", "settings_for", "throughput"]
+__all__ = ["Contender", "build_ours", "build_sb3", "profile_loop", "random_batch", "settings_for", "throughput"]
+
+
+GAME_BATCHES = {  # (frame shape, actions, density of nonzero pixels: MinAtar's planes are sparse 0/1)
+    "minatar": ((4, 10, 10), 3, 0.1),
+    "atari": ((4, 84, 84), 4, None),
+}
+
+
+def random_batch(game: str, batch_size: int, device: torch.device | str = "cpu") -> ReplayBatch:
+    """A random minibatch shaped like ``game``'s (a key of :data:`GAME_BATCHES`), the same for every call:
+    for comparing update paths on one batch (``scripts/bench_compiled_check.py``, the tests)."""
+    shape, n_actions, density = GAME_BATCHES[game]
+    g = torch.Generator().manual_seed(0)
+
+    def frames() -> torch.Tensor:
+        if density is None:
+            return torch.randint(0, 256, (batch_size, *shape), generator=g, dtype=torch.uint8)
+        return (torch.rand(batch_size, *shape, generator=g) < density).to(torch.uint8)
+
+    batch = ReplayBatch(
+        obs=frames(),
+        actions=torch.randint(0, n_actions, (batch_size,), generator=g),
+        rewards=torch.randint(-1, 2, (batch_size, 1), generator=g).float(),
+        terminals=torch.rand(batch_size, 1, generator=g) < 0.1,
+        truncations=torch.zeros(batch_size, 1, dtype=torch.bool),
+        next_obs=frames(),
+        next_offsets=torch.ones(batch_size, dtype=torch.long),
+        indices=torch.arange(batch_size),
+    )
+    return ReplayBatch(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
 
 
 def settings_for(

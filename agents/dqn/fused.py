@@ -295,12 +295,9 @@ class FusedUpdate:
         tensors = self._prepare(guard)
         self._update(self.loss_fn, self.learner.config, self.names, *tensors, guard, batch)
 
-    def sample_and_update(
-        self, replay: Any, batch_size: int, guard: dict[str, Tensor], uniforms: Tensor | None = None
-    ) -> None:
-        """The compiled sampling from ``replay`` and update, one graph (``uniforms``: the sampling draws)."""
-        if uniforms is None:
-            uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
+    def sample_and_update(self, replay: Any, uniforms: Tensor, guard: dict[str, Tensor]) -> None:
+        """The compiled sampling from ``replay`` and update, one graph (``uniforms``: the sampling draws, one
+        per transition of the minibatch)."""
         self._sample_and_update(replay, uniforms, *self._shared_args(guard, replay), guard)
 
     def act_sample_and_update(

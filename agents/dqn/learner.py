@@ -26,7 +26,7 @@ from agents.dqn.config import AgentConfig
 from agents.dqn.replay import ReplayBatch, ReplayMemory
 from wn_rl import WNLayer, WNLSTMCell, remove_weight_norm
 
-__all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "td_loss", "td_targets"]
+__all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "parameter_gap", "td_loss", "td_targets"]
 
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
 COMPILE_PAYS_AFTER_UPDATES = 50_000  # CPU: below this, update_mode auto stays eager
@@ -56,6 +56,16 @@ def _folded(target: nn.Module) -> nn.Module:
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded
+
+
+def parameter_gap(a: nn.Module, b: nn.Module, bound: float) -> dict[str, float]:
+    """How far two copies of a network have drifted apart: the largest absolute difference between their
+    parameters (``max_abs_diff``) and the share of entries apart by more than ``bound`` (``share_off``).
+    A NaN on one side only counts as infinitely far."""
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    diffs = torch.cat([(x.detach() - y.detach()).abs().flatten() for x, y in pairs])
+    diffs = torch.nan_to_num(diffs, nan=math.inf)
+    return {"max_abs_diff": diffs.max().item(), "share_off": (diffs > bound).float().mean().item()}
 
 
 class NonFiniteError(FloatingPointError):
@@ -289,10 +299,10 @@ class Learner:
         """:meth:`update` on a minibatch drawn from ``replay`` (in compiled modes, sampling is in the graph).
         ``uniforms``: the ``(batch_size,)`` U[0, 1) draws to sample with (drawn here when ``None``)."""
         if self._fused is not None:
-            if uniforms is None and self.compiled_check is None:  # the draw FusedUpdate would make, kept
-                uniforms = torch.rand(batch_size, device=replay.device)
+            if uniforms is None:
+                uniforms = torch.rand(batch_size, device=replay.device)  # as ReplayMemory.sample_indices draws them
             self._checked(
-                lambda: self._fused.sample_and_update(replay, batch_size, self._guard_state, uniforms),
+                lambda: self._fused.sample_and_update(replay, uniforms, self._guard_state),
                 lambda: replay.sample(batch_size, self.terminal_on_life_loss, uniforms=uniforms),
             )
             self._after_update()
@@ -331,17 +341,16 @@ class Learner:
         docs/benchmarks.md) then warns at the run's first update instead of silently training wrong."""
         if self.compiled_check is not None:
             return compiled_update()
-        start = copy.deepcopy(self.q_network.state_dict()), copy.deepcopy(self.optimizer.state_dict())
+        start = copy.deepcopy(self.q_network), copy.deepcopy(self.optimizer.state_dict())
         out = compiled_update()
         self._compare_with_eager(*start, batch())
         return out
 
-    def _compare_with_eager(self, q_state: dict, optimizer_state: dict, batch: ReplayBatch) -> None:
-        """Redo the update just made from ``q_state`` and ``optimizer_state`` with the eager path on a copy,
-        record how far apart the results are in :attr:`compiled_check`, and warn if too far."""
-        config = replace(self.config, update_mode="eager")
-        reference = Learner(copy.deepcopy(self.q_network), config, self.terminal_on_life_loss)
-        reference.q_network.load_state_dict(q_state)
+    def _compare_with_eager(self, q_network: nn.Module, optimizer_state: dict, batch: ReplayBatch) -> None:
+        """Redo the update just made, from ``q_network`` and ``optimizer_state`` (copies of the state before
+        it), with the eager path; record how far apart the results are in :attr:`compiled_check`, and warn
+        if too far."""
+        reference = Learner(q_network, replace(self.config, update_mode="eager"), self.terminal_on_life_loss)
         reference.target_network.load_state_dict(self.target_network.state_dict())
         reference._refold_target()
         reference.optimizer.load_state_dict(optimizer_state)
@@ -350,11 +359,8 @@ class Learner:
         except Exception as exc:  # e.g. an lr torch.optim cannot convert: nothing to compare with, no verdict
             self.compiled_check = {"skipped": f"the eager update failed: {type(exc).__name__}: {exc}"}
             return
-        pairs = zip(reference.q_network.parameters(), self.q_network.parameters(), strict=True)
-        diffs = torch.cat([(a.detach() - b.detach()).abs().flatten() for a, b in pairs])
-        diffs = torch.nan_to_num(diffs, nan=math.inf)  # NaN on one side only: as far apart as can be
         bound = COMPILED_CHECK_STEP_FRACTION * self.config.lr
-        self.compiled_check = {"max_abs_diff": diffs.max().item(), "share_off": (diffs > bound).float().mean().item()}
+        self.compiled_check = parameter_gap(reference.q_network, self.q_network, bound)
         if self.compiled_check["share_off"] > COMPILED_CHECK_SHARE:
             warnings.warn(
                 f"the compiled DQN update (agent.update_mode={self.update_mode}, torch {torch.__version__}) does "
