@@ -20,6 +20,12 @@ left between the kernels and the ratio measures what weight norm adds on the dev
 ``--clock cpu`` times each step by the process's CPU time (``time.process_time``) instead of wall time:
 on a machine shared with other jobs that removes the time spent waiting for a core, the largest source
 of noise there (cache and memory-bandwidth contention remain).
+
+Besides the ratio of medians, each ratio is also given paired: every repetition times all variants back to
+back (in a shuffled order), so the per-repetition ratio cancels what drifts between repetitions (other
+jobs, clock speed). The median of those ratios comes with a 95% bootstrap interval
+(``wn_rl.analysis.stats.stratified_bootstrap_ci``), which says whether a run has settled a target:
+``wn_rl 1.041x [1.022, 1.058]`` has not shown 1.05x; an upper bound below it would.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
@@ -44,6 +51,7 @@ import wn_rl
 from agents.dqn.config import AgentConfig
 from agents.dqn.fused import STATE_KEYS, bias_corrections, optimizer_math
 from agents.dqn.learner import parameter_gap
+from wn_rl.analysis.stats import stratified_bootstrap_ci
 
 VARIANTS = ("plain", "wn_rl", "torch_wn")
 ADAM = AgentConfig(optimizer="adam", lr=1e-4, beta1=0.9, beta2=0.999)  # torch.optim.Adam's defaults, lr 1e-4
@@ -196,9 +204,21 @@ def bench_case(
         "median_ms": {v: 1000 * m for v, m in medians.items()},
         "ratio_to_plain": {v: medians[v] / medians["plain"] for v in VARIANTS},
         "wn_rl_vs_torch_wn": medians["wn_rl"] / medians["torch_wn"],
+        "paired_ratio_to_plain": {v: paired_ratio(times[v], times["plain"]) for v in VARIANTS if v != "plain"},
+        "paired_wn_rl_vs_torch_wn": paired_ratio(times["wn_rl"], times["torch_wn"]),
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
         "whole_vs_module_step": agreement,
     }
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> dict[str, float]:
+    """Median of the per-repetition ratios ``times[i] / reference[i]`` and its 95% bootstrap interval.
+
+    Both were timed in the same repetition, back to back, so what drifts between repetitions (other jobs
+    on the machine, clock speed) largely cancels in each ratio."""
+    ratios = np.asarray(times) / np.asarray(reference)
+    median, low, high = stratified_bootstrap_ci(ratios, statistic=np.median)
+    return {"median": median, "ci95_low": low, "ci95_high": high}
 
 
 def agrees_with_module_step(
@@ -284,6 +304,9 @@ def main() -> None:
             f"{result['wn_rl_vs_torch_wn']:.3f}",
             flush=True,
         )
+        paired = {**result["paired_ratio_to_plain"], "wn_rl/torch_wn": result["paired_wn_rl_vs_torch_wn"]}
+        cells = (f"{k} {r['median']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" for k, r in paired.items())
+        print(f"{name:9s} paired, median [95% CI]: " + " | ".join(cells), flush=True)
     meta = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

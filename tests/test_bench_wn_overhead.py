@@ -77,3 +77,16 @@ def test_the_benchmark_reports_how_far_the_whole_step_is_from_the_module_step(be
     step()
     wrong = bench.agrees_with_module_step(copy.deepcopy(start), model, inputs, targets, False, 3)
     assert wrong["max_abs_diff"] > 5e-5 and wrong["share_off_by_a_tenth_step"] > 0.5
+
+
+def test_paired_ratios_cancel_drift_between_repetitions(bench):
+    # the machine slows down 8x over the run; within each repetition wn_rl costs 4% more than plain
+    plain = [0.01 * 2 ** (i / 10) for i in range(30)]
+    wn = [1.04 * t for t in plain]
+    paired = bench.paired_ratio(wn, plain)
+    assert paired == pytest.approx({"median": 1.04, "ci95_low": 1.04, "ci95_high": 1.04})
+    # noise within repetitions widens the interval around the median
+    noisy = [t * (1.0 + (0.1 if i % 2 else -0.05)) for i, t in enumerate(wn)]
+    paired = bench.paired_ratio(noisy, plain)
+    assert paired["ci95_low"] < paired["median"] < paired["ci95_high"]
+    assert paired["ci95_low"] >= 1.04 * 0.95 and paired["ci95_high"] <= 1.04 * 1.1
