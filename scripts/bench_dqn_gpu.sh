@@ -81,16 +81,16 @@ case $part in
     wn-overhead)
         status=0
         # the target's measurement first: a call stopped at its limit still returns the lines printed so far
-        wn_overhead wn_whole_cudagraph --step whole --compile-mode reduce-overhead --reps 21 --steps 20
-        wn_overhead wn_eager --reps 21 --steps 20
+        wn_overhead wn_whole_cudagraph --step whole --compile-mode reduce-overhead --reps 51 --steps 20
+        wn_overhead wn_eager --reps 51 --steps 20
         exit $status
         ;;
     wn-overhead-more)
         status=0
         wn_overhead wn_whole_cudagraph_combo --step whole --compile-mode reduce-overhead --combo-kernels \
-            --cases nature32,nature64 --reps 21 --steps 20
-        wn_overhead wn_whole_compiled --step whole --cases nature32,nature64 --reps 21 --steps 20
-        wn_overhead wn_compiled_forward --compile --cases nature32,nature64 --reps 21 --steps 20
+            --cases nature32,nature64 --reps 51 --steps 20
+        wn_overhead wn_whole_compiled --step whole --cases nature32,nature64 --reps 51 --steps 20
+        wn_overhead wn_compiled_forward --compile --cases nature32,nature64 --reps 51 --steps 20
         exit $status
         ;;
     *)
