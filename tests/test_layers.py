@@ -399,3 +399,29 @@ def test_cached_no_grad_forward_of_a_big_linear_keeps_only_the_scale():
     torch.testing.assert_close(first, expected.detach())
     torch.testing.assert_close(second, expected.detach())
     assert layer._cached_scale is None  # cleared on exit
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_cached_weight_computed_without_grad_is_not_reused_for_training(index):
+    """Acting under no_grad and then training inside one `cached` block must still reach g and v."""
+    torch.manual_seed(0)
+    layer, x = _layers()[index]
+    with cached(layer):
+        with torch.no_grad():
+            layer(x)
+        layer(x).sum().backward()
+    assert layer.v.grad is not None and layer.g.grad is not None
+    cell = WNLSTMCell(3, 4)
+    with cached(cell):
+        with torch.inference_mode():
+            cell(torch.randn(2, 3))
+        cell(torch.randn(2, 3))[0].sum().backward()
+    assert all(p.grad is not None for p in cell.parameters())
+
+
+def test_mean_only_batch_norm_supports_double_backward():
+    """Gradient penalties differentiate the gradient; eq. (7) is linear, so its second derivative is 0."""
+    bn = MeanOnlyBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    bias = bn.bias
+    assert torch.autograd.gradgradcheck(lambda x, b: torch.func.functional_call(bn, {"bias": b}, (x,)) ** 2, (x, bias))

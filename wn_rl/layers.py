@@ -106,6 +106,12 @@ def _scale_outputs(input: Tensor, v: Tensor) -> bool:
     )
 
 
+def _lacks_graph(cached: Tensor, *params: Tensor) -> bool:
+    """Whether a weight cached by :func:`cached` was computed without autograd history (under
+    ``no_grad``, e.g. while acting) although gradients should now reach ``params``: it is recomputed."""
+    return torch.is_grad_enabled() and not cached.requires_grad and any(p.requires_grad for p in params)
+
+
 def _needs_input_grad(ctx: Any) -> tuple[bool, bool, bool, bool]:
     """``ctx.needs_input_grad`` of :class:`_WNLinearFn` (x, v, g, bias), but all True (bias's where there
     is one) while ``torch.compile`` traces. There Dynamo answered False for v, g and bias when
@@ -228,6 +234,10 @@ class WNLayer(nn.Module):
             self.initialized.fill_(False)
 
     @property
+    def _scale_parameter(self) -> nn.Parameter:
+        return self.g if self.scale == "linear" else self.s
+
+    @property
     def g_value(self) -> Tensor:
         """The per-unit scale g (``exp(s)`` for ``scale="exp"``), shape ``(units,)``."""
         return self.g if self.scale == "linear" else self.s.exp()
@@ -245,7 +255,7 @@ class WNLayer(nn.Module):
     def weight(self) -> Tensor:
         """The effective weight; inside :func:`cached` it is computed once and reused."""
         if self._cache_depth:
-            if self._cached_weight is None:
+            if self._cached_weight is None or _lacks_graph(self._cached_weight, self.v, self._scale_parameter):
                 self._cached_weight = self.compute_weight()
             return self._cached_weight
         return self.compute_weight()
@@ -441,7 +451,10 @@ class WNLSTMCell(nn.Module):
 
     def _weights(self) -> tuple[Tensor, Tensor]:
         if self._cache_depth:
-            if self._cached_weights is None:
+            if self._cached_weights is None or any(
+                _lacks_graph(w, getattr(self, f"v_{part}"), getattr(self, f"g_{part}"))
+                for w, part in zip(self._cached_weights, ("ih", "hh"), strict=True)
+            ):
                 self._cached_weights = self.compute_weights()
             return self._cached_weights
         return self.compute_weights()
@@ -507,7 +520,9 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
 
 class _MeanOnlyBatchNormFn(torch.autograd.Function):
     """t~ = t - mu[t] + b with the gradient of eq. (8), grad_t = grad_t~ - mu[grad_t~], computed from one
-    reduction that also gives grad_b (autograd would reduce twice and add a full-size tensor)."""
+    reduction that also gives grad_b (autograd would reduce twice and add a full-size tensor). The backward
+    is linear in the incoming gradient and made of differentiable ops, so double backward (gradient
+    penalties) works: the second derivative of this linear map is zero."""
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, bias: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -518,7 +533,6 @@ class _MeanOnlyBatchNormFn(torch.autograd.Function):
         return input - (mean - bias).view(shape), mean
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None) -> tuple[Tensor, Tensor, None]:
         total = grad_output.sum(dim=ctx.dims)
         return grad_output - (total / ctx.count).view(ctx.shape), total, None
