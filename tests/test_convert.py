@@ -89,3 +89,41 @@ def test_bad_options_are_refused():
         weight_norm(nn.Linear(2, 2), scale="log")
     with pytest.raises(ValueError, match="groups"):
         weight_norm(nn.ConvTranspose2d(4, 4, 3, groups=2))
+
+
+class Tied(nn.Module):
+    """One layer used at two places (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([self.encoder, self.encoder])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_tied_layers_stay_tied():
+    torch.manual_seed(0)
+    model = Tied()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    converted = weight_norm(model)
+    assert converted.encoder is converted.blocks[0] is converted.blocks[1]
+    torch.testing.assert_close(converted(x), expected)
+    folded = remove_weight_norm(converted)
+    assert type(folded.encoder) is nn.Linear and folded.encoder is folded.blocks[0] is folded.blocks[1]
+    torch.testing.assert_close(folded(x), expected)
+
+
+def test_frozen_layers_stay_frozen():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 2, 1), nn.LSTMCell(2, 2), nn.Linear(2, 2))
+    model[:3].requires_grad_(False)
+    converted = weight_norm(model)
+    assert not any(p.requires_grad for p in converted[:3].parameters())
+    assert all(p.requires_grad for p in converted[3].parameters())
+    folded = remove_weight_norm(converted)
+    assert not any(p.requires_grad for p in folded[:3].parameters())
+    assert all(p.requires_grad for p in folded[3].parameters())

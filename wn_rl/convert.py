@@ -8,6 +8,7 @@ torch layer with identical outputs, for deployment and export.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,14 @@ _TO_WN: dict[type[nn.Module], type[WNLayer]] = {
 }
 _TO_PLAIN = {wn: plain for plain, wn in _TO_WN.items()}
 _NOT_CONVERTED = (nn.LSTM, nn.GRU, nn.RNN)
+_LSTM_PARTS = {  # WNLSTMCell parameter: the nn.LSTMCell parameters it is made from
+    "v_ih": ("weight_ih",),
+    "g_ih": ("weight_ih",),
+    "v_hh": ("weight_hh",),
+    "g_hh": ("weight_hh",),
+    "bias_ih": ("bias_ih",),
+    "bias_hh": ("bias_hh",),
+}
 
 
 def _factory(tensor: torch.Tensor) -> dict[str, object]:
@@ -44,6 +53,15 @@ def _copy_flag(source: nn.Module, target: nn.Module) -> None:
     flag = source._buffers.get("initialized")
     if flag is not None:
         target.register_buffer("initialized", flag.detach().clone())
+
+
+def _copy_requires_grad(target: nn.Module, source: nn.Module, parts: dict[str, tuple[str, ...]]) -> None:
+    """A frozen layer stays frozen: each ``target`` parameter named in ``parts`` requires grad iff one of
+    the ``source`` parameters it is made from does."""
+    for name, sources in parts.items():
+        param = getattr(target, name)
+        if param is not None:
+            param.requires_grad_(any(getattr(source, s).requires_grad for s in sources))
 
 
 @torch.no_grad()
@@ -85,6 +103,8 @@ def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
         layer.s.copy_(norm.log())
     if plain.bias is not None:
         layer.bias.copy_(plain.bias)
+    scale_name = "g" if scale == "linear" else "s"
+    _copy_requires_grad(layer, plain, {"v": ("weight",), scale_name: ("weight",), "bias": ("bias",)})
     _copy_flag(plain, layer)
     layer.init_scale = float(getattr(plain, "init_scale", init_scale))
     return layer
@@ -100,6 +120,7 @@ def layer_norms(w: torch.Tensor, dim: int) -> torch.Tensor:
 def _to_wn_lstm(plain: nn.LSTMCell) -> WNLSTMCell:
     cell = WNLSTMCell(plain.input_size, plain.hidden_size, plain.bias, **_factory(plain.weight_ih))
     cell._load_plain(plain)
+    _copy_requires_grad(cell, plain, _LSTM_PARTS)
     return cell
 
 
@@ -109,6 +130,26 @@ def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module
     if type(module) is nn.LSTMCell:
         return _to_wn_lstm(module)
     return None
+
+
+def _replace_leaves(
+    module: nn.Module, replace: Callable[[nn.Module], nn.Module | None], done: dict[int, nn.Module]
+) -> nn.Module:
+    """``module`` with every submodule that ``replace`` maps to a new one swapped for it, in place.
+    ``done`` maps each visited module's id to its result, so a layer reached twice (tied weights) is
+    replaced once by one shared module."""
+    if id(module) in done:
+        return done[id(module)]
+    replacement = replace(module)
+    if replacement is not None:
+        done[id(module)] = replacement.train(module.training)
+        return replacement
+    done[id(module)] = module
+    for name, child in list(module._modules.items()):  # not named_children(): it skips repeats
+        new = child if child is None else _replace_leaves(child, replace, done)
+        if new is not child:
+            setattr(module, name, new)
+    return module
 
 
 def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "linear") -> nn.Module:
@@ -123,17 +164,8 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     """
     _check_scale(scale)
     init_scale = _check_init_scale(init_scale)
-    replacement = _convert_leaf(module, init_scale, scale)
-    if replacement is not None:
-        replacement.train(module.training)
-        return replacement
-    skipped = []
-    for name, child in list(module.named_children()):
-        if isinstance(child, _NOT_CONVERTED):
-            skipped.append(name)
-        new = weight_norm(child, init_scale=init_scale, scale=scale)
-        if new is not child:
-            setattr(module, name, new)
+    skipped = [name for name, child in module.named_modules() if name and isinstance(child, _NOT_CONVERTED)]
+    module = _replace_leaves(module, lambda leaf: _convert_leaf(leaf, init_scale, scale), {})
     if skipped:
         warnings.warn(
             f"weight_norm left {skipped} unchanged: nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them "
@@ -158,6 +190,7 @@ def _fold_layer(layer: WNLayer) -> nn.Module:
     plain.weight = nn.Parameter(w.clone())
     plain.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
     plain.init_scale = layer.init_scale
+    _copy_requires_grad(plain, layer, {"weight": ("v", "g" if layer.scale == "linear" else "s"), "bias": ("bias",)})
     _copy_flag(layer, plain)
     return plain
 
@@ -171,19 +204,29 @@ def _fold_lstm(cell: WNLSTMCell) -> nn.LSTMCell:
     if cell.bias_ih is not None:
         plain.bias_ih.copy_(cell.bias_ih)
         plain.bias_hh.copy_(cell.bias_hh)
+    _copy_requires_grad(
+        plain,
+        cell,
+        {
+            "weight_ih": ("v_ih", "g_ih"),
+            "weight_hh": ("v_hh", "g_hh"),
+            "bias_ih": ("bias_ih",),
+            "bias_hh": ("bias_hh",),
+        },
+    )
     return plain
+
+
+def _fold_leaf(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, WNLayer):
+        return _fold_layer(module)
+    if isinstance(module, WNLSTMCell):
+        return _fold_lstm(module)
+    return None
 
 
 def remove_weight_norm(module: nn.Module) -> nn.Module:
     """Fold every WN layer of ``module`` back into the plain torch layer with the same outputs
     (w = g v / ||v|| becomes ``.weight``). Returns ``module`` (modified in place) or, if ``module``
     itself is a WN layer, its plain replacement. The ``initialized`` flag is kept."""
-    if isinstance(module, WNLayer):
-        return _fold_layer(module).train(module.training)
-    if isinstance(module, WNLSTMCell):
-        return _fold_lstm(module).train(module.training)
-    for name, child in list(module.named_children()):
-        new = remove_weight_norm(child)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+    return _replace_leaves(module, _fold_leaf, {})
