@@ -184,3 +184,29 @@ def test_layers_never_reached_are_reported():
         warnings.simplefilter("always")
         report = data_dependent_init(model, torch.randn(8, 3), forward=lambda m, b: m["used"](b))
     assert report.not_reached == ["unused"] and any("never reached" in str(w.message) for w in caught)
+
+
+def test_unbatched_input_is_explained():
+    """A single observation (no batch dim) has no per-unit spread: refused, nothing changed."""
+    for model, observation in (
+        (nn.Sequential(WNLinear(4, 3), nn.ReLU(), WNLinear(3, 2)), torch.randn(4)),
+        (nn.Sequential(wn_rl.WNConv2d(4, 8, 3), nn.ReLU()), torch.randn(4, 6, 6)),
+    ):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="unbatched"):
+            data_dependent_init(model, observation)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("parameterization", [p for p in ALL if p != "batch_norm"])
+def test_float64_models_are_initialised_in_float64(parameterization):
+    """The statistics are taken in the model's precision (at least fp32), not rounded to fp32."""
+    torch.manual_seed(0)
+    model = deep_mlp(parameterization).double().eval()
+    x = torch.randn(256, 12, dtype=torch.float64) * 3 + 1
+    data_dependent_init(model, x)
+    outputs, scales = pre_activations(model, x)
+    for out, scale in zip(outputs, scales, strict=True):
+        mean, std = unit_stats(out)
+        assert mean.abs().max() < 1e-12, mean.abs().max()
+        torch.testing.assert_close(std, torch.full_like(std, scale), rtol=1e-12, atol=0)

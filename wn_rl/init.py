@@ -95,7 +95,8 @@ def _channel_dim(layer: nn.Module) -> int:
 
 
 def _unit_stats(output: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
-    t = output.detach().float().movedim(channel_dim, 0).reshape(output.shape[channel_dim], -1)
+    t = output.detach().to(torch.promote_types(output.dtype, torch.float32))  # fp64 stays fp64
+    t = t.movedim(channel_dim, 0).reshape(output.shape[channel_dim], -1)
     return t.mean(dim=1), t.std(dim=1, unbiased=False)
 
 
@@ -134,6 +135,12 @@ class _InitPass:
         self.done.add(id(layer))
         if not isinstance(output, Tensor) or output.dim() < 1:
             raise TypeError(f"{self.names[id(layer)]}: expected a tensor output, got {type(output).__name__}")
+        if output.dim() < (layer.v if isinstance(layer, WNLayer) else layer.weight).dim():
+            raise ValueError(
+                f"{self.names[id(layer)] or type(layer).__name__} ran on an unbatched input (output shape "
+                f"{tuple(output.shape)}): data-dependent init needs a batch dim to estimate per-unit statistics. "
+                "Stack a few hundred examples along a new first dim, shape (N, ...)."
+            )
         channel_dim = _channel_dim(layer)
         mean, std = _unit_stats(output, channel_dim)
         init_scale = float(getattr(layer, "init_scale", 1.0))
@@ -146,7 +153,7 @@ class _InitPass:
         else:
             _rescale_plain(layer, factor)
         if layer.bias is not None:
-            layer.bias.copy_(((layer.bias.float() - shift) * factor).to(layer.bias.dtype))
+            layer.bias.copy_(((layer.bias.to(shift.dtype) - shift) * factor).to(layer.bias.dtype))
         layer.initialized.fill_(True)
         self.records.append(
             LayerInit(
@@ -177,7 +184,8 @@ class _InitPass:
             if old_bias is not None:
                 # Inside a layer + batch-norm pair only the scale is set; the layer's bias stays.
                 layer.bias.copy_(old_bias)
-                x = x + _unit_view((shift - old_bias.float()) * factor + old_bias.float(), x, 1)
+                old_bias = old_bias.to(shift.dtype)
+                x = x + _unit_view((shift - old_bias) * factor + old_bias, x, 1)
             self.records[-1].paired_norm = self.names[id(norm)]
             init_scale = float(getattr(layer, "init_scale", 1.0))
         elif not self.full:
@@ -210,7 +218,7 @@ class _InitPass:
         mean, std = _unit_stats(output, channel_dim)
         factor = init_scale / std.clamp_min(1e-12)
         norm.weight.mul_(factor.to(norm.weight.dtype))
-        norm.bias.copy_(((norm.bias.float() - mean) * factor).to(norm.bias.dtype))
+        norm.bias.copy_(((norm.bias.to(mean.dtype) - mean) * factor).to(norm.bias.dtype))
         return (output - _unit_view(mean, output, channel_dim)) * _unit_view(factor, output, channel_dim)
 
 
