@@ -254,6 +254,26 @@ def test_frozen_statistics_refresh_once_when_training_ends():
     assert all(torch.equal(a, m.running_mean) for a, m in zip(refreshed, norms, strict=True))
 
 
+def test_a_model_saved_right_after_learn_holds_the_statistics_it_acts_with(tmp_path):
+    model = PPO(
+        WnActorCriticPolicy,
+        "CartPole-v1",
+        n_steps=64,
+        batch_size=32,
+        n_epochs=2,
+        seed=0,
+        policy_kwargs=dict(parameterization="weight_norm+mean_only_bn", net_arch=[16]),
+    )
+    model.learn(64, callback=DataDependentInitCallback(n_samples=64))  # ends with training: a refresh is pending
+    model.save(tmp_path / "ppo.zip")
+    loaded = PPO.load(tmp_path / "ppo.zip")
+    obs = torch.as_tensor(np.random.default_rng(0).normal(size=(32, 4)), dtype=torch.float32)
+    model.policy.set_training_mode(False)
+    loaded.policy.set_training_mode(False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.policy.predict_values(obs), model.policy.predict_values(obs), rtol=0, atol=0)
+
+
 def test_ppo_learns_cartpole():
     env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
     model = PPO(

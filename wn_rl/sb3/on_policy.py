@@ -201,6 +201,13 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
             self._norm_batch_samples += _batch_len(obs)
         return super().evaluate_actions(obs, *args, **kwargs)
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict`` after any pending refresh of the norm statistics: ``learn`` ends with a
+        training phase, and a model saved then must hold the statistics it acts with, not the previous ones."""
+        if self._norm_batches:
+            self.refresh_norm_statistics()
+        return super().state_dict(*args, **kwargs)
+
     @th.no_grad()
     def refresh_norm_statistics(self) -> int:
         """Update the running statistics of every norm layer from the kept observations, one forward
