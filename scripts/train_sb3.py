@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
     try:
         summary = run.train()
+    except ConfigError as exc:  # the algorithm rejected the policy or a hyperparameter, before training
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (CheckpointError, NonFiniteTrainingError, EnvNonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

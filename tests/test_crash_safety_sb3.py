@@ -64,6 +64,11 @@ def test_resume_with_a_changed_config_is_refused_unless_forced_safe_keys_allowed
     assert SB3Run(longer, run_dir, resume=True).resume_from == run_dir / "final_model.zip"
 
 
+def test_a_new_run_in_the_directory_of_an_old_one_is_refused(trained):
+    with pytest.raises(ConfigError, match=r"already holds a run[\s\S]*--resume"):
+        SB3Run(load_sb3_config(CONFIG, _overrides(trained, total_timesteps=200)), trained / "run")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_newest_model_falls_back_to_the_previous_one_and_says_so(trained, tmp_path, damage):
     run_dir = tmp_path / "run"
@@ -89,6 +94,14 @@ def test_a_resumed_run_removes_temporary_files_of_killed_writes(trained, tmp_pat
         path.write_bytes(b"PK\x03\x04 half a zip")
     summary = SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path)), run_dir, resume=True).train()
     assert summary["num_timesteps"] == 400 and not any(path.exists() for path in left)
+
+
+def test_a_resumed_run_keeps_its_checkpoint_interval(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained / "run"), str(run_dir)], check=True)
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path, total_timesteps=600)), run_dir, resume=True).train()
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("model_*.zip"))
+    assert saved == ["model_200_steps.zip", "model_400_steps.zip", "model_600_steps.zip"]  # not one right away
 
 
 def test_sigterm_saves_the_model_and_exits_143(tmp_path):

@@ -14,7 +14,7 @@ from stable_baselines3 import DQN
 
 from wn_rl.config import ConfigError
 from wn_rl.sb3.config import build_hyperparameters, build_policy_kwargs, load_sb3_config, resolve_policy
-from wn_rl.sb3.runner import latest_model
+from wn_rl.sb3.runner import SB3Run, latest_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "sb3").glob("*.yaml"))
@@ -55,6 +55,8 @@ def test_every_config_loads_and_resolves(path):
         (["env_id=ALE/Breakout-v5"], "Use BreakoutNoFrameskip-v4"),
         (["total_timesteps=0"], "total_timesteps=0 is invalid"),
         (["init.n_samples=1"], "init.n_samples=1 is invalid"),
+        (["hyperparameters.learning_starts=100"], "init.n_samples=256 needs hyperparameters.learning_starts >= 256"),
+        (["hyperparameters.learning_rate=lin_abc"], "learning_rate='lin_abc' is invalid: expected a number or 'lin_"),
     ],
 )
 def test_bad_configs_fail_with_the_key_and_the_fix(overrides, message):
@@ -72,6 +74,21 @@ def test_policy_kwargs_names_resolve_to_classes():
     assert build_hyperparameters(load_sb3_config(ROOT / "configs" / "sb3" / "ppo_pong_wn.yaml"))["clip_range"](0.5) == (
         pytest.approx(0.05)
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["policy_kwargs.parametrization=weight_norm"], "unexpected keyword argument 'parametrization'"),
+        (["policy=WnCnnPolicy"], "Use WnMlpPolicy for vector observations"),
+        (["env_id=CartPol-v1"], "Did you mean: `CartPole`"),
+    ],
+)
+def test_what_the_algorithm_or_gym_rejects_is_a_config_error_before_any_file(tmp_path, overrides, message):
+    config = load_sb3_config(ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml", [f"runs_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        SB3Run(config, tmp_path / "run").train()
+    assert not any(tmp_path.iterdir())
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -138,6 +155,11 @@ def test_script_rejects_bad_input_before_training(tmp_path):
     result = run_script("--config", "configs/sb3/dqn_cartpole_wn.yaml", "learning_rate=1e-3", f"runs_dir={tmp_path}")
     assert result.returncode == 2
     assert "unknown key 'learning_rate'" in result.stderr
+    assert not any(tmp_path.iterdir())
+    wrong_space = run_script(
+        "--config", "configs/sb3/dqn_cartpole_wn.yaml", "policy=WnCnnPolicy", f"runs_dir={tmp_path}"
+    )
+    assert wrong_space.returncode == 2 and "Use WnMlpPolicy" in wrong_space.stderr
     assert not any(tmp_path.iterdir())
     missing = run_script("--resume", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr

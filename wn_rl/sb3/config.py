@@ -163,8 +163,10 @@ class SB3Config:
             check_env_id(self.env_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        resolve_policy(self.algo, self.policy)
+        policy = resolve_policy(self.algo, self.policy)
         _check_hyperparameters(self.algo, self.hyperparameters)
+        if self.init.enabled and isinstance(policy, type):
+            _check_init_batch(self.algo, self.hyperparameters, self.init.n_samples)
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:
@@ -209,6 +211,38 @@ def _check_hyperparameters(algo: str, hyperparameters: dict[str, Any]) -> None:
                 f"hyperparameters.{key} is not an argument of {ALGORITHMS[algo].__name__}.{_did_you_mean(key, allowed)}"
                 f" Valid keys: {allowed}"
             )
+    for key in _SCHEDULED:
+        value = hyperparameters.get(key)
+        match = _LINEAR.match(value) if isinstance(value, str) else None
+        if isinstance(value, str) and (match is None or not _is_float(match.group(1))):
+            raise ConfigError(
+                f"hyperparameters.{key}={value!r} is invalid: expected a number or 'lin_<start>' for a linear "
+                "decay to 0 (e.g. lin_2.5e-4)"
+            )
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_init_batch(algo: str, hyperparameters: dict[str, Any], n_samples: int) -> None:
+    """Off-policy data-dependent init samples the replay buffer just before the first update: it needs
+    ``learning_starts >= init.n_samples`` (the same rule :class:`wn_rl.sb3.DataDependentInitCallback` enforces
+    at training start, checked here so that the run fails before anything is written)."""
+    parameters = inspect.signature(ALGORITHMS[algo].__init__).parameters
+    if "learning_starts" not in parameters:
+        return
+    learning_starts = hyperparameters.get("learning_starts", parameters["learning_starts"].default)
+    if isinstance(learning_starts, (int, float)) and learning_starts < n_samples:
+        raise ConfigError(
+            f"init.n_samples={n_samples} needs hyperparameters.learning_starts >= {n_samples} (got {learning_starts}): "
+            "data-dependent init uses the replay buffer just before the first update. Raise learning_starts, "
+            "lower init.n_samples, or set init.enabled=false."
+        )
 
 
 def load_sb3_config(path: str | Path | None, overrides: list[str] = ()) -> SB3Config:

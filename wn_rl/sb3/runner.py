@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 import yaml
@@ -134,7 +135,7 @@ class AtomicCheckpointCallback(BaseCallback):
 
     def _init_callback(self) -> None:
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        self._last_saved = self.num_timesteps
+        self._last_saved = self.model.num_timesteps  # a resumed model's count (the callback's is still 0 here)
 
     def _on_step(self) -> bool:
         if self.num_timesteps - self._last_saved >= self.save_freq:
@@ -213,6 +214,12 @@ class SB3Run:
         self.checkpoints: AtomicCheckpointCallback | None = None
         if resume:
             self._check_resume_config(force)
+        elif (self.run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"{self.run_dir} already holds a run: a new one there would mix its checkpoints with the old ones "
+                f"(and --resume could pick an old one). Continue it with --resume {self.run_dir}, or start a new "
+                "run with another run_name."
+            )
         self.resume_from = latest_model(self.run_dir) if resume else None
         if resume and self.resume_from is None:
             raise ConfigError(f"--resume {self.run_dir}: no checkpoint or final model found in this run directory")
@@ -278,16 +285,37 @@ class SB3Run:
             if buffer_path.is_file() and isinstance(model, OffPolicyAlgorithm):
                 model.load_replay_buffer(buffer_path)
             return model
-        return algo_class(
-            resolve_policy(config.algo, config.policy),
-            env,
-            policy_kwargs=build_policy_kwargs(config),
-            seed=config.seed,
-            device=config.device,
-            verbose=config.verbose,
-            tensorboard_log=str(self.run_dir),
-            **kwargs,
-        )
+        policy, policy_kwargs = resolve_policy(config.algo, config.policy), build_policy_kwargs(config)
+        try:
+            return algo_class(
+                policy,
+                env,
+                policy_kwargs=policy_kwargs,
+                seed=config.seed,
+                device=config.device,
+                verbose=config.verbose,
+                tensorboard_log=str(self.run_dir),
+                **kwargs,
+            )
+        except (TypeError, ValueError, AssertionError) as exc:  # SB3 checks some arguments with assert
+            raise ConfigError(
+                f"{algo_class.__name__} with policy={config.policy} and env_id={config.env_id} rejects this config "
+                f"(check policy_kwargs and hyperparameters): {exc}"
+            ) from exc
+
+    def _build(self) -> tuple[VecEnv, BaseAlgorithm]:
+        """The env and the model; an env, policy or hyperparameter that gym or the algorithm rejects is a
+        :class:`ConfigError`, raised before the run directory is written."""
+        config = self.config
+        try:
+            env = self._make_env(config.n_envs, config.seed, subprocess=config.subprocess_envs)
+        except (gym.error.Error, TypeError, ValueError) as exc:
+            raise ConfigError(f"env_id={config.env_id!r} with env_kwargs={config.env_kwargs}: {exc}") from exc
+        try:
+            return env, self._make_model(env)
+        except ConfigError:
+            env.close()
+            raise
 
     def _callbacks(self, model: BaseAlgorithm) -> list[BaseCallback]:
         config = self.config
@@ -326,12 +354,11 @@ class SB3Run:
         config = self.config
         if config.torch_threads:
             th.set_num_threads(config.torch_threads)
+        env, model = self._build()
         if self.resume_from is None:
             self._write_run_files()
         for directory in (self.run_dir, self.run_dir / "checkpoints"):
             remove_temporaries(directory)  # left by a process killed while writing
-        env = self._make_env(config.n_envs, config.seed, subprocess=config.subprocess_envs)
-        model = self._make_model(env)
         start_steps = model.num_timesteps
         remaining = config.total_timesteps - start_steps
         if remaining > 0:
