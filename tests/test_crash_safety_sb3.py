@@ -199,3 +199,34 @@ def test_nan_reward_is_reported_as_coming_from_the_environment(tmp_path):
     assert "environment step 300" in message and "model_200_steps.zip" in message
     replay = run.guard.model.replay_buffer
     assert np.isfinite(replay.rewards[: replay.pos]).all() and replay.pos == 299  # the NaN was never stored
+
+
+def test_a_resumed_run_continues_its_evaluations_and_keeps_the_best_model(tmp_path):
+    evaluate = {"eval.freq": 100, "eval.episodes": 2}
+    run_dir = tmp_path / "run"
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path, **evaluate)), run_dir).train()
+    eval_dir = run_dir / "eval"
+    with np.load(eval_dir / "evaluations.npz") as data:
+        first = {key: data[key].tolist() for key in data.files}
+    assert first["timesteps"] == [100, 200, 300, 400]
+    best_before = (eval_dir / "best_model.zip").read_bytes()
+    # an evaluation at 500 whose checkpoint the kill prevented, and a half-written file of the killed writer
+    np.savez(
+        eval_dir / "evaluations.npz",
+        timesteps=first["timesteps"] + [500],
+        results=first["results"] + [[-1.0, -1.0]],
+        ep_lengths=first["ep_lengths"] + [[1, 1]],
+    )
+    half = eval_dir / ".evaluations.npz.tmp-4242.npz"
+    half.write_bytes(b"PK\x03\x04 half")
+    longer = _overrides(tmp_path, total_timesteps=600, **evaluate)
+    SB3Run(load_sb3_config(CONFIG, longer), run_dir, resume=True).train()
+    with np.load(eval_dir / "evaluations.npz") as data:
+        after = {key: data[key].tolist() for key in data.files}
+    assert after["timesteps"] == [100, 200, 300, 400, 500, 600]  # kept, and 500 evaluated again
+    assert after["results"][:4] == first["results"] and after["results"][4] != [-1.0, -1.0]
+    assert not half.exists() and not list(eval_dir.glob(".*.tmp-*"))
+    improved = max(np.mean(r) for r in after["results"][4:]) > max(np.mean(r) for r in first["results"])
+    assert ((eval_dir / "best_model.zip").read_bytes() != best_before) == improved
+    best_at = DQN.load(eval_dir / "best_model.zip").num_timesteps
+    assert best_at in (after["timesteps"][4:] if improved else first["timesteps"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import re
 import signal
 import threading
@@ -155,6 +156,56 @@ class AtomicCheckpointCallback(BaseCallback):
         if self.verbose:
             print(f"checkpoint: {path}")
         return path
+
+
+class ResumableEvalCallback(EvalCallback):
+    """SB3's ``EvalCallback`` for runs that can be killed and resumed, writing into ``eval_dir``:
+
+    - ``evaluations.npz`` and ``best_model.zip`` are written atomically (temp file, fsync, rename), so a kill
+      or a full disk leaves the previous file, never a truncated one;
+    - a resumed run continues the evaluations it finds there instead of overwriting them with its own,
+      and keeps the best mean return so far, so a worse model does not replace ``best_model.zip``.
+      Evaluations recorded after the resumed model's step (the run was killed after them, before its next
+      checkpoint) are dropped: the resumed run evaluates those steps again."""
+
+    def __init__(self, eval_env: Any, eval_dir: Path, **kwargs: Any) -> None:
+        super().__init__(eval_env, log_path=str(eval_dir), best_model_save_path=None, **kwargs)
+        self.eval_dir = Path(eval_dir)
+        self.evaluations_path = self.eval_dir / "evaluations.npz"
+        # SB3 writes here with np.savez, then this callback moves the file into place atomically
+        self.log_path = str(self.eval_dir / f".evaluations.npz.tmp-{os.getpid()}.npz")
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        if self.evaluations_path.is_file():
+            self._continue(self.model.num_timesteps)
+
+    def _continue(self, num_timesteps: int) -> None:
+        try:
+            with np.load(self.evaluations_path) as data:
+                history = {key: data[key].tolist() for key in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            warnings.warn(f"{self.evaluations_path} is unreadable ({exc}); evaluations start afresh", stacklevel=2)
+            return
+        if history["results"]:
+            self.best_mean_reward = max(float(np.mean(r)) for r in history["results"])
+        keep = [i for i, t in enumerate(history["timesteps"]) if t <= num_timesteps]
+        self.evaluations_timesteps = [history["timesteps"][i] for i in keep]
+        self.evaluations_results = [history["results"][i] for i in keep]
+        self.evaluations_length = [history["ep_lengths"][i] for i in keep]
+        if "successes" in history:
+            self.evaluations_successes = [history["successes"][i] for i in keep]
+
+    def _on_step(self) -> bool:
+        best = self.best_mean_reward
+        continue_training = super()._on_step()
+        written = Path(self.log_path)
+        if written.is_file():
+            atomic_write_bytes(self.evaluations_path, written.read_bytes())
+            written.unlink()
+        if self.best_mean_reward > best:
+            save_model_atomically(self.model, self.eval_dir / "best_model.zip")
+        return continue_training
 
 
 class _StopOnSignal(BaseCallback):
@@ -337,12 +388,11 @@ class SB3Run:
         if config.eval.freq:
             eval_env = self._make_env(1, config.seed + 10_000)
             callbacks.append(
-                EvalCallback(
+                ResumableEvalCallback(
                     model._wrap_env(eval_env, verbose=0),
+                    self.run_dir / "eval",
                     n_eval_episodes=config.eval.episodes,
                     eval_freq=max(config.eval.freq // config.n_envs, 1),
-                    log_path=str(self.run_dir / "eval"),
-                    best_model_save_path=str(self.run_dir / "eval"),
                     deterministic=config.eval.deterministic,
                     verbose=config.verbose,
                 )
@@ -357,7 +407,7 @@ class SB3Run:
         env, model = self._build()
         if self.resume_from is None:
             self._write_run_files()
-        for directory in (self.run_dir, self.run_dir / "checkpoints"):
+        for directory in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "eval"):
             remove_temporaries(directory)  # left by a process killed while writing
         start_steps = model.num_timesteps
         remaining = config.total_timesteps - start_steps
