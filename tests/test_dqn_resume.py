@@ -24,7 +24,7 @@ from agents.dqn.config import EnvConfig, load_dqn_config
 from agents.dqn.env_state import EnvStateError, capture, restore
 from agents.dqn.envs import make_env
 from agents.dqn.runner import Trainer
-from wn_rl.checkpoint import complete_checkpoints, load_checkpoint, read_marker
+from wn_rl.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, read_marker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -266,3 +266,48 @@ def test_sigkill_at_random_moments_then_rerunning_the_command_completes_identica
     config = load_dqn_config(str(run_dir / "config.yaml"), [f"run.runs_dir={tmp_path}", "run.name=straight"])
     Trainer(config, tmp_path / "straight").run()
     assert _differences(_final_state(tmp_path / "straight"), _final_state(run_dir)) == []
+
+
+def _scalar_steps(run_dir: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_curves_continue_without_duplicate_steps_after_a_kill(tmp_path):
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0})
+    killed = Trainer(config, tmp_path / "run")
+    killed.start()
+    killed.advance(300)  # logs 100..300, checkpoint at 200; the steps after it die with the process
+    killed.writer.flush()  # what reached the event file before the kill
+    killed.env.close()
+    Trainer(config, tmp_path / "run").run()
+    steps = _scalar_steps(tmp_path / "run")
+    assert steps["train/epsilon"] == [100, 200, 300, 400]
+    assert all(s == sorted(set(s)) for s in steps.values()), steps
+
+
+def test_a_forced_resume_the_checkpoint_cannot_follow_fails_clearly_and_keeps_the_run_config(tmp_path):
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    Trainer(config, tmp_path / "run").run()
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    changed = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "network.hidden_sizes": "[32]"})
+    trainer = Trainer(changed, tmp_path / "run", force=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint_000000000200\.pt does not fit this run's config"):
+        trainer.run()
+    trainer.env.close()
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved  # the unchanged command still resumes
+    assert Trainer(config, tmp_path / "run").run()["agent_steps"] == 200
+
+
+def test_tensorboard_curves_restart_cleanly_after_a_kill_before_the_first_checkpoint(tmp_path):
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0})
+    killed = Trainer(config, tmp_path / "run")
+    killed.start()
+    killed.advance(150)  # logs at 100, dies before the first checkpoint (200): the rerun starts afresh
+    killed.writer.flush()
+    killed.env.close()
+    Trainer(config, tmp_path / "run").run()
+    assert _scalar_steps(tmp_path / "run")["train/epsilon"] == [100, 200, 300, 400]

@@ -57,6 +57,7 @@ from agents.dqn.run_state import (
     set_rng_state,
 )
 from wn_rl.checkpoint import (
+    CheckpointError,
     atomic_write_bytes,
     latest_checkpoint,
     load_checkpoint,
@@ -159,7 +160,10 @@ class Trainer:
             protocol_settings(config.env)["terminal_on_life_loss"]
         )
         a = config.agent
-        self.replay = ReplayMemory(
+        q_network = build_q_network(config.network, self.spec).to(self.device)
+        planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
+        self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
+        self.replay = ReplayMemory(  # last: a network or update mode that cannot work fails before this allocation
             a.replay_capacity_transitions,
             self.spec.num_envs,
             self.spec.frame_shape,
@@ -168,9 +172,6 @@ class Trainer:
             a.n_step,
             self.device,
         )
-        q_network = build_q_network(config.network, self.spec).to(self.device)
-        planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
-        self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
         self.switch_modes = has_batch_statistics(q_network)
         overlap = resolve_overlap(config.run.overlap_updates, self.device, self.spec.suite)
         self.update_runner = UpdateRunner(self.learner, self.replay, a.batch_size, overlap)
@@ -233,7 +234,15 @@ class Trainer:
         if path is None:
             return False
         state = load_checkpoint(path, map_location=self.device)
-        self.learner.load_state_dict(state["learner"])
+        try:
+            self.learner.load_state_dict(state["learner"])
+            if "replay" in state:
+                self.replay.load_state_dict(state["replay"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # a resume forced past the config check
+            raise CheckpointError(
+                f"{path} does not fit this run's config ({exc}). Resume with the run's saved config "
+                f"({self.run_dir / 'config.yaml'}) or start a new run (run.name=...)."
+            ) from exc
         self.update_runner.mark_changed()
         counters = state["counters"]
         self.agent_step = int(counters["agent_step"])
@@ -242,8 +251,6 @@ class Trainer:
         self.learn_after = int(counters.get("learn_after", 0))
         self.history = list(state["history"])
         set_rng_state(state["rng"])
-        if "replay" in state:
-            self.replay.load_state_dict(state["replay"])
         self._saved_loop = games_for_config(state.get("loop"), state["config"], config_dict(self.config))
         self.resumed_from = self.last_checkpoint = path
         return True
@@ -368,13 +375,16 @@ class Trainer:
             store()
 
     def start(self) -> None:
-        """Write the run files, resume from the newest checkpoint if any, open TensorBoard, reset the envs."""
-        self._write_run_files()
+        """Resume from the newest checkpoint if any, write the run files, open TensorBoard, reset the envs."""
         removed = remove_incomplete(self.run_dir / "checkpoints")  # left by a process killed while writing
         if removed:
             print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
         resumed = self.resume()
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self._write_run_files()  # after the checkpoint loaded: a resume that fails keeps the run's config.yaml
+        # TensorBoard drops what an earlier process logged after the checkpoint (the steps redone now; all of
+        # it when none was written); what it logged at the checkpoint's own step came before it and stays.
+        purge_step = self.agent_step + 1 if resumed else 0
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
         self._compiled_check_logged = False
         why_fresh = self._continue_games() if resumed else "a new run"
         if resumed:
