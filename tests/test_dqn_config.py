@@ -57,6 +57,8 @@ def test_default_learning_rate_follows_the_parameterization():
         ("env.suite=atari2600", r"env\.suite: 'atari2600' is not one of"),
         ("run.device=tpu", r"run\.device='tpu'"),
         ("agent.epsilon_end=2", r"agent\.epsilon_end=2\.0 is invalid"),
+        ("run.seed=-1", r"run\.seed=-1 is invalid: expected an integer in \[0, 2\*\*30\)"),
+        ("run.seed=3000000000", r"run\.seed=3000000000 is invalid: expected an integer in \[0, 2\*\*30\)"),
     ],
 )
 def test_bad_values_fail_naming_file_key_and_value(override, pattern):
@@ -100,3 +102,24 @@ def test_train_script_reports_config_errors_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "agent.gamma=-1" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing created
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["network.parameterization=batch_norm", "agent.update_mode=compiled"], "cannot run a network with batch"),
+        (["network.architecture=nature_cnn"], "expects 3-D observations"),
+    ],
+)
+def test_a_network_or_update_mode_that_cannot_work_fails_before_the_replay_is_allocated(
+    tmp_path, monkeypatch, overrides, pattern
+):
+    import agents.dqn.runner as runner
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the replay memory was allocated before the error")
+
+    monkeypatch.setattr(runner, "ReplayMemory", no_allocation)
+    config = load_dqn_config("configs/dqn/cartpole.yaml", [*overrides, "run.device=cpu", f"run.runs_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=pattern):
+        runner.Trainer(config, tmp_path / "run")

@@ -281,6 +281,8 @@ def _check_eval(v: EvalConfig) -> None:
 
 def _check_run(r: RunConfig) -> None:
     check(r.total_agent_steps >= 1, "run.total_agent_steps", r.total_agent_steps, "at least 1")
+    seed_ok = 0 <= r.seed < 2**30  # the envs are seeded with run.seed + agent step; ALE takes 32-bit signed seeds
+    check(seed_ok, "run.seed", r.seed, "an integer in [0, 2**30) (gymnasium refuses negative seeds, ALE large ones)")
     ok_device = r.device in ("auto", "cpu", "cuda", "mps") or r.device.startswith("cuda:")
     check(ok_device, "run.device", r.device, "auto, cpu, cuda, cuda:N or mps")
     for key in ("log_every_agent_steps", "wn_stats_every_agent_steps"):
