@@ -22,6 +22,7 @@ from agents.dqn.evaluation import evaluate, select_actions
 from agents.dqn.networks import build_q_network
 from agents.dqn.runner import pick_device
 from wn_rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from wn_rl.config import ConfigError
 
 
 def _frame_image(obs: np.ndarray, suite: str) -> np.ndarray:
@@ -75,16 +76,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", type=Path, default=None, help="write a .gif or .mp4 of env 0 playing")
     parser.add_argument("--video-steps", type=int, default=5000, help="at most this many agent steps in the video")
     args = parser.parse_args(argv)
+    if args.games is not None and args.games < 1:
+        parser.error(f"--games {args.games}: give at least 1 complete game (or leave it out for the run's eval.games)")
+    if args.epsilon is not None and not 0.0 <= args.epsilon <= 1.0:
+        parser.error(f"--epsilon {args.epsilon}: expected a probability in [0, 1] (the paper evaluates at 0.05)")
+    if args.video_steps < 1:
+        parser.error(f"--video-steps {args.video_steps}: expected at least 1 agent step")
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         print(f"error: {run_dir} has no config.yaml; pass a directory written by scripts/train_dqn.py", file=sys.stderr)
         return 2
-    config = load_dqn_config(str(run_dir / "config.yaml"))
+    try:
+        config = load_dqn_config(str(run_dir / "config.yaml"))
+        device = pick_device(args.device)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.video is not None and config.env.suite not in ("atari", "minatar"):
+        print(
+            f"error: --video needs image observations (Atari or MinAtar), not env.suite={config.env.suite!r}; "
+            "leave out --video",
+            file=sys.stderr,
+        )
+        return 2
     path = latest_checkpoint(run_dir / "checkpoints")
     if path is None:
         print(f"error: {run_dir / 'checkpoints'} holds no complete checkpoint", file=sys.stderr)
         return 2
-    device = pick_device(args.device)
     try:
         state = load_checkpoint(path, map_location=device)
     except CheckpointError as exc:
@@ -96,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     q_network = build_q_network(config.network, env.spec).to(device)
     q_network.load_state_dict(state["learner"]["q_network"])
     epsilon = v.epsilon if args.epsilon is None else args.epsilon
-    result = evaluate(q_network, env, args.games or v.games, epsilon, seed=2**20, device=device)
+    games = v.games if args.games is None else args.games
+    result = evaluate(q_network, env, games, epsilon, seed=2**20, device=device)
     result.update(checkpoint=str(path), agent_step=state["counters"]["agent_step"], epsilon=epsilon)
     if args.video is not None:
         video_env = make_env(e, evaluation=True, num_envs=1, eval_limit=limit)

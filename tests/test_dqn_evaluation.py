@@ -1,11 +1,20 @@
 """Evaluation plays a fixed quota of complete games per env, so short games are not over-counted."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
+import yaml
 from torch import nn
 
+from agents.dqn.config import config_dict, load_dqn_config
 from agents.dqn.envs import EnvSpec, StepResult
 from agents.dqn.evaluation import best_epoch_mean, evaluate, game_quotas, select_actions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _FixedLengthGames:
@@ -59,3 +68,20 @@ def test_epsilon_greedy_actions():
     random_share = (select_actions(q, obs, 0.5, 4) != 2).float().mean().item()
     assert 0.3 < random_share < 0.45  # 0.5 * 3/4 expected
     assert select_actions(None, obs, 1.0, 4).unique().numel() == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--games", "0"], "--games 0: give at least 1 complete game"),
+        (["--games", "-2"], "--games -2: give at least 1 complete game"),
+        (["--epsilon", "2"], "--epsilon 2.0: expected a probability in [0, 1]"),
+        (["--video", "cartpole.gif"], "--video needs image observations (Atari or MinAtar), not env.suite='gym'"),
+    ],
+)
+def test_evaluate_script_refuses_bad_arguments_before_playing(tmp_path, args, message):
+    config = load_dqn_config(str(ROOT / "configs" / "dqn" / "cartpole.yaml"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_dict(config)))  # a run without a checkpoint yet
+    script = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path), *args]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
