@@ -24,7 +24,7 @@ from agents.dqn.config import EnvConfig, load_dqn_config
 from agents.dqn.env_state import EnvStateError, capture, restore
 from agents.dqn.envs import make_env
 from agents.dqn.runner import Trainer
-from wn_rl.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, read_marker
+from wn_rl.checkpoint import MARKER_SUFFIX, CheckpointError, complete_checkpoints, load_checkpoint, read_marker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -311,3 +311,15 @@ def test_tensorboard_curves_restart_cleanly_after_a_kill_before_the_first_checkp
     killed.env.close()
     Trainer(config, tmp_path / "run").run()
     assert _scalar_steps(tmp_path / "run")["train/epsilon"] == [100, 200, 300, 400]
+
+
+def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
+    """Rewriting checkpoint_N.pt in place would leave it unverifiable if killed before its new marker."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    Trainer(config, tmp_path / "run").run()
+    (checkpoint,) = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    marker = checkpoint.with_name(checkpoint.name + MARKER_SUFFIX)
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (checkpoint, marker)]
+    summary = Trainer(config, tmp_path / "run").run()
+    assert summary["agent_steps"] == 200 and summary["checkpoint"] == str(checkpoint)
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (checkpoint, marker)] == before

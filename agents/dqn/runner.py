@@ -259,6 +259,12 @@ class Trainer:
         """Write a checkpoint of everything needed to continue (atomic; prunes old ones). Raises
         :class:`NonFiniteError` instead when a non-finite step was seen: such a state is never saved."""
         self.learner.raise_if_nonfinite()
+        path = self.run_dir / "checkpoints" / f"checkpoint_{self.agent_step:012d}.pt"
+        if path == self.last_checkpoint and path.is_file():
+            # Written or loaded at this very step (a finished run rerun, a stop right after a resume): the
+            # state is the same, and rewriting the file in place would open a window in which a kill leaves
+            # it without a matching marker, so the run's newest checkpoint would be lost.
+            return path
         self._store_pending()
         payload = {
             "learner": self.learner.state_dict(),
@@ -282,7 +288,6 @@ class Trainer:
         }
         if self.config.run.save_replay:
             payload["replay"] = self.replay.state_dict()
-        path = self.run_dir / "checkpoints" / f"checkpoint_{self.agent_step:012d}.pt"
         save_checkpoint(path, payload, metadata={"agent_step": self.agent_step, "updates": self.learner.updates})
         self.last_checkpoint = path
         prune_checkpoints(self.run_dir / "checkpoints", self.config.run.keep_checkpoints)
