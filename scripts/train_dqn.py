@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, NonFiniteError, EnvNonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. runs_dir not writable: the message names the path
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted again: quit without a new checkpoint; the previous one is intact", file=sys.stderr)
         return 130

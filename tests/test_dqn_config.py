@@ -59,6 +59,7 @@ def test_default_learning_rate_follows_the_parameterization():
         ("agent.epsilon_end=2", r"agent\.epsilon_end=2\.0 is invalid"),
         ("run.seed=-1", r"run\.seed=-1 is invalid: expected an integer in \[0, 2\*\*30\)"),
         ("run.seed=3000000000", r"run\.seed=3000000000 is invalid: expected an integer in \[0, 2\*\*30\)"),
+        ("network.hidden_sizes=[]", r"network\.hidden_sizes=\(\) is invalid: expected one or more positive widths"),
     ],
 )
 def test_bad_values_fail_naming_file_key_and_value(override, pattern):
@@ -102,6 +103,23 @@ def test_train_script_reports_config_errors_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "agent.gamma=-1" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing created
+
+
+def test_train_script_reports_an_unwritable_runs_dir_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "blocker").write_text("a file where the runs directory should be")  # fails even as root
+    overrides = [f"run.runs_dir={tmp_path / 'blocker'}", "env.suite=gym", "env.name=CartPole-v1", "env.num_envs=1"]
+    overrides += ["network.architecture=mlp", "run.device=cpu"]
+    proc = subprocess.run(
+        [sys.executable, "scripts/train_dqn.py", "--config", "configs/dqn/cartpole.yaml", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "blocker" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

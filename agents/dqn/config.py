@@ -238,7 +238,8 @@ def _check_network(n: NetworkConfig) -> None:
         n.parameterization,
         f"one of {sorted(PARAMETERIZATIONS)}",
     )
-    check(all(h > 0 for h in n.hidden_sizes), "network.hidden_sizes", n.hidden_sizes, "positive widths")
+    widths_ok = len(n.hidden_sizes) > 0 and all(h > 0 for h in n.hidden_sizes)
+    check(widths_ok, "network.hidden_sizes", n.hidden_sizes, "one or more positive widths, e.g. [64, 64]")
     check(_positive(n.head_init_scale), "network.head_init_scale", n.head_init_scale, "a positive number")
     check(n.ddi_batch_size >= 2, "network.ddi_batch_size", n.ddi_batch_size, "at least 2")
 
