@@ -210,3 +210,29 @@ def test_float64_models_are_initialised_in_float64(parameterization):
         mean, std = unit_stats(out)
         assert mean.abs().max() < 1e-12, mean.abs().max()
         torch.testing.assert_close(std, torch.full_like(std, scale), rtol=1e-12, atol=0)
+
+
+class _FailsAfterTheFirstLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.norm, self.second = WNLinear(4, 8), MeanOnlyBatchNorm(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.norm(self.first(x))
+        if h.shape[0] > 1:
+            raise RuntimeError("a bug further down the model")
+        return self.second(h)
+
+
+def test_a_failing_pass_leaves_the_model_as_it_was():
+    """The first layer (and its batch norm) were initialised before the error: that is undone, in place."""
+    torch.manual_seed(0)
+    model = _FailsAfterTheFirstLayer()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    g = model.first.g
+    with pytest.raises(RuntimeError, match="further down"):
+        data_dependent_init(model, torch.randn(16, 4) * 3 + 1)
+    after = model.state_dict()
+    assert set(after) == set(before) | {"second.initialized"}  # the plain layer got its (unset) flag
+    assert all(torch.equal(after[k], t) for k, t in before.items())
+    assert not bool(after["second.initialized"]) and model.first.g is g  # restored in place

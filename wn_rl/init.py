@@ -301,15 +301,19 @@ def data_dependent_init(
     affine = [m for m in model.modules() if isinstance(m, _AFFINE_NORM_TYPES)]
     handles += [m.register_forward_hook(init_pass.affine_norm_hook) for m in affine]
     was_training = model.training
+    before = {k: t.detach().clone() if isinstance(t, Tensor) else t for k, t in model.state_dict().items()}
     model.eval()
     try:
         with torch.no_grad():
             _call(model, batch, forward)
+        _check_finite(model)
+    except BaseException:
+        model.load_state_dict(before)  # in place (optimizers keep their references): no half-initialised model
+        raise
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    _check_finite(model)
     not_reached = [n for n, m in targets.items() if id(m) not in init_pass.done]
     if not_reached:
         warnings.warn(f"data-dependent init never reached these layers (left unchanged): {not_reached}", stacklevel=2)
