@@ -127,3 +127,10 @@ def test_frozen_layers_stay_frozen():
     folded = remove_weight_norm(converted)
     assert not any(p.requires_grad for p in folded[:3].parameters())
     assert all(p.requires_grad for p in folded[3].parameters())
+
+
+def test_a_layer_that_cannot_be_converted_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (4, 1, 1)), nn.ConvTranspose2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match=r"\['2'\].*groups != 1.*model is unchanged"):
+        weight_norm(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Unflatten, nn.ConvTranspose2d]

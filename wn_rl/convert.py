@@ -81,8 +81,6 @@ def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
         nn.Module.__init__(layer)
         for name in _CONV_HYPERPARAMETERS:
             setattr(layer, name, getattr(plain, name))
-        if layer.transposed and layer.groups != 1:
-            raise ValueError(f"cannot weight-normalize {plain}: transposed convs with groups != 1 are unsupported")
         layer._setup_wn(
             tuple(plain.weight.shape),
             plain.out_channels if plain.bias is not None else None,
@@ -132,6 +130,21 @@ def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module
     return None
 
 
+def _check_convertible(module: nn.Module) -> None:
+    """Refuse, before anything is replaced, layers ``weight_norm`` cannot convert (no half-converted model)."""
+    grouped = [
+        name or type(m).__name__
+        for name, m in module.named_modules()
+        if type(m) in _TO_WN and getattr(m, "transposed", False) and m.groups != 1
+    ]
+    if grouped:
+        raise ValueError(
+            f"cannot weight-normalize {grouped}: transposed convs with groups != 1 are unsupported (one g per "
+            "output channel would span the groups' separate weights). The model is unchanged; use groups=1 there "
+            "or convert the other layers one by one."
+        )
+
+
 def _replace_leaves(
     module: nn.Module, replace: Callable[[nn.Module], nn.Module | None], done: dict[int, nn.Module]
 ) -> nn.Module:
@@ -164,6 +177,7 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     """
     _check_scale(scale)
     init_scale = _check_init_scale(init_scale)
+    _check_convertible(module)
     skipped = [name for name, child in module.named_modules() if name and isinstance(child, _NOT_CONVERTED)]
     module = _replace_leaves(module, lambda leaf: _convert_leaf(leaf, init_scale, scale), {})
     if skipped:
