@@ -425,3 +425,8 @@ def test_mean_only_batch_norm_supports_double_backward():
     x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
     bias = bn.bias
     assert torch.autograd.gradgradcheck(lambda x, b: torch.func.functional_call(bn, {"bias": b}, (x,)) ** 2, (x, bias))
+
+
+def test_mean_only_batch_norm_refuses_a_cumulative_average_clearly():
+    with pytest.raises(ValueError, match=r"momentum=None must be a number in \[0, 1\].*not supported"):
+        MeanOnlyBatchNorm(4, momentum=None)

@@ -1,5 +1,6 @@
 """The parameterization switch and its builders."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -48,6 +49,12 @@ def test_mlp_overrides_and_unnormalised_head():
     assert net[-1].init_scale == 0.01 and net[-1].bias is not None
     assert Parameterization.get("weight_norm+mean_only_bn").without_norm().name == "weight_norm"
     assert Parameterization.get("mean_only_bn").without_norm().name == "normal"
+    scales = [
+        layer.init_scale
+        for layer in wn_rl.mlp([4, 8, 2], init_scales=np.float32(0.5)).modules()
+        if hasattr(layer, "init_scale")
+    ]
+    assert scales == [0.5, 0.5]  # a numpy scalar (e.g. from a config array) is one scale for all layers
 
 
 def test_unknown_names_and_bad_sizes_are_explained():

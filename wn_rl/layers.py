@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -550,8 +551,11 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum={momentum!r} must lie in [0, 1] (weight of the new batch mean)")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"momentum={momentum!r} must be a number in [0, 1] (weight of the new batch mean); a cumulative "
+                "average (nn.BatchNorm's momentum=None) is not supported"
+            )
         self.num_features = num_features
         self.momentum = momentum
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))

@@ -23,6 +23,7 @@ Layers followed by a normalisation get no bias of their own (the norm's bias tak
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -250,7 +251,7 @@ def mlp(
     if len(sizes) < 2:
         raise ValueError(f"mlp needs at least an input and an output size, got sizes={list(sizes)}")
     n_layers = len(sizes) - 1
-    scales = [float(init_scales)] * n_layers if isinstance(init_scales, (int, float)) else list(init_scales)
+    scales = [float(init_scales)] * n_layers if isinstance(init_scales, numbers.Real) else list(init_scales)
     if len(scales) != n_layers:
         raise ValueError(f"init_scales has {len(scales)} entries for {n_layers} layers")
     default = Parameterization.get(parameterization)
