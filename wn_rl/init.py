@@ -262,7 +262,10 @@ def data_dependent_init(
             ``model(**batch)`` for a dict). Use a few hundred real examples; at least 2 are required.
         force: re-initialise layers that are already initialised. Without it a model whose layers all
             carry the ``initialized`` flag (a buffer, so it survives ``state_dict`` round trips) is left
-            unchanged with a warning, and only not-yet-initialised layers are set otherwise.
+            unchanged with a warning, and only not-yet-initialised layers are set otherwise. Plain layers get
+            that buffer from this call, so a freshly built plain model loads the resulting ``state_dict``
+            after ``wn_rl.layers.mark_initializable`` on each of its ``initializable_layers`` (or with
+            ``strict=False``); layers built by :class:`wn_rl.Parameterization` carry it from the start.
         forward: optional ``forward(model, batch)`` for models whose forward takes something else.
 
     Returns:
