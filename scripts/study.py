@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     if todo and not args.analyze_only:
-        failed = _execute(study, todo, args)
+        try:
+            failed = _execute(study, todo, args)
+        except KeyboardInterrupt:
+            print("\ninterrupted: no further run was started; run the same command again to continue", file=sys.stderr)
+            return 130
     try:
         paths = analyze_study(study, specs)
     except FileNotFoundError as exc:

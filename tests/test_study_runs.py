@@ -152,3 +152,32 @@ def test_run_lock_keeps_two_drivers_off_one_run(tmp_path: Path, capsys: pytest.C
     out = capsys.readouterr().out
     assert "is already being run by" in out and run_lock.exists()
     assert not (run_lock.parent / "config.yaml").exists()
+
+
+def test_ctrl_c_starts_no_further_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the first run presses Ctrl-C on the driver (as a terminal does for the whole process group): the
+    # runs still queued must not start afterwards, and the driver says how to continue
+    ran = tmp_path / "ran.txt"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"with open({str(ran)!r}, 'a') as f:\n"
+        "    f.write(sys.argv[-3] + '\\n')\n"
+        "os.kill(os.getppid(), signal.SIGINT)\n"
+        "time.sleep(1)\n"
+    )
+    args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", f"train_script={script}", TINY]
+    assert study_script.main([*args, "--jobs", "1"]) == 130
+    assert len(ran.read_text().splitlines()) == 1
+    assert "run the same command again" in capsys.readouterr().err
+
+
+def test_grid_values_reach_the_runs_exactly(tmp_path: Path) -> None:
+    grid = "grid={agent.lr: [null, 0.001], agent.gamma: [0.9999995]}"
+    study = load_study_config(REPO / "configs/studies/smoke_cartpole.yaml", [grid, f"runs_dir={tmp_path}"])
+    specs = plan_runs(study)
+    assert [s.name.split("__", 2)[-1] for s in specs[:2]] == ["lr-None__gamma-1", "lr-0.001__gamma-1"]
+    assert "agent.lr=null" in specs[0].overrides and "agent.gamma=0.9999995" in specs[0].overrides
+    same = "grid={agent.gamma: [0.9999995, 0.9999996]}"
+    with pytest.raises(ConfigError, match=r"share the run directory .*gamma-1"):
+        plan_runs(load_study_config(REPO / "configs/studies/smoke_cartpole.yaml", [same]))

@@ -132,10 +132,15 @@ def run_local(
             pool.submit(execute_command, n, cmd, log, threads, cwd, run_dir)
             for n, cmd, log, run_dir in _jobs(study, specs)
         ]
-        for future in as_completed(futures):
-            outcomes.append(future.result())
-            if on_done is not None:
-                on_done(outcomes[-1], len(outcomes), len(futures))
+        try:
+            for future in as_completed(futures):
+                outcomes.append(future.result())
+                if on_done is not None:
+                    on_done(outcomes[-1], len(outcomes), len(futures))
+        except BaseException:  # Ctrl-C: the runs not started yet must not start while the pool winds down
+            for future in futures:
+                future.cancel()
+            raise
     return outcomes
 
 

@@ -145,6 +145,14 @@ def _format_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _override_value(value: Any) -> str:
+    """A grid value as the run's ``key=value`` override: exact (``_format_value`` rounds floats to six
+    digits for the run name) and ``null`` for None, as the YAML override parser reads them."""
+    if isinstance(value, float):
+        return repr(value)
+    return "null" if value is None else _format_value(value)
+
+
 def _run_name(point: dict[str, Any]) -> str:
     parts = [f"{key.split('.')[-1]}-{_format_value(value)}" for key, value in point.items()]
     return "__".join(parts).replace("/", "_").replace(" ", "")
@@ -165,12 +173,18 @@ def plan_runs(study: StudyConfig) -> list[RunSpec]:
             f"train_script={study.train_script!r} does not exist; run the study from the repository root "
             "or set train_script to the path of scripts/train_dqn.py"
         )
-    specs = []
+    specs: list[RunSpec] = []
     for point in expand_grid(study.grid):
         name = _run_name(point)
+        same = next((s for s in specs if s.name == name), None)
+        if same is not None:
+            raise ConfigError(
+                f"study {study.name!r}: grid points {same.point} and {point} share the run directory {name}; "
+                "make the values differ in their first six significant digits"
+            )
         overrides = (
             *study.overrides,
-            *(f"{k}={_format_value(v)}" for k, v in point.items()),
+            *(f"{k}={_override_value(v)}" for k, v in point.items()),
             f"run.runs_dir={study.study_dir}",
             f"run.name={name}",
             f"run.torch_threads={study.torch_threads}",
