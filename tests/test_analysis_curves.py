@@ -149,3 +149,20 @@ def test_sweep_figure(study_dir: Path, tmp_path: Path) -> None:
     summaries = [summarize_run(r, ["network.parameterization"]) for r in runs]
     out = plot_sweep(runs, summaries, "agent.lr", ["network.parameterization"], tmp_path / "sweep.png", title="t")
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+
+
+def test_report_of_a_partial_study_where_groups_share_no_task(tmp_path: Path) -> None:
+    # analysing a study early: normal has data on breakout only, weight norm on asterix only
+    write_run(tmp_path, "breakout_n0", "normal", 0, "breakout", {500: 1.0})
+    write_run(tmp_path, "asterix_w0", "weight_norm", 0, "asterix", {500: 2.0})
+    runs = [load_run(tmp_path / name) for name in ("breakout_n0", "asterix_w0")]
+    summaries = [summarize_run(r, ["network.parameterization"]) for r in runs]
+    rows = improvement_rows(summaries, reps=200)
+    assert rows == [
+        {
+            "comparison": "P(weight_norm > normal)",
+            "tasks": "0",
+            "final eval": "n/a (no task in common)",
+            "AUC eval": "n/a (no task in common)",
+        }
+    ]

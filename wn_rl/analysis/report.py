@@ -190,6 +190,9 @@ def improvement_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed:
     for group in groups[1:]:
         tasks = [t for t in dict.fromkeys(s.task for s in summaries) if _has(summaries, t, group, baseline)]
         row = {"comparison": f"P({group} > {baseline})", "tasks": str(len(tasks))}
+        if not tasks:
+            rows.append({**row, "final eval": "n/a (no task in common)", "AUC eval": "n/a (no task in common)"})
+            continue
         for label, attribute in (("final eval", "final_eval"), ("AUC eval", "auc_eval")):
             x, y = (_matrix(summaries, tasks, g, attribute) for g in (group, baseline))
             if x is None or y is None:
