@@ -2,8 +2,10 @@
 fallback to the previous complete checkpoint, clear errors on unwritable paths and full disks."""
 
 import errno
+import io
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +116,39 @@ def test_remove_incomplete_deletes_only_what_killed_writers_left(tmp_path):
     assert sorted(ck.remove_incomplete(tmp_path)) == sorted([temporary, unmarked])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept.name, kept.name + ck.MARKER_SUFFIX, "notes.txt"])
     assert load_checkpoint(kept)["step"] == 10
+
+
+def test_a_full_disk_inside_torch_save_is_a_checkpoint_error_naming_the_path(tmp_path, monkeypatch):
+    # a real full disk fails torch.save's own writes, which torch reports as a RuntimeError of its zip writer
+    old = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
+    real_open = open
+
+    class FullDisk(io.FileIO):  # the disk fills up after the first kilobyte of the file
+        def write(self, data):
+            if self.tell() + len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(
+        ck, "open", lambda p, mode="r": FullDisk(p, mode) if "w" in mode else real_open(p, mode), raising=False
+    )
+    with pytest.raises(CheckpointError, match=r"checkpoint_000020\.pt: No space left on device \(errno 28\)"):
+        save_checkpoint(tmp_path / "checkpoint_000020.pt", _payload(20))
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name, old.name + ck.MARKER_SUFFIX]
+
+
+def test_numpy_scalars_are_refused_before_writing(tmp_path):
+    # numpy.float64 is a float subclass; written as is, the checkpoint would never load with weights_only
+    with pytest.raises(TypeError, match=r"payload\['history'\]\[0\]\['return'\] is a float64"):
+        save_checkpoint(tmp_path / "c.pt", {"history": [{"return": np.float64(1.5)}]})
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("version", [0, -1, True])
+def test_format_versions_below_1_are_refused(tmp_path, version):
+    path = tmp_path / "c.pt"
+    torch.save({"format_version": version}, path)
+    with pytest.raises(CheckpointError, match=r"format_version .* reads versions 1\.\.1"):
+        load_checkpoint(path, verify=False)

@@ -48,7 +48,9 @@ class CheckpointError(RuntimeError):
 
 
 def _check_plain(value: Any, where: str) -> None:
-    if isinstance(value, (torch.Tensor, *_PLAIN)):
+    # exact types: subclasses such as numpy.float64 (a float) or an IntEnum pickle as their own class,
+    # which torch.load(weights_only=True) refuses, so the checkpoint would be written but never load
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -130,8 +132,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], *, metadat
                     digest.update(chunk)
                     size += len(chunk)
             os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc} (errno {exc.errno})") from exc
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write (full disk) as a RuntimeError of its zip writer, raised while
+        # handling the OSError of the file's write
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {cause.strerror or cause} (errno {cause.errno})"
+        ) from exc
     marker = {"file": path.name, "bytes": size, "sha256": digest.hexdigest(), "format_version": FORMAT_VERSION}
     marker["metadata"] = metadata or {}
     atomic_write_bytes(_marker(path), json.dumps(marker, indent=1).encode())
@@ -181,7 +190,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, verif
     except Exception as exc:  # torch raises several types for damaged zip archives
         raise CheckpointError(f"{path} could not be loaded: {exc}") from exc
     version = payload.get("format_version") if isinstance(payload, dict) else None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {version!r}; this wn_rl reads versions 1..{FORMAT_VERSION}. "
             "Upgrade wn_rl to load it."
