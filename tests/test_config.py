@@ -80,3 +80,17 @@ def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_pa
         "hyperparameters": {"learning_rate": 0.001},
         "grid": [0.0001, -0.0003],
     }
+
+
+@dataclass(frozen=True)
+class Image:
+    size: tuple[int, int] = (28, 28)
+    crop: tuple[int, str] = (4, "center")
+
+
+def test_fixed_length_tuples_check_the_length_and_each_position(tmp_path):
+    assert load_config(Image, overrides=["size=[32, 32]", "crop=[2, edge]"]) == Image((32, 32), (2, "edge"))
+    with pytest.raises(ConfigError, match=r"size: expected a list of 2 values, got \[32, 32, 3\]"):
+        load_config(Image, overrides=["size=[32, 32, 3]"])
+    with pytest.raises(ConfigError, match=r"crop\[1\]: expected a string, got 7"):
+        load_config(Image, overrides=["crop=[2, 7]"])

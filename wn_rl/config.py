@@ -115,6 +115,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch 
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: a type per position
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Mapping) or tp is dict:
