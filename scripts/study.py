@@ -12,6 +12,7 @@ only rebuilds the figure and tables from what the runs have written so far.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import replace
 
@@ -55,11 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     if todo and not args.analyze_only:
+        stop = {"signal": signal.SIGINT}
+
+        def terminate(signum: int, frame: object) -> None:  # a kill or a job scheduler: stop like Ctrl-C
+            stop["signal"] = signum
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, terminate)
         try:
             failed = _execute(study, todo, args)
         except KeyboardInterrupt:
-            print("\ninterrupted: no further run was started; run the same command again to continue", file=sys.stderr)
-            return 130
+            print(
+                f"\n{signal.Signals(stop['signal']).name}: no further run was started and the running ones saved a "
+                "checkpoint; run the same command again to continue",
+                file=sys.stderr,
+            )
+            return 128 + stop["signal"]
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     try:
         paths = analyze_study(study, specs)
     except FileNotFoundError as exc:

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,42 @@ def test_grid_values_reach_the_runs_exactly(tmp_path: Path) -> None:
     same = "grid={agent.gamma: [0.9999995, 0.9999996]}"
     with pytest.raises(ConfigError, match=r"share the run directory .*gamma-1"):
         plan_runs(load_study_config(REPO / "configs/studies/smoke_cartpole.yaml", [same]))
+
+
+def test_a_run_that_outlived_its_killed_driver_keeps_its_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / "study.lock"
+    lock.parent.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid} {os.getpid()}")  # driver dead, its run still training
+    assert acquire_run_lock(lock) == f"{socket.gethostname()} {dead.pid} {os.getpid()}"
+    lock.write_text(f"{socket.gethostname()} {dead.pid} {dead.pid}")  # both gone: taken over
+    assert acquire_run_lock(lock) is None
+
+
+def test_sigterm_on_the_driver_stops_the_running_runs_and_starts_no_further_one(tmp_path: Path) -> None:
+    # a job scheduler (or `kill`) stops the driver alone: it passes SIGTERM on to the run, which saves and
+    # exits, starts none of the queued runs, and its lock names the training process while that runs
+    ran = tmp_path / "ran.txt"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        f"    open({str(ran)!r}, 'a').write('checkpointed on SIGTERM\\n')\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "arg = dict(a.split('=', 1) for a in sys.argv if a.startswith('run.'))\n"
+        "lock = os.path.join(arg['run.runs_dir'], arg['run.name'], 'study.lock')\n"
+        f"open({str(ran)!r}, 'a').write(open(lock).read().split()[-1] + '\\n')\n"
+        "os.kill(os.getppid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n"
+    )
+    args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", f"train_script={script}", TINY]
+    driver = subprocess.run(
+        [sys.executable, "scripts/study.py", *args, "--jobs", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert driver.returncode == 143, driver.stderr
+    lines = ran.read_text().splitlines()
+    assert len(lines) == 2 and lines[1] == "checkpointed on SIGTERM"
+    assert lines[0].isdigit() and int(lines[0]) != os.getpid()  # the training process's pid
+    assert "SIGTERM: no further run was started" in driver.stderr

@@ -15,6 +15,7 @@ and the study's ``runs_dir`` on a shared filesystem, where the driver reads the 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wn_rl.analysis.study import RunSpec, StudyConfig
+from wn_rl.checkpoint import atomic_write_bytes
 
 __all__ = ["LOCKED", "RunOutcome", "acquire_run_lock", "execute_command", "run_local", "run_ray"]
 
@@ -60,8 +62,10 @@ def _pid_alive(pid: int) -> bool:
 def acquire_run_lock(lock: Path) -> str | None:
     """Create ``lock`` (``host pid``) exclusively; None on success, else who holds it.
 
-    A lock left by a dead process on this host is taken over; a lock from another host is respected
-    (delete the file by hand if no process runs that study any more).
+    Once the run's training process has started, the lock names it too (``host driver_pid run_pid``). A
+    lock on this host whose processes have all died is taken over; one whose training process outlived
+    its driver (the driver was killed) is respected, so a rerun never trains the same run twice at once.
+    A lock from another host is respected (delete the file by hand if no process runs that study any more).
     """
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = f"{socket.gethostname()} {os.getpid()}"
@@ -70,8 +74,9 @@ def acquire_run_lock(lock: Path) -> str | None:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             holder = lock.read_text(errors="replace").strip()
-            host, _, pid = holder.partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            host, *pids = holder.split()
+            ours = host == socket.gethostname() and pids and all(pid.isdigit() for pid in pids)
+            if ours and not any(_pid_alive(int(pid)) for pid in pids):
                 lock.unlink(missing_ok=True)
                 continue
             return holder
@@ -82,11 +87,18 @@ def acquire_run_lock(lock: Path) -> str | None:
 
 
 def execute_command(
-    name: str, command: Sequence[str], log_path: str, threads: int, cwd: str, run_dir: str
+    name: str,
+    command: Sequence[str],
+    log_path: str,
+    threads: int,
+    cwd: str,
+    run_dir: str,
+    running: set[subprocess.Popen] | None = None,
 ) -> RunOutcome:
     """Run one training command to completion, appending its output to ``log_path``.
 
-    ``<run_dir>/study.lock`` guards against two study drivers running the same run at once.
+    ``<run_dir>/study.lock`` guards against two study drivers running the same run at once. The process
+    is in ``running`` while it runs, so that the driver can pass a stop signal on to it.
     """
     lock = Path(cwd, run_dir, "study.lock")
     holder = acquire_run_lock(lock)
@@ -100,11 +112,19 @@ def execute_command(
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
-            run = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            if running is not None:
+                running.add(process)
+            try:
+                atomic_write_bytes(lock, f"{socket.gethostname()} {os.getpid()} {process.pid}".encode())
+                returncode = process.wait()
+            finally:
+                if running is not None:
+                    running.discard(process)
     finally:
         lock.unlink(missing_ok=True)
     tail = Path(log_path).read_text(errors="replace")[-2000:]
-    return RunOutcome(name, run.returncode, time.perf_counter() - start, str(log_path), tail)
+    return RunOutcome(name, returncode, time.perf_counter() - start, str(log_path), tail)
 
 
 def _jobs(study: StudyConfig, specs: Sequence[RunSpec]) -> list[tuple[str, list[str], str, str]]:
@@ -122,14 +142,19 @@ def run_local(
     max_parallel: int | None = None,
     on_done: Callable[[RunOutcome, int, int], None] | None = None,
 ) -> list[RunOutcome]:
-    """Run ``specs`` as subprocesses, ``max_parallel`` (default: the study's) at a time."""
+    """Run ``specs`` as subprocesses, ``max_parallel`` (default: the study's) at a time.
+
+    Interrupted (Ctrl-C, or SIGTERM turned into ``KeyboardInterrupt`` by ``scripts/study.py``), it starts
+    no further run and sends SIGTERM to the running ones, which checkpoint and exit; it returns when they
+    have."""
     workers = max_parallel or study.max_parallel
     outcomes: list[RunOutcome] = []
     cwd = os.getcwd()
+    running: set[subprocess.Popen] = set()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         threads = study.torch_threads
         futures = [
-            pool.submit(execute_command, n, cmd, log, threads, cwd, run_dir)
+            pool.submit(execute_command, n, cmd, log, threads, cwd, run_dir, running)
             for n, cmd, log, run_dir in _jobs(study, specs)
         ]
         try:
@@ -137,9 +162,11 @@ def run_local(
                 outcomes.append(future.result())
                 if on_done is not None:
                     on_done(outcomes[-1], len(outcomes), len(futures))
-        except BaseException:  # Ctrl-C: the runs not started yet must not start while the pool winds down
+        except BaseException:
             for future in futures:
                 future.cancel()
+            for process in list(running):
+                process.send_signal(signal.SIGTERM)
             raise
     return outcomes
 
