@@ -65,7 +65,7 @@ def test_cifar10_missing_dataset_says_where_and_how(tmp_path):
 
 @pytest.mark.parametrize(
     "corrupt",
-    ["truncated", "wrong_shape", "bad_label", "not_a_dict"],
+    ["truncated", "wrong_shape", "bad_label", "not_a_dict", "bad_module_name"],
 )
 def test_cifar10_rejects_corrupt_batches(cifar_dir, corrupt):
     root, _ = cifar_dir
@@ -76,8 +76,12 @@ def test_cifar10_rejects_corrupt_batches(cifar_dir, corrupt):
         _write_batch(path, np.zeros((2, 100), dtype=np.uint8), [0, 1])
     elif corrupt == "bad_label":
         _write_batch(path, np.zeros((2, 3072), dtype=np.uint8), [0, 12])
-    else:
+    elif corrupt == "not_a_dict":
         path.write_bytes(pickle.dumps([1, 2, 3]))
+    else:  # bit rot in the pickled numpy module path: unpickling raises ModuleNotFoundError
+        raw = path.read_bytes()
+        assert b"numpy" in raw
+        path.write_bytes(raw.replace(b"numpy", b"nompy", 1))
     with pytest.raises(DatasetFormatError, match="test_batch"):
         load_cifar10(root, "test")
 
@@ -128,7 +132,7 @@ def test_synthetic_writer_matches_the_idx_layout(tmp_path):
     np.testing.assert_array_equal(read_idx(path), array)
 
 
-@pytest.mark.parametrize("corrupt", ["magic", "truncated", "bad_gzip"])
+@pytest.mark.parametrize("corrupt", ["magic", "truncated", "bad_gzip", "corrupt_deflate_stream"])
 def test_mnist_rejects_corrupt_files(tmp_path, corrupt):
     write_mnist(tmp_path, 10, 10, gz=False)
     path = tmp_path / "train-images-idx3-ubyte"
@@ -137,9 +141,14 @@ def test_mnist_rejects_corrupt_files(tmp_path, corrupt):
         path.write_bytes(b"\x12\x34" + raw[2:])
     elif corrupt == "truncated":
         path.write_bytes(raw[:-5])
-    else:
+    elif corrupt == "bad_gzip":
         path.unlink()
         (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    else:  # a valid gzip header followed by damaged compressed data: zlib.error, not OSError
+        path.unlink()
+        compressed = bytearray(gzip.compress(raw))
+        compressed[20:60] = bytes(b ^ 0xFF for b in compressed[20:60])
+        (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(compressed))
     with pytest.raises(DatasetFormatError, match="train-images-idx3-ubyte"):
         load_mnist(tmp_path, "train")
 

@@ -73,13 +73,14 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"CIFAR-10 file {path} is missing; the folder is incomplete. "
             + _HOW_TO_GET.format(url=CIFAR10_URL, root=path.parent.parent)
         )
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:
+        try:
             batch = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise DatasetFormatError(
-            f"{path} is not a CIFAR-10 python batch (could not unpickle it: {exc}); re-extract the official archive."
-        ) from None
+        except Exception as exc:  # unpickling corrupt bytes can raise almost anything (ImportError, LookupError, ...)
+            raise DatasetFormatError(
+                f"{path} is not a CIFAR-10 python batch (could not unpickle it: {exc}); "
+                "re-extract the official archive."
+            ) from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DatasetFormatError(f"{path}: expected a dict with b'data' and b'labels', got {keys}")
