@@ -24,7 +24,7 @@ from wn_rl.models.distributions import (
     log_normal,
 )
 from wn_rl.models.draw import DRAW, filterbank
-from wn_rl.models.generative_experiment import GenerativeConfig, free_bits_kl
+from wn_rl.models.generative_experiment import GenerativeConfig, evaluate_bound, free_bits_kl
 from wn_rl.models.training import PolyakAverage
 from wn_rl.models.vae import ConvVAE
 
@@ -236,6 +236,34 @@ def test_free_bits_and_polyak_average():
     average.update(model)
     torch.testing.assert_close(average.model.weight, start + 0.1)
     assert PolyakAverage.decay_for(600, 10) == pytest.approx(1 - 1 / 6000)
+
+
+class _RecordingModel(torch.nn.Module):
+    """Stands in for a VAE in ``evaluate_bound``: its "ELBO" is the image itself, so the bound is the mean
+    binarized pixel sum, and it records the binarized batches it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.batches: list[torch.Tensor] = []
+
+    def elbo(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x)
+        return x.flatten(1).sum(dim=1)
+
+
+def test_test_set_is_binarized_once_independently_of_the_batch_size():
+    images = torch.full((40, 1, 8, 8), 0.5)  # 40 identical grey images: only the binarization tells them apart
+    bounds, binarized = [], []
+    for batch_size in (10, 20):
+        model = _RecordingModel()
+        config = load_config(GenerativeConfig, data={"batch_size": batch_size})
+        bounds.append(evaluate_bound(model, images, config, torch.Generator()))
+        binarized.append(torch.cat(model.batches))
+    torch.testing.assert_close(binarized[0], binarized[1])  # the same fixed binarization for any batch size
+    assert bounds[0] == pytest.approx(bounds[1])
+    first, second = binarized[0][:10], binarized[0][10:20]
+    assert not torch.equal(first, second), "every batch got the same Bernoulli noise"
 
 
 def test_generative_config_checks_model_and_dataset():

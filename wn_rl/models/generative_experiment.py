@@ -297,9 +297,10 @@ def evaluate_bound(model: nn.Module, images: Tensor, config: GenerativeConfig, g
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    images = _prepare(images, config, generator, train=False)  # the whole set at once: one fixed binarization
     total = 0.0
     for start in range(0, len(images), config.batch_size):
-        x = _prepare(images[start : start + config.batch_size], config, generator, train=False).to(device)
+        x = images[start : start + config.batch_size].to(device)
         if isinstance(model, ConvVAE) and config.eval_samples > 1:
             total += float(model.importance_weighted_bound(x, config.eval_samples).sum())
         else:
