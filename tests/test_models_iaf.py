@@ -8,7 +8,7 @@ import torch
 
 import wn_rl
 from wn_rl.models.comparison import FIVE
-from wn_rl.models.iaf import IAF, MADE, ConvARNet, MaskedWNLinear, conv_ar_mask, linear_ar_mask
+from wn_rl.models.iaf import IAF, MADE, ConvARNet, IAFStep, MaskedWNLinear, conv_ar_mask, linear_ar_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -68,6 +68,20 @@ def test_conv_iaf_is_autoregressive_in_raster_order_and_its_log_det_is_exact(par
     _perturb(two_steps, 0.1)
     jacobian = torch.autograd.functional.jacobian(lambda z: two_steps(z, h)[0], z).reshape(18, 18)
     torch.testing.assert_close(two_steps(z, h)[1][0], torch.linalg.slogdet(jacobian)[1], atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_iaf_step_reads_the_context_at_its_own_position(reverse):
+    torch.manual_seed(3)
+    step = IAFStep(ConvARNet(2, 3, [8], "weight_norm"), reverse=reverse).double()
+    _perturb(step, 0.2)
+    z = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    h = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    moved = h.clone()
+    moved[:, :, 0, 0] += 5.0  # change the context in the top-left corner only
+    changed = (step(z, moved)[0] - step(z, h)[0]).abs().sum(dim=(0, 1)) > 0
+    # two 3x3 layers: the context at (0, 0) reaches outputs within 2 pixels of (0, 0), in either order
+    assert changed[0, 0] and not changed[3:].any() and not changed[:, 3:].any()
 
 
 def test_conv_mask_centre_follows_channel_degrees_and_context_is_free():

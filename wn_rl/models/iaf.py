@@ -253,7 +253,8 @@ class IAFStep(nn.Module):
     """One IAF step: z' = sigmoid(s + forget_bias) * z + (1 - sigmoid(s + forget_bias)) * m.
 
     ``reverse`` flips the variable order before the step (all non-batch dims), so stacked steps
-    alternate their autoregressive order; a permutation has |det| = 1.
+    alternate their autoregressive order; a permutation has |det| = 1. A context map is flipped along
+    the same spatial dims, so each position keeps the context computed for it.
     """
 
     def __init__(self, ar_net: nn.Module, *, forget_bias: float = 1.0, reverse: bool = False) -> None:
@@ -267,6 +268,8 @@ class IAFStep(nn.Module):
         dims = list(range(1, z.dim()))
         if self.reverse:
             z = z.flip(dims)
+            if context is not None and len(dims) > 1:
+                context = context.flip(dims[1:])
         m, s = self.ar_net(z, context)
         log_sigma = F.logsigmoid(s + self.forget_bias)
         sigma = log_sigma.exp()
