@@ -130,6 +130,11 @@ def test_config_rejects_bad_values():
         load_config(CifarConfig, data={"epochs": 10, "decay_start": 20})
     with pytest.raises(ConfigError, match="learning_rates"):
         load_config(CompareConfig, data={"learning_rates": {"normal": 0.001}})
+    rates = dict.fromkeys(FIVE, 0.003)
+    with pytest.raises(ConfigError, match=r"learning_rates=\['weightnorm'\].*keys among"):  # a typo is not ignored
+        load_config(CompareConfig, data={"learning_rates": {**rates, "weightnorm": 0.01}})
+    with pytest.raises(ConfigError, match="positive numbers"):  # true is not a learning rate of 1.0
+        load_config(CompareConfig, data={"learning_rates": {**rates, "normal": True}})
 
 
 def test_paper_configs_load():

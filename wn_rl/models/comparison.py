@@ -3,12 +3,15 @@ initial parameters; the training-error curves (the paper's Figure 1) and the tes
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from wn_rl.checkpoint import atomic_write_bytes
 from wn_rl.config import check, config_to_dict
 from wn_rl.models.cifar import cifar_network
 from wn_rl.models.cifar_experiment import CifarConfig, CifarResult, prepare_cifar, train_cifar
@@ -56,7 +59,13 @@ class CompareConfig:
         )
         missing = [p for p in self.parameterizations if p not in self.learning_rates]
         check(not missing, "learning_rates", self.learning_rates, f"a learning rate for each of {missing}")
-        bad = {k: v for k, v in self.learning_rates.items() if not isinstance(v, (int, float)) or v <= 0}
+        unknown = [k for k in self.learning_rates if k not in PARAMETERIZATIONS]
+        check(not unknown, "learning_rates", unknown, f"keys among {sorted(PARAMETERIZATIONS)}")
+        bad = {
+            k: v
+            for k, v in self.learning_rates.items()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+        }
         check(not bad, "learning_rates", bad, "positive numbers")
 
 
@@ -73,10 +82,11 @@ def run_comparison(config: CompareConfig, *, quiet: bool = False) -> dict[str, C
         results[name] = train_cifar(run_config, data=data, reference=reference, experiment="compare", quiet=quiet)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # each file is replaced atomically: an interrupted write never leaves a truncated table or JSON
     plot_training_error(results, out / "figure1.png")
-    (out / "table2.md").write_text(table2_markdown(results, config))
+    atomic_write_bytes(out / "table2.md", table2_markdown(results, config).encode())
     raw = {"config": config_to_dict(config), "results": {k: v.__dict__ for k, v in results.items()}}
-    (out / "results.json").write_text(json.dumps(raw, indent=2))
+    atomic_write_bytes(out / "results.json", json.dumps(raw, indent=2).encode())
     return results
 
 
@@ -113,6 +123,8 @@ def plot_training_error(results: dict[str, CifarResult], path: str | Path) -> Pa
     ax.set_title("CIFAR-10, Table 1 network (cf. Figure 1)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return Path(path)
