@@ -243,3 +243,11 @@ def test_compare_parameterizations_writes_figure_and_table(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["results"]) == {"normal", "weight_norm", "weight_norm+mean_only_bn"}
+
+
+def test_the_default_config_is_found_from_another_folder(tmp_path, monkeypatch, capsys):
+    from wn_rl.models.cli import parse_config
+
+    monkeypatch.chdir(tmp_path)  # e.g. python /path/to/wn_rl/scripts/train_cifar.py, run from elsewhere
+    config = parse_config(CifarConfig, "configs/paper/cifar10.yaml", "", argv=["epochs=2", "decay_start=1"])
+    assert config.epochs == 2 and "epochs: 2" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import yaml
@@ -26,6 +27,9 @@ def parse_config(
     """Parse the command line into the frozen config ``cls`` (YAML file, then ``key=value`` overrides)
     and print it, so every run's log starts with its full configuration. ``--download`` sets
     ``download_key`` (a dotted key for nested configs) to true."""
+    repository_copy = Path(__file__).resolve().parents[2] / default_config
+    if not Path(default_config).is_file() and repository_copy.is_file():  # a script run from another folder
+        default_config = str(repository_copy)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument(
