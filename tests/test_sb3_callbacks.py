@@ -222,16 +222,16 @@ def test_frozen_norm_statistics_make_ppo_first_epoch_ratio_one(parameterization)
     assert worst_unfrozen > 1e-3  # SB3's train/eval switch: the acting and the trained policy differ
 
 
-def test_frozen_statistics_refresh_once_when_training_ends():
-    model = PPO(
-        WnActorCriticPolicy,
-        "CartPole-v1",
-        n_steps=64,
-        batch_size=32,
-        n_epochs=2,
-        seed=0,
-        policy_kwargs=dict(parameterization="weight_norm+mean_only_bn", norm_refresh_samples=64),
+def _frozen_statistics_ppo(**policy_kwargs) -> PPO:
+    """A small PPO whose WN policy has mean-only batch norms (statistics frozen while training)."""
+    policy_kwargs = dict(parameterization="weight_norm+mean_only_bn", **policy_kwargs)
+    return PPO(
+        WnActorCriticPolicy, "CartPole-v1", n_steps=64, batch_size=32, n_epochs=2, seed=0, policy_kwargs=policy_kwargs
     )
+
+
+def test_frozen_statistics_refresh_once_when_training_ends():
+    model = _frozen_statistics_ppo(norm_refresh_samples=64)
     norms = [m for m in model.policy.modules() if isinstance(m, wn_rl.MeanOnlyBatchNorm)]
     at_rollout: list[torch.Tensor] = []
 
@@ -255,15 +255,7 @@ def test_frozen_statistics_refresh_once_when_training_ends():
 
 
 def test_a_model_saved_right_after_learn_holds_the_statistics_it_acts_with(tmp_path):
-    model = PPO(
-        WnActorCriticPolicy,
-        "CartPole-v1",
-        n_steps=64,
-        batch_size=32,
-        n_epochs=2,
-        seed=0,
-        policy_kwargs=dict(parameterization="weight_norm+mean_only_bn", net_arch=[16]),
-    )
+    model = _frozen_statistics_ppo(net_arch=[16])
     model.learn(64, callback=DataDependentInitCallback(n_samples=64))  # ends with training: a refresh is pending
     model.save(tmp_path / "ppo.zip")
     loaded = PPO.load(tmp_path / "ppo.zip")
