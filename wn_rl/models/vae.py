@@ -172,9 +172,14 @@ class ConvVAE(nn.Module):
         log_px_z = bernoulli_log_likelihood(x, self.decode(z)).flatten(1).sum(dim=1)
         return log_px_z - gaussian_kl_standard_normal(mean, logsd).sum(dim=1)
 
-    def importance_weighted_bound(self, x: Tensor, n_samples: int) -> Tensor:
-        """log (1/S) sum_s p(x, z_s)/q(z_s|x) per example: a tighter bound than the ELBO."""
-        return torch.logsumexp(self.log_weights(x, n_samples), dim=0) - math.log(n_samples)
+    def importance_weighted_bound(self, x: Tensor, n_samples: int, *, max_images: int = 10_000) -> Tensor:
+        """log (1/S) sum_s p(x, z_s)/q(z_s|x) per example: a tighter bound than the ELBO.
+
+        The S x N decoder passes are made ``max_images`` images at a time (S = 1000 on a batch of 100 would
+        otherwise decode 100,000 images at once, several GB of activations)."""
+        per_chunk = max(1, max_images // x.shape[0])
+        chunks = [self.log_weights(x, min(per_chunk, n_samples - done)) for done in range(0, n_samples, per_chunk)]
+        return torch.logsumexp(torch.cat(chunks), dim=0) - math.log(n_samples)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.elbo(x)
