@@ -1,12 +1,15 @@
 """Train the paper's CIFAR-10 network (Table 1, section 5.1) in one parameterization.
 
 python scripts/train_cifar.py --config configs/paper/cifar10.yaml parameterization=weight_norm --download
+
+Rerunning the same command resumes an interrupted run from its newest checkpoint (--force: even with a
+changed config); SIGINT/SIGTERM write a checkpoint and exit with 130/143.
 """
 
 from wn_rl.models.cifar_experiment import CifarConfig, train_cifar
-from wn_rl.models.cli import parse_config
+from wn_rl.models.cli import parse_training_command
 
 if __name__ == "__main__":
-    config = parse_config(CifarConfig, "configs/paper/cifar10.yaml", __doc__)
-    result = train_cifar(config)
+    config, force = parse_training_command(CifarConfig, "configs/paper/cifar10.yaml", __doc__)
+    result = train_cifar(config, force=force)
     print(f"final test error {result.final_test_error:.4f}; checkpoint {result.checkpoint}")

@@ -1,15 +1,18 @@
 """Train DRAW with attention on MNIST (section 5.3) in the normal or weight-normalized parameterization.
 
 python scripts/train_draw.py --config configs/paper/draw_mnist.yaml parameterization=normal --download
+
+Rerunning the same command resumes an interrupted run from its newest checkpoint (--force: even with a
+changed config); SIGINT/SIGTERM write a checkpoint and exit with 130/143.
 """
 
 from wn_rl.config import ConfigError
-from wn_rl.models.cli import parse_config
+from wn_rl.models.cli import parse_training_command
 from wn_rl.models.generative_experiment import GenerativeConfig, train_generative
 
 if __name__ == "__main__":
-    config = parse_config(GenerativeConfig, "configs/paper/draw_mnist.yaml", __doc__)
+    config, force = parse_training_command(GenerativeConfig, "configs/paper/draw_mnist.yaml", __doc__)
     if config.model != "draw":
         raise ConfigError(f"model={config.model!r}: this script trains draw (the VAEs: train_vae.py)")
-    result = train_generative(config)
+    result = train_generative(config, force=force)
     print(f"final test bound {result.test_bound[-1]:.3f} nats")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,195 @@ def test_the_default_config_is_found_from_another_folder(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)  # e.g. python /path/to/wn_rl/scripts/train_cifar.py, run from elsewhere
     config = parse_config(CifarConfig, "configs/paper/cifar10.yaml", "", argv=["epochs=2", "decay_start=1"])
     assert config.epochs == 2 and "epochs: 2" in capsys.readouterr().out
+
+
+# ----- resuming (wn_rl.models.resume) ---------------------------------------------------------------
+
+
+def _tiny_cifar(tmp_path: Path, name: str, **overrides) -> CifarConfig:
+    data = {
+        "epochs": 4,
+        "decay_start": 2,
+        "widths": [4, 8],
+        "batch_size": 10,
+        "init_batch_size": 20,
+        "device": "cpu",
+        "log_dir": str(tmp_path / name / "runs"),
+        "checkpoint_dir": str(tmp_path / name / "ck"),
+    }
+    return load_config(CifarConfig, data={**data, **overrides})
+
+
+def _tiny_cifar_data():
+    from wn_rl.models.cifar_experiment import CifarData
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, 16, 16, generator=generator)
+    y = torch.arange(60) % 10
+    return CifarData(x[:40], y[:40], x[40:], y[40:])
+
+
+def _signal_at_steps(monkeypatch, steps: set[int], repeat: int = 1) -> None:
+    """Deliver SIGINT ``repeat`` times to this process while the loop computes the schedule of minibatch
+    number ``step`` (counted from 0 in this call): the loop must finish that minibatch first."""
+    import signal
+
+    from wn_rl.models import cifar_experiment
+
+    calls = iter(range(10**6))
+    original = cifar_experiment.cifar_schedule
+
+    def schedule(*args, **kwargs):
+        if next(calls) in steps:
+            for _ in range(repeat):
+                signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cifar_experiment, "cifar_schedule", schedule)
+
+
+def _final(result) -> dict:
+    return torch.load(result.checkpoint, weights_only=True)
+
+
+def _scalar_steps(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigint_mid_epoch_checkpoints_and_the_rerun_is_bit_identical(tmp_path, monkeypatch):
+    from wn_rl.models.cifar_experiment import train_cifar
+    from wn_rl.models.resume import TrainingInterrupted
+
+    data = _tiny_cifar_data()
+    straight = train_cifar(_tiny_cifar(tmp_path, "straight"), data=data, quiet=True)
+    config = _tiny_cifar(tmp_path, "resumed")
+    with monkeypatch.context() as patch:
+        _signal_at_steps(patch, {6})  # epoch 2 (4 minibatches each), its third minibatch
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train_cifar(config, data=data, quiet=True)
+    assert stopped.value.code == 130 and stopped.value.checkpoint.name == "checkpoint_0000000007.pt"
+    resumed = train_cifar(config, data=data, quiet=True)
+    assert Path(resumed.checkpoint).parent == Path(config.checkpoint_dir)
+    assert Path(resumed.checkpoint).stem == stopped.value.checkpoint.parent.name  # the same run, continued
+    _assert_same_state(_final(straight)["model"], _final(resumed)["model"])
+    for curve in ("train_error", "train_loss", "test_error"):
+        assert getattr(resumed, curve) == getattr(straight, curve)
+    # one point per epoch (sorted: TensorBoard orders event files by name, see the next test)
+    assert sorted(_scalar_steps(tmp_path / "resumed" / "runs", "train/loss")) == [1, 2, 3, 4]
+    # the last epoch checkpoints hold the same optimizer state and generator too
+    (folder,) = [p for p in Path(config.checkpoint_dir).iterdir() if p.is_dir()]
+    (straight_folder,) = [p for p in (tmp_path / "straight" / "ck").iterdir() if p.is_dir()]
+    ours = torch.load(folder / "checkpoint_0000000016.pt", weights_only=True)
+    theirs = torch.load(straight_folder / "checkpoint_0000000016.pt", weights_only=True)
+    assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])
+    assert torch.equal(ours["rng"]["generator"], theirs["rng"]["generator"])
+    for i, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][i]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_without_duplicate_curves(tmp_path):
+    from wn_rl.models.cifar_experiment import train_cifar
+
+    data = _tiny_cifar_data()
+    config = _tiny_cifar(tmp_path, "killed")
+    finished = train_cifar(config, data=data, quiet=True)
+    expected = _final(finished)
+    # A kill while writing epoch 4's checkpoint: its payload without a marker, a temporary file, no final
+    # checkpoint; epoch 4 was already logged to TensorBoard, so the rerun must replace those points.
+    final = Path(finished.checkpoint)
+    final.unlink()
+    final.with_name(final.name + ".complete.json").unlink()
+    folder = final.with_suffix("")
+    (folder / "checkpoint_0000000016.pt.complete.json").unlink()
+    (folder / ".checkpoint_0000000020.pt.tmp-12345").write_bytes(b"partial")
+    time.sleep(1.1)  # TensorBoard orders event files by name (unix time, host, pid): a rerun is a new second
+    resumed = train_cifar(config, data=data, quiet=True)
+    assert resumed.checkpoint == finished.checkpoint
+    assert not (folder / ".checkpoint_0000000020.pt.tmp-12345").exists()
+    _assert_same_state(expected["model"], _final(resumed)["model"])
+    assert expected["curves"]["test_error"] == resumed.test_error
+    assert _scalar_steps(tmp_path / "killed" / "runs", "train/loss") == [1, 2, 3, 4]
+    assert _scalar_steps(tmp_path / "killed" / "runs", "test/error") == [1, 2, 3, 4]
+
+
+def test_a_changed_config_is_refused_on_resume_unless_safe_or_forced(tmp_path, monkeypatch):
+    from wn_rl.models.cifar_experiment import train_cifar
+    from wn_rl.models.resume import TrainingInterrupted
+
+    data = _tiny_cifar_data()
+    config = _tiny_cifar(tmp_path, "changed", epochs=2, decay_start=1, log_dir="")
+    with monkeypatch.context() as patch:
+        _signal_at_steps(patch, {1})
+        with pytest.raises(TrainingInterrupted):
+            train_cifar(config, data=data, quiet=True)
+    changed = _tiny_cifar(tmp_path, "changed", epochs=2, decay_start=1, log_dir="", lr=0.001, dropout=0.25)
+    with pytest.raises(
+        ConfigError, match=r"(?s)different config:.*dropout: 0\.5 -> 0\.25.*lr: 0\.003 -> 0\.001.*--force"
+    ):
+        train_cifar(changed, data=data, quiet=True)
+    safe = _tiny_cifar(tmp_path, "changed", epochs=2, decay_start=1, log_dir="", checkpoint_every_epochs=2)
+    with monkeypatch.context() as patch:
+        _signal_at_steps(patch, {0})  # the first minibatch after the resume (the third of epoch 1)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train_cifar(safe, data=data, quiet=True)
+    assert stopped.value.checkpoint.name == "checkpoint_0000000003.pt"
+    result = train_cifar(changed, data=data, quiet=True, force=True)
+    assert len(result.test_error) == 2
+    assert len([p for p in Path(config.checkpoint_dir).iterdir() if p.is_dir()]) == 1
+
+
+def test_a_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):
+    from wn_rl.models.cifar_experiment import train_cifar
+
+    config = _tiny_cifar(tmp_path, "twice", log_dir="")
+    _signal_at_steps(monkeypatch, {5}, repeat=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_cifar(config, data=_tiny_cifar_data(), quiet=True)
+    (folder,) = [p for p in Path(config.checkpoint_dir).iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["checkpoint_0000000004.pt"]  # epoch 1's only
+
+
+def test_sigterm_checkpoints_and_exits_143_then_the_same_command_finishes(tmp_path):
+    import signal
+
+    from wn_rl.data.synthetic import write_cifar10
+
+    write_cifar10(tmp_path / "data", n_train=40, n_test=20)
+    command = [
+        sys.executable,
+        str(REPO / "scripts/train_cifar.py"),
+        f"data_dir={tmp_path / 'data'}",
+        "epochs=30",
+        "decay_start=10",
+        "widths=[2,2]",
+        "batch_size=20",
+        "init_batch_size=20",
+        "zca=false",
+        "log_dir=",
+        f"checkpoint_dir={tmp_path / 'ck'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if "epoch 1/30" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    assert "rerun the same command to resume" in err and "final test error" not in out
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout and "epoch 1/30" not in done.stdout
+    (final,) = (tmp_path / "ck").glob("*.pt")
+    assert len(torch.load(final, weights_only=True)["curves"]["test_error"]) == 30

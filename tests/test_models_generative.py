@@ -131,6 +131,12 @@ def test_vae_elbo_is_a_lower_bound_on_the_exact_log_likelihood(posterior):
     assert torch.all(elbo <= log_px + 3 * standard_error), (elbo, log_px)
     importance_weighted = torch.logsumexp(log_w, dim=0) - math.log(10_000)
     torch.testing.assert_close(importance_weighted, log_px, atol=0.25, rtol=0)
+    decoded, decode = [], model.decode  # the bound in chunks: never more than max_images decoded at once
+    model.decode = lambda z: decoded.append(len(z)) or decode(z)
+    with torch.no_grad():
+        chunked = model.importance_weighted_bound(x, 10_000, max_images=3_000)
+    assert max(decoded) == 3_000 and sum(decoded) == 30_000
+    torch.testing.assert_close(chunked, log_px, atol=0.25, rtol=0)
 
 
 @pytest.mark.parametrize("parameterization", FIVE)
@@ -355,3 +361,130 @@ def test_train_vae_and_draw_scripts_end_to_end(tmp_path):
         timeout=120,
     )
     assert wrong.returncode != 0 and "train_vae.py" in wrong.stderr
+
+
+# ----- resuming (wn_rl.models.resume) ---------------------------------------------------------------
+
+
+def _tiny_generative(tmp_path: Path, name: str, model: str = "conv_vae", **overrides) -> GenerativeConfig:
+    data = {
+        "model": model,
+        "optimizer": "adamax" if model == "conv_vae" else "adam",
+        "epochs": 3,
+        "batch_size": 10,
+        "init_batch_size": 10,
+        "polyak_epochs": 1.0,
+        "data_dependent_init": model == "conv_vae",
+        "device": "cpu",
+        "log_dir": str(tmp_path / name / "runs"),
+        "checkpoint_dir": str(tmp_path / name / "ck"),
+        "conv_vae": {"widths": [4, 8, 8], "blocks_per_stage": 1, "dense": 16, "z_dim": 4, "iaf_hidden": [16]},
+        "draw": {"steps": 3, "read_n": 2, "write_n": 3, "enc_hidden": 8, "dec_hidden": 8, "z_dim": 2},
+    }
+    data["conv_vae"]["context_dim"] = 4
+    return load_config(GenerativeConfig, data={**data, **overrides})
+
+
+def _sigint_at_step(monkeypatch, step: int) -> None:
+    """SIGINT during minibatch number ``step`` (from 0 in this call); the loop must finish it first."""
+    import signal
+
+    from wn_rl.models import generative_experiment
+
+    calls = iter(range(10**6))
+    original = generative_experiment._step
+
+    def step_then_signal(*args, **kwargs):
+        if next(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generative_experiment, "_step", step_then_signal)
+
+
+def _last_epoch_checkpoint(checkpoint_dir: str) -> dict:
+    from wn_rl.checkpoint import latest_checkpoint
+
+    (folder,) = [p for p in Path(checkpoint_dir).iterdir() if p.is_dir()]
+    return torch.load(latest_checkpoint(folder), weights_only=True)
+
+
+def _assert_equal_tensors(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _tb_steps(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+@pytest.mark.parametrize("model", ["conv_vae", "draw"])
+def test_sigint_mid_epoch_then_rerun_is_bit_identical_to_a_straight_run(tmp_path, monkeypatch, model):
+    from wn_rl.models.generative_experiment import train_generative
+    from wn_rl.models.resume import TrainingInterrupted
+
+    images = _binary_images(50, 8 if model == "conv_vae" else 6, seed=0)
+    data = (images[:40], images[40:])
+    straight = train_generative(_tiny_generative(tmp_path, "straight", model), data=data, quiet=True)
+    config = _tiny_generative(tmp_path, "resumed", model)
+    with monkeypatch.context() as patch:
+        _sigint_at_step(patch, 5)  # epoch 2 (4 minibatches each), its second minibatch
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train_generative(config, data=data, quiet=True)
+    assert stopped.value.code == 130 and stopped.value.checkpoint.name == "checkpoint_0000000006.pt"
+    resumed = train_generative(config, data=data, quiet=True)
+    for curve in ("train_elbo", "test_bound", "test_bits_per_dim"):
+        assert getattr(resumed, curve) == getattr(straight, curve)
+    ours = _last_epoch_checkpoint(config.checkpoint_dir)
+    theirs = _last_epoch_checkpoint(str(tmp_path / "straight" / "ck"))
+    for key in ("model", "polyak", "optimizer", "rng"):
+        _assert_equal_tensors(ours[key], theirs[key], key)
+    _assert_equal_tensors(_load(resumed.checkpoint)["model"], _load(straight.checkpoint)["model"])
+    # one point per epoch (sorted: both processes here share a pid and may share a second, so TensorBoard's
+    # file order, by name, is not the order they were written in)
+    assert sorted(_tb_steps(tmp_path / "resumed" / "runs", "train/elbo")) == [1, 2, 3]
+
+
+def test_a_longer_epoch_budget_continues_a_finished_run_other_changes_are_refused(tmp_path, monkeypatch):
+    from wn_rl.models.generative_experiment import train_generative
+    from wn_rl.models.resume import TrainingInterrupted
+
+    images = _binary_images(50, 8, seed=1)
+    data = (images[:40], images[40:])
+    straight = train_generative(_tiny_generative(tmp_path, "straight"), data=data, quiet=True)
+    short = train_generative(_tiny_generative(tmp_path, "extended", epochs=2), data=data, quiet=True)
+    extended = train_generative(_tiny_generative(tmp_path, "extended"), data=data, quiet=True)  # epochs=3
+    assert extended.checkpoint == short.checkpoint and extended.test_bound == straight.test_bound
+    _assert_equal_tensors(_load(extended.checkpoint)["model"], _load(straight.checkpoint)["model"])
+    assert _tb_steps(tmp_path / "extended" / "runs", "test/elbo_bound") == [1, 2, 3]
+
+    config = _tiny_generative(tmp_path, "changed", log_dir="")
+    with monkeypatch.context() as patch:
+        _sigint_at_step(patch, 1)
+        with pytest.raises(TrainingInterrupted):
+            train_generative(config, data=data, quiet=True)
+    changed = _tiny_generative(tmp_path, "changed", log_dir="", conv_vae={"z_dim": 2}, beta1=0.5)
+    with pytest.raises(ConfigError, match=r"(?s)beta1: 0\.9 -> 0\.5.*conv_vae\.z_dim: 4 -> 2.*--force"):
+        train_generative(changed, data=data, quiet=True)
+    from wn_rl.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not fit this run's config"):  # forced, but the sizes differ
+        train_generative(changed, data=data, quiet=True, force=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +22,24 @@ from wn_rl.data.cifar10 import load_cifar10
 from wn_rl.data.preprocessing import fit_zca, to_unit_interval
 from wn_rl.init import data_dependent_init
 from wn_rl.models.cifar import cifar_network, cifar_schedule
-from wn_rl.models.training import copy_directions, minibatches, open_writer, resolve_device, run_name, save_checkpoint
+from wn_rl.models.resume import EpochProgress, LoopState, ResumableRun
+from wn_rl.models.training import copy_directions, open_writer, resolve_device, save_checkpoint
 from wn_rl.parameterization import PARAMETERIZATIONS
 from wn_rl.stats import wn_stats
 
-__all__ = ["CifarConfig", "CifarData", "CifarResult", "evaluate_error", "prepare_cifar", "train_cifar"]
+__all__ = [
+    "SAFE_TO_CHANGE",
+    "CifarConfig",
+    "CifarData",
+    "CifarResult",
+    "evaluate_error",
+    "prepare_cifar",
+    "train_cifar",
+]
+
+SAFE_TO_CHANGE = frozenset({"checkpoint_every_epochs", "log_dir", "log_wn_stats", "data_dir", "download", "device"})
+"""Config keys a resumed run may change (where files live, how often it logs and checkpoints). Not
+``epochs``: with ``decay_start`` it sets the learning-rate schedule, so another budget is another run."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,8 @@ class CifarConfig:
     "TensorBoard root; each run writes to log_dir/<run name>; empty string disables logging"
     checkpoint_dir: str = "checkpoints/paper"
     "final model, config and curves are saved here; empty string disables"
+    checkpoint_every_epochs: int = 1
+    "write a resumable checkpoint to checkpoint_dir/<run name>/ every N epochs (and at the end)"
     log_wn_stats: bool = True
     "write g, ||v||, g/||v|| per layer to TensorBoard once per epoch"
 
@@ -98,6 +112,7 @@ class CifarConfig:
         check(self.noise_std >= 0, "noise_std", self.noise_std, "a non-negative std")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
         check(len(self.widths) == 2 and min(self.widths) >= 1, "widths", self.widths, "two positive channel counts")
+        check(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", self.checkpoint_every_epochs, ">= 1")
         check(self.zca_regularization > 0, "zca_regularization", self.zca_regularization, "a positive number")
         check(
             self.train_subset >= 0 and self.test_subset >= 0,
@@ -178,14 +193,18 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_epoch(model, optimizer, data: CifarData, config: CifarConfig, epoch: int, generator) -> dict[str, float]:
+def _train_epoch(model, optimizer, data: CifarData, config: CifarConfig, epoch: int, progress, run) -> dict | None:
+    """The minibatches of ``epoch`` from ``progress`` on; ``None`` when a signal stopped it after a
+    minibatch (``progress`` then says where)."""
     steps_per_epoch = max(1, len(data.train_y) // config.batch_size)
     model.train()
-    loss_sum, wrong, seen, steps = 0.0, 0, 0, 0
+    sums = progress.sums
+    if not sums:
+        sums.update(loss=0.0, wrong=0, seen=0)
     device = data.train_x.device
     _synchronize(device)
     start = time.perf_counter()
-    for step, idx in enumerate(minibatches(len(data.train_y), config.batch_size, generator)):
+    for step, idx in progress.batches(config.batch_size):
         lr, beta1 = cifar_schedule(
             epoch + step / steps_per_epoch,
             lr=config.lr,
@@ -203,19 +222,28 @@ def _train_epoch(model, optimizer, data: CifarData, config: CifarConfig, epoch: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(y)
-        wrong += int((logits.detach().argmax(dim=1) != y).sum())
-        seen += len(y)
-        steps += 1
+        sums["loss"] += float(loss.detach()) * len(y)
+        sums["wrong"] += int((logits.detach().argmax(dim=1) != y).sum())
+        sums["seen"] += len(y)
+        progress.step = step + 1
+        if run.stop_signal is not None and progress.step < steps_per_epoch:
+            progress.seconds += time.perf_counter() - start
+            return None
     _synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed = progress.seconds + time.perf_counter() - start
     return {
-        "loss": loss_sum / max(seen, 1),
-        "error": wrong / max(seen, 1),
-        "seconds_per_step": elapsed / max(steps, 1),
+        "loss": sums["loss"] / max(sums["seen"], 1),
+        "error": sums["wrong"] / max(sums["seen"], 1),
+        "seconds_per_step": elapsed / max(progress.step, 1),
         "lr": lr,
         "beta1": beta1,
     }
+
+
+def _initialize(model: nn.Module, data: CifarData, config: CifarConfig, generator: torch.Generator):
+    """Section 3's data-dependent init on ``init_batch_size`` training images drawn with ``generator``."""
+    init_idx = torch.randperm(len(data.train_y), generator=generator)[: config.init_batch_size]
+    return data_dependent_init(model, data.train_x[init_idx.to(data.train_x.device)])
 
 
 def train_cifar(
@@ -225,34 +253,66 @@ def train_cifar(
     reference: nn.Module | None = None,
     experiment: str = "cifar10",
     quiet: bool = False,
+    force: bool = False,
 ) -> CifarResult:
     """Train Table 1's network with section 5.1's schedule; returns the per-epoch curves.
+
+    With ``checkpoint_dir`` set, a checkpoint every ``checkpoint_every_epochs`` epochs lets a rerun of the
+    same config continue exactly where the newest one stopped (:mod:`wn_rl.models.resume`); SIGINT/SIGTERM
+    finish the minibatch, checkpoint and raise :class:`~wn_rl.models.resume.TrainingInterrupted`.
 
     Args:
         config: the run's config.
         data: preprocessed data (loaded from ``config.data_dir`` if omitted).
         reference: a network whose weight directions are copied in before data-dependent init, so
             several parameterizations start from identical parameters (section 5.1).
+        force: resume even if the config differs from the saved one in keys outside ``SAFE_TO_CHANGE``.
     """
     device = resolve_device(config.device)
+    run = ResumableRun(config, experiment, SAFE_TO_CHANGE, force=force)
     torch.manual_seed(config.seed)
     data = data if data is not None else prepare_cifar(config, device)
     if len(data.train_y) < config.batch_size:
         raise ValueError(f"{len(data.train_y)} training images are fewer than batch_size={config.batch_size}")
     model = build_cifar_model(config, device, reference)
     generator = torch.Generator().manual_seed(config.seed)
-    init_idx = torch.randperm(len(data.train_y), generator=generator)[: config.init_batch_size].to(device)
-    report = data_dependent_init(model, data.train_x[init_idx])
+    report = None if run.state is not None else _initialize(model, data, config, generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
-    name = run_name(experiment, config.parameterization, config.seed)
-    writer = open_writer(config.log_dir, name, config) if config.log_dir else None
-    if writer is not None:
+    steps_per_epoch = max(1, len(data.train_y) // config.batch_size)
+    state = LoopState(config, run, model, optimizer, generator, CifarResult(config.parameterization), steps_per_epoch)
+    start, progress = run.restore(state.restore) if run.state is not None else (0, None)
+    writer = open_writer(config.log_dir, run.name, config, run.purge_step) if config.log_dir else None
+    if writer is not None and report is not None:
         for tag, value in report.scalars().items():
             writer.add_scalar(tag, value, 0)
-    result = CifarResult(config.parameterization)
-    for epoch in range(config.epochs):
-        stats = _train_epoch(model, optimizer, data, config, epoch, generator)
-        test_error = evaluate_error(model, data.test_x, data.test_y)
+    try:
+        with run.stop_on_signals():
+            _epochs(state, data, writer, start, progress, quiet)
+    finally:
+        if writer is not None:
+            writer.close()
+    result = state.result
+    if config.checkpoint_dir:
+        payload: dict[str, Any] = {
+            "model": model.state_dict(),
+            "config": config_to_dict(config),
+            "curves": result.__dict__.copy(),
+        }
+        result.checkpoint = str(save_checkpoint(run.final_path, payload))
+    return result
+
+
+def _epochs(state: LoopState, data: CifarData, writer, start: int, progress: EpochProgress | None, quiet: bool) -> None:
+    config, run, result, name = state.config, state.run, state.result, state.run.name
+    for epoch in range(start, config.epochs):
+        progress = progress or EpochProgress.start(len(data.train_y), state.generator)
+        stats = _train_epoch(state.model, state.optimizer, data, config, epoch, progress, run)
+        if stats is None:  # stopped by a signal inside the epoch; a non-finite state is never saved
+            if not math.isfinite(progress.sums["loss"]):
+                raise FloatingPointError(f"{name}: training loss became non-finite in epoch {epoch + 1}; lower lr")
+            raise run.interrupt(state.save(epoch, progress))
+        progress = None
+        test_error = evaluate_error(state.model, data.test_x, data.test_y)
         result.train_error.append(stats["error"])
         result.train_loss.append(stats["loss"])
         result.test_error.append(test_error)
@@ -260,23 +320,19 @@ def train_cifar(
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"{name}: training loss became {stats['loss']} in epoch {epoch + 1}; lower lr")
         if writer is not None:
-            _log_epoch(writer, model, stats, test_error, epoch + 1, config.log_wn_stats)
+            _log_epoch(writer, state.model, stats, test_error, epoch + 1, config.log_wn_stats)
         if not quiet:
             print(
                 f"[{name}] epoch {epoch + 1}/{config.epochs} loss {stats['loss']:.4f} train error "
                 f"{stats['error']:.4f} test error {test_error:.4f} {stats['seconds_per_step'] * 1e3:.1f} ms/step",
                 flush=True,
             )
-    if writer is not None:
-        writer.close()
-    if config.checkpoint_dir:
-        payload: dict[str, Any] = {
-            "model": model.state_dict(),
-            "config": config_to_dict(config),
-            "curves": result.__dict__.copy(),
-        }
-        result.checkpoint = str(save_checkpoint(Path(config.checkpoint_dir) / f"{name}.pt", payload))
-    return result
+        path = None
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or run.stop_signal is not None:
+            path = state.save(epoch + 1)
+        if run.stop_signal is not None:
+            raise run.interrupt(path)
+    state.save(max(start, config.epochs))
 
 
 def _log_epoch(writer, model: nn.Module, stats: dict[str, float], test_error: float, epoch: int, wn: bool) -> None:

@@ -1,4 +1,4 @@
-"""The command line shared by the paper-model scripts: ``--config FILE [--download] [key=value ...]``."""
+"""The command line shared by the paper-model scripts: ``--config FILE [--download] [--force] [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 
 from wn_rl.config import config_to_dict, load_config
 
-__all__ = ["parse_config"]
+__all__ = ["parse_config", "parse_training_command"]
 
 T = TypeVar("T")
 
@@ -27,6 +27,17 @@ def parse_config(
     """Parse the command line into the frozen config ``cls`` (YAML file, then ``key=value`` overrides)
     and print it, so every run's log starts with its full configuration. ``--download`` sets
     ``download_key`` (a dotted key for nested configs) to true."""
+    return _parse(cls, default_config, description, argv, download_key, force_flag=False)[0]
+
+
+def parse_training_command(
+    cls: type[T], default_config: str, description: str, argv: Sequence[str] | None = None
+) -> tuple[T, bool]:
+    """:func:`parse_config` plus ``--force`` (resume even if the config changed); returns ``(config, force)``."""
+    return _parse(cls, default_config, description, argv, "download", force_flag=True)
+
+
+def _parse(cls, default_config, description, argv, download_key: str, force_flag: bool) -> tuple:
     repository_copy = Path(__file__).resolve().parents[2] / default_config
     if not Path(default_config).is_file() and repository_copy.is_file():  # a script run from another folder
         default_config = str(repository_copy)
@@ -35,9 +46,13 @@ def parse_config(
     parser.add_argument(
         "--download", action="store_true", help="download and checksum-verify the dataset into data_dir if missing"
     )
+    if force_flag:
+        parser.add_argument(
+            "--force", action="store_true", help="resume the unfinished run even if its saved config differs"
+        )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 parameterization=normal")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, *([f"{download_key}=true"] if args.download else [])]
     config = load_config(cls, args.config, overrides)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)
-    return config
+    return config, bool(getattr(args, "force", False))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,12 +24,14 @@ from wn_rl.data.preprocessing import binarize, to_unit_interval
 from wn_rl.init import data_dependent_init
 from wn_rl.models.cifar_vae import ResNetVAE
 from wn_rl.models.draw import DRAW
-from wn_rl.models.training import PolyakAverage, minibatches, open_writer, resolve_device, run_name, save_checkpoint
+from wn_rl.models.resume import EpochProgress, LoopState, ResumableRun
+from wn_rl.models.training import PolyakAverage, open_writer, resolve_device, save_checkpoint
 from wn_rl.models.vae import POSTERIORS, ConvVAE
 from wn_rl.parameterization import PARAMETERIZATIONS
 from wn_rl.stats import wn_stats
 
 __all__ = [
+    "SAFE_TO_CHANGE",
     "ConvVAESettings",
     "DRAWSettings",
     "GenerativeConfig",
@@ -43,6 +44,9 @@ __all__ = [
 
 MODELS = ("conv_vae", "resnet_vae", "draw")
 DATASETS = ("mnist", "cifar10")
+SAFE_TO_CHANGE = frozenset({"epochs", "checkpoint_every_epochs", "log_dir", "data_dir", "download", "device"})
+"""Config keys a resumed run may change: the epoch budget (nothing else depends on it), where files live
+and how often it checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ class GenerativeConfig:
     "TensorBoard root; empty string disables"
     checkpoint_dir: str = "checkpoints/paper"
     "final (Polyak-averaged) model and curves; empty string disables"
+    checkpoint_every_epochs: int = 1
+    "write a resumable checkpoint to checkpoint_dir/<run name>/ every N epochs (and at the end)"
     conv_vae: ConvVAESettings = field(default_factory=ConvVAESettings)
     "sizes of the conv VAE"
     resnet_vae: ResNetVAESettings = field(default_factory=ResNetVAESettings)
@@ -179,6 +185,7 @@ class GenerativeConfig:
             (self.polyak_epochs, self.grad_clip),
             "non-negative numbers",
         )
+        check(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", self.checkpoint_every_epochs, ">= 1")
         check(self.init_batch_size >= 2, "init_batch_size", self.init_batch_size, "at least 2")
         check(self.binarize in ("dynamic", "threshold"), "binarize", self.binarize, "dynamic or threshold")
         check(self.eval_samples >= 1, "eval_samples", self.eval_samples, "at least 1")
@@ -327,37 +334,54 @@ def _step(model, optimizer, x: Tensor, config: GenerativeConfig) -> tuple[float,
     return float(elbo.detach().mean()), None if kl is None else kl.detach().mean(dim=0)
 
 
-def _train_epoch(model, optimizer, train: Tensor, config: GenerativeConfig, generator, polyak):
-    """One pass over ``train``: ``(mean train ELBO, mean KL per layer or None, seconds per step)``."""
+def _train_epoch(model, optimizer, train: Tensor, config: GenerativeConfig, state: LoopState, progress):
+    """The minibatches of one pass over ``train`` from ``progress`` on: ``(mean train ELBO, mean KL per
+    layer or None, seconds per step)``, or ``None`` when a signal stopped it after a minibatch."""
     device = next(model.parameters()).device
     model.train()
-    elbo_sum, kl_sum, steps = 0.0, None, 0
+    sums = progress.sums
+    if not sums:
+        sums.update(elbo=0.0, kl=None)
     start = time.perf_counter()
-    for idx in minibatches(len(train), config.batch_size, generator):
-        x = _prepare(train[idx], config, generator, True).to(device)
+    for step, idx in progress.batches(config.batch_size):
+        x = _prepare(train[idx], config, state.generator, True).to(device)
         elbo, kl = _step(model, optimizer, x, config)
         if not math.isfinite(elbo):
             return elbo, None, float("nan")
-        elbo_sum, steps = elbo_sum + elbo, steps + 1
-        kl_sum = kl if kl_sum is None else kl_sum + kl
-        if polyak is not None:
-            polyak.update(model)
+        sums["elbo"] += elbo
+        sums["kl"] = kl if sums["kl"] is None else sums["kl"] + kl
+        if state.polyak is not None:
+            state.polyak.update(model)
+        progress.step = step + 1
+        if state.run.stop_signal is not None and progress.step < state.steps_per_epoch:
+            progress.seconds += time.perf_counter() - start
+            return None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    return elbo_sum / steps, None if kl_sum is None else kl_sum / steps, seconds
+    steps = progress.step
+    seconds = (progress.seconds + time.perf_counter() - start) / steps
+    return sums["elbo"] / steps, None if sums["kl"] is None else sums["kl"] / steps, seconds
 
 
-def train_generative(config: GenerativeConfig, *, data: tuple[Tensor, Tensor] | None = None, quiet: bool = False):
-    """Train ``config.model``; returns a :class:`GenerativeResult` with the per-epoch curves."""
+def train_generative(
+    config: GenerativeConfig, *, data: tuple[Tensor, Tensor] | None = None, quiet: bool = False, force: bool = False
+):
+    """Train ``config.model``; returns a :class:`GenerativeResult` with the per-epoch curves.
+
+    With ``checkpoint_dir`` set, a checkpoint every ``checkpoint_every_epochs`` epochs lets a rerun of the
+    same config continue exactly where the newest one stopped (:mod:`wn_rl.models.resume`); SIGINT/SIGTERM
+    finish the minibatch, checkpoint and raise :class:`~wn_rl.models.resume.TrainingInterrupted`. ``force``
+    resumes even if the config differs from the saved one in keys outside ``SAFE_TO_CHANGE``.
+    """
     device = resolve_device(config.device)
+    run = ResumableRun(config, f"{config.model}_{config.dataset}", SAFE_TO_CHANGE, force=force)
     torch.manual_seed(config.seed)
     train, test = data if data is not None else load_generative_data(config)
     if len(train) < config.batch_size:
         raise ValueError(f"{len(train)} training images are fewer than batch_size={config.batch_size}")
     model = build_generative_model(config, tuple(train.shape[1:])).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    if config.data_dependent_init:
+    if config.data_dependent_init and run.state is None:
         init_idx = torch.randperm(len(train), generator=generator)[: config.init_batch_size]
         data_dependent_init(model, _prepare(train[init_idx], config, generator, True).to(device))
     optimizer_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
@@ -366,22 +390,48 @@ def train_generative(config: GenerativeConfig, *, data: tuple[Tensor, Tensor] | 
     polyak = None
     if config.polyak_epochs > 0:
         polyak = PolyakAverage(model, PolyakAverage.decay_for(steps_per_epoch, config.polyak_epochs))
-    name = run_name(f"{config.model}_{config.dataset}", config.parameterization, config.seed)
-    writer = open_writer(config.log_dir, name, config) if config.log_dir else None
+    state = LoopState(config, run, model, optimizer, generator, GenerativeResult(), steps_per_epoch, polyak)
+    start, progress = run.restore(state.restore) if run.state is not None else (0, None)
+    for group in optimizer.param_groups:  # a resume forced past the config check uses the new values
+        group["lr"], group["betas"] = config.lr, (config.beta1, config.beta2)
+    writer = open_writer(config.log_dir, run.name, config, run.purge_step) if config.log_dir else None
+    try:
+        with run.stop_on_signals():
+            _epochs(state, train, test, writer, start, progress, quiet)
+    finally:
+        if writer is not None:
+            writer.close()
+    result = state.result
+    if config.checkpoint_dir:
+        payload: dict[str, Any] = {
+            "model": (polyak.model if polyak else model).state_dict(),
+            "config": config_to_dict(config),
+            "curves": result.__dict__.copy(),
+        }
+        result.checkpoint = str(save_checkpoint(run.final_path, payload))
+    return result
+
+
+def _epochs(state: LoopState, train: Tensor, test: Tensor, writer, start: int, progress, quiet: bool) -> None:
+    config, run, result, name = state.config, state.run, state.result, state.run.name
     dims = math.prod(train.shape[1:])
-    result = GenerativeResult()
-    for epoch in range(1, config.epochs + 1):
-        elbo, kl, seconds_per_step = _train_epoch(model, optimizer, train, config, generator, polyak)
+    for epoch in range(start + 1, config.epochs + 1):
+        progress = progress or EpochProgress.start(len(train), state.generator)
+        epoch_stats = _train_epoch(state.model, state.optimizer, train, config, state, progress)
+        if epoch_stats is None:  # stopped by a signal inside the epoch (the ELBO so far is finite)
+            raise run.interrupt(state.save(epoch - 1, progress))
+        progress = None
+        elbo, kl, seconds_per_step = epoch_stats
         if not math.isfinite(elbo):
             raise FloatingPointError(f"{name}: the ELBO became {elbo} in epoch {epoch}; lower lr or set grad_clip")
-        eval_model = polyak.model if polyak is not None else model
-        test_bound = evaluate_bound(eval_model, test, config, generator)
+        eval_model = state.polyak.model if state.polyak is not None else state.model
+        test_bound = evaluate_bound(eval_model, test, config, state.generator)
         result.train_elbo.append(elbo)
         result.test_bound.append(test_bound)
         result.test_bits_per_dim.append(-test_bound / (dims * math.log(2)))
         result.seconds_per_step.append(seconds_per_step)
         if writer is not None:
-            _log_epoch(writer, model, result, kl, epoch)
+            _log_epoch(writer, state.model, result, kl, epoch)
         if not quiet:
             print(
                 f"[{name}] epoch {epoch}/{config.epochs} train ELBO {result.train_elbo[-1]:.2f} test bound "
@@ -389,16 +439,12 @@ def train_generative(config: GenerativeConfig, *, data: tuple[Tensor, Tensor] | 
                 f"{seconds_per_step * 1e3:.1f} ms/step",
                 flush=True,
             )
-    if writer is not None:
-        writer.close()
-    if config.checkpoint_dir:
-        payload: dict[str, Any] = {
-            "model": (polyak.model if polyak else model).state_dict(),
-            "config": config_to_dict(config),
-            "curves": result.__dict__.copy(),
-        }
-        result.checkpoint = str(save_checkpoint(Path(config.checkpoint_dir) / f"{name}.pt", payload))
-    return result
+        path = None
+        if epoch % config.checkpoint_every_epochs == 0 or run.stop_signal is not None:
+            path = state.save(epoch)
+        if run.stop_signal is not None:
+            raise run.interrupt(path)
+    state.save(max(start, config.epochs))
 
 
 def _log_epoch(writer, model: nn.Module, result: GenerativeResult, kl: Tensor | None, epoch: int) -> None:

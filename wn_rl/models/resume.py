@@ -1,0 +1,271 @@
+"""Resumable paper-model runs: epoch checkpoints in a per-run folder, the config check on resume, the
+position inside an epoch, RNG states, and SIGINT/SIGTERM handlers.
+
+A run named ``{experiment}__{parameterization}__{seed}__{unix time}`` keeps its epoch checkpoints in
+``checkpoint_dir/<name>/checkpoint_<update>.pt`` (atomic, completion marker last: :mod:`wn_rl.checkpoint`)
+beside ``config.yaml``; the final checkpoint stays ``checkpoint_dir/<name>.pt``. Rerunning the command
+finds the newest folder of the same experiment, parameterization and seed and continues it from its newest
+complete checkpoint, with the TensorBoard curves continued in the same log folder (``purge_step`` drops what
+a killed process logged after that checkpoint). A config that differs in a key outside the loop's
+``SAFE_TO_CHANGE`` is refused unless ``force``; a finished run whose config differs is left alone and a new
+run starts.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from wn_rl import checkpoint
+from wn_rl.config import ConfigError, config_diff, config_to_dict
+from wn_rl.models.training import PolyakAverage, run_name
+
+__all__ = [
+    "KEEP_CHECKPOINTS",
+    "EpochProgress",
+    "LoopState",
+    "ResumableRun",
+    "TrainingInterrupted",
+    "rng_state",
+    "set_rng_state",
+]
+
+KEEP_CHECKPOINTS = 3
+"epoch checkpoints kept per run (the newest ones)"
+
+
+class TrainingInterrupted(SystemExit):
+    """The run stopped on SIGINT/SIGTERM after writing a checkpoint. A ``SystemExit`` with code 128 +
+    the signal number, so a script that does not catch it exits with the shell's convention (130, 143)."""
+
+    def __init__(self, signum: int, checkpoint_path: Path | None) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.checkpoint = checkpoint_path
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """The states of the global torch generators (CPU and, when present, CUDA) and of ``generator``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Put back the states from :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class EpochProgress:
+    """Where the loop stands inside an epoch: its minibatch order, the next minibatch, running sums and
+    the seconds spent so far (so an epoch stopped by a signal continues where it stopped)."""
+
+    order: Tensor
+    step: int = 0
+    sums: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, n: int, generator: torch.Generator) -> EpochProgress:
+        """A new epoch: the same ``randperm`` draw as :func:`wn_rl.models.training.minibatches`."""
+        return cls(torch.randperm(n, generator=generator))
+
+    def batches(self, batch_size: int):
+        """``(step, indices)`` of the minibatches still to do (the last partial batch dropped)."""
+        for step in range(self.step, len(self.order) // batch_size):
+            yield step, self.order[step * batch_size : (step + 1) * batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "step": self.step, "sums": dict(self.sums), "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> EpochProgress | None:
+        return None if state is None else cls(state["order"], state["step"], dict(state["sums"]), state["seconds"])
+
+
+@dataclass
+class LoopState:
+    """What a training loop carries from epoch to epoch, and writes to and reads from its checkpoints."""
+
+    config: Any
+    run: ResumableRun
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    result: Any
+    "the per-epoch curves (a dataclass of lists: CifarResult, GenerativeResult)"
+    steps_per_epoch: int
+    polyak: PolyakAverage | None = None
+
+    def save(self, epochs_done: int, progress: EpochProgress | None = None) -> Path | None:
+        """An epoch checkpoint: everything needed to continue exactly (mid-epoch with ``progress``)."""
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.generator),
+            "curves": dict(self.result.__dict__),
+            "epoch": epochs_done,
+            "progress": None if progress is None else progress.state_dict(),
+            "config": config_to_dict(self.config),
+        }
+        if self.polyak is not None:
+            payload["polyak"] = self.polyak.model.state_dict()
+        update = epochs_done * self.steps_per_epoch + (0 if progress is None else progress.step)
+        return self.run.save(payload, update, epochs_done)
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, EpochProgress | None]:
+        """Load a checkpoint of :meth:`save`; returns the epochs done and the position inside the next."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.polyak is not None:
+            self.polyak.model.load_state_dict(state["polyak"])
+        set_rng_state(state["rng"], self.generator)
+        self.result = type(self.result)(**state["curves"])
+        return int(state["epoch"]), EpochProgress.from_state(state["progress"])
+
+
+class ResumableRun:
+    """One run's name, checkpoint folder and (when resuming) loaded checkpoint.
+
+    Args:
+        config: the run's frozen config; ``checkpoint_dir`` empty disables checkpoints and resuming.
+        experiment: the first part of the run name.
+        safe_to_change: config keys (dotted) that may differ on resume.
+        force: resume even if other keys differ.
+    """
+
+    def __init__(self, config: Any, experiment: str, safe_to_change: frozenset[str], *, force: bool = False) -> None:
+        self.config = config
+        self.stop_signal: int | None = None
+        self.state: dict[str, Any] | None = None
+        self.last_path: Path | None = None
+        self.purge_step: int | None = None
+        prefix = f"{experiment}__{config.parameterization}__{config.seed}__"
+        found = _newest_run(Path(config.checkpoint_dir), prefix) if config.checkpoint_dir else None
+        if found is not None and self._should_resume(found, safe_to_change, force):
+            self.name = found.name
+            self.folder: Path | None = found
+            self._load()
+        else:
+            self.name = run_name(experiment, config.parameterization, config.seed)
+            self.folder = Path(config.checkpoint_dir) / self.name if config.checkpoint_dir else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()
+            checkpoint.atomic_write_bytes(self.folder / "config.yaml", config_yaml)
+
+    @property
+    def final_path(self) -> Path:
+        return Path(self.config.checkpoint_dir) / f"{self.name}.pt"
+
+    def _should_resume(self, folder: Path, safe_to_change: frozenset[str], force: bool) -> bool:
+        old = yaml.safe_load((folder / "config.yaml").read_text())
+        diff = {k: v for k, v in config_diff(old, config_to_dict(self.config)).items() if k not in safe_to_change}
+        if not diff or force:
+            return True
+        final = folder.parent / f"{folder.name}.pt"
+        if final in checkpoint.complete_checkpoints(folder.parent, prefix=folder.name):
+            return False  # a finished run with another config: this is a new run
+        lines = "\n".join(f"  {key}: {a!r} -> {b!r}" for key, (a, b) in diff.items())
+        raise ConfigError(
+            f"{folder} holds an unfinished run with a different config:\n{lines}\n"
+            "Rerun with the saved config (config.yaml there) to resume it, pass --force to resume it with this "
+            f"config, or start a separate run (another checkpoint_dir, or delete {folder})."
+        )
+
+    def _load(self) -> None:
+        removed = checkpoint.remove_incomplete(self.folder)  # left by a process killed while writing
+        if removed:
+            print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
+        path = checkpoint.latest_checkpoint(self.folder)
+        self.purge_step = 0  # a run killed before its first checkpoint starts again: drop what it logged
+        if path is not None:
+            self.state = checkpoint.load_checkpoint(path)
+            self.last_path = path
+            self.purge_step = int(self.state["epoch"]) + 1
+            print(f"[{self.name}] resuming from {path} (epoch {self.state['epoch']} done)", flush=True)
+
+    def restore(self, load: Any) -> Any:
+        """``load(state)``, which puts the checkpoint into the model, optimizer, ...; a checkpoint that
+        does not fit the config (a resume forced past the config check) is a clear error."""
+        try:
+            return load(self.state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise checkpoint.CheckpointError(
+                f"{self.last_path} does not fit this run's config ({exc}). Resume with the run's saved config "
+                f"({self.folder / 'config.yaml' if self.folder else '?'}) or start a separate run."
+            ) from exc
+
+    def save(self, payload: dict[str, Any], update: int, epoch: int) -> Path | None:
+        """Write an epoch checkpoint (named by the number of updates done) and prune old ones."""
+        if self.folder is None:
+            return None
+        path = self.folder / f"checkpoint_{update:010d}.pt"
+        if path == self.last_path and path.is_file():
+            return path  # this very state was loaded or written already; rewriting it would open a window
+        checkpoint.save_checkpoint(path, payload, metadata={"epoch": epoch, "update": update})
+        self.last_path = path
+        checkpoint.prune_checkpoints(self.folder, KEEP_CHECKPOINTS)
+        return path
+
+    def interrupt(self, path: Path | None) -> TrainingInterrupted:
+        """The exception to raise after the checkpoint of a stop requested by a signal."""
+        name = signal.Signals(self.stop_signal).name
+        print(f"[{self.name}] {name}: checkpoint {path} written; rerun the same command to resume", file=sys.stderr)
+        return TrainingInterrupted(self.stop_signal, path)
+
+    def stop_on_signals(self) -> _StopOnSignals:
+        return _StopOnSignals(self)
+
+
+def _newest_run(checkpoint_dir: Path, prefix: str) -> Path | None:
+    """The newest run folder ``checkpoint_dir/<prefix><unix time>`` holding a ``config.yaml``."""
+    if not checkpoint_dir.is_dir():
+        return None
+    runs = [
+        p
+        for p in checkpoint_dir.glob(f"{prefix}*")
+        if p.name[len(prefix) :].isdigit() and (p / "config.yaml").is_file()
+    ]
+    return max(runs, key=lambda p: (int(p.name[len(prefix) :]), p.name), default=None)
+
+
+class _StopOnSignals:
+    """SIGINT/SIGTERM set ``run.stop_signal`` (the loop finishes its minibatch, checkpoints and raises
+    :class:`TrainingInterrupted`); a second SIGINT raises ``KeyboardInterrupt`` at once. Installed only in
+    the main thread and only when the run writes checkpoints; the previous handlers are restored on exit."""
+
+    def __init__(self, run: ResumableRun) -> None:
+        self.run = run
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.run.stop_signal is not None and signum == signal.SIGINT:
+            print("interrupted again: quitting without a new checkpoint; the previous one is intact", flush=True)
+            raise KeyboardInterrupt
+        self.run.stop_signal = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: finishing the minibatch and writing a checkpoint (Ctrl-C again to quit now)", flush=True)
+
+    def __enter__(self) -> _StopOnSignals:
+        if self.run.folder is not None and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
