@@ -292,3 +292,25 @@ def test_compiled_sampling_copies_atari_rows_and_equals_eager(atari_run):
     for a, b in zip(got, sample(u), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert any("take_rows" in code for code in codes)
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_games_restarted_after_a_resume_are_cut_from_the_stored_ones(n_step):
+    """A resumed run whose games could not be restored starts new ones after the loaded replay's newest
+    slot: no transition or n-step sequence may bootstrap from the new games' first observations."""
+    replay = ReplayMemory(3 * 30, 3, (2,), np.float32, 3, n_step, "cpu")
+    old = _Counter([4, 6, 9])
+    _fill(old, replay, 12)
+    replay.end_games()  # the runner's fresh-games start, before the first write of the new games
+    new = _Counter([5, 3, 7])  # told apart from the old games by write order (no wrap-around here)
+    boundary = replay.writes
+    _fill(new, replay, 10, seed=1)
+    valid = torch.nonzero(replay.valid_mask().flatten()).flatten()
+    batch = replay.gather(valid, terminal_on_life_loss=False)
+    slots = (valid // replay.num_envs).numpy()
+    next_slots = (slots + batch.next_offsets.numpy()) % replay.length
+    crossing = (slots < boundary) & (next_slots >= boundary)
+    assert not crossing.any(), valid[torch.from_numpy(crossing)]
+    # what stays: the transition into the newest old observation bootstraps from it, as a time limit does
+    last = boundary - 1
+    assert replay.final[last].all() and (replay.truncated[last - 1] | replay.final[last - 1]).all()

@@ -201,6 +201,22 @@ class ReplayMemory:
         """Recount the valid slots of blocks ``first..end-1`` (slices: no index tensor, no host sync)."""
         torch.sum(self._valid_blocks[first:end], 1, out=self._block_counts[first:end])
 
+    def end_games(self) -> None:
+        """Cut every env's game in progress at the newest stored slot, before the envs restart with new
+        games (a resumed run whose games could not be restored). The observation after that slot was never
+        stored, and the next write is another game's first: the newest observation becomes ``final`` (it
+        starts no transition) and the transition into it a truncation (it bootstraps from that observation,
+        and no n-step sequence runs on into the new game)."""
+        if self.writes == 0:
+            return
+        newest = (self.position - 1) % self.length
+        self.final[newest] = True
+        self.valid[newest] = False
+        if self.writes > 1:
+            before = (newest - 1) % self.length
+            self.truncated[before] |= ~self.final[before]
+        self.recount_valid()
+
     def recount_valid(self) -> None:
         """Recount every block, after :attr:`valid` was written other than by :meth:`add`."""
         self._count_blocks(0, self._block_counts.numel())

@@ -403,6 +403,7 @@ class Trainer:
         else:
             self._log_hparams()
         if why_fresh is not None:
+            self.replay.end_games()  # a loaded replay's games in progress end here, not in the new games
             n = self.spec.num_envs
             self._obs = torch.from_numpy(self.env.reset(seed=self.config.run.seed + self.agent_step)).to(self.device)
             self._first = torch.ones(n, dtype=torch.bool)
