@@ -72,7 +72,8 @@ class AgentConfig:
     lr: float | None = None
     "learning rate; None: 3e-4 with weight norm, 1e-4 otherwise (the paper's best)."
     beta1: float = 0.5
-    "Adamax/Adam beta1 (the paper's momentum 0.5)."
+    "Adamax/Adam beta1 (the paper's momentum 0.5); with rmsprop, its momentum (torch's RMSprop: alpha 0.95, "
+    "not centered, optimizer_eps outside the square root; not the Nature DQN's centered RMSProp)."
     beta2: float = 0.999
     "Adamax/Adam beta2."
     optimizer_eps: float = 1e-8
