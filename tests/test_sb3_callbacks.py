@@ -3,9 +3,11 @@ training, and learning on small tasks with each algorithm family."""
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
 from stable_baselines3 import DQN, PPO, SAC, TD3
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -17,8 +19,10 @@ from wn_rl.sb3 import (
     DataDependentInitCallback,
     WnActorCriticPolicy,
     WnMlpPolicy,
+    WnSACCnnPolicy,
     WnSACPolicy,
     WnStatsCallback,
+    WnTD3CnnPolicy,
     WnTD3Policy,
 )
 
@@ -102,6 +106,35 @@ def test_actor_critic_off_policy_init_uses_replay_actions_and_syncs_both_targets
     for target, online in pairs:
         for key, value in online.state_dict().items():
             assert torch.equal(target.state_dict()[key], value), key
+
+
+class RandomImages(gym.Env):
+    observation_space = spaces.Box(0, 255, (3, 36, 36), np.uint8)
+    action_space = spaces.Box(-1, 1, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+@pytest.mark.parametrize("algo,policy", [(SAC, WnSACCnnPolicy), (TD3, WnTD3CnnPolicy)])
+def test_cnn_actor_critic_init_reaches_the_critics_own_features_extractor(algo, policy):
+    # share_features_extractor=False (SB3's default): ContinuousCritic.forward re-enables gradients for it.
+    kwargs = dict(features_extractor_kwargs=dict(features_dim=16), net_arch=[8])
+    model = algo(
+        policy, RandomImages(), learning_starts=16, buffer_size=64, gradient_steps=0, seed=0, policy_kwargs=kwargs
+    )
+    callback = DataDependentInitCallback(n_samples=16)
+    model.learn(20, callback=callback)
+    critic = model.policy.critic
+    assert critic.features_extractor is not model.policy.actor.features_extractor
+    assert wn_rl.is_initialized(critic) and wn_rl.is_initialized(model.policy.actor)
+    assert len(callback.reports["critic"].layers) == 4 + 2 * 2  # its own Nature CNN, then two Q heads
+    for key, value in critic.state_dict().items():
+        assert torch.equal(model.policy.critic_target.state_dict()[key], value), key
 
 
 def test_on_policy_init_warms_up_before_the_first_rollout_with_mean_only_bn():

@@ -13,7 +13,7 @@ import torch as th
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from sb3_contrib.qrdqn.policies import QRDQNPolicy
-from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy, ContinuousCritic
 from stable_baselines3.dqn.policies import DQNPolicy
 from stable_baselines3.sac.policies import SACPolicy
 from stable_baselines3.td3.policies import TD3Policy
@@ -109,7 +109,15 @@ def _init_passes(policy: BasePolicy, actions: th.Tensor | None) -> list[tuple[st
         actor: Forward = lambda net, obs: net.get_action_dist_params(obs)  # noqa: E731 - no sampling
     else:
         actor = lambda net, obs: net(obs)  # noqa: E731
-    return [("actor", policy.actor, actor), ("critic", policy.critic, lambda net, obs: net(obs, actions))]
+    return [("actor", policy.actor, actor), ("critic", policy.critic, lambda net, obs: _q_values(net, obs, actions))]
+
+
+def _q_values(critic: ContinuousCritic, obs: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+    """``ContinuousCritic.forward`` without its ``set_grad_enabled(not share_features_extractor)``: a
+    critic with its own features extractor would turn gradients back on inside the init pass, whose
+    in-place updates of the extractor's layers then fail (the default of the SAC and TD3 CNN policies)."""
+    features = critic.extract_features(obs, critic.features_extractor)
+    return tuple(q_net(th.cat([features, actions], dim=1)) for q_net in critic.q_networks)
 
 
 def _batch_len(obs: Any) -> int:
