@@ -9,6 +9,7 @@ import pytest
 import torch
 from gymnasium import spaces
 from sb3_contrib import QRDQN, RecurrentPPO
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.env_util import make_atari_env, make_vec_env
 from stable_baselines3.common.vec_env import VecFrameStack
@@ -111,6 +112,53 @@ def test_recurrent_policy_uses_wn_lstm_cells_and_matches_lstm_state_shapes():
     obs = model.env.reset()
     _, state = model.predict(obs, episode_start=np.ones(1, dtype=bool))
     assert state[0].shape == (2, 1, 8) and state[1].shape == (2, 1, 8)
+
+
+def _recurrent_batch(n_seq: int = 3, length: int = 5, hidden: int = 8, layers: int = 1):
+    """Observations, actions, LSTM states and episode starts laid out as sb3-contrib's evaluate_actions
+    gets them (sequence-major), with starts inside the sequences."""
+    torch.manual_seed(0)
+    obs, actions = torch.randn(n_seq * length, 4), torch.randint(0, 2, (n_seq * length,))
+    starts = torch.zeros(n_seq * length)
+    starts[[0, 2, length + 3, 2 * length]] = 1.0
+    states = tuple((torch.randn(layers, n_seq, hidden), torch.randn(layers, n_seq, hidden)) for _ in range(2))
+    return obs, actions, RNNStates(*states), starts
+
+
+def test_recurrent_policy_in_normal_parameterization_is_sb3_contribs_policy():
+    kwargs = dict(lstm_hidden_size=8, n_lstm_layers=2, net_arch=[16])
+    ours = RecurrentPPO(
+        WnRecurrentActorCriticPolicy, "CartPole-v1", n_steps=16, policy_kwargs=dict(kwargs, parameterization="normal")
+    ).policy
+    reference = RecurrentPPO("MlpLstmPolicy", "CartPole-v1", n_steps=16, policy_kwargs=kwargs).policy
+    assert isinstance(ours.lstm_actor, torch.nn.LSTM) and isinstance(ours.lstm_critic, torch.nn.LSTM)
+    assert not any(isinstance(m, wn_rl.WNLSTMCell | wn_rl.WNLayer) for m in ours.modules())
+    state = {k: v for k, v in ours.state_dict().items() if not k.endswith("initialized")}
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    obs, actions, states, starts = _recurrent_batch(layers=2)
+    with torch.no_grad():
+        for got, expected in zip(
+            ours.evaluate_actions(obs, actions, states, starts),
+            reference.evaluate_actions(obs, actions, states, starts),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_recurrent_policy_computes_lstm_weights_once_per_sequence_and_trains_g_and_v(monkeypatch):
+    kwargs = dict(lstm_hidden_size=8)
+    model = RecurrentPPO(WnRecurrentActorCriticPolicy, "CartPole-v1", n_steps=16, policy_kwargs=kwargs)
+    calls = []
+    compute = wn_rl.WNLSTMCell.compute_weights
+    monkeypatch.setattr(wn_rl.WNLSTMCell, "compute_weights", lambda cell: calls.append(cell) or compute(cell))
+    obs, actions, states, starts = _recurrent_batch()  # starts inside: sb3-contrib loops over steps
+    values, log_prob, _ = model.policy.evaluate_actions(obs, actions, states, starts)
+    assert len(calls) == 2  # actor and critic cell, once each for the 5-step sequences
+    (values.sum() + log_prob.sum()).backward()
+    for cell in (model.policy.lstm_actor.cells[0], model.policy.lstm_critic.cells[0]):
+        for name in ("g_ih", "v_ih", "g_hh", "v_hh"):
+            assert getattr(cell, name).grad is not None and getattr(cell, name).grad.abs().sum() > 0, name
 
 
 def test_wn_lstm_computes_what_nn_lstm_computes_with_the_same_weights():

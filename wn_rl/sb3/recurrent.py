@@ -125,7 +125,9 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
     """sb3-contrib's ``RecurrentActorCriticPolicy`` (``RecurrentPPO``) with weight-normalized LSTMs.
 
     The actor and critic LSTMs are :class:`WNLSTM` (``WNLSTMCell`` stacks, matching ``nn.LSTM``'s
-    states ``(num_layers, n_envs, hidden)`` and RecurrentPPO's episode-start resets); the features
+    states ``(num_layers, n_envs, hidden)`` and RecurrentPPO's episode-start resets) in the weight-norm
+    parameterizations, sb3-contrib's ``nn.LSTM`` in the others (``normal`` is then sb3-contrib's policy
+    with this initialization; no norm layer fits a recurrent cell, section 5.3); the features
     extractor, MLPs and heads are built as in :class:`wn_rl.sb3.WnActorCriticPolicy`, whose
     initialization rules (no orthogonal init; data-dependent init of every non-recurrent layer by
     :class:`wn_rl.sb3.DataDependentInitCallback`) and frozen norm statistics apply unchanged.
@@ -142,14 +144,24 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
     ) -> None:
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
         layers, hidden = self.lstm_actor.num_layers, self.lstm_actor.hidden_size
-        self.lstm_actor = WNLSTM(self.features_dim, hidden, num_layers=layers, **self.lstm_kwargs)
-        if self.lstm_critic is not None:
-            self.lstm_critic = WNLSTM(self.features_dim, hidden, num_layers=layers, **self.lstm_kwargs)
+        if self.parameterization.weight_norm:  # otherwise sb3-contrib's nn.LSTM: "normal" means no WN at all
+            self.lstm_actor = WNLSTM(self.features_dim, hidden, num_layers=layers, **self.lstm_kwargs)
+            if self.lstm_critic is not None:
+                self.lstm_critic = WNLSTM(self.features_dim, hidden, num_layers=layers, **self.lstm_kwargs)
         if self.critic is not None:  # no critic LSTM: SB3's linear map from features to the LSTM width
             self.critic = self.parameterization.linear(self.features_dim, hidden, init_scale=self.init_scales["hidden"])
         self.to(self.device)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
         self.train(self.training)
+
+    @staticmethod
+    def _process_sequence(
+        features: th.Tensor, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor, lstm: nn.Module
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        """sb3-contrib's sequence loop inside :func:`wn_rl.cached`: where a sequence holds an episode start
+        it calls the LSTM once per step, and each call would recompute the effective weights."""
+        with cached(lstm):
+            return RecurrentActorCriticPolicy._process_sequence(features, lstm_states, episode_starts, lstm)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         """Adds the LSTM options, which sb3-contrib 2.9 leaves out (its ``policy.load`` rebuilds a
