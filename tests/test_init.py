@@ -236,3 +236,22 @@ def test_a_failing_pass_leaves_the_model_as_it_was():
     assert set(after) == set(before) | {"second.initialized"}  # the plain layer got its (unset) flag
     assert all(torch.equal(after[k], t) for k, t in before.items())
     assert not bool(after["second.initialized"]) and model.first.g is g  # restored in place
+
+
+class _ReenablesGradients(nn.Module):
+    """As SB3's ContinuousCritic does for a features extractor of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 8), WNLinear(8, 2)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            h = torch.relu(self.inner(x))
+        return self.head(h)
+
+
+def test_a_forward_that_reenables_gradients_is_initialised():
+    model = _ReenablesGradients()
+    report = data_dependent_init(model, torch.randn(64, 4))
+    assert len(report.layers) == 2 and is_initialized(model)

@@ -129,6 +129,7 @@ class _InitPass:
         self.records: list[LayerInit] = []
         self.last: tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None] | None = None
 
+    @torch.no_grad()  # a forward that re-enables gradients must not see these in-place updates
     def layer_hook(self, layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
         if id(layer) in self.done:
             return None
@@ -173,6 +174,7 @@ class _InitPass:
         self.last = (layer, new_output, factor, shift, old_bias)
         return new_output
 
+    @torch.no_grad()
     def norm_pre_hook(self, norm: nn.Module, inputs: tuple[Any, ...]) -> tuple[Tensor, ...] | None:
         if id(norm) in self.done or not inputs or not isinstance(inputs[0], Tensor):
             return None
