@@ -11,19 +11,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wn_rl.config import check, config_to_dict
+from wn_rl.config import check
 from wn_rl.data.cifar10 import load_cifar10
 from wn_rl.data.preprocessing import fit_zca, to_unit_interval
 from wn_rl.init import data_dependent_init
 from wn_rl.models.cifar import cifar_network, cifar_schedule
 from wn_rl.models.resume import EpochProgress, LoopState, ResumableRun
-from wn_rl.models.training import copy_directions, open_writer, resolve_device, save_checkpoint
+from wn_rl.models.training import copy_directions, open_writer, resolve_device
 from wn_rl.parameterization import PARAMETERIZATIONS
 from wn_rl.stats import wn_stats
 
@@ -291,15 +290,8 @@ def train_cifar(
     finally:
         if writer is not None:
             writer.close()
-    result = state.result
-    if config.checkpoint_dir:
-        payload: dict[str, Any] = {
-            "model": model.state_dict(),
-            "config": config_to_dict(config),
-            "curves": result.__dict__.copy(),
-        }
-        result.checkpoint = str(save_checkpoint(run.final_path, payload))
-    return result
+    run.save_final(model, state.result)
+    return state.result
 
 
 def _epochs(state: LoopState, data: CifarData, writer, start: int, progress: EpochProgress | None, quiet: bool) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from wn_rl.config import check, config_to_dict
+from wn_rl.config import check
 from wn_rl.data.cifar10 import load_cifar10
 from wn_rl.data.mnist import load_mnist
 from wn_rl.data.preprocessing import binarize, to_unit_interval
@@ -25,7 +24,7 @@ from wn_rl.init import data_dependent_init
 from wn_rl.models.cifar_vae import ResNetVAE
 from wn_rl.models.draw import DRAW
 from wn_rl.models.resume import EpochProgress, LoopState, ResumableRun
-from wn_rl.models.training import PolyakAverage, open_writer, resolve_device, save_checkpoint
+from wn_rl.models.training import PolyakAverage, open_writer, resolve_device
 from wn_rl.models.vae import POSTERIORS, ConvVAE
 from wn_rl.parameterization import PARAMETERIZATIONS
 from wn_rl.stats import wn_stats
@@ -401,15 +400,8 @@ def train_generative(
     finally:
         if writer is not None:
             writer.close()
-    result = state.result
-    if config.checkpoint_dir:
-        payload: dict[str, Any] = {
-            "model": (polyak.model if polyak else model).state_dict(),
-            "config": config_to_dict(config),
-            "curves": result.__dict__.copy(),
-        }
-        result.checkpoint = str(save_checkpoint(run.final_path, payload))
-    return result
+    run.save_final(polyak.model if polyak else model, state.result)
+    return state.result
 
 
 def _epochs(state: LoopState, train: Tensor, test: Tensor, writer, start: int, progress, quiet: bool) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from wn_rl import checkpoint
 from wn_rl.config import ConfigError, config_diff, config_to_dict
-from wn_rl.models.training import PolyakAverage, run_name
+from wn_rl.models.training import PolyakAverage, run_name, save_checkpoint
 
 __all__ = [
     "KEEP_CHECKPOINTS",
@@ -220,6 +220,13 @@ class ResumableRun:
         self.last_path = path
         checkpoint.prune_checkpoints(self.folder, KEEP_CHECKPOINTS)
         return path
+
+    def save_final(self, model: nn.Module, result: Any) -> None:
+        """The finished run's model, config and curves at :attr:`final_path`; sets ``result.checkpoint``."""
+        if self.config.checkpoint_dir:
+            curves = dict(result.__dict__)
+            payload = {"model": model.state_dict(), "config": config_to_dict(self.config), "curves": curves}
+            result.checkpoint = str(save_checkpoint(self.final_path, payload))
 
     def interrupt(self, path: Path | None) -> TrainingInterrupted:
         """The exception to raise after the checkpoint of a stop requested by a signal."""
