@@ -19,8 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
-import threading
 import time
 import warnings
 from collections import deque
@@ -67,6 +65,7 @@ from wn_rl.checkpoint import (
 )
 from wn_rl.config import ConfigError, config_diff, flatten_config, resolve_device
 from wn_rl.provenance import provenance
+from wn_rl.signals import StopOnSignals
 
 __all__ = ["SAFE_TO_CHANGE", "EnvNonFiniteError", "Trainer", "pick_device", "run_dir_for"]
 
@@ -430,7 +429,7 @@ class Trainer:
         start_step, t0 = self.agent_step, time.perf_counter()
         bar = _progress(self.config.run, self.agent_step)
         try:
-            with _stop_on_signals(self):
+            with StopOnSignals(self, "the current step"):
                 self.advance(self.config.run.total_agent_steps, bar)
         except (NonFiniteError, EnvNonFiniteError) as exc:
             last = self.last_checkpoint or "none written yet"
@@ -587,32 +586,6 @@ def _with_context(exc: Exception, context: str) -> tuple:
     if isinstance(exc, NonFiniteError):
         return (f"{exc} {context}", exc.update, exc.tensor)
     return (f"{exc} {context}",)
-
-
-class _stop_on_signals:  # noqa: N801 (a context manager used like a function)
-    """SIGINT/SIGTERM set ``trainer.stop_signal`` (the loop finishes its step, then checkpoints); a second
-    SIGINT raises ``KeyboardInterrupt`` at once. Only in the main thread; handlers are restored on exit."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.trainer.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.trainer.stop_signal = signum
-        name = signal.Signals(signum).name
-        print(f"\n{name}: finishing the current step and writing a checkpoint (Ctrl-C again to quit now)", flush=True)
-
-    def __enter__(self) -> _stop_on_signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 class _Clock:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from wn_rl import checkpoint
 from wn_rl.config import ConfigError, config_diff, config_to_dict
 from wn_rl.models.training import PolyakAverage, run_name, save_checkpoint
+from wn_rl.signals import StopOnSignals
 
 __all__ = [
     "KEEP_CHECKPOINTS",
@@ -234,8 +234,10 @@ class ResumableRun:
         print(f"[{self.name}] {name}: checkpoint {path} written; rerun the same command to resume", file=sys.stderr)
         return TrainingInterrupted(self.stop_signal, path)
 
-    def stop_on_signals(self) -> _StopOnSignals:
-        return _StopOnSignals(self)
+    def stop_on_signals(self) -> StopOnSignals:
+        """SIGINT/SIGTERM handlers while the loop runs (only when the run writes checkpoints)."""
+        again = "interrupted again: quitting without a new checkpoint; the previous one is intact"
+        return StopOnSignals(self, "the minibatch", again=again, enabled=self.folder is not None)
 
 
 def _newest_run(checkpoint_dir: Path, prefix: str) -> Path | None:
@@ -248,31 +250,3 @@ def _newest_run(checkpoint_dir: Path, prefix: str) -> Path | None:
         if p.name[len(prefix) :].isdigit() and (p / "config.yaml").is_file()
     ]
     return max(runs, key=lambda p: (int(p.name[len(prefix) :]), p.name), default=None)
-
-
-class _StopOnSignals:
-    """SIGINT/SIGTERM set ``run.stop_signal`` (the loop finishes its minibatch, checkpoints and raises
-    :class:`TrainingInterrupted`); a second SIGINT raises ``KeyboardInterrupt`` at once. Installed only in
-    the main thread and only when the run writes checkpoints; the previous handlers are restored on exit."""
-
-    def __init__(self, run: ResumableRun) -> None:
-        self.run = run
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.run.stop_signal is not None and signum == signal.SIGINT:
-            print("interrupted again: quitting without a new checkpoint; the previous one is intact", flush=True)
-            raise KeyboardInterrupt
-        self.run.stop_signal = signum
-        name = signal.Signals(signum).name
-        print(f"\n{name}: finishing the minibatch and writing a checkpoint (Ctrl-C again to quit now)", flush=True)
-
-    def __enter__(self) -> _StopOnSignals:
-        if self.run.folder is not None and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
