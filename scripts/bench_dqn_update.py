@@ -30,6 +30,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from agents.dqn.benchmark import random_batch_of
 from agents.dqn.config import AgentConfig, NetworkConfig
 from agents.dqn.envs import EnvSpec
 from agents.dqn.evaluation import exploration_draws, select_actions
@@ -42,26 +43,6 @@ SPECS = {
     "atari": EnvSpec("atari", "breakout", 4, (84, 84), 4, np.dtype(np.uint8), 4, {}),
     "minatar": EnvSpec("minatar", "breakout", 1, (4, 10, 10), 1, np.dtype(np.uint8), 3, {}),
 }
-
-
-def random_batch(spec: EnvSpec, batch_size: int, device: torch.device) -> ReplayBatch:
-    g = torch.Generator().manual_seed(0)
-    high = 256 if spec.suite == "atari" else 2
-
-    def frames() -> torch.Tensor:
-        return torch.randint(0, high, (batch_size, *spec.obs_shape), generator=g, dtype=torch.uint8)
-
-    batch = ReplayBatch(
-        obs=frames(),
-        actions=torch.randint(0, spec.n_actions, (batch_size,), generator=g),
-        rewards=torch.randn(batch_size, 1, generator=g),
-        terminals=torch.rand(batch_size, 1, generator=g) < 0.1,
-        truncations=torch.zeros(batch_size, 1, dtype=torch.bool),
-        next_obs=frames(),
-        next_offsets=torch.ones(batch_size, dtype=torch.long),
-        indices=torch.arange(batch_size),
-    )
-    return ReplayBatch(**{k: v.to(device) for k, v in vars(batch).items()})
 
 
 def full_replay(spec: EnvSpec, capacity: int, num_envs: int, device: torch.device) -> ReplayMemory:
@@ -124,7 +105,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     spec = SPECS[args.game]
-    batch = random_batch(spec, args.batch_size, device)
+    density = None if spec.suite == "atari" else 0.5  # MinAtar's planes are 0/1
+    batch = random_batch_of(spec.obs_shape, spec.n_actions, args.batch_size, device, density)
     needs_replay = set(args.source) - {"batch"}
     replay = full_replay(spec, args.replay_capacity, args.num_envs, device) if needs_replay else None
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None

@@ -35,7 +35,16 @@ from agents.dqn.replay import ReplayBatch
 from agents.dqn.runner import Trainer
 from wn_rl.parameterization import Parameterization
 
-__all__ = ["Contender", "build_ours", "build_sb3", "profile_loop", "random_batch", "settings_for", "throughput"]
+__all__ = [
+    "Contender",
+    "build_ours",
+    "build_sb3",
+    "profile_loop",
+    "random_batch",
+    "random_batch_of",
+    "settings_for",
+    "throughput",
+]
 
 
 GAME_BATCHES = {  # (frame shape, actions, density of nonzero pixels: MinAtar's planes are sparse 0/1)
@@ -48,6 +57,14 @@ def random_batch(game: str, batch_size: int, device: torch.device | str = "cpu")
     """A random minibatch shaped like ``game``'s (a key of :data:`GAME_BATCHES`), the same for every call:
     for comparing update paths on one batch (``scripts/bench_compiled_check.py``, the tests)."""
     shape, n_actions, density = GAME_BATCHES[game]
+    return random_batch_of(shape, n_actions, batch_size, device, density)
+
+
+def random_batch_of(
+    shape: tuple[int, ...], n_actions: int, batch_size: int, device: torch.device | str, density: float | None
+) -> ReplayBatch:
+    """A random minibatch of uint8 frames of ``shape`` (0-255, or 0/1 with ``density`` of ones), the same
+    for every call with the same arguments."""
     g = torch.Generator().manual_seed(0)
 
     def frames() -> torch.Tensor:
