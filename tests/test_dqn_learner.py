@@ -58,6 +58,15 @@ def test_epsilon_schedule_is_linear_then_flat():
     assert epsilon_at(5, 1.0, 0.1, 0) == 0.1
 
 
+def test_epsilon_decay_can_begin_when_learning_starts():
+    # deep_q_rl (the paper's code): random acting until the replay start, the decay only from there
+    assert epsilon_at(0, 1.0, 0.1, 1000, begin=200) == 1.0
+    assert epsilon_at(200, 1.0, 0.1, 1000, begin=200) == 1.0
+    assert epsilon_at(700, 1.0, 0.1, 1000, begin=200) == pytest.approx(0.55)
+    assert epsilon_at(1200, 1.0, 0.1, 1000, begin=200) == pytest.approx(0.1)
+    assert epsilon_at(5, 1.0, 0.1, 0, begin=200) == 0.1
+
+
 def _batch(b=8, n=1):
     g = torch.Generator().manual_seed(0)
     return ReplayBatch(

@@ -137,6 +137,26 @@ def test_minatar_resume_continues_counters_and_refuses_a_changed_config(tmp_path
         Trainer(changed, tmp_path / "run")
 
 
+@pytest.mark.parametrize("after_learning_starts", [True, False])
+def test_epsilon_decays_from_learning_starts_or_from_step_0(tmp_path, after_learning_starts):
+    overrides = [
+        f"run.runs_dir={tmp_path}",
+        "run.progress_bar=false",
+        "run.total_agent_steps=800",
+        "run.log_every_agent_steps=200",
+        "agent.learning_starts_agent_steps=400",
+        "agent.epsilon_decay_agent_steps=400",
+        f"agent.epsilon_decay_after_learning_starts={str(after_learning_starts).lower()}",
+        "eval.every_agent_steps=0",
+    ]
+    Trainer(load_dqn_config("configs/dqn/cartpole.yaml", overrides), tmp_path / "run").run()
+    logged = _scalars(tmp_path / "run")["train/epsilon"]  # at agent steps 200, 400, 600, 800 (the step before)
+    if after_learning_starts:  # uniformly random until learning starts, then 1 -> 0.02 over 400 steps
+        assert logged[:2] == [1.0, 1.0] and logged[2] == pytest.approx(1 - 0.98 * 196 / 400, abs=1e-6)
+    else:
+        assert logged[0] == pytest.approx(1 - 0.98 * 196 / 400, abs=1e-6) and logged[2:] == pytest.approx([0.02] * 2)
+
+
 def test_cartpole_learns_clearly_better_than_random(tmp_path):
     overrides = [
         f"run.runs_dir={tmp_path}",

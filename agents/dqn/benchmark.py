@@ -127,6 +127,7 @@ def build_ours(
         f"agent.agent_steps_per_update={s['steps_per_update']}",
         f"agent.target_update_every_updates={s['target']}",
         f"agent.epsilon_decay_agent_steps={s['decay']}",
+        "agent.epsilon_decay_after_learning_starts=false",  # SB3's schedule: the decay counts from step 0
         "agent.max_grad_norm=10",
         f"run.total_agent_steps={total}",
         "eval.every_agent_steps=0",

@@ -4,8 +4,8 @@ Units are in every count's name: *agent steps* are transitions summed over the p
 vector-env step with N envs is N agent steps), *frames* are emulator frames (4 per Atari agent step),
 *updates* are gradient steps. Defaults follow the paper (section 5.4) and deep_q_rl's Nature settings:
 Adamax with beta1 = 0.5, minibatch 64, lr 3e-4 for weight norm and 1e-4 otherwise, replay 1M
-transitions, target update every 10k updates, epsilon 1 -> 0.1 over the first 1M agent steps,
-learning starts after 50k agent steps, one update every 4 agent steps, gamma 0.99.
+transitions, target update every 10k updates, learning starts after 50k agent steps of random acting,
+then epsilon 1 -> 0.1 over 1M agent steps, one update every 4 agent steps, gamma 0.99.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ class AgentConfig:
     "exploration after the decay."
     epsilon_decay_agent_steps: int = 1_000_000
     "agent steps of linear decay from epsilon_start to epsilon_end."
+    epsilon_decay_after_learning_starts: bool = True
+    "true: epsilon stays at epsilon_start (uniformly random acting) until learning starts and decays from "
+    "there, as in deep_q_rl (the paper's code), the Nature DQN's code and MinAtar's reference DQN. false: "
+    "the decay starts at agent step 0 (SB3, CleanRL)."
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ class EvalConfig:
     num_envs: int = 8
     "parallel evaluation envs."
     max_episode_frames: int = 18_000
-    "Atari evaluation play-time limit in frames (18k = 5 minutes, the Nature protocol)."
+    "Atari evaluation play-time limit in frames (18k = 5 minutes, the Nature protocol). The paper used none "
+    "(its Enduro note under Figure 6); 108_000, the training cap of 30 minutes, comes closest."
     max_episode_steps: int | None = None
     "MinAtar / gym evaluation limit in agent steps (None: the env's own)."
 

@@ -77,11 +77,15 @@ class NonFiniteError(FloatingPointError):
         self.tensor = tensor
 
 
-def epsilon_at(agent_step: int, start: float, end: float, decay_agent_steps: int) -> float:
-    """Linear exploration schedule: ``start`` at agent step 0 to ``end`` at ``decay_agent_steps``, then flat."""
-    if decay_agent_steps <= 0 or agent_step >= decay_agent_steps:
+def epsilon_at(agent_step: int, start: float, end: float, decay_agent_steps: int, begin: int = 0) -> float:
+    """Linear exploration schedule: ``start`` until agent step ``begin``, then linearly to ``end`` over
+    ``decay_agent_steps`` more agent steps, then flat."""
+    elapsed = agent_step - begin
+    if elapsed <= 0:
+        return start if decay_agent_steps > 0 else end
+    if elapsed >= decay_agent_steps:
         return end
-    return start + (end - start) * (agent_step / decay_agent_steps)
+    return start + (end - start) * (elapsed / decay_agent_steps)
 
 
 def n_step_returns(rewards: Tensor, terminals: Tensor, truncations: Tensor, gamma: float) -> tuple[Tensor, Tensor]:

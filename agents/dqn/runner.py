@@ -330,6 +330,12 @@ class Trainer:
         return None
 
     # ----- the loop --------------------------------------------------------------------------------
+    def _epsilon(self, agent_step: int) -> float:
+        """Training exploration at ``agent_step`` (``agent.epsilon_*``)."""
+        a = self.config.agent
+        begin = a.learning_starts_agent_steps if a.epsilon_decay_after_learning_starts else 0
+        return epsilon_at(agent_step, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps, begin)
+
     def _act(self, obs: torch.Tensor, epsilon: float, draws: tuple | None = None) -> torch.Tensor:
         q = self.update_runner.acting_network()  # the online network's weights theta_t
         if self.switch_modes and epsilon < 1.0:
@@ -462,11 +468,11 @@ class Trainer:
         the previous step's transition and run the updates (:mod:`agents.dqn.overlap`: inline, or in a
         worker while the main thread acts on s_t and steps the envs); this step's transition is stored at
         the start of the next one (or when the loop ends or a checkpoint is written)."""
-        n, a = self.spec.num_envs, self.config.agent
+        n = self.spec.num_envs
         with self.update_runner.running():
             while self.agent_step < until_agent_step and self.stop_signal is None:
                 before = self.agent_step
-                epsilon = epsilon_at(before, a.epsilon_start, a.epsilon_end, a.epsilon_decay_agent_steps)
+                epsilon = self._epsilon(before)
                 # Every random draw of the step before the updates start: the same stream inline or threaded.
                 draws = exploration_draws(n, self.spec.n_actions, epsilon, self.device)
                 owed = self._updates_owed(before, before + n)
