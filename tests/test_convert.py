@@ -42,13 +42,14 @@ def test_conversion_preserves_outputs_and_types(scale):
     assert kinds == {WNConv1d, WNConv2d, WNConvTranspose2d, WNLSTMCell}
     assert isinstance(converted.head[0], WNLinear) and converted.head[0].init_scale == 0.5
     assert converted.head[2].bias is None and converted.conv2.padding_mode == "circular"
-    assert converted.head[0].scale == scale
+    assert converted.head[0].scale == scale and converted.cell.scale == scale
     torch.testing.assert_close(converted.head[0].g_value, model.head[0].weight.norm(dim=1))
 
 
-def test_folding_preserves_outputs_and_gives_plain_layers():
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_folding_preserves_outputs_and_gives_plain_layers(scale):
     torch.manual_seed(0)
-    model = weight_norm(Mixed())
+    model = weight_norm(Mixed(), scale=scale)
     x = _inputs()
     wn_rl.data_dependent_init(model, x)
     with torch.no_grad():
@@ -60,8 +61,77 @@ def test_folding_preserves_outputs_and_gives_plain_layers():
     assert type(folded.up) is nn.ConvTranspose2d and type(folded.cell) is nn.LSTMCell
     torch.testing.assert_close(folded(*x), expected, rtol=1e-5, atol=1e-6)
     assert bool(folded.head[0].initialized)  # the init flag survives folding
-    again = weight_norm(folded)
+    again = weight_norm(folded, scale=scale)
     torch.testing.assert_close(again(*x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _run_cell(cell, xs, hx):
+    outputs = []
+    for x in xs:
+        hx = cell(x, hx)
+        outputs.append(hx[0])
+    return torch.stack(outputs), hx[1]
+
+
+def _lstm_scale_names(scale):
+    return ("g_ih", "g_hh") if scale == "linear" else ("s_ih", "s_hh")
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_lstm_cell_conversion_follows_scale_and_preserves_outputs(scale):
+    torch.manual_seed(0)
+    plain = nn.LSTMCell(3, 5)
+    xs, hx = torch.randn(6, 2, 3), (torch.randn(2, 5), torch.randn(2, 5))
+    expected = _run_cell(plain, xs, hx)
+    cell = weight_norm(copy.deepcopy(plain), scale=scale)
+    assert isinstance(cell, WNLSTMCell) and cell.scale == scale
+    assert set(dict(cell.named_parameters())) == {"v_ih", "v_hh", "bias_ih", "bias_hh", *_lstm_scale_names(scale)}
+    g_ih = getattr(cell, _lstm_scale_names(scale)[0])
+    norm_ih = plain.weight_ih.norm(dim=1)
+    torch.testing.assert_close(g_ih, norm_ih if scale == "linear" else norm_ih.log())
+    for a, b in zip(_run_cell(cell, xs, hx), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with wn_rl.cached(cell):
+        h, c = _run_cell(cell, xs, hx)
+    torch.testing.assert_close(h, expected[0], rtol=1e-5, atol=1e-6)
+    (h.sum() + c.sum()).backward()
+    assert all(getattr(cell, name).grad.abs().sum() > 0 for name in _lstm_scale_names(scale))
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_lstm_cell_folds_back_exactly(scale):
+    torch.manual_seed(0)
+    cell = WNLSTMCell(3, 5, scale=scale)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    xs, hx = torch.randn(6, 2, 3), (torch.randn(2, 5), torch.randn(2, 5))
+    expected = _run_cell(cell, xs, hx)
+    w_ih, w_hh = cell.compute_weights()
+    folded = remove_weight_norm(cell)
+    assert type(folded) is nn.LSTMCell
+    assert torch.equal(folded.weight_ih, w_ih) and torch.equal(folded.weight_hh, w_hh)
+    assert all(torch.equal(a, b) for a, b in zip(_run_cell(folded, xs, hx), expected, strict=True))
+    again = weight_norm(folded, scale=scale)
+    assert again.scale == scale
+    for a, b in zip(_run_cell(again, xs, hx), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_lstm_cell_zero_rows_survive_conversion(scale):
+    plain = nn.LSTMCell(3, 4)
+    with torch.no_grad():
+        plain.weight_hh[2] = 0.0
+        plain.weight_ih[5] = 0.0
+    cell = weight_norm(copy.deepcopy(plain), scale=scale)
+    x, hx = torch.randn(2, 3), (torch.randn(2, 4), torch.randn(2, 4))
+    assert torch.isfinite(cell.weight_hh).all() and torch.isfinite(cell.weight_ih).all()
+    for a, b in zip(cell(x, hx), plain(x, hx), strict=True):
+        torch.testing.assert_close(a, b)
+    folded = remove_weight_norm(cell)
+    assert not folded.weight_hh[2].any() and not folded.weight_ih[5].any()  # zero rows stay exactly zero
+    torch.testing.assert_close(folded.weight_hh, plain.weight_hh)
 
 
 def test_single_layers_are_replaced_and_zero_rows_survive():
@@ -118,10 +188,11 @@ def test_tied_layers_stay_tied():
     torch.testing.assert_close(folded(x), expected)
 
 
-def test_frozen_layers_stay_frozen():
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_frozen_layers_stay_frozen(scale):
     model = nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 2, 1), nn.LSTMCell(2, 2), nn.Linear(2, 2))
     model[:3].requires_grad_(False)
-    converted = weight_norm(model)
+    converted = weight_norm(model, scale=scale)
     assert not any(p.requires_grad for p in converted[:3].parameters())
     assert all(p.requires_grad for p in converted[3].parameters())
     folded = remove_weight_norm(converted)

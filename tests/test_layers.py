@@ -136,8 +136,11 @@ def test_exp_scale_parameterises_log_g():
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(ValueError, match="scale") as linear_error:
         WNLinear(3, 2, scale="log")
+    with pytest.raises(ValueError, match="scale") as cell_error:
+        WNLSTMCell(3, 2, scale="log")
+    assert str(cell_error.value) == str(linear_error.value)  # one message for every WN layer
     with pytest.raises(ValueError, match="init_scale"):
         WNLinear(3, 2, init_scale=0.0)
     with pytest.raises(ValueError):
@@ -182,26 +185,59 @@ def test_mean_only_batch_norm_rejects_wrong_channels():
         MeanOnlyBatchNorm(3)(torch.randn(2, 4))
 
 
-def test_lstm_cell_starts_from_torch_init_and_matches_it():
+def _lstm_scale_names(scale):
+    return ("g_ih", "g_hh") if scale == "linear" else ("s_ih", "s_hh")
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_lstm_cell_starts_from_torch_init_and_matches_it(scale):
     torch.manual_seed(0)
-    cell = WNLSTMCell(5, 7)
+    cell = WNLSTMCell(5, 7, scale=scale)
     torch.manual_seed(0)
     plain = nn.LSTMCell(5, 7)
     torch.testing.assert_close(cell.weight_ih, plain.weight_ih)
-    torch.testing.assert_close(cell.g_hh, plain.weight_hh.norm(dim=1))
+    torch.testing.assert_close(cell.weight_hh, plain.weight_hh)
+    for name, w in zip(_lstm_scale_names(scale), (plain.weight_ih, plain.weight_hh), strict=True):
+        norm = w.norm(dim=1)
+        torch.testing.assert_close(getattr(cell, name), norm if scale == "linear" else norm.log())  # s = log ||w||
     x, h = torch.randn(3, 5), (torch.randn(3, 7), torch.randn(3, 7))
     for a, b in zip(cell(x, h), plain(x, h), strict=True):
         torch.testing.assert_close(a, b)
     unbatched = cell(x[0])
     torch.testing.assert_close(unbatched[0], cell(x[:1])[0][0])
     names = set(dict(cell.named_parameters()))
-    assert names == {"v_ih", "g_ih", "v_hh", "g_hh", "bias_ih", "bias_hh"}
+    assert names == {"v_ih", "v_hh", "bias_ih", "bias_hh", *_lstm_scale_names(scale)}
+    assert cell.scale == scale and f"scale={scale!r}" in repr(cell)
 
 
-def test_cached_computes_the_weight_once_and_keeps_gradients():
+def test_lstm_cell_exp_scale_gradients_follow_equation_3_in_float64():
+    """With g = exp(s), grad_s = g grad_g = g (grad_w . v) / ||v|| per row (eq. 3 and the chain rule)."""
     torch.manual_seed(0)
-    cell = WNLSTMCell(3, 4)
-    layer = WNLinear(4, 2)
+    cell = WNLSTMCell(4, 3, scale="exp", dtype=torch.float64)
+    with torch.no_grad():
+        cell.s_ih.uniform_(-1.0, 1.0)
+        cell.s_hh.uniform_(-1.0, 1.0)
+    torch.testing.assert_close(cell.weight_ih.norm(dim=1), cell.s_ih.detach().exp())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    hx = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+    target = torch.randn(5, 3, dtype=torch.float64)
+    loss = ((cell(x, hx)[0] - target) ** 2).sum()
+    grads = torch.autograd.grad(loss, [cell.s_ih, cell.s_hh, cell.v_ih, cell.v_hh])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+    w_ih, w_hh = (w.detach().requires_grad_(True) for w in cell.compute_weights())
+    plain_h, _ = torch._VF.lstm_cell(x, hx, w_ih, w_hh, cell.bias_ih, cell.bias_hh)
+    grad_w = torch.autograd.grad(((plain_h - target) ** 2).sum(), [w_ih, w_hh])
+    for grad_s, gw, v, s in zip(grads[:2], grad_w, (cell.v_ih, cell.v_hh), (cell.s_ih, cell.s_hh), strict=True):
+        v = v.detach()
+        torch.testing.assert_close(grad_s, s.detach().exp() * (gw * v).sum(1) / v.norm(dim=1))
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_cached_computes_the_weight_once_and_keeps_gradients(scale):
+    torch.manual_seed(0)
+    cell = WNLSTMCell(3, 4, scale=scale)
+    layer = WNLinear(4, 2, scale=scale)
     model = nn.ModuleDict({"cell": cell, "out": layer})
     calls = {"n": 0}
     original = torch._weight_norm
@@ -234,6 +270,13 @@ def test_cached_computes_the_weight_once_and_keeps_gradients():
     for a, p in zip(uncached_grads, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
     assert cell._cached_weights is None and layer._cached_weight is None
+    assert all(getattr(cell, name).grad.abs().sum() > 0 for name in _lstm_scale_names(scale))
+    model.zero_grad()
+    with cached(model):  # weights cached while acting without gradients are recomputed for training
+        with torch.no_grad():
+            cell(x[0])
+        cell(x[0])[0].sum().backward()
+    assert all(getattr(cell, name).grad is not None for name in _lstm_scale_names(scale))
 
 
 @pytest.mark.parametrize("index", LAYER_CASES)
@@ -252,6 +295,56 @@ def test_pickle_deepcopy_and_state_dict_round_trip(index):
     with cached(layer):
         layer(x)
         copy.deepcopy(layer)  # the cached non-leaf tensor must not travel
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_lstm_cell_pickle_deepcopy_and_state_dict_round_trip(scale):
+    torch.manual_seed(0)
+    cell = WNLSTMCell(3, 4, scale=scale)
+    with torch.no_grad():
+        for name in _lstm_scale_names(scale):
+            getattr(cell, name).add_(0.3 * torch.randn(16))
+    x, hx = torch.randn(2, 3), (torch.randn(2, 4), torch.randn(2, 4))
+    expected = cell(x, hx)
+    for clone in (pickle.loads(pickle.dumps(cell)), copy.deepcopy(cell)):
+        assert clone.scale == scale
+        for a, b in zip(clone(x, hx), expected, strict=True):
+            torch.testing.assert_close(a, b)
+    torch.manual_seed(1)
+    fresh = WNLSTMCell(3, 4, scale=scale)
+    fresh.load_state_dict(cell.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh(x, hx), expected, strict=True))
+    with cached(cell):
+        cell(x, hx)
+        clone = copy.deepcopy(cell)  # the cached non-leaf weights must not travel
+    assert clone._cached_weights is None
+    other = "exp" if scale == "linear" else "linear"
+    with pytest.raises(RuntimeError, match="Missing key"):  # a scale mismatch is refused, not misread
+        WNLSTMCell(3, 4, scale=other).load_state_dict(cell.state_dict())
+
+
+def test_lstm_cell_pickled_before_the_scale_option_loads_as_linear():
+    cell = WNLSTMCell(3, 4)
+    state = cell.__getstate__()
+    del state["scale"]  # what a cell pickled by an older wn_rl carries
+    old = WNLSTMCell.__new__(WNLSTMCell)
+    old.__setstate__(state)
+    assert old.scale == "linear"
+    torch.testing.assert_close(old(torch.ones(1, 3))[0], cell(torch.ones(1, 3))[0])
+
+
+def test_exp_scale_lstm_cell_in_wn_stats_and_data_dependent_init():
+    """wn_stats reports g = exp(s) for an exp-scale cell; data-dependent init leaves it alone (section 3)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"cell": WNLSTMCell(3, 4, scale="exp"), "head": WNLinear(4, 2, scale="exp")})
+    stats = wn_rl.wn_stats(model)
+    assert abs(stats["wn/cell.hh/g_mean"] - model["cell"].s_hh.exp().mean().item()) < 1e-6
+    v_norm = model["cell"].v_ih.norm(dim=1)
+    assert abs(stats["wn/cell.ih/grad_scale_max"] - (model["cell"].s_ih.exp() / v_norm).max().item()) < 1e-6
+    before = {k: v.clone() for k, v in model["cell"].state_dict().items()}
+    wn_rl.data_dependent_init(model, torch.randn(16, 3), forward=lambda m, b: m["head"](m["cell"](b)[0]))
+    assert all(torch.equal(v, before[k]) for k, v in model["cell"].state_dict().items())
+    assert bool(model["head"].initialized)
 
 
 def test_weight_norm_is_fp32_under_reduced_precision():

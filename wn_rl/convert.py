@@ -23,6 +23,7 @@ from wn_rl.layers import (
     WNLSTMCell,
     _check_init_scale,
     _check_scale,
+    _scale_name,
 )
 
 __all__ = ["remove_weight_norm", "weight_norm"]
@@ -35,14 +36,19 @@ _TO_WN: dict[type[nn.Module], type[WNLayer]] = {
 }
 _TO_PLAIN = {wn: plain for plain, wn in _TO_WN.items()}
 _NOT_CONVERTED = (nn.LSTM, nn.GRU, nn.RNN)
-_LSTM_PARTS = {  # WNLSTMCell parameter: the nn.LSTMCell parameters it is made from
-    "v_ih": ("weight_ih",),
-    "g_ih": ("weight_ih",),
-    "v_hh": ("weight_hh",),
-    "g_hh": ("weight_hh",),
-    "bias_ih": ("bias_ih",),
-    "bias_hh": ("bias_hh",),
-}
+
+
+def _lstm_parts(scale: str) -> dict[str, tuple[str, ...]]:
+    """WNLSTMCell parameter: the nn.LSTMCell parameters it is made from (g_ih or s_ih, ... per ``scale``)."""
+    name = _scale_name(scale)
+    return {
+        "v_ih": ("weight_ih",),
+        f"{name}_ih": ("weight_ih",),
+        "v_hh": ("weight_hh",),
+        f"{name}_hh": ("weight_hh",),
+        "bias_ih": ("bias_ih",),
+        "bias_hh": ("bias_hh",),
+    }
 
 
 def _factory(tensor: torch.Tensor) -> dict[str, object]:
@@ -115,10 +121,10 @@ def layer_norms(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _to_wn_lstm(plain: nn.LSTMCell) -> WNLSTMCell:
-    cell = WNLSTMCell(plain.input_size, plain.hidden_size, plain.bias, **_factory(plain.weight_ih))
+def _to_wn_lstm(plain: nn.LSTMCell, scale: str) -> WNLSTMCell:
+    cell = WNLSTMCell(plain.input_size, plain.hidden_size, plain.bias, **_factory(plain.weight_ih), scale=scale)
     cell._load_plain(plain)
-    _copy_requires_grad(cell, plain, _LSTM_PARTS)
+    _copy_requires_grad(cell, plain, _lstm_parts(scale))
     return cell
 
 
@@ -126,7 +132,7 @@ def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module
     if type(module) in _TO_WN:
         return _to_wn_layer(module, init_scale, scale)
     if type(module) is nn.LSTMCell:
-        return _to_wn_lstm(module)
+        return _to_wn_lstm(module, scale)
     return None
 
 
@@ -218,12 +224,13 @@ def _fold_lstm(cell: WNLSTMCell) -> nn.LSTMCell:
     if cell.bias_ih is not None:
         plain.bias_ih.copy_(cell.bias_ih)
         plain.bias_hh.copy_(cell.bias_hh)
+    name = _scale_name(cell.scale)
     _copy_requires_grad(
         plain,
         cell,
         {
-            "weight_ih": ("v_ih", "g_ih"),
-            "weight_hh": ("v_hh", "g_hh"),
+            "weight_ih": ("v_ih", f"{name}_ih"),
+            "weight_hh": ("v_hh", f"{name}_hh"),
             "bias_ih": ("bias_ih",),
             "bias_hh": ("bias_hh",),
         },

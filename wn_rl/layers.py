@@ -53,6 +53,30 @@ def _check_scale(scale: str) -> None:
         )
 
 
+def _scale_name(scale: str) -> str:
+    """Name of the parameter that holds the per-unit scale: ``g`` itself, or ``s`` with g = exp(s)."""
+    return "g" if scale == "linear" else "s"
+
+
+def _g_from_parameter(parameter: Tensor, scale: str) -> Tensor:
+    """The scale g that the stored parameter (``g`` or ``s``) stands for."""
+    return parameter if scale == "linear" else parameter.exp()
+
+
+def _parameter_from_g(g: Tensor, scale: str) -> Tensor:
+    """The value to store for a wanted scale g: g itself, or s = log g (-inf for a zero row, where w = 0)."""
+    return g if scale == "linear" else g.log()
+
+
+def _direction_and_norm(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(v, ||w||) per row of a 2-D weight, so that ``||w|| v / ||v|| == w``: v = w, except that a zero row gets
+    v = 1 (with ||w|| = 0 it still gives w = 0, where v = 0 would give 0/0 = NaN)."""
+    norm = torch.linalg.vector_norm(w, dim=1)
+    v = w.clone()
+    v[norm == 0] = 1.0
+    return v, norm
+
+
 def _check_init_scale(init_scale: float) -> float:
     value = float(init_scale)
     if not (math.isfinite(value) and value > 0):
@@ -208,8 +232,7 @@ class WNLayer(nn.Module):
         self.init_scale = _check_init_scale(init_scale)
         self.v = nn.Parameter(torch.empty(weight_shape, **factory))
         units = weight_shape[self.norm_dim]
-        scale_name = "g" if scale == "linear" else "s"
-        self.register_parameter(scale_name, nn.Parameter(torch.empty(units, **factory)))
+        self.register_parameter(_scale_name(scale), nn.Parameter(torch.empty(units, **factory)))
         if bias_size is None:
             self.register_parameter("bias", None)
         else:
@@ -236,12 +259,12 @@ class WNLayer(nn.Module):
 
     @property
     def _scale_parameter(self) -> nn.Parameter:
-        return self.g if self.scale == "linear" else self.s
+        return getattr(self, _scale_name(self.scale))
 
     @property
     def g_value(self) -> Tensor:
         """The per-unit scale g (``exp(s)`` for ``scale="exp"``), shape ``(units,)``."""
-        return self.g if self.scale == "linear" else self.s.exp()
+        return _g_from_parameter(self._scale_parameter, self.scale)
 
     def v_norm(self) -> Tensor:
         """||v|| per output unit, shape ``(units,)``."""
@@ -410,51 +433,76 @@ class WNConvTranspose2d(_WNConvNd):
 
 
 class WNLSTMCell(nn.Module):
-    """LSTM cell with weight-normalized ``weight_ih`` and ``weight_hh``: one g per row of each
-    (parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``, ``bias_ih``, ``bias_hh``).
+    """LSTM cell with weight-normalized ``weight_ih`` and ``weight_hh``: one g per row of each (eq. 2),
+    parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``, ``bias_ih``, ``bias_hh``; with ``scale="exp"``
+    ``s_ih`` and ``s_hh`` replace ``g_ih`` and ``g_hh``, with g = exp(s) (section 2).
 
-    A fresh cell starts from ``nn.LSTMCell``'s own initialization written as g = ||w||, v = w: the paper
-    keeps the standard initialization for recurrent weights (section 3) and data-dependent init leaves
-    the cell alone. Inputs and outputs are those of ``nn.LSTMCell``. Inside :func:`cached` both weights
-    are computed once for a whole time loop.
+    A fresh cell starts from ``nn.LSTMCell``'s own initialization written as g = ||w||, v = w (s = log ||w||
+    with ``scale="exp"``): the paper keeps the standard initialization for recurrent weights (section 3) and
+    data-dependent init leaves the cell alone. Args and inputs/outputs are those of ``nn.LSTMCell`` plus
+    keyword-only ``scale`` (see :class:`WNLinear`). ``.weight_ih`` and ``.weight_hh`` are the effective
+    weights; inside :func:`cached` both are computed once for a whole time loop.
     """
 
+    parts = ("ih", "hh")
+    scale: str = "linear"  # the class default serves cells pickled before the option existed (all linear)
+
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None, dtype: Any = None
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        scale: str = "linear",
     ) -> None:
         super().__init__()
+        _check_scale(scale)
         plain = nn.LSTMCell(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
         self.input_size = input_size
         self.hidden_size = hidden_size
+        self.scale = scale
         self._cache_depth = 0
         self._cached_weights: tuple[Tensor, Tensor] | None = None
         self._load_plain(plain)
 
     @torch.no_grad()
     def _load_plain(self, plain: nn.LSTMCell) -> None:
-        for suffix in ("ih", "hh"):
-            w = getattr(plain, f"weight_{suffix}").detach()
-            g = torch.linalg.vector_norm(w, dim=1)
-            setattr(self, f"v_{suffix}", nn.Parameter(w.clone()))
-            setattr(self, f"g_{suffix}", nn.Parameter(g))
-            b = getattr(plain, f"bias_{suffix}")
+        """Take ``plain``'s weights as g = ||w|| (or s = log ||w||), v = w, and its biases as they are."""
+        for part in self.parts:
+            v, norm = _direction_and_norm(getattr(plain, f"weight_{part}").detach())
+            setattr(self, f"v_{part}", nn.Parameter(v))
+            setattr(self, f"{_scale_name(self.scale)}_{part}", nn.Parameter(_parameter_from_g(norm, self.scale)))
+            b = getattr(plain, f"bias_{part}")
             if b is None:
-                self.register_parameter(f"bias_{suffix}", None)
+                self.register_parameter(f"bias_{part}", None)
             else:
-                setattr(self, f"bias_{suffix}", nn.Parameter(b.detach().clone()))
+                setattr(self, f"bias_{part}", nn.Parameter(b.detach().clone()))
+
+    def scale_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The stored scales of (weight_ih, weight_hh): ``(g_ih, g_hh)``, or ``(s_ih, s_hh)`` for exp scale."""
+        name = _scale_name(self.scale)
+        return getattr(self, f"{name}_ih"), getattr(self, f"{name}_hh")
+
+    @property
+    def g_values(self) -> tuple[Tensor, Tensor]:
+        """The per-row scales g of (weight_ih, weight_hh) (``exp(s)`` for ``scale="exp"``), each ``(4 * hidden,)``."""
+        ih, hh = (_g_from_parameter(p, self.scale) for p in self.scale_parameters())
+        return ih, hh
 
     def compute_weights(self) -> tuple[Tensor, Tensor]:
         """The effective (weight_ih, weight_hh), computed now."""
-        return (
-            _fp32_weight_norm(self.v_ih, self.g_ih.unsqueeze(1), 0),
-            _fp32_weight_norm(self.v_hh, self.g_hh.unsqueeze(1), 0),
-        )
+        g_ih, g_hh = self.g_values
+        return _fp32_weight_norm(self.v_ih, g_ih.unsqueeze(1), 0), _fp32_weight_norm(self.v_hh, g_hh.unsqueeze(1), 0)
 
     def _weights(self) -> tuple[Tensor, Tensor]:
         if self._cache_depth:
             if self._cached_weights is None or any(
-                _lacks_graph(w, getattr(self, f"v_{part}"), getattr(self, f"g_{part}"))
-                for w, part in zip(self._cached_weights, ("ih", "hh"), strict=True)
+                _lacks_graph(w, v, scale)
+                for w, v, scale in zip(
+                    self._cached_weights, (self.v_ih, self.v_hh), self.scale_parameters(), strict=True
+                )
             ):
                 self._cached_weights = self.compute_weights()
             return self._cached_weights
@@ -489,7 +537,7 @@ class WNLSTMCell(nn.Module):
         return {**self.__dict__, "_cached_weights": None, "_cache_depth": 0}
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, scale={self.scale!r}"
 
 
 def _cacheable(model: nn.Module) -> list[nn.Module]:

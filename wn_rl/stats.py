@@ -22,10 +22,9 @@ def _per_unit(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
         if isinstance(module, WNLayer):
             found[name or "layer"] = (module.g_value.detach().float(), module.v_norm().detach())
         elif isinstance(module, WNLSTMCell):
-            for part in ("ih", "hh"):
+            for part, g in zip(module.parts, module.g_values, strict=True):
                 v = getattr(module, f"v_{part}").detach().float()
-                g = getattr(module, f"g_{part}").detach().float()
-                found[f"{name or 'cell'}.{part}"] = (g, torch.linalg.vector_norm(v, dim=1))
+                found[f"{name or 'cell'}.{part}"] = (g.detach().float(), torch.linalg.vector_norm(v, dim=1))
     return found
 
 
