@@ -182,6 +182,13 @@ def test_draw_elbo_is_a_lower_bound_on_the_exact_log_likelihood(parameterization
     assert torch.all(mean <= log_px + 3 * standard_error), (mean, log_px)
 
 
+def test_draw_lstms_follow_the_parameterizations_exp_scale():
+    model = _tiny_draw(wn_rl.Parameterization.get("weight_norm", scale="exp"))
+    assert model.encoder.scale == model.decoder.scale == "exp"
+    model.elbo(_binary_images(4, 6, seed=0)).sum().backward()
+    assert model.encoder.s_ih.grad.abs().sum() > 0 and model.decoder.s_hh.grad.abs().sum() > 0
+
+
 def test_draw_computes_effective_weights_once_per_sequence(monkeypatch):
     model = _tiny_draw("weight_norm", steps=5)
     calls = {"lstm": 0, "linear": 0}

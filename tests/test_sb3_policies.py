@@ -114,6 +114,18 @@ def test_recurrent_policy_uses_wn_lstm_cells_and_matches_lstm_state_shapes():
     assert state[0].shape == (2, 1, 8) and state[1].shape == (2, 1, 8)
 
 
+def test_recurrent_policy_lstms_follow_the_parameterizations_exp_scale():
+    register_envs()
+    exp = wn_rl.Parameterization.get("weight_norm", scale="exp")
+    policy_kwargs = dict(lstm_hidden_size=8, n_lstm_layers=2, parameterization=exp)
+    model = RecurrentPPO(
+        WnRecurrentActorCriticPolicy, "wn_rl/CartPoleNoVel-v1", n_steps=16, policy_kwargs=policy_kwargs
+    )
+    cells = [*model.policy.lstm_actor.cells, *model.policy.lstm_critic.cells]
+    assert all(cell.scale == "exp" and hasattr(cell, "s_ih") and not hasattr(cell, "g_ih") for cell in cells)
+    model.learn(16)  # trains s through the cached sequence loop
+
+
 def _recurrent_batch(n_seq: int = 3, length: int = 5, hidden: int = 8, layers: int = 1):
     """Observations, actions, LSTM states and episode starts laid out as sb3-contrib's evaluate_actions
     gets them (sequence-major), with starts inside the sequences."""

@@ -39,6 +39,7 @@ from wn_rl.layers import (
     WNConv2d,
     WNConvTranspose2d,
     WNLinear,
+    WNLSTMCell,
     _check_scale,
     mark_initializable,
 )
@@ -135,6 +136,14 @@ class Parameterization:
         else:
             layer = self._plain(nn.Linear, init_scale, in_features, out_features, bias, **factory)
         return self._finish(layer, out_features, 0, factory)
+
+    def lstm_cell(self, input_size: int, hidden_size: int, *, bias: bool = True, **factory: Any) -> nn.Module:
+        """An LSTM cell in this parameterization: :class:`WNLSTMCell` (with this ``scale``) under weight norm,
+        else ``nn.LSTMCell``. Never a norm layer: recurrent cells keep their own initialization and no batch
+        statistics (section 5.3)."""
+        if self.weight_norm:
+            return WNLSTMCell(input_size, hidden_size, bias, scale=self.scale, **factory)
+        return nn.LSTMCell(input_size, hidden_size, bias, **factory)
 
     def conv1d(
         self,

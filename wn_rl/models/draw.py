@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wn_rl.layers import WNLSTMCell, cached
+from wn_rl.layers import cached
 from wn_rl.models.distributions import bernoulli_log_likelihood, gaussian_kl_standard_normal
 from wn_rl.parameterization import Parameterization, ParameterizationLike
 
@@ -94,14 +94,13 @@ class DRAW(nn.Module):
                 f"hidden=({enc_hidden}, {dec_hidden}), z_dim={z_dim}, image_size={image_size}"
             )
         p = Parameterization.get(parameterization).without_norm()
-        lstm = WNLSTMCell if p.weight_norm else nn.LSTMCell
         self.height, self.width = image_size
         self.steps, self.z_dim, self.dec_hidden, self.enc_hidden = steps, z_dim, dec_hidden, enc_hidden
         self.read_n, self.write_n = read_n, write_n
         self.read_attention = _Attention(p, dec_hidden, read_n, self.height, self.width)
-        self.encoder = lstm(2 * read_n * read_n + dec_hidden, enc_hidden)
+        self.encoder = p.lstm_cell(2 * read_n * read_n + dec_hidden, enc_hidden)
         self.posterior = p.linear(enc_hidden, 2 * z_dim, init_scale=0.1)
-        self.decoder = lstm(z_dim, dec_hidden)
+        self.decoder = p.lstm_cell(z_dim, dec_hidden)
         self.write_attention = _Attention(p, dec_hidden, write_n, self.height, self.width)
         self.write_patch = p.linear(dec_hidden, write_n * write_n, init_scale=0.1)
         self.canvas0 = nn.Parameter(torch.zeros(self.height, self.width))

@@ -31,7 +31,8 @@ class WNLSTM(nn.Module):
     ``(L, N, input_size)`` (``(N, L, input_size)`` with ``batch_first``, or unbatched ``(L, input_size)``)
     and states ``(num_layers, N, hidden_size)``; ``output`` holds the last layer's ``h`` at every step.
     Same attributes: ``input_size``, ``hidden_size``, ``num_layers``, ``bias``, ``batch_first``,
-    ``dropout``. Bidirectional and projected LSTMs are not supported.
+    ``dropout``. Bidirectional and projected LSTMs are not supported. Keyword-only ``scale``: the cells'
+    ``"linear"`` g or ``"exp"`` g = exp(s) (:class:`wn_rl.WNLSTMCell`).
 
     Each cell starts from ``nn.LSTMCell``'s initialization (g = ||w||, v = w): the paper keeps the
     standard initialization for recurrent weights and data-dependent init leaves cells alone.
@@ -49,6 +50,8 @@ class WNLSTM(nn.Module):
         proj_size: int = 0,
         device: Any = None,
         dtype: Any = None,
+        *,
+        scale: str = "linear",
     ) -> None:
         super().__init__()
         if bidirectional or proj_size:
@@ -67,7 +70,9 @@ class WNLSTM(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.cells = nn.ModuleList(
-            WNLSTMCell(input_size if i == 0 else hidden_size, hidden_size, bias=bias, device=device, dtype=dtype)
+            WNLSTMCell(
+                input_size if i == 0 else hidden_size, hidden_size, bias=bias, device=device, dtype=dtype, scale=scale
+            )
             for i in range(num_layers)
         )
 
@@ -118,7 +123,10 @@ class WNLSTM(nn.Module):
         return (sequence.transpose(0, 1) if self.batch_first else sequence), states
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}"
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
+            f"scale={self.cells[0].scale!r}"
+        )
 
 
 class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPolicy):
@@ -145,9 +153,10 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
         layers, hidden = self.lstm_actor.num_layers, self.lstm_actor.hidden_size
         if self.parameterization.weight_norm:  # otherwise sb3-contrib's nn.LSTM: "normal" means no WN at all
-            self.lstm_actor = WNLSTM(self.features_dim, hidden, num_layers=layers, **self.lstm_kwargs)
+            scale = self.parameterization.scale
+            self.lstm_actor = WNLSTM(self.features_dim, hidden, num_layers=layers, scale=scale, **self.lstm_kwargs)
             if self.lstm_critic is not None:
-                self.lstm_critic = WNLSTM(self.features_dim, hidden, num_layers=layers, **self.lstm_kwargs)
+                self.lstm_critic = WNLSTM(self.features_dim, hidden, num_layers=layers, scale=scale, **self.lstm_kwargs)
         if self.critic is not None:  # no critic LSTM: SB3's linear map from features to the LSTM width
             self.critic = self.parameterization.linear(self.features_dim, hidden, init_scale=self.init_scales["hidden"])
         self.to(self.device)
