@@ -23,6 +23,8 @@ from wn_rl.layers import (
     WNLSTMCell,
     _check_init_scale,
     _check_scale,
+    _direction_and_norm,
+    _parameter_from_g,
     _scale_name,
 )
 
@@ -94,30 +96,15 @@ def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
             scale=scale,
             factory=_factory(plain.weight),
         )
-    w = plain.weight.detach()
-    norm = layer_norms(w, layer.norm_dim)
-    v = w.clone()
-    zero = norm == 0
-    if bool(zero.any()):  # a zero row keeps w = 0 through g = 0 with any nonzero direction
-        v.movedim(layer.norm_dim, 0)[zero] = 1.0
+    v, norm = _direction_and_norm(plain.weight.detach(), layer.norm_dim)
     layer.v.copy_(v)
-    if scale == "linear":
-        layer.g.copy_(norm)
-    else:
-        layer.s.copy_(norm.log())
+    layer._scale_parameter.copy_(_parameter_from_g(norm, scale))
     if plain.bias is not None:
         layer.bias.copy_(plain.bias)
-    scale_name = "g" if scale == "linear" else "s"
-    _copy_requires_grad(layer, plain, {"v": ("weight",), scale_name: ("weight",), "bias": ("bias",)})
+    _copy_requires_grad(layer, plain, {"v": ("weight",), _scale_name(scale): ("weight",), "bias": ("bias",)})
     _copy_flag(plain, layer)
     layer.init_scale = float(getattr(plain, "init_scale", init_scale))
     return layer
-
-
-def layer_norms(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Euclidean norm of each slice ``w.select(dim, i)``: one value per output unit."""
-    moved = w.movedim(dim, 0)
-    return torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), dim=1)
 
 
 @torch.no_grad()

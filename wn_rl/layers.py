@@ -68,12 +68,13 @@ def _parameter_from_g(g: Tensor, scale: str) -> Tensor:
     return g if scale == "linear" else g.log()
 
 
-def _direction_and_norm(w: Tensor) -> tuple[Tensor, Tensor]:
-    """(v, ||w||) per row of a 2-D weight, so that ``||w|| v / ||v|| == w``: v = w, except that a zero row gets
-    v = 1 (with ||w|| = 0 it still gives w = 0, where v = 0 would give 0/0 = NaN)."""
-    norm = torch.linalg.vector_norm(w, dim=1)
+def _direction_and_norm(w: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """(v, ||w||) per output unit (the slices ``w.select(dim, i)``), so that ``||w|| v / ||v|| == w``: v = w,
+    except that a zero slice gets v = 1 (with ||w|| = 0 it still gives w = 0, where v = 0 would give 0/0)."""
+    moved = w.movedim(dim, 0)
+    norm = torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), dim=1)
     v = w.clone()
-    v[norm == 0] = 1.0
+    v.movedim(dim, 0)[norm == 0] = 1.0
     return v, norm
 
 
