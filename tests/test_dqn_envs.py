@@ -32,6 +32,17 @@ def test_machado_uses_the_full_action_set_and_nature_the_minimal_one():
     assert make_env(EnvConfig(name="breakout", num_envs=1, protocol="nature")).spec.n_actions == 4
 
 
+@pytest.mark.parametrize("fire_reset", [None, True])
+def test_fire_reset_only_when_asked(fire_reset):
+    # Breakout's ball is launched by FIRE: with no-ops only, a life is lost soon after a FIRE reset and never
+    # without one (the Nature DQN's and deep_q_rl's protocol, the presets' default).
+    env = make_env(EnvConfig(name="breakout", num_envs=2, noop_max=0, fire_reset=fire_reset))
+    assert env.spec.settings["fire_reset"] is bool(fire_reset)
+    env.reset(seed=0)
+    lost = sum(int(env.step(np.zeros(2, dtype=np.int64)).life_loss.sum()) for _ in range(200))
+    assert (lost > 0) is bool(fire_reset), lost
+
+
 def test_life_losses_keep_the_game_going_and_rewards_are_raw():
     env = make_env(EnvConfig(name="breakout", num_envs=2, noop_max=0))
     obs = env.reset(seed=1)

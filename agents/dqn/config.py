@@ -39,6 +39,10 @@ class EnvConfig:
     "Atari: all 18 actions; None takes the preset's (nature false, machado true)."
     terminal_on_life_loss: bool | None = None
     "Atari: a life loss cuts the TD bootstrap (the game goes on); None takes the preset's."
+    fire_reset: bool | None = None
+    "Atari: press FIRE at the start of every game (ale-py's default, and SB3's Atari wrappers after every "
+    "life loss). None takes the preset's: false in both, as in the Nature DQN's and deep_q_rl's code, where "
+    "the agent learns to launch the ball itself."
     noop_max: int = 30
     "Atari: up to this many no-op actions at the start of each game."
     max_episode_frames: int = 108_000

@@ -54,8 +54,18 @@ MINATAR_GAMES = {
     "space_invaders": "SpaceInvaders",
 }
 _PRESETS = {
-    "nature": {"repeat_action_probability": 0.0, "full_action_space": False, "terminal_on_life_loss": True},
-    "machado": {"repeat_action_probability": 0.25, "full_action_space": True, "terminal_on_life_loss": False},
+    "nature": {
+        "repeat_action_probability": 0.0,
+        "full_action_space": False,
+        "terminal_on_life_loss": True,
+        "fire_reset": False,
+    },
+    "machado": {
+        "repeat_action_probability": 0.25,
+        "full_action_space": True,
+        "terminal_on_life_loss": False,
+        "fire_reset": False,
+    },
 }
 
 
@@ -182,6 +192,7 @@ class AtariEnv(VecEnv):
             episodic_life=False,
             life_loss_info=False,
             reward_clipping=False,
+            use_fire_reset=settings["fire_reset"],
         )
         settings["max_episode_frames"] = max_episode_frames
         frame_shape = tuple(self.env.single_observation_space.shape[1:])
