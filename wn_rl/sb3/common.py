@@ -15,7 +15,7 @@ from typing import Any
 
 import gymnasium as gym
 import torch
-from stable_baselines3.common.torch_layers import FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
 
 from wn_rl.layers import cached
 from wn_rl.parameterization import Parameterization
@@ -42,6 +42,7 @@ class WnPolicyOptions:
     init_parts: tuple[str, ...] = ()
     vector_policy: str = ""
     image_policy: str = ""
+    default_features_extractor: type[BaseFeaturesExtractor] = FlattenExtractor
 
     parameterization: Parameterization
     init_scales: dict[str, float]
@@ -51,15 +52,17 @@ class WnPolicyOptions:
         observation_space: gym.Space,
         parameterization: ParameterizationLike,
         init_scale: float | Mapping[str, float] | None,
-        features_extractor_class: type,
+        features_extractor_class: type[BaseFeaturesExtractor] | None,
         features_extractor_kwargs: Mapping[str, Any] | None,
         normalize_images: bool,
-    ) -> dict[str, Any]:
-        """Check the options and the observation space; return the features-extractor kwargs.
+    ) -> tuple[type[BaseFeaturesExtractor], dict[str, Any]]:
+        """Check the options and the observation space; return the features-extractor class (None: the
+        policy's ``default_features_extractor``) and its kwargs.
 
         Runs before ``nn.Module.__init__`` (plain attributes only), so that a wrong space fails before
         any layer is allocated.
         """
+        features_extractor_class = features_extractor_class or self.default_features_extractor
         self.parameterization = Parameterization.get(parameterization)
         self._parameterization_arg = parameterization
         self._init_scale_arg = dict(init_scale) if isinstance(init_scale, Mapping) else init_scale
@@ -70,17 +73,24 @@ class WnPolicyOptions:
             check_image_space(observation_space, name, normalized_image=not normalize_images, alternative=alternative)
         elif issubclass(features_extractor_class, FlattenExtractor):
             check_vector_space(observation_space, name)
-        return extractor_kwargs(
+        fe_kwargs = extractor_kwargs(
             features_extractor_class,
             features_extractor_kwargs,
             self.parameterization,
             self.init_scales["features"],
             normalize_images,
         )
+        return features_extractor_class, fe_kwargs
 
-    def _wn_constructor_parameters(self) -> dict[str, Any]:
-        """The WN options as given, for SB3's ``_get_constructor_parameters`` (``policy.save``)."""
-        return {"parameterization": self._parameterization_arg, "init_scale": self._init_scale_arg}
+    def _wn_net_kwargs(self) -> dict[str, Any]:
+        """The WN options every network of the policy is built with."""
+        return {"parameterization": self.parameterization, "init_scales": self.init_scales}
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        """SB3's (the policy class next in the MRO) plus the WN options as given (``policy.save``)."""
+        data = super()._get_constructor_parameters()  # type: ignore[misc]
+        data.update(parameterization=self._parameterization_arg, init_scale=self._init_scale_arg)
+        return data
 
 
 def default_net_arch(

@@ -15,7 +15,7 @@ from typing import Any
 from gymnasium import spaces
 from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.preprocessing import get_action_dim
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.sac.policies import Actor as SACActor
 from stable_baselines3.sac.policies import SACPolicy
@@ -149,7 +149,6 @@ class WnTD3Actor(TD3Actor):
 class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
     """Shared constructor and builders of the WN SAC and TD3 policies."""
 
-    default_features_extractor: type[BaseFeaturesExtractor] = FlattenExtractor
     actor_class: type[nn.Module]
     nature_net_arch: tuple[int, ...]
     default_arch: tuple[int, ...]
@@ -168,8 +167,7 @@ class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
         normalize_images: bool = True,
         **kwargs: Any,
     ) -> None:
-        features_extractor_class = features_extractor_class or self.default_features_extractor
-        fe_kwargs = self._wn_prepare(
+        features_extractor_class, fe_kwargs = self._wn_prepare(
             observation_space,
             parameterization,
             init_scale,
@@ -190,9 +188,6 @@ class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
             **kwargs,
         )
 
-    def _wn_net_kwargs(self) -> dict[str, Any]:
-        return {"parameterization": self.parameterization, "init_scales": self.init_scales}
-
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> nn.Module:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
         return self.actor_class(**actor_kwargs, **self._wn_net_kwargs()).to(self.device)
@@ -200,11 +195,6 @@ class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> WnContinuousCritic:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
         return WnContinuousCritic(**critic_kwargs, **self._wn_net_kwargs()).to(self.device)
-
-    def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(self._wn_constructor_parameters())
-        return data
 
 
 class WnSACPolicy(_WnActorCriticOffPolicyMixin, SACPolicy):

@@ -16,7 +16,7 @@ from typing import Any
 import torch as th
 from gymnasium import spaces
 from sb3_contrib.qrdqn.policies import QRDQNPolicy, QuantileNetwork
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
@@ -110,7 +110,6 @@ class _WnQPolicyMixin(WnPolicyOptions):
     """Shared constructor of the WN DQN and QR-DQN policies."""
 
     init_parts = _PARTS
-    default_features_extractor: type[BaseFeaturesExtractor] = FlattenExtractor
 
     def __init__(
         self,
@@ -127,8 +126,7 @@ class _WnQPolicyMixin(WnPolicyOptions):
         normalize_images: bool = True,
         **kwargs: Any,
     ) -> None:
-        features_extractor_class = features_extractor_class or self.default_features_extractor
-        fe_kwargs = self._wn_prepare(
+        features_extractor_class, fe_kwargs = self._wn_prepare(
             observation_space,
             parameterization,
             init_scale,
@@ -148,9 +146,6 @@ class _WnQPolicyMixin(WnPolicyOptions):
             **kwargs,
         )
 
-    def _wn_net_kwargs(self) -> dict[str, Any]:
-        return {"parameterization": self.parameterization, "init_scales": self.init_scales}
-
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
         self._online_net().weight_cache_enabled = True
@@ -169,11 +164,6 @@ class _WnQPolicyMixin(WnPolicyOptions):
         if mode:
             self._online_net()._release_weight_cache()
         super().set_training_mode(mode)
-
-    def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(self._wn_constructor_parameters())
-        return data
 
 
 class WnDQNPolicy(_WnQPolicyMixin, DQNPolicy):

@@ -27,7 +27,7 @@ from stable_baselines3.common.distributions import (
     StateDependentNoiseDistribution,
 )
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
@@ -84,7 +84,6 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
     init_parts = ("features", "hidden", "action", "value")
     vector_policy = "WnActorCriticPolicy"
     image_policy = "WnActorCriticCnnPolicy"
-    default_features_extractor: type[BaseFeaturesExtractor] = FlattenExtractor
 
     def __init__(
         self,
@@ -107,8 +106,7 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
             raise ValueError(_ORTHO_INIT_MESSAGE.format(name=type(self).__name__))
         if norm_refresh_samples < 2:
             raise ValueError(f"norm_refresh_samples={norm_refresh_samples!r} must be at least 2 observations")
-        features_extractor_class = features_extractor_class or self.default_features_extractor
-        fe_kwargs = self._wn_prepare(
+        features_extractor_class, fe_kwargs = self._wn_prepare(
             observation_space,
             parameterization,
             init_scale,
@@ -171,7 +169,6 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(self._wn_constructor_parameters())
         data.update(freeze_norm_statistics=self.freeze_norm_statistics, norm_refresh_samples=self.norm_refresh_samples)
         return data
 
