@@ -94,3 +94,43 @@ def test_fixed_length_tuples_check_the_length_and_each_position(tmp_path):
         load_config(Image, overrides=["size=[32, 32, 3]"])
     with pytest.raises(ConfigError, match=r"crop\[1\]: expected a string, got 7"):
         load_config(Image, overrides=["crop=[2, 7]"])
+
+
+@dataclass(frozen=True)
+class Switches:
+    name: str = "run"
+    mode: Literal["auto", "eager"] = "auto"
+    double_dqn: bool = False
+    steps: int = 10
+    tag: str | None = None
+
+
+def test_yaml_1_1_quirks_are_refused_or_read_as_meant(tmp_path):
+    """PyYAML follows YAML 1.1: 010 is octal 8, 1:30 is base 60 (90), yes/no/on/off are booleans."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run\nsteps: 010\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 2: 010 .*octal \(8\); write 10 without the leading zero"):
+        load_config(Switches, path)
+    for value in ("010", "-010", "0_7", "1:30"):
+        with pytest.raises(ConfigError, match=rf"override 'steps={value}': {value} .*YAML 1\.1"):
+            load_config(Switches, overrides=[f"steps={value}"])
+    with pytest.raises(ConfigError, match=r"quote it \('007'\)"):
+        load_config(Switches, overrides=["name=007"])
+    assert load_config(Switches, overrides=["name='007'", "steps=0"]) == Switches(name="007", steps=0)
+    assert load_config(Switches, overrides=["steps=0x10"]).steps == 16  # explicit hex stays
+    # an exponent float for an int field is taken when it is an exact integer
+    assert load_config(Switches, overrides=["steps=1e5"]).steps == 100_000
+    with pytest.raises(ConfigError, match=r"steps: expected an integer, got 0\.001"):
+        load_config(Switches, overrides=["steps=1e-3"])
+    with pytest.raises(ConfigError, match=r"steps: expected an integer, got '09'.*without the leading zero"):
+        load_config(Switches, overrides=["steps=09"])
+    # yes/no/on/off: the boolean for a bool field; where a string is expected, an error saying to quote it
+    assert load_config(Switches, overrides=["double_dqn=yes"]).double_dqn is True
+    assert load_config(Switches, overrides=["double_dqn=off"]).double_dqn is False
+    for override, message in [
+        ("name=on", "name: expected a string, got True"),
+        ("mode=no", "mode: False is not one of"),
+        ("tag=off", "tag: False matches none of"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"{message}.*yes/no/on/off.*quote it"):
+            load_config(Switches, overrides=[override])

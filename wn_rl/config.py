@@ -5,6 +5,12 @@ that is typed right but impossible is rejected by the dataclass's own ``__post_i
 :func:`check`. Command-line ``key=value`` (or ``section.key=value``) overrides are parsed as YAML
 scalars, so ``lr=3e-4``, ``double_dqn=true`` and ``env_ids=[a, b]`` work as expected.
 
+YAML 1.1 (PyYAML) reads some values as another value than they seem to say; these are refused or read
+as meant: ``1e-3`` is a number (1.1: a string), ``1e5`` for an integer field is 100000 (an exact
+integer, else an error), ``010`` (1.1: octal 8) and ``1:30`` (1.1: base 60, 90) are errors saying what
+to write, and ``yes``/``no``/``on``/``off`` are booleans for a boolean field and an error saying to
+quote them where a string is expected.
+
 Example::
 
     @dataclass(frozen=True)
@@ -73,6 +79,37 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+class _AmbiguousNumber(yaml.constructor.ConstructorError):
+    """A number written in a form that YAML 1.1 reads as another number than it seems to say."""
+
+
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def _construct_int(loader: YamlLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.1 integers, except the forms that read as another number: ``010`` (octal, 8) and
+    ``1:30`` (base 60, 90). Hexadecimal ``0x10`` and binary ``0b10`` say what they mean and stay."""
+    value = loader.construct_yaml_int(node)
+    text = node.value
+    if _LEADING_ZERO.fullmatch(text):
+        decimal = int(text.replace("_", ""), 10)
+        problem = (
+            f"{text} is an integer with a leading zero, which YAML 1.1 reads as octal ({value}); write {decimal} "
+            f"without the leading zero, or quote it ('{text}') for a string"
+        )
+    elif ":" in text:
+        problem = (
+            f"{text} is read by YAML 1.1 as a base-60 number ({value}); write the number itself, or quote it "
+            f"('{text}') for a string"
+        )
+    else:
+        return value
+    raise _AmbiguousNumber(None, None, problem, node.start_mark)
+
+
+YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML text with :class:`YamlLoader` (safe; YAML 1.2 floats)."""
     return yaml.load(text, Loader=YamlLoader)
@@ -86,6 +123,15 @@ def check(condition: bool, key: str, value: Any, expected: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` and ``value`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _hint(value: Any) -> str:
+    """How to write ``value`` as meant, when YAML 1.1 may have read it as something else ('' if not)."""
+    if isinstance(value, bool):
+        return " (YAML 1.1 reads unquoted yes/no/on/off as booleans: quote it, e.g. 'on', for a string)"
+    if isinstance(value, str) and _LEADING_ZERO.fullmatch(value):
+        return f" (write it without the leading zero: {int(value.replace('_', ''), 10)})"
+    return ""
 
 
 def _type_name(tp: Any) -> str:
@@ -107,10 +153,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch 
                 return _coerce(option, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}{_hint(value)}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{_hint(value)}")
         return value
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -139,7 +185,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch 
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}{_hint(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -148,11 +194,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch 
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}{_hint(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}{_hint(value)}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
@@ -187,6 +233,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lr=3e-4 or env.num_envs=8)")
         try:
             value = load_yaml(raw) if raw.strip() else ""
+        except _AmbiguousNumber as exc:
+            raise ConfigError(f"override {item!r}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         node = result
@@ -216,6 +264,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist (expected a YAML file, e.g. configs/...)")
     try:
         data = load_yaml(path.read_text()) or {}
+    except _AmbiguousNumber as exc:
+        raise ConfigError(f"{path}, line {exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
