@@ -7,12 +7,14 @@ import sys
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import wn_rl
 from agents.dqn.config import load_dqn_config
 from agents.dqn.runner import Trainer
 from wn_rl.checkpoint import complete_checkpoints, load_checkpoint
+from wn_rl.config import ConfigError
 
 
 def _scalars(run_dir):
@@ -155,6 +157,18 @@ def test_epsilon_decays_from_learning_starts_or_from_step_0(tmp_path, after_lear
         assert logged[:2] == [1.0, 1.0] and logged[2] == pytest.approx(1 - 0.98 * 196 / 400, abs=1e-6)
     else:
         assert logged[0] == pytest.approx(1 - 0.98 * 196 / 400, abs=1e-6) and logged[2:] == pytest.approx([0.02] * 2)
+
+
+def test_a_run_made_before_a_key_existed_is_read_with_what_the_code_did_then(tmp_path):
+    Trainer(_tiny_minatar(tmp_path, "normal"), tmp_path / "run").run()
+    saved = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["agent"]["epsilon_decay_after_learning_starts"], old["env"]["fire_reset"]  # as written before
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"agent\.epsilon_decay_after_learning_starts: False -> True"):
+        Trainer(_tiny_minatar(tmp_path, "normal", **{"run.total_agent_steps": 900}), tmp_path / "run")
+    older = {"run.total_agent_steps": 900, "agent.epsilon_decay_after_learning_starts": "false"}
+    assert Trainer(_tiny_minatar(tmp_path, "normal", **older), tmp_path / "run").run()["agent_steps"] == 900
 
 
 def test_cartpole_learns_clearly_better_than_random(tmp_path):

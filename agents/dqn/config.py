@@ -17,7 +17,16 @@ from typing import Literal
 from wn_rl.config import ConfigError, check, config_to_dict, load_config
 from wn_rl.parameterization import PARAMETERIZATIONS
 
-__all__ = ["AgentConfig", "DQNConfig", "EnvConfig", "EvalConfig", "NetworkConfig", "RunConfig", "load_dqn_config"]
+__all__ = [
+    "AgentConfig",
+    "DQNConfig",
+    "EnvConfig",
+    "EvalConfig",
+    "NetworkConfig",
+    "RunConfig",
+    "load_dqn_config",
+    "with_older_defaults",
+]
 
 
 @dataclass(frozen=True)
@@ -325,3 +334,15 @@ def load_dqn_config(path: str | None, overrides: list[str] | tuple[str, ...] = (
 def config_dict(config: DQNConfig) -> dict:
     """Plain-data view of a config (for YAML, checkpoints and TensorBoard)."""
     return config_to_dict(config)
+
+
+def with_older_defaults(saved: dict) -> dict:
+    """A run's stored config (its ``config.yaml``) with every key added since it was written filled in
+    with the value that does what the code did before the key existed, so that comparing it with a config
+    of today (a resume, a study) finds the differences in behaviour and only those."""
+    saved = {section: dict(values) for section, values in saved.items()}
+    env, agent = saved.setdefault("env", {}), saved.setdefault("agent", {})
+    # ale-py presses FIRE at every game start unless told not to; only Atari has it
+    env.setdefault("fire_reset", True if env.get("suite", "atari") == "atari" else None)
+    agent.setdefault("epsilon_decay_after_learning_starts", False)  # the decay counted from agent step 0
+    return saved

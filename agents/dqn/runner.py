@@ -31,7 +31,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 import wn_rl
-from agents.dqn.config import DQNConfig, config_dict
+from agents.dqn.config import DQNConfig, config_dict, with_older_defaults
 from agents.dqn.envs import EnvStateError, StepResult, VecEnv, make_env, protocol_settings
 from agents.dqn.evaluation import (
     best_epoch_mean,
@@ -195,7 +195,7 @@ class Trainer:
         saved = self.run_dir / "config.yaml"
         if not saved.exists():
             return
-        old = yaml.safe_load(saved.read_text())
+        old = with_older_defaults(yaml.safe_load(saved.read_text()))
         diff = {k: v for k, v in config_diff(old, config_dict(self.config)).items() if k not in SAFE_TO_CHANGE}
         if diff and not force:
             lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
