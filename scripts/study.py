@@ -7,6 +7,13 @@ command again resumes an interrupted study. ``--set KEY=VALUE`` adds a DQN overr
 (e.g. a larger budget, which extends finished runs; their replay memory restarts empty unless the runs
 set ``run.save_replay=true``); ``--dry-run`` prints the plan; ``--analyze-only``
 only rebuilds the figure and tables from what the runs have written so far.
+
+A run on disk made with other settings than the study now gives it (another override, grid value or
+base config) is an error naming the run and the keys that differ, before anything runs: go back to
+its settings, write the new ones to a new folder (``runs_dir=...`` or ``name=...``), or pass
+``--replace-changed`` to delete such runs and train them again. The tables and figures aggregate the
+complete runs only (``--include-incomplete`` adds crashed, killed or still running ones); the report
+lists the runs left out and why.
 """
 
 from __future__ import annotations
@@ -16,7 +23,14 @@ import signal
 import sys
 from dataclasses import replace
 
-from wn_rl.analysis.study import analyze_study, load_study_config, plan_runs
+from wn_rl.analysis.study import (
+    analyze_study,
+    changed_runs,
+    changed_runs_error,
+    load_study_config,
+    plan_runs,
+    replace_runs,
+)
 from wn_rl.config import ConfigError
 
 
@@ -37,22 +51,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: the study's ray.address, else local Ray)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
     parser.add_argument("--analyze-only", action="store_true", help="only write the figure and tables")
+    parser.add_argument(
+        "--replace-changed",
+        action="store_true",
+        help="delete the runs made with other settings than the study's now and train them again",
+    )
+    parser.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="also aggregate runs short of their budget (crashed, killed, running); default: complete runs only",
+    )
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: expected at least 1")
+    if args.replace_changed and args.analyze_only:
+        parser.error("--replace-changed trains runs again; --analyze-only runs nothing")
     try:
         study = load_study_config(args.config, args.overrides)
         study = replace(study, overrides=(*study.overrides, *args.run_overrides))
         specs = plan_runs(study)
+        replaced = _replace_changed(study, specs, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    todo = [s for s in specs if not s.complete]
+    todo = [s for s in specs if s.name in replaced or not s.complete]
     print(f"study {study.name}: {len(specs)} runs, {len(specs) - len(todo)} complete, {len(todo)} to run", flush=True)
     if args.dry_run:
-        for spec in specs:
-            state = "complete" if spec.complete else f"at {spec.progress():,} of {spec.total_agent_steps:,} steps"
-            print(f"  {spec.name}: {state}\n    {' '.join(spec.command(study, 'python'))}")
+        _print_plan(study, specs, replaced)
         return 0
     failed = 0
     if todo and not args.analyze_only:
@@ -75,13 +100,33 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     try:
-        paths = analyze_study(study, specs)
+        paths = analyze_study(study, specs, include_incomplete=args.include_incomplete)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 1 if failed else 0
+
+
+def _print_plan(study, specs, replaced: set[str]) -> None:
+    for spec in specs:
+        state = "complete" if spec.complete else f"at {spec.progress():,} of {spec.total_agent_steps:,} steps"
+        state = "made with other settings: --replace-changed trains it again" if spec.name in replaced else state
+        print(f"  {spec.name}: {state}\n    {' '.join(spec.command(study, 'python'))}")
+
+
+def _replace_changed(study, specs, args) -> set[str]:
+    """Names of the runs made with other settings, deleted (except with --dry-run) when --replace-changed
+    says so; raises ConfigError naming them and the keys that differ otherwise."""
+    changed = changed_runs(specs)
+    if changed and not args.replace_changed:
+        raise changed_runs_error(study, changed)
+    if changed and not args.dry_run:
+        replace_runs([spec for spec, _ in changed])
+        for spec, _ in changed:
+            print(f"replaced (deleted, to be trained again): {spec.run_dir}", flush=True)
+    return {spec.name for spec, _ in changed}
 
 
 def _execute(study, todo, args) -> int:

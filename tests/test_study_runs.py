@@ -1,5 +1,6 @@
 """Studies: every shipped study config plans, bad configs fail early, a tiny CartPole study runs
-(locally and on a local Ray instance), resumes by skipping complete runs, and writes its report."""
+(locally and on a local Ray instance), resumes by skipping complete runs, refuses runs made with other
+settings, and writes its report from complete runs only."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
 
 from wn_rl.analysis.backends import acquire_run_lock
-from wn_rl.analysis.study import StudyConfig, expand_grid, load_study_config, plan_runs
+from wn_rl.analysis.study import RunSpec, StudyConfig, analyze_study, expand_grid, load_study_config, plan_runs
+from wn_rl.checkpoint import save_checkpoint
 from wn_rl.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,8 +128,9 @@ def test_tiny_study_on_local_ray(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert len(list(csv.DictReader(f))) == 2
 
 
-def test_set_adds_a_run_override_after_the_study_ones(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["configs/studies/minatar_lr_robustness.yaml", "--set", "run.total_agent_steps=99000", "--dry-run"]
+def test_set_adds_a_run_override_after_the_study_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = ["configs/studies/minatar_lr_robustness.yaml", f"runs_dir={tmp_path}"]  # not the checkout's runs/
+    args = [*study, "--set", "run.total_agent_steps=99000", "--dry-run"]
     assert study_script.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("run.total_agent_steps=99000") == 40 and "of 99,000 steps" in out
@@ -221,3 +226,97 @@ def test_sigterm_on_the_driver_stops_the_running_runs_and_starts_no_further_one(
     assert len(lines) == 2 and lines[1] == "checkpointed on SIGTERM"
     assert lines[0].isdigit() and int(lines[0]) != os.getpid()  # the training process's pid
     assert "SIGTERM: no further run was started" in driver.stderr
+
+
+def _trained_run(spec: RunSpec, base_config: str, agent_step: int | None = None, evals: dict | None = None) -> None:
+    """A run directory as scripts/train_dqn.py leaves it, without the training: the resolved config.yaml,
+    the newest checkpoint (at the run's budget unless ``agent_step`` says otherwise; the runner writes
+    one when it stops) and evaluation returns in TensorBoard."""
+    from agents.dqn.config import config_dict, load_dqn_config
+
+    step = spec.total_agent_steps if agent_step is None else agent_step
+    (spec.run_dir / "checkpoints").mkdir(parents=True)
+    (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(load_dqn_config(base_config, spec.overrides))))
+    save_checkpoint(spec.run_dir / "checkpoints" / f"checkpoint_{step:012d}.pt", {}, metadata={"agent_step": step})
+    writer = SummaryWriter(str(spec.run_dir / "tb"))
+    for eval_step, value in (evals or {}).items():
+        writer.add_scalar("eval/return_mean", value, eval_step)
+    writer.close()
+
+
+def test_runs_made_with_other_settings_are_refused_until_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = "grid={network.parameterization: [normal], run.seed: [0, 1]}"
+    args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", TINY, grid]
+    study = load_study_config(args[0], args[1:])
+    finished, stopped = plan_runs(study)
+    _trained_run(finished, study.base_config)
+    _trained_run(stopped, study.base_config, agent_step=600)
+    assert study_script.main([*args, "--dry-run"]) == 0
+    assert "1 complete, 1 to run" in capsys.readouterr().out
+    # what a resume may change (logging) is no change, and a larger budget extends the runs
+    relaxed = TINY.replace("log_every_agent_steps=300", "log_every_agent_steps=200").replace("=1200", "=2400")
+    assert study_script.main([args[0], args[1], relaxed, grid, "--dry-run"]) == 0
+    assert "0 complete, 2 to run" in capsys.readouterr().out
+    new_settings = ["--set", "eval.games=3", "--set", "agent.lr=0.0005"]
+    changed = [*args, *new_settings]
+    for mode in ([], ["--dry-run"], ["--analyze-only"]):
+        assert study_script.main([*changed, *mode]) == 2
+        err = capsys.readouterr().err
+        assert str(finished.run_dir) in err and str(stopped.run_dir) in err
+        assert "eval.games: 2 -> 3" in err and "agent.lr: 0.001 -> 0.0005" in err
+        assert "runs_dir=" in err and "--replace-changed" in err
+    assert (finished.run_dir / "checkpoints" / "checkpoint_000000001200.pt").is_file()  # nothing was deleted
+    smaller = TINY.replace("=1200", "=1100")  # a finished run went past a smaller budget: a change
+    assert study_script.main([args[0], args[1], smaller, grid, "--dry-run"]) == 2
+    assert "run.total_agent_steps: 1200 -> 1100" in capsys.readouterr().err
+    # a run that a live driver holds is never deleted
+    lock = finished.run_dir / "study.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    assert study_script.main([*changed, "--replace-changed"]) == 2
+    assert "is being run by" in capsys.readouterr().err and (finished.run_dir / "config.yaml").is_file()
+    lock.unlink()
+    # --replace-changed deletes both runs and trains them again with the new settings
+    ran = tmp_path / "ran.txt"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, sys\n"
+        "arg = dict(a.split('=', 1) for a in sys.argv if '=' in a)\n"
+        "run_dir = os.path.join(arg['run.runs_dir'], arg['run.name'])\n"
+        f"open({str(ran)!r}, 'a').write(arg['run.name'] + ' ' + ' '.join(sorted(os.listdir(run_dir))) + '\\n')\n"
+        "open(os.path.join(run_dir, 'config.yaml'), 'w').write('run: {seed: 0}\\n')\n"
+    )
+    assert study_script.main([*args, f"train_script={script}", *new_settings, "--replace-changed"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("replaced (deleted, to be trained again)") == 2 and "0 complete, 2 to run" in out
+    assert sorted(ran.read_text().splitlines()) == sorted(f"{s.name} study.lock" for s in (finished, stopped))
+
+
+def test_incomplete_runs_are_left_out_of_the_aggregates(tmp_path: Path) -> None:
+    grid = "grid={network.parameterization: [normal, weight_norm], run.seed: [0, 1, 2]}"
+    study = load_study_config(REPO / "configs/studies/smoke_cartpole.yaml", [f"runs_dir={tmp_path}", TINY, grid])
+    normal_0, normal_1, _, wn_0, wn_1, _ = plan_runs(study)
+    _trained_run(normal_0, study.base_config, evals={600: 5.0, 1200: 10.0})
+    _trained_run(normal_1, study.base_config, evals={600: 5.0, 1200: 20.0})
+    _trained_run(wn_0, study.base_config, evals={600: 5.0, 1200: 30.0})
+    _trained_run(wn_1, study.base_config, agent_step=600, evals={600: 1000.0})  # crashed, killed or running
+    paths = analyze_study(study)
+    with paths["aggregate_csv"].open() as f:
+        rows = {r["group"]: r for r in csv.DictReader(f)}
+    assert rows["normal"]["final eval (mean ± std)"] == "15 ± 7.1" and rows["normal"]["runs"] == "2"
+    assert rows["weight_norm"]["final eval (mean ± std)"] == "30" and rows["weight_norm"]["runs"] == "1"
+    assert (rows["weight_norm"]["complete"], rows["weight_norm"]["incomplete"]) == ("1", "1")
+    with paths["curves_csv"].open() as f:
+        wn_eval = [r for r in csv.DictReader(f) if r["group"] == "weight_norm" and r["tag"] == "eval/return_mean"]
+    assert [(r["agent_step"], r["mean"], r["runs"]) for r in wn_eval] == [("600", "5", "1"), ("1200", "30", "1")]
+    summary = paths["summary"].read_text()
+    left_out = summary.split("## Runs left out of the aggregates", 1)[1].split("\n## ", 1)[0]
+    assert wn_1.name in left_out and "600 of 1,200" in left_out and "--include-incomplete" in summary
+    assert left_out.count("not started") == 2
+    with paths["runs_csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == 4  # every run that has data, complete or not
+    included = analyze_study(study, include_incomplete=True)
+    with included["aggregate_csv"].open() as f:
+        rows = {r["group"]: r for r in csv.DictReader(f)}
+    assert rows["weight_norm"]["final eval (mean ± std)"] == "515 ± 6.9e+02" and rows["weight_norm"]["runs"] == "2"

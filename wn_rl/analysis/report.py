@@ -1,5 +1,9 @@
 """Tables of a study: one row per run (nothing left out) and aggregates per task and group.
 
+A run is complete when it reached its budget (:attr:`RunSummary.complete`); the aggregates can be
+restricted to complete runs (``complete_only``), as a study's report is by default, so that a crashed,
+killed or still running run does not enter the means and intervals with its early numbers.
+
 Per run (:func:`summarize_run`): final evaluation return (the last evaluation's mean over its games),
 maximum evaluation return (the paper's statistic: the best epoch's mean), the area under the evaluation
 curve as its time-average (:func:`wn_rl.analysis.stats.area_under_curve`) and the mean training return
@@ -58,15 +62,13 @@ class RunSummary:
     lr: float | None
     agent_steps: int
     total_agent_steps: int | None
+    complete: bool
+    "reached ``total_agent_steps`` by its newest checkpoint or its logs (a study judges by the checkpoint alone)."
     evaluations: int
     final_eval: float
     max_eval: float
     auc_eval: float
     final_train: float
-
-    @property
-    def complete(self) -> bool:
-        return self.total_agent_steps is not None and self.agent_steps >= self.total_agent_steps
 
 
 def _eval_curve(run: RunData) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +85,7 @@ def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.na
     late = train_values[train_steps >= 0.9 * train_steps[-1]] if train_steps.size else train_values
     progress = run_progress(run.run_dir)
     logged = int(max(steps.max(initial=0), train_steps.max(initial=0)))
+    total = run.value("run.total_agent_steps")
     return RunSummary(
         run=run.run_dir.name,
         task=str(run.value(task_key, "?")),
@@ -91,7 +94,8 @@ def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.na
         seed=run.value("run.seed"),
         lr=run.value("agent.lr"),
         agent_steps=max(progress, logged),
-        total_agent_steps=run.value("run.total_agent_steps"),
+        total_agent_steps=total,
+        complete=total is not None and max(progress, logged) >= total,
         evaluations=int(steps.size),
         final_eval=float(values[-1]) if values.size else math.nan,
         max_eval=float(values.max()) if values.size else math.nan,
@@ -115,21 +119,29 @@ def _iqm_ci(x: np.ndarray, reps: int, seed: int) -> str:
     return f"{point:.3g} [{low:.3g}, {high:.3g}]"
 
 
-def aggregate_rows(summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: int = 0) -> list[dict[str, str]]:
-    """One row per (task, group): seeds, mean ± std (sample std) and IQM [95 % CI] of the statistics."""
+def aggregate_rows(
+    summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: int = 0, complete_only: bool = False
+) -> list[dict[str, str]]:
+    """One row per (task, group): mean ± std (sample std) and IQM [95 % CI] of the statistics over its
+    runs, or over its complete runs only with ``complete_only``; ``runs`` counts the runs in the
+    statistics, ``complete`` and ``incomplete`` all of the cell's runs (a cell without complete runs
+    keeps its row, with n/a)."""
     keys = list(dict.fromkeys((s.task, s.group) for s in summaries))
     rows = []
     for task, group in keys:
-        members = [s for s in summaries if (s.task, s.group) == (task, group)]
+        cell = [s for s in summaries if (s.task, s.group) == (task, group)]
+        members = [s for s in cell if s.complete or not complete_only]
         final = np.array([s.final_eval for s in members])
         best = np.array([s.max_eval for s in members])
         auc = np.array([s.auc_eval for s in members])
+        complete = sum(s.complete for s in cell)
         rows.append(
             {
                 "task": task,
                 "group": group,
                 "runs": str(len(members)),
-                "complete": str(sum(s.complete for s in members)),
+                "complete": str(complete),
+                "incomplete": str(len(cell) - complete),
                 "final eval (mean ± std)": _mean_std(final),
                 "max eval (mean ± std)": _mean_std(best),
                 "AUC eval (mean ± std)": _mean_std(auc),

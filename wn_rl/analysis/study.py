@@ -6,22 +6,33 @@ to lists of values, expanded as a Cartesian product in the order written) and fi
 run is one ``scripts/train_dqn.py`` process with ``key=value`` overrides; its run directory is
 ``<runs_dir>/<study name>/<key-value...>``, named from the grid values so that it is stable across
 invocations. A run is complete when its newest complete checkpoint has reached the run's
-``run.total_agent_steps`` (the runner writes a final checkpoint); complete runs are skipped and
-incomplete ones resume from their newest checkpoint, so an interrupted study is continued by running
-the same command again. Raising the budget in the study config extends finished runs (their replay memory restarts empty
-unless the runs set ``run.save_replay=true``, so prefer a new study name for a longer budget).
+``run.total_agent_steps`` (the runner writes a checkpoint whenever it stops, with the agent step in its
+completion marker, so a crashed, killed or still running run is below its budget); complete runs are
+skipped and incomplete ones resume from their newest checkpoint, so an interrupted study is continued by
+running the same command again. Raising the budget in the study config extends finished runs (their
+replay memory restarts empty unless the runs set ``run.save_replay=true``, so prefer a new study name
+for a longer budget).
+
+A run on disk made with other settings than the study now gives it (:meth:`RunSpec.changed_settings`) is
+never skipped or resumed as if it were the same run: :func:`changed_runs_error` says which runs and keys
+differ, and :func:`replace_runs` deletes them to be trained again. The report aggregates complete runs
+only unless asked otherwise, and lists the runs it left out and why.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from wn_rl.analysis.curves import collect_curves, group_runs, plot_curves, plot_sweep, write_curves_csv
 from wn_rl.analysis.report import (
+    RunSummary,
     aggregate_rows,
     improvement_rows,
     markdown_table,
@@ -30,10 +41,31 @@ from wn_rl.analysis.report import (
     summarize_run,
     write_csv,
 )
-from wn_rl.analysis.runs import RunData, load_run, run_progress
-from wn_rl.config import ConfigError, check, load_config
+from wn_rl.analysis.runs import RunData, config_value, load_run, run_progress
+from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config
 
-__all__ = ["RayConfig", "RunSpec", "StudyConfig", "analyze_study", "expand_grid", "load_study_config", "plan_runs"]
+__all__ = [
+    "ABSENT",
+    "RayConfig",
+    "RunSpec",
+    "StudyConfig",
+    "analyze_study",
+    "changed_runs",
+    "changed_runs_error",
+    "expand_grid",
+    "load_study_config",
+    "plan_runs",
+    "replace_runs",
+]
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+"the value of a config key that a run's stored config or the study's plan does not have."
 
 
 @dataclass(frozen=True)
@@ -126,6 +158,8 @@ class RunSpec:
     overrides: tuple[str, ...]
     run_dir: Path
     total_agent_steps: int
+    config: dict[str, Any] = field(repr=False, compare=False)
+    "the resolved DQN config as plain data: what the run's config.yaml holds once it has started."
 
     def command(self, study: StudyConfig, python: str) -> list[str]:
         """The training command line."""
@@ -137,6 +171,29 @@ class RunSpec:
     @property
     def complete(self) -> bool:
         return self.progress() >= self.total_agent_steps
+
+    def changed_settings(self) -> dict[str, tuple[Any, Any]]:
+        """``{dotted key: (value on disk, value planned)}`` for the run's stored ``config.yaml`` against
+        this plan; empty when they agree or the run has not started.
+
+        What the trainer lets a resume change is no difference (``agents.dqn.runner.SAFE_TO_CHANGE``:
+        logging, checkpoint frequency, device, threads, the budget); a budget below the agent steps the
+        run has already made is one (its numbers come from past the study's budget). A key added to the
+        code since the run was made is read with the value that does what the code did before
+        (:func:`agents.dqn.config.with_older_defaults`); any other key that one of the two configs lacks
+        shows as :data:`ABSENT` and counts."""
+        from agents.dqn.config import with_older_defaults
+        from agents.dqn.runner import SAFE_TO_CHANGE
+
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return {}
+        stored = with_older_defaults(yaml.safe_load(saved.read_text()) or {})
+        diff = config_diff(stored, self.config)
+        keys = [key for key in diff if key not in SAFE_TO_CHANGE]
+        if "run.total_agent_steps" in diff and self.progress() > self.total_agent_steps:
+            keys.append("run.total_agent_steps")
+        return {key: (config_value(stored, key, ABSENT), config_value(self.config, key, ABSENT)) for key in keys}
 
 
 def _format_value(value: Any) -> str:
@@ -195,47 +252,161 @@ def plan_runs(study: StudyConfig) -> list[RunSpec]:
         except ConfigError as exc:
             raise ConfigError(f"study {study.name!r}, run {name}: {exc}") from None
         run_dir = Path(config.run.runs_dir) / name
-        specs.append(RunSpec(name, point, overrides, run_dir, config.run.total_agent_steps))
+        specs.append(RunSpec(name, point, overrides, run_dir, config.run.total_agent_steps, config_to_dict(config)))
     return specs
 
 
-def analyze_study(study: StudyConfig, specs: list[RunSpec] | None = None) -> dict[str, Path]:
+def changed_runs(specs: list[RunSpec]) -> list[tuple[RunSpec, dict[str, tuple[Any, Any]]]]:
+    """The runs on disk made with other settings than planned, each with its differences."""
+    return [(spec, diff) for spec in specs if (diff := spec.changed_settings())]
+
+
+def changed_runs_error(study: StudyConfig, changed: list[tuple[RunSpec, dict[str, tuple[Any, Any]]]]) -> ConfigError:
+    """Why a study refuses to skip or resume runs made with other settings, and the ways on."""
+    lines = [
+        f"study {study.name!r}: {len(changed)} run(s) on disk were made with other settings than the study "
+        "gives them now; skipping or resuming them would mix results of both settings:"
+    ]
+    for spec, diff in changed:
+        lines.append(f"  {spec.run_dir} ({'complete' if spec.complete else 'incomplete'}):")
+        lines += [f"    {key}: {old!r} -> {new!r}" for key, (old, new) in diff.items()]
+    if any(ABSENT in values for _, diff in changed for values in diff.values()):
+        lines.append(f"{ABSENT!r}: the code that made the run had no such key, or the code now has none.")
+    lines.append(
+        "Keep these runs by going back to the settings they were made with, or by running the new settings "
+        f"in a new folder (runs_dir=... or name=..., now {study.study_dir}); or pass --replace-changed to "
+        "delete these runs and train them again with the new settings."
+    )
+    return ConfigError("\n".join(lines))
+
+
+def replace_runs(specs: list[RunSpec]) -> None:
+    """Delete the runs' directories (checkpoints, TensorBoard logs, results) so that they are trained
+    again from scratch: all of them, or none with a :class:`ConfigError` when a live study driver is
+    running one."""
+    from wn_rl.analysis.backends import acquire_run_lock  # backends imports this module
+
+    locks = []
+    for spec in specs:
+        lock = spec.run_dir / "study.lock"
+        holder = acquire_run_lock(lock)
+        if holder is not None:
+            for taken in locks:
+                taken.unlink(missing_ok=True)
+            raise ConfigError(
+                f"{spec.run_dir} is being run by {holder} ({lock}); stop that study driver or let it finish, "
+                "then run this again"
+            )
+        locks.append(lock)
+    for spec in specs:
+        shutil.rmtree(spec.run_dir)
+
+
+def analyze_study(
+    study: StudyConfig, specs: list[RunSpec] | None = None, *, include_incomplete: bool = False
+) -> dict[str, Path]:
     """Figure, CSVs and a markdown report from every run of the study that has written anything.
 
-    Returns the paths written: ``curves.png``, ``curves.csv``, ``runs.csv``, ``aggregate.csv`` and
-    ``summary.md`` (the aggregates, then every run's row) in :attr:`StudyConfig.report_dir`, and
-    ``sweep.png`` when the study has a ``sweep_key``.
+    The aggregates (the tables per task and group and across tasks, ``curves.png``, ``sweep.png``) use
+    the complete runs only, unless ``include_incomplete``: a crashed, killed or still running run would
+    enter them with its early numbers. ``summary.md`` says which runs were left out and why, each cell's
+    count of complete runs, and every run's row. Returns the paths written: ``curves.png`` and
+    ``curves.csv`` (when some run is aggregated), ``runs.csv``, ``aggregate.csv`` and ``summary.md`` in
+    :attr:`StudyConfig.report_dir`, and ``sweep.png`` when the study has a ``sweep_key``.
     """
     specs = plan_runs(study) if specs is None else specs
-    runs: list[RunData] = [load_run(s.run_dir) for s in specs if (s.run_dir / "config.yaml").is_file()]
-    if not runs:
+    started = [s for s in specs if (s.run_dir / "config.yaml").is_file()]
+    if not started:
         raise FileNotFoundError(f"no run of study {study.name!r} has started yet (looked in {study.study_dir})")
     out = study.report_dir
     out.mkdir(parents=True, exist_ok=True)
+    progress = {s.name: s.progress() for s in started}
+    runs: list[RunData] = [load_run(s.run_dir) for s in started]
+    summaries = [  # complete as the study judges it (and skips it): the newest checkpoint reached the budget
+        replace(
+            summarize_run(run, study.group_by, study.task_key),
+            total_agent_steps=s.total_agent_steps,
+            complete=progress[s.name] >= s.total_agent_steps,
+        )
+        for s, run in zip(started, runs, strict=True)
+    ]
+    used = [i for i, summary in enumerate(summaries) if include_incomplete or summary.complete]
+    paths = _figures(study, [runs[i] for i in used], [summaries[i] for i in used], out)
+    aggregate = aggregate_rows(summaries, reps=study.bootstrap_reps, complete_only=not include_incomplete)
+    paths["runs_csv"] = write_csv(summaries, out / "runs.csv")
+    paths["aggregate_csv"] = write_csv(aggregate, out / "aggregate.csv")
+    left_out = _left_out_rows(specs, progress, include_incomplete)
+    text = _summary_header(study, specs, summaries, len(used), include_incomplete)
+    text += ["## Aggregates per task and group", "", markdown_table(aggregate), ""]
+    used_summaries = [summaries[i] for i in used]
+    overall = overall_rows(used_summaries, reps=study.bootstrap_reps)
+    if overall:
+        text += ["## Across tasks", "", markdown_table(overall), ""]
+    improvement = improvement_rows(used_summaries, reps=min(study.bootstrap_reps, 2000))
+    if improvement:
+        text += ["## Probability of improvement (per task, averaged over tasks)", "", markdown_table(improvement), ""]
+    if left_out:
+        text += ["## Runs left out of the aggregates", "", markdown_table(left_out), ""]
+    text += ["## Every run", "", markdown_table(run_rows(summaries)), ""]
+    paths["summary"] = out / "summary.md"
+    paths["summary"].write_text("\n".join(text))
+    return paths
+
+
+def _figures(study: StudyConfig, runs: list[RunData], summaries: list[RunSummary], out: Path) -> dict[str, Path]:
+    """``curves.png``, ``curves.csv`` and ``sweep.png`` of the aggregated runs (none without runs)."""
+    if not runs:
+        return {}
     smoothing = {"train/episode_return": study.train_smoothing}
     grouped = group_runs(runs, study.group_by, study.task_key)
     curves = collect_curves(grouped, study.curve_tags, spread=study.spread, smoothing=smoothing)
-    summaries = [summarize_run(r, study.group_by, study.task_key) for r in runs]
-    per_run, aggregate = run_rows(summaries), aggregate_rows(summaries, reps=study.bootstrap_reps)
-    overall = overall_rows(summaries, reps=study.bootstrap_reps)
-    improvement = improvement_rows(summaries, reps=min(study.bootstrap_reps, 2000))
     paths = {
         "figure": plot_curves(curves, out / "curves.png", title=study.name, spread=study.spread),
         "curves_csv": write_curves_csv(curves, out / "curves.csv"),
-        "runs_csv": write_csv(summaries, out / "runs.csv"),
-        "aggregate_csv": write_csv(aggregate, out / "aggregate.csv"),
     }
     if study.sweep_key:
         sweep_path = out / "sweep.png"
         paths["sweep"] = plot_sweep(runs, summaries, study.sweep_key, study.group_by, sweep_path, title=study.name)
-    missing = len(specs) - len(runs)
-    text = [f"# Study {study.name}", "", f"{len(runs)} of {len(specs)} runs have data ({missing} not started).", ""]
-    text += ["## Aggregates per task and group", "", markdown_table(aggregate), ""]
-    if overall:
-        text += ["## Across tasks", "", markdown_table(overall), ""]
-    if improvement:
-        text += ["## Probability of improvement (per task, averaged over tasks)", "", markdown_table(improvement), ""]
-    text += ["## Every run", "", markdown_table(per_run), ""]
-    paths["summary"] = out / "summary.md"
-    paths["summary"].write_text("\n".join(text))
     return paths
+
+
+def _summary_header(
+    study: StudyConfig, specs: list[RunSpec], summaries: list[RunSummary], used: int, include_incomplete: bool
+) -> list[str]:
+    complete = sum(s.complete for s in summaries)
+    incomplete, missing = len(summaries) - complete, len(specs) - len(summaries)
+    lines = [f"{len(summaries)} of {len(specs)} runs have data ({missing} not started), {complete} complete."]
+    if include_incomplete:
+        lines.append(
+            f"The aggregates and figures use all {used} runs with data, incomplete ones included "
+            "(--include-incomplete): their numbers stop short of the budget."
+        )
+    else:
+        more = " (--include-incomplete adds the incomplete ones)" if incomplete else ""
+        lines.append(f"The aggregates and figures use the {used} complete runs only{more}.")
+    if missing or (incomplete and not include_incomplete):
+        lines.append('The others are listed under "Runs left out of the aggregates".')
+    if not used:
+        lines.append("No run to aggregate yet: no figure.")
+    return [f"# Study {study.name}", "", " ".join(lines), ""]
+
+
+def _left_out_rows(specs: list[RunSpec], progress: dict[str, int], include_incomplete: bool) -> list[dict[str, str]]:
+    """The runs not in the aggregates: not started, or (unless included) short of their budget, and why."""
+    rows = []
+    for spec in specs:
+        steps = progress.get(spec.name)
+        if steps is None:
+            reason = "not started"
+        elif steps >= spec.total_agent_steps or include_incomplete:
+            continue
+        elif (spec.run_dir / "study.lock").is_file():
+            reason = "incomplete: a study driver is running it (study.lock; or that driver was killed)"
+        else:
+            reason = (
+                "incomplete: stopped short of its budget (crashed, killed or interrupted); running the study "
+                "again continues it"
+            )
+        budget = f"{steps or 0:,} of {spec.total_agent_steps:,}"
+        rows.append({"run": spec.name, "agent steps (newest checkpoint)": budget, "reason": reason})
+    return rows
