@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.dqn.config import load_dqn_config
+from agents.dqn.config import load_run_config
 from agents.dqn.envs import make_env
 from agents.dqn.evaluation import evaluate, select_actions
 from agents.dqn.networks import build_q_network
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir} has no config.yaml; pass a directory written by scripts/train_dqn.py", file=sys.stderr)
         return 2
     try:
-        config = load_dqn_config(str(run_dir / "config.yaml"))
+        config = load_run_config(run_dir)  # the env settings the agent was trained with
         device = pick_device(args.device)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

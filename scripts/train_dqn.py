@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from agents.dqn.config import load_dqn_config
+from agents.dqn.config import load_dqn_config, load_run_config
 from agents.dqn.learner import NonFiniteError
 from agents.dqn.runner import EnvNonFiniteError, Trainer, run_dir_for
 from wn_rl.checkpoint import CheckpointError
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            config = load_dqn_config(args.config or str(run_dir / "config.yaml"), args.overrides)
+            if args.config:
+                config = load_dqn_config(args.config, args.overrides)
+            else:
+                config = load_run_config(run_dir, args.overrides)
         else:
             config = load_dqn_config(args.config, args.overrides)
             run_dir = run_dir_for(config, Path(args.config).stem)

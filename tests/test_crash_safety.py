@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.dqn.config import load_dqn_config
+from agents.dqn.config import load_dqn_config, load_run_config
 from agents.dqn.learner import NonFiniteError
 from agents.dqn.runner import EnvNonFiniteError, Trainer
 from wn_rl import checkpoint as ck
@@ -179,7 +179,7 @@ def test_a_committed_version_1_checkpoint_keeps_loading_and_resumes(tmp_path):
         (run_dir / "checkpoints" / name).write_bytes((data / name).read_bytes())
     raw = torch.load(data / "checkpoint_000000000400.pt", weights_only=True)
     assert raw["format_version"] == 1
-    config = load_dqn_config(str(run_dir / "config.yaml"), [f"run.runs_dir={tmp_path}", "run.total_agent_steps=480"])
+    config = load_run_config(run_dir, [f"run.runs_dir={tmp_path}", "run.total_agent_steps=480"])  # as --resume does
     trainer = Trainer(config, run_dir)
     with pytest.warns(UserWarning, match="resumed from .*checkpoint_000000000400.pt at agent step 400"):
         summary = trainer.run()

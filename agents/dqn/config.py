@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
-from wn_rl.config import ConfigError, check, config_to_dict, load_config
+from wn_rl.config import ConfigError, check, config_to_dict, load_config, read_yaml
 from wn_rl.parameterization import PARAMETERIZATIONS
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "NetworkConfig",
     "RunConfig",
     "load_dqn_config",
+    "load_run_config",
     "with_older_defaults",
 ]
 
@@ -346,3 +348,13 @@ def with_older_defaults(saved: dict) -> dict:
     env.setdefault("fire_reset", True if env.get("suite", "atari") == "atari" else None)
     agent.setdefault("epsilon_decay_after_learning_starts", False)  # the decay counted from agent step 0
     return saved
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DQNConfig:
+    """The config a run directory was made with (its ``config.yaml``; keys added since read as
+    :func:`with_older_defaults` says, so a resume behaves as the run did), plus ``section.key=value``
+    overrides."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.yaml: not a run directory of scripts/train_dqn.py")
+    return load_config(DQNConfig, path, list(overrides), data=with_older_defaults(read_yaml(path)))
