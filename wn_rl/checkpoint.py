@@ -4,7 +4,9 @@ A checkpoint ``NAME.pt`` is complete only when its marker ``NAME.pt.complete.jso
 marker is written last. Both files are written to a temporary file in the same directory, flushed,
 fsynced and renamed over the final name, then the directory is fsynced, so a kill at any instant leaves
 either the new complete checkpoint or the previous one, never a half-written file that looks valid.
-The marker records the payload's size and SHA-256, so truncated or corrupted files are detected on load.
+The marker records the payload's size and SHA-256, so truncated or corrupted files are detected on load;
+how far a run got is read from the marker and the file's size alone (``check_hash=False``), without
+reading a payload that can hold GBs of replay memory.
 
 The payload is a ``torch.save`` file of dicts, lists, tuples, strings, numbers, booleans, ``None`` and
 tensors only (checked before writing), loadable with ``torch.load(path, weights_only=True)``, and
@@ -161,8 +163,13 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
     return marker
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Check size and SHA-256 of ``path`` against its marker; returns the marker."""
+def verify_checkpoint(path: str | os.PathLike, *, check_hash: bool = True) -> dict[str, Any]:
+    """Check size and SHA-256 of ``path`` against its marker; returns the marker.
+
+    ``check_hash=False`` checks the size alone: a ``stat``, no read of the file, which may hold GBs (the
+    replay memory). That catches a missing or truncated file but not one corrupted in place, so it is for
+    telling how far a run got, never for loading (:func:`load_checkpoint` hashes).
+    """
     path = Path(path)
     marker = read_marker(path)
     if not path.is_file():
@@ -170,6 +177,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     size = path.stat().st_size
     if size != marker["bytes"]:
         raise CheckpointError(f"{path} is truncated or corrupted: {size} bytes, the marker says {marker['bytes']}")
+    if not check_hash:
+        return marker
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -215,11 +224,14 @@ def complete_checkpoints(directory: str | os.PathLike, prefix: str = "checkpoint
     return sorted(found, key=key)
 
 
-def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint_") -> Path | None:
-    """The newest checkpoint that passes verification; damaged newer ones are skipped with a warning."""
+def latest_checkpoint(
+    directory: str | os.PathLike, prefix: str = "checkpoint_", *, check_hash: bool = True
+) -> Path | None:
+    """The newest checkpoint that passes verification; damaged newer ones are skipped with a warning.
+    ``check_hash=False`` verifies sizes only (see :func:`verify_checkpoint`): for progress, not loading."""
     for path in reversed(complete_checkpoints(directory, prefix)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, check_hash=check_hash)
         except CheckpointError as exc:
             warnings.warn(f"skipping damaged checkpoint: {exc}; falling back to the previous one", stacklevel=2)
             continue
