@@ -6,6 +6,11 @@ Reads the TensorBoard event files of every run directory given (or found under a
 runs by config keys, and draws the mean and spread across seeds of the training and evaluation returns
 against agent steps, one panel per task. Writes the numbers behind the figure next to it as CSV
 (``fig.csv``) and a per-run / aggregate table (``fig.md``).
+
+The figure and the aggregates use complete runs only, as a study's report does: runs whose newest
+checkpoint (SB3: saved model) or logs reached their budget (``run.total_agent_steps``; SB3:
+``total_timesteps``). The others are printed and listed in ``fig.md`` with the reason;
+``--include-incomplete`` draws and aggregates them too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 from pathlib import Path
 
 from wn_rl.analysis.curves import SPREADS, collect_curves, group_runs, plot_curves, write_curves_csv
-from wn_rl.analysis.report import aggregate_rows, markdown_table, run_rows, summarize_run
+from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
 from wn_rl.analysis.runs import find_run_dirs, load_run
 
 
@@ -29,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoothing", type=int, default=5, help="moving-average window for training returns")
     parser.add_argument("--spread", choices=SPREADS, default="std")
     parser.add_argument("--title", default="")
+    parser.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="also draw and aggregate runs short of their budget (crashed, killed, running); default: complete only",
+    )
     args = parser.parse_args(argv)
     if args.smoothing < 1:
         parser.error(f"--smoothing={args.smoothing}: expected at least 1")
@@ -37,18 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    grouped = group_runs(runs, args.group_by, args.panel_by or None)
+    summaries = [summarize_run(r, args.group_by, args.panel_by or "env.name") for r in runs]
+    used = [r for r, s in zip(runs, summaries, strict=True) if s.complete or args.include_incomplete]
+    for run, summary in zip(runs, summaries, strict=True):
+        if not args.include_incomplete and (reason := left_out_reason(summary)):
+            print(f"left out (--include-incomplete adds it): {run.run_dir}: {reason}")
+    if not used:
+        print(f"error: none of the {len(runs)} runs is complete; --include-incomplete draws them", file=sys.stderr)
+        return 2
+    grouped = group_runs(used, args.group_by, args.panel_by or None)
     curves = collect_curves(grouped, args.tags, spread=args.spread, smoothing={"train/episode_return": args.smoothing})
     if not any(c.steps.size for c in curves):
-        print(f"error: none of the {len(runs)} runs logged any of the tags {args.tags}", file=sys.stderr)
+        print(f"error: none of the {len(used)} runs logged any of the tags {args.tags}", file=sys.stderr)
         return 2
     out = Path(args.out)
     plot_curves(curves, out, title=args.title, spread=args.spread)
     write_curves_csv(curves, out.with_suffix(".csv"))
-    summaries = [summarize_run(r, args.group_by, args.panel_by or "env.name") for r in runs]
-    table = ["## Aggregates", "", markdown_table(aggregate_rows(summaries)), "", "## Every run", ""]
-    out.with_suffix(".md").write_text("\n".join([*table, markdown_table(run_rows(summaries)), ""]))
-    print(f"{len(runs)} runs -> {out}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
+    out.with_suffix(".md").write_text(runs_markdown(summaries, include_incomplete=args.include_incomplete))
+    print(f"{len(used)} of {len(runs)} runs -> {out}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
     return 0
 
 

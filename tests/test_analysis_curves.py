@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import builtins
 import csv
 import importlib.util
+import os
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
+from wn_rl import checkpoint as ck
 from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth
 from wn_rl.analysis.report import aggregate_rows, improvement_rows, overall_rows, summarize_run
-from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars
+from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars, run_progress
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = REPO / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"wn_rl_script_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,15 +35,24 @@ def _load_script(name: str):
 plot_curves = _load_script("plot_curves")
 
 
-def write_run(root: Path, name: str, parameterization: str, seed: int, game: str, evals: dict[int, float]) -> Path:
-    """A run directory as the DQN runner writes it: config.yaml and tb/ with train and eval scalars."""
+def write_run(
+    root: Path,
+    name: str,
+    parameterization: str,
+    seed: int,
+    game: str,
+    evals: dict[int, float],
+    total_agent_steps: int | None = None,
+) -> Path:
+    """A run directory as the DQN runner writes it: config.yaml and tb/ with train and eval scalars.
+    The budget is the last evaluation's step unless given (larger: a run that stopped short of it)."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = {
         "env": {"suite": "minatar", "name": game},
         "network": {"parameterization": parameterization},
         "agent": {"lr": 3e-4 if parameterization == "weight_norm" else 1e-4},
-        "run": {"seed": seed, "total_agent_steps": max(evals)},
+        "run": {"seed": seed, "total_agent_steps": total_agent_steps or max(evals)},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     writer = SummaryWriter(str(run_dir / "tb"))
@@ -142,6 +159,134 @@ def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     write_run(tmp_path / "runs", "a", "normal", 0, "breakout", {500: 1.0})
     assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "x.png"), "--tags", "nope"]) == 2
     assert "none of the 1 runs logged" in capsys.readouterr().err
+
+
+def _eval_means(csv_path: Path, panel: str, group: str) -> list[tuple[int, float, int]]:
+    with csv_path.open() as f:
+        rows = [
+            r for r in csv.DictReader(f) if (r["tag"], r["panel"], r["group"]) == ("eval/return_mean", panel, group)
+        ]
+    return [(int(r["agent_step"]), float(r["mean"]), int(r["runs"])) for r in rows]
+
+
+def test_plot_curves_leaves_incomplete_runs_out_and_says_why(
+    study_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # stopped at 500 of its 1,000 agent steps, with an early evaluation far above the complete runs'
+    write_run(study_dir, "breakout_n2", "normal", 2, "breakout", {500: 100.0}, total_agent_steps=1000)
+    out = tmp_path / "figs" / "curves.png"
+    assert plot_curves.main([str(study_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "breakout_n2" in printed and "500 of 1,000" in printed and "--include-incomplete" in printed
+    assert _eval_means(out.with_suffix(".csv"), "breakout", "normal") == [(500, 2.0, 2), (1000, 3.0, 2)]
+    table = out.with_suffix(".md").read_text()
+    left_out = table.split("## Runs left out of the aggregates", 1)[1].split("\n## ", 1)[0]
+    assert "breakout_n2" in left_out and "500 of 1,000" in left_out and "short of its budget" in left_out
+    assert "--include-incomplete" in table and table.count("breakout_n2") == 2  # left out, and every run
+    assert "| breakout | normal | 2 | 2 | 1 |" in table  # runs aggregated, complete, incomplete
+
+    assert plot_curves.main([str(study_dir), "--out", str(out), "--include-incomplete"]) == 0
+    assert "breakout_n2" not in capsys.readouterr().out
+    means = _eval_means(out.with_suffix(".csv"), "breakout", "normal")
+    assert means == [(500, pytest.approx((1.0 + 3.0 + 100.0) / 3, rel=1e-5), 3), (1000, 3.0, 2)]
+    assert "## Runs left out" not in out.with_suffix(".md").read_text()
+
+    write_run(tmp_path / "early", "a", "normal", 0, "breakout", {500: 1.0}, total_agent_steps=1000)
+    assert plot_curves.main([str(tmp_path / "early"), "--out", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert "none of the 1 runs is complete" in captured.err and "--include-incomplete" in captured.err
+    assert "500 of 1,000" in captured.out
+
+
+def _save(directory: Path, step: int) -> Path:
+    payload = {"weights": torch.arange(1000, dtype=torch.float32) * step}
+    return ck.save_checkpoint(directory / f"checkpoint_{step:012d}.pt", payload, metadata={"agent_step": step})
+
+
+def test_progress_reads_markers_never_whole_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A progress check (several per run per study or plot command) stats the newest checkpoint and
+    reads its marker; it never reads or hashes the payload, which holds GBs with the replay memory."""
+    (tmp_path / "checkpoints").mkdir()
+    old, new = _save(tmp_path / "checkpoints", 100), _save(tmp_path / "checkpoints", 200)
+    real_open = builtins.open
+
+    def open_no_payload(file, *args, **kwargs):
+        assert not str(file).endswith(".pt"), f"a progress check opened {file}"
+        return real_open(file, *args, **kwargs)
+
+    def no_hashing(*args):
+        raise AssertionError("a progress check hashed a checkpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", open_no_payload)
+        patch.setattr(ck, "hashlib", SimpleNamespace(sha256=no_hashing))
+        assert run_progress(tmp_path) == 200
+        new.write_bytes(new.read_bytes()[:-1])  # truncated: its size is not the one the marker records
+        with pytest.warns(UserWarning, match="skipping damaged checkpoint.*truncated"):
+            assert run_progress(tmp_path) == 100
+        new.unlink()  # a marker whose file is gone
+        assert run_progress(tmp_path) == 100
+    # corrupted in place with its size kept: progress cannot tell without hashing; loading still can
+    data = bytearray(old.read_bytes())
+    data[300] ^= 0xFF
+    old.write_bytes(bytes(data))
+    assert run_progress(tmp_path) == 100
+    with pytest.raises(ck.CheckpointError, match="SHA-256"):
+        ck.load_checkpoint(old)
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert ck.latest_checkpoint(tmp_path / "checkpoints") is None
+
+
+def test_sb3_runs_progress_and_completion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What ``wn_rl.sb3.runner`` writes: checkpoints/model_<steps>_steps.zip, and final_model.zip with
+    final_steps.json when training ends, also when a signal stopped it short of ``total_timesteps``."""
+    pytest.importorskip("stable_baselines3")
+    from wn_rl.sb3.config import load_sb3_config
+    from wn_rl.sb3.runner import SB3Run
+
+    overrides = [
+        "total_timesteps=300",
+        "hyperparameters.learning_starts=100",
+        "hyperparameters.train_freq=4",
+        "hyperparameters.gradient_steps=1",
+        "init.n_samples=64",
+        "checkpoint_freq=100",
+        "eval.freq=0",
+        "wn_stats_freq=0",
+        "progress_bar=false",
+        "verbose=0",
+        "torch_threads=1",
+        f"runs_dir={tmp_path}",
+    ]
+    for name in ("finished", "stopped"):
+        run = SB3Run(load_sb3_config(REPO / "configs/sb3/dqn_cartpole_wn.yaml", overrides), tmp_path / name)
+        if name == "stopped":
+            run.stop.signum = signal.SIGTERM  # as a SIGTERM at the first step: the final model is saved early
+        run.train()
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    assert run_progress(finished) == 300 and run_progress(stopped) == 1
+    done, short = (summarize_run(load_run(d), ["policy"], "env_id") for d in (finished, stopped))
+    assert (done.complete, done.agent_steps, done.total_agent_steps) == (True, 300, 300)
+    assert (short.complete, short.agent_steps, short.total_agent_steps) == (False, 1, 300)
+
+    out = tmp_path / "sb3.png"
+    args = ["--group-by", "policy", "--panel-by", "env_id", "--tags", "rollout/ep_rew_mean"]
+    assert plot_curves.main([str(finished), str(stopped), "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    assert f"{stopped}: 1 of 300 agent steps: short of its budget" in printed and f"{finished}:" not in printed
+    assert "1 of 2 runs ->" in printed
+
+    # killed hard (SIGKILL) before the end: no final model, the checkpoints say how far it got
+    for path in (finished / "final_model.zip", finished / "final_steps.json"):
+        path.unlink()
+    checkpoints = finished / "checkpoints"
+    assert run_progress(finished) == 300  # its last checkpoint is at the budget
+    (checkpoints / "model_300_steps.zip").unlink()
+    assert run_progress(finished) == 200
+    os.truncate(checkpoints / "model_200_steps.zip", 1000)  # a zip without its end is no model
+    with pytest.warns(UserWarning, match="skipping damaged model .*model_200_steps.zip"):
+        assert run_progress(finished) == 100
+        assert not summarize_run(load_run(finished), ["policy"], "env_id").complete
 
 
 def test_sweep_figure(study_dir: Path, tmp_path: Path) -> None:

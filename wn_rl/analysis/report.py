@@ -1,8 +1,9 @@
 """Tables of a study: one row per run (nothing left out) and aggregates per task and group.
 
 A run is complete when it reached its budget (:attr:`RunSummary.complete`); the aggregates can be
-restricted to complete runs (``complete_only``), as a study's report is by default, so that a crashed,
-killed or still running run does not enter the means and intervals with its early numbers.
+restricted to complete runs (``complete_only``), as a study's report and ``scripts/plot_curves.py`` are by
+default, so that a crashed, killed or still running run does not enter the means and intervals with its
+early numbers; :func:`left_out_rows` says which runs that leaves out and why.
 
 Per run (:func:`summarize_run`): final evaluation return (the last evaluation's mean over its games),
 maximum evaluation return (the paper's statistic: the best epoch's mean), the area under the evaluation
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from wn_rl.analysis.curves import group_label
-from wn_rl.analysis.runs import RunData, run_progress
+from wn_rl.analysis.runs import RunData, run_budget, run_progress
 from wn_rl.analysis.stats import (
     area_under_curve,
     human_normalized_score,
@@ -39,9 +40,12 @@ __all__ = [
     "RunSummary",
     "aggregate_rows",
     "improvement_rows",
+    "left_out_reason",
+    "left_out_rows",
     "markdown_table",
     "overall_rows",
     "run_rows",
+    "runs_markdown",
     "summarize_run",
     "write_csv",
 ]
@@ -62,8 +66,9 @@ class RunSummary:
     lr: float | None
     agent_steps: int
     total_agent_steps: int | None
+    "the budget: ``run.total_agent_steps`` (native DQN) or ``total_timesteps`` (SB3); None when unknown."
     complete: bool
-    "reached ``total_agent_steps`` by its newest checkpoint or its logs (a study judges by the checkpoint alone)."
+    "reached ``total_agent_steps`` by its newest checkpoint (SB3: saved model) or its logs (a study: checkpoint only)."
     evaluations: int
     final_eval: float
     max_eval: float
@@ -85,7 +90,7 @@ def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.na
     late = train_values[train_steps >= 0.9 * train_steps[-1]] if train_steps.size else train_values
     progress = run_progress(run.run_dir)
     logged = int(max(steps.max(initial=0), train_steps.max(initial=0)))
-    total = run.value("run.total_agent_steps")
+    total = run_budget(run.config)
     return RunSummary(
         run=run.run_dir.name,
         task=str(run.value(task_key, "?")),
@@ -254,6 +259,58 @@ def run_rows(summaries: Sequence[RunSummary]) -> list[dict[str, str]]:
         }
         for s in summaries
     ]
+
+
+def left_out_reason(summary: RunSummary) -> str | None:
+    """Why a run stays out of the aggregates unless incomplete runs are included; None when it is complete."""
+    if summary.complete:
+        return None
+    if summary.total_agent_steps is None:
+        return (
+            f"no budget: at {summary.agent_steps:,} agent steps, but its config.yaml has neither "
+            "run.total_agent_steps (native DQN) nor total_timesteps (SB3), so it cannot be told complete"
+        )
+    return (
+        f"{summary.agent_steps:,} of {summary.total_agent_steps:,} agent steps: short of its budget by its newest "
+        "checkpoint and its logs (crashed, killed, interrupted or still running)"
+    )
+
+
+def left_out_rows(summaries: Sequence[RunSummary]) -> list[dict[str, str]]:
+    """The incomplete runs, formatted for a table, each with :func:`left_out_reason`."""
+    return [
+        {"run": s.run, "task": s.task, "group": s.group, "seed": str(s.seed), "reason": reason}
+        for s in summaries
+        if (reason := left_out_reason(s)) is not None
+    ]
+
+
+def runs_markdown(summaries: Sequence[RunSummary], *, include_incomplete: bool = False, reps: int = 10_000) -> str:
+    """The tables of a set of runs (``scripts/plot_curves.py``): which runs the aggregates and the figure
+    use (the complete ones only, unless ``include_incomplete``), the aggregates per task and group, the
+    runs left out and why, and every run."""
+    complete = sum(s.complete for s in summaries)
+    incomplete = len(summaries) - complete
+    lines = [f"{len(summaries)} runs, {complete} complete."]
+    if include_incomplete:
+        lines.append(
+            f"The aggregates and the figure use all {len(summaries)} runs, incomplete ones included "
+            "(--include-incomplete): their numbers stop short of the budget."
+        )
+    elif incomplete:
+        lines.append(
+            f"The aggregates and the figure use the {complete} complete runs only; the {incomplete} others are "
+            'listed under "Runs left out of the aggregates" (--include-incomplete adds them).'
+        )
+    else:
+        lines.append("The aggregates and the figure use all of them.")
+    aggregate = aggregate_rows(summaries, reps=reps, complete_only=not include_incomplete)
+    text = [" ".join(lines), "", "## Aggregates", "", markdown_table(aggregate), ""]
+    left_out = [] if include_incomplete else left_out_rows(summaries)
+    if left_out:
+        text += ["## Runs left out of the aggregates", "", markdown_table(left_out), ""]
+    text += ["## Every run", "", markdown_table(run_rows(summaries)), ""]
+    return "\n".join(text)
 
 
 def markdown_table(rows: Sequence[dict[str, str]]) -> str:

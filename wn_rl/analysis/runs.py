@@ -2,7 +2,8 @@
 
 A run directory is what ``scripts/train_dqn.py`` writes (``agents/dqn/runner.py``): ``config.yaml``,
 ``tb/`` (TensorBoard event files), ``results.json`` and ``checkpoints/``. Any directory with TensorBoard
-event files and a ``config.yaml`` works, so SB3 runs can be read the same way. Scalars are read with
+event files and a ``config.yaml`` works, so SB3 runs (``scripts/train_sb3.py``, ``wn_rl/sb3/runner.py``)
+are read the same way, their progress from their saved models (:func:`run_progress`). Scalars are read with
 TensorBoard's own ``EventAccumulator`` (all points kept, no reservoir sampling); a run that was resumed
 writes a second event file, and points logged twice at the same step keep the newest value.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ import yaml
 
 from wn_rl.checkpoint import CheckpointError, latest_checkpoint, read_marker
 
-__all__ = ["RunData", "config_value", "find_run_dirs", "load_run", "read_scalars", "run_progress"]
+__all__ = ["RunData", "config_value", "find_run_dirs", "load_run", "read_scalars", "run_budget", "run_progress"]
 
 
 @dataclass
@@ -112,13 +116,32 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def run_progress(run_dir: str | Path) -> int:
-    """Agent steps reached by the newest complete checkpoint (0 when there is none).
+def run_budget(config: dict[str, Any]) -> int | None:
+    """The steps a run was started to make: ``run.total_agent_steps`` (native DQN) or ``total_timesteps``
+    (SB3: environment steps summed over envs, the unit of its saved models' step counts); None when the
+    config has neither."""
+    for key in ("run.total_agent_steps", "total_timesteps"):
+        value = config_value(config, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
-    The runner writes a final checkpoint when a run ends, so a run is complete exactly when this
-    reaches its ``run.total_agent_steps``.
+
+def run_progress(run_dir: str | Path) -> int:
+    """Steps reached by the newest complete checkpoint or saved model of a run (0 when there is none).
+
+    Native DQN: the agent step in the completion marker of the newest checkpoint whose file has the
+    size the marker records. The runner writes a final checkpoint when a run ends, so a run is complete
+    exactly when this reaches its ``run.total_agent_steps``. SB3 (:func:`_sb3_progress`): the step count
+    of the newest saved model. Cheap: a ``stat`` and a few small reads per run, never a read of a
+    checkpoint's payload (GBs with the replay memory); loading a checkpoint still verifies its hash.
     """
-    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    run_dir = Path(run_dir)
+    return max(_checkpoint_progress(run_dir / "checkpoints"), _sb3_progress(run_dir))
+
+
+def _checkpoint_progress(directory: Path) -> int:
+    path = latest_checkpoint(directory, check_hash=False)
     if path is None:
         return 0
     try:
@@ -127,3 +150,33 @@ def run_progress(run_dir: str | Path) -> int:
         return 0
     step = metadata.get("agent_step")
     return int(step) if isinstance(step, (int, float)) and math.isfinite(step) else 0
+
+
+_SB3_CHECKPOINT = re.compile(r"^model_(\d+)_steps\.zip$")
+
+
+def _sb3_progress(run_dir: Path) -> int:
+    """``num_timesteps`` of the newest SB3 model that opens as a zip: ``checkpoints/model_<steps>_steps.zip``,
+    or ``final_model.zip`` with the count in ``final_steps.json``, which the runner writes after it when
+    training ends, at ``total_timesteps`` or earlier when a signal stopped it (the same candidates as
+    :func:`wn_rl.sb3.runner.latest_model`, without importing SB3). Opening a zip reads its central directory
+    at the end of the file, which a truncated file lacks; loading checks every member's CRC besides."""
+    candidates = []
+    for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
+        match = _SB3_CHECKPOINT.match(path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    final = run_dir / "final_model.zip"
+    try:
+        steps = json.loads((run_dir / "final_steps.json").read_text()).get("num_timesteps")
+    except (OSError, ValueError, AttributeError):
+        steps = None
+    if isinstance(steps, int) and not isinstance(steps, bool) and final.is_file():
+        candidates.append((steps, final))
+    for steps, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            with zipfile.ZipFile(path):
+                return steps
+        except (OSError, zipfile.BadZipFile) as exc:
+            warnings.warn(f"skipping damaged model {path}: not a readable zip ({exc})", stacklevel=3)
+    return 0
