@@ -25,6 +25,7 @@ from wn_rl.sb3 import (
     WnTD3CnnPolicy,
     WnTD3Policy,
 )
+from wn_rl.sb3.init import policy_is_initialized
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -106,6 +107,72 @@ def test_actor_critic_off_policy_init_uses_replay_actions_and_syncs_both_targets
     for target, online in pairs:
         for key, value in online.state_dict().items():
             assert torch.equal(target.state_dict()[key], value), key
+
+
+def record_initialized_when_acting(model, monkeypatch) -> list[bool]:
+    """Whether the online networks were initialised, at every action the policy chooses (not SB3's random ones)."""
+    initialized_when_acting = []
+    predict = model.policy.predict
+
+    def spy(*args, **kwargs):
+        initialized_when_acting.append(policy_is_initialized(model.policy))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(model.policy, "predict", spy)
+    return initialized_when_acting
+
+
+@pytest.mark.parametrize(
+    "algo,policy,env_id,n_envs,kwargs",
+    [
+        (DQN, WnMlpPolicy, "CartPole-v1", 1, dict(train_freq=4, exploration_initial_eps=0, exploration_final_eps=0)),
+        (DQN, WnMlpPolicy, "CartPole-v1", 2, dict(train_freq=3, exploration_initial_eps=0)),
+        (SAC, WnSACPolicy, "Pendulum-v1", 1, dict(train_freq=1)),
+        (TD3, WnTD3Policy, "Pendulum-v1", 1, dict(train_freq=(1, "episode"))),
+    ],
+    ids=["dqn", "dqn-2-envs", "sac", "td3-episodes"],
+)
+def test_off_policy_init_happens_before_the_network_chooses_its_first_action(
+    algo, policy, env_id, n_envs, kwargs, monkeypatch
+):
+    # SB3 acts with the policy from num_timesteps == learning_starts on; updates start a rollout later.
+    env = make_vec_env(env_id, n_envs=n_envs, seed=0)
+    model = algo(policy, env, learning_starts=64, gradient_steps=0, seed=0, policy_kwargs=dict(net_arch=[16]), **kwargs)
+    initialized_when_acting = record_initialized_when_acting(model, monkeypatch)
+    callback = DataDependentInitCallback(n_samples=64)
+    model.learn(80, callback=callback)
+    assert callback.done and initialized_when_acting  # the greedy policy acted after learning_starts
+    assert all(initialized_when_acting), f"{initialized_when_acting.count(False)} actions before the init"
+    # learning_starts == n_samples: the batch is every transition of the warm-up, the last one stored by SB3
+    # only after the callback ran, each once.
+    buffer = model.replay_buffer
+    warm_up = slice(0, 64 // env.num_envs)
+    stored = np.concatenate([buffer.observations[warm_up], buffer.actions[warm_up]], axis=-1).reshape(64, -1)
+    batch = torch.cat([callback.init_observations, callback.init_actions.to(torch.float32)], dim=1).numpy()
+    assert sorted(map(tuple, batch)) == sorted(map(tuple, stored))
+
+
+def test_off_policy_init_resumed_past_learning_starts_runs_at_training_start(monkeypatch):
+    def trained_without_init() -> DQN:
+        model = DQN(WnMlpPolicy, "CartPole-v1", learning_starts=64, gradient_steps=0, seed=0)
+        model.learn(100)  # the uninitialised network has acted since step 64
+        return model
+
+    model = trained_without_init()
+    initialized_when_acting = record_initialized_when_acting(model, monkeypatch)
+    callback = DataDependentInitCallback(n_samples=64)
+    model.learn(1, callback=callback, reset_num_timesteps=False)
+    assert callback.done and initialized_when_acting and all(initialized_when_acting)
+    model = trained_without_init()
+    model.replay_buffer.reset()  # e.g. loaded without its replay buffer
+    with pytest.raises(ValueError, match="the replay buffer holds 0"):
+        model.learn(1, callback=DataDependentInitCallback(n_samples=64), reset_num_timesteps=False)
+
+
+def test_off_policy_init_refuses_gsde_at_warm_up():
+    model = SAC(WnSACPolicy, "Pendulum-v1", learning_starts=64, use_sde=True, use_sde_at_warmup=True)
+    with pytest.raises(ValueError, match="set use_sde_at_warmup=False"):
+        model.learn(10, callback=DataDependentInitCallback(n_samples=64))
 
 
 class RandomImages(gym.Env):
@@ -318,37 +385,42 @@ def test_ppo_learns_cartpole():
 
 
 def test_dqn_learns_cartpole():
+    # 3-step returns (SB3's n_steps) make this budget reliable: seeds 0 to 9 all scored 150 to 500.
     model = DQN(
         WnMlpPolicy,
         "CartPole-v1",
         learning_rate=1e-3,
         batch_size=64,
         buffer_size=10_000,
-        learning_starts=500,
+        learning_starts=1_000,
         target_update_interval=250,
-        train_freq=4,
-        exploration_fraction=0.3,
+        train_freq=2,
+        n_steps=3,
+        exploration_fraction=0.2,
         exploration_final_eps=0.05,
         policy_kwargs=dict(net_arch=[64, 64]),
         seed=0,
     )
     model.learn(10_000, callback=DataDependentInitCallback(n_samples=256))
     mean_return, _ = evaluate_policy(model, make_vec_env("CartPole-v1", seed=100), n_eval_episodes=10)
-    assert mean_return >= 60  # random play: ~22
+    assert mean_return >= 100  # random play: ~22
 
 
 def test_td3_learns_pendulum():
+    # rl-zoo3's learning rate, gamma and action noise; 3-step returns (SB3's n_steps) make this budget reliable:
+    # seeds 0 to 9 all scored -180 to -300.
     model = TD3(
         WnTD3Policy,
         "Pendulum-v1",
         learning_rate=1e-3,
         learning_starts=300,
         gamma=0.98,
-        batch_size=128,
+        batch_size=256,
+        n_steps=3,
         action_noise=NormalActionNoise(np.zeros(1), 0.1 * np.ones(1)),
         policy_kwargs=dict(net_arch=[64, 64]),
         seed=0,
     )
-    model.learn(3_000, callback=DataDependentInitCallback(n_samples=256))
+    model.learn(4_000, callback=DataDependentInitCallback(n_samples=256))
     mean_return, _ = evaluate_policy(model, make_vec_env("Pendulum-v1", seed=100), n_eval_episodes=10)
-    assert mean_return >= -900  # random or untrained: about -1200 to -1500
+    assert mean_return >= -600  # random or untrained: about -1200 to -1500

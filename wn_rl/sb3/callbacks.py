@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -35,6 +36,51 @@ def _truncate(obs: Any, n: int) -> Any:
     return obs[:n]
 
 
+def _select(obs: Any, *index: np.ndarray) -> Any:
+    if isinstance(obs, dict):
+        return {key: value[index] for key, value in obs.items()}
+    return obs[index]
+
+
+def _per_env(obs: Any, obs_shape: Any, n_envs: int) -> Any:
+    """A VecEnv's observations shaped as the replay buffer stores them (``ReplayBuffer.add``)."""
+    if isinstance(obs, dict):
+        return {key: np.asarray(value).reshape((n_envs, *obs_shape[key])) for key, value in obs.items()}
+    return np.asarray(obs).reshape((n_envs, *obs_shape))
+
+
+def replay_init_batch(
+    buffer: ReplayBuffer, n_samples: int, pending: tuple[Any, np.ndarray] | None = None
+) -> tuple[Any, np.ndarray]:
+    """``n_samples`` distinct transitions drawn uniformly (with ``np.random``, which SB3 seeds) from ``buffer``
+    and ``pending``, one step's ``(observations, buffer actions)`` of every env not stored yet.
+
+    Returns:
+        ``(observations, actions)``: raw observations as the buffer stores them (an array, or a dict of arrays
+        for a ``DictReplayBuffer``) and the buffer's actions, each ``n_samples`` long.
+    """
+    n_envs = buffer.n_envs
+    positions = np.arange(buffer.buffer_size if buffer.full else buffer.pos)
+    if buffer.full and getattr(buffer, "optimize_memory_usage", False):
+        positions = positions[positions != buffer.pos]  # holds the latest next observation (SB3's sample skips it)
+    n_stored, n_pending = len(positions) * n_envs, 0 if pending is None else n_envs
+    if n_stored + n_pending < n_samples:
+        raise ValueError(
+            f"the data-dependent init needs n_samples={n_samples} transitions before the policy acts, but the replay "
+            f"buffer holds {n_stored} (+{n_pending} being stored): raise buffer_size or learning_starts, load the "
+            "model's replay buffer (model.load_replay_buffer), or lower n_samples."
+        )
+    picks = np.random.choice(n_stored + n_pending, n_samples, replace=False)
+    stored, fresh = picks[picks < n_stored], picks[picks >= n_stored] - n_stored
+    rows, envs = positions[stored // n_envs], stored % n_envs
+    observations, actions = [_select(buffer.observations, rows, envs)], [buffer.actions[rows, envs]]
+    if pending is not None:
+        obs, action = pending
+        observations.append(_select(_per_env(obs, buffer.obs_shape, n_envs), fresh))
+        actions.append(np.asarray(action).reshape((n_envs, buffer.action_dim))[fresh].astype(buffer.actions.dtype))
+    return _stack_observations(observations), np.concatenate(actions)
+
+
 class DataDependentInitCallback(BaseCallback):
     """Data-dependent initialization (Salimans & Kingma 2016, section 3) of an SB3 model's online
     networks from real observations, then a sync of every target network.
@@ -44,10 +90,15 @@ class DataDependentInitCallback(BaseCallback):
       observation per env), the init, then a reset of the envs so the first rollout starts fresh and
       its stored log-probabilities come from the initialised network. Warm-up steps are not counted
       in ``num_timesteps``.
-    - Off-policy (DQN, QR-DQN, SAC, TD3): at the end of the first rollout after ``learning_starts``,
-      just before the first update, from ``n_samples`` replay-buffer transitions (the critics of SAC
-      and TD3 see the stored actions). Until then these algorithms act randomly, so the uninitialised
-      network never acts. Requires ``learning_starts >= n_samples``.
+    - Off-policy (DQN, QR-DQN, SAC, TD3): SB3 acts uniformly at random while ``num_timesteps <
+      learning_starts``, then with the policy (``OffPolicyAlgorithm._sample_action``). The init runs in
+      the callback step that makes ``num_timesteps`` reach ``learning_starts``, so before the policy
+      chooses its first action (and before the first update, which waits for the end of that rollout).
+      Its batch is ``n_samples`` distinct transitions drawn uniformly from the replay buffer and the step
+      SB3 stores right after the callbacks (the critics of SAC and TD3 see the stored actions). Requires
+      ``learning_starts >= n_samples``; gSDE at warm-up (``use_sde_at_warmup=True``, the policy acts
+      from the first step) is refused. A model resumed past ``learning_starts`` (``reset_num_timesteps=
+      False``) is initialised at training start, from its replay buffer alone.
 
     A model whose online networks are already initialised (a loaded model: the ``initialized`` flags
     travel in its state_dict) is never re-initialised. Per-layer pre-init statistics go to the
@@ -88,12 +139,9 @@ class DataDependentInitCallback(BaseCallback):
                 print("DataDependentInitCallback: the model is already initialised (loaded); nothing changed")
             return
         if isinstance(self.model, OffPolicyAlgorithm):
-            if self.model.learning_starts < self.n_samples:
-                raise ValueError(
-                    f"DataDependentInitCallback(n_samples={self.n_samples}) initialises from the replay buffer before "
-                    f"the first update, but learning_starts={self.model.learning_starts} leaves fewer transitions "
-                    f"there: set learning_starts >= {self.n_samples} or lower n_samples."
-                )
+            self._check_off_policy_warm_up()
+            if self.model.num_timesteps >= self.model.learning_starts:  # resumed past the warm-up
+                self._initialize_from_replay(pending=None)
             return
         if not isinstance(self.model, OnPolicyAlgorithm):
             raise TypeError(f"{type(self.model).__name__} is neither an on-policy nor an off-policy SB3 algorithm")
@@ -110,18 +158,33 @@ class DataDependentInitCallback(BaseCallback):
             batches.append(obs)
         return _truncate(_stack_observations(batches), self.n_samples)
 
-    def _on_rollout_end(self) -> None:
+    def _check_off_policy_warm_up(self) -> None:
         model = self.model
-        if self.done or not isinstance(model, OffPolicyAlgorithm) or model.num_timesteps <= model.learning_starts:
-            return
-        samples = model.replay_buffer.sample(self.n_samples, env=model._vec_normalize_env)
-        self._initialize(samples.observations, samples.actions, tensors=True)
+        if model.learning_starts < self.n_samples:
+            raise ValueError(
+                f"DataDependentInitCallback(n_samples={self.n_samples}) initialises from the replay buffer before "
+                f"the policy's first action, but learning_starts={model.learning_starts} leaves fewer transitions "
+                f"there: set learning_starts >= {self.n_samples} or lower n_samples."
+            )
+        if model.use_sde and model.use_sde_at_warmup:
+            raise ValueError(
+                "DataDependentInitCallback initialises from the replay buffer, but use_sde_at_warmup=True makes the "
+                "policy act from the first step, before the buffer holds anything: set use_sde_at_warmup=False."
+            )
 
-    def _initialize(self, observations: Any, actions: Any, *, tensors: bool = False) -> None:
+    def _initialize_from_replay(self, pending: tuple[Any, np.ndarray] | None) -> None:
+        model = self.model
+        observations, actions = replay_init_batch(model.replay_buffer, self.n_samples, pending)
+        if model._vec_normalize_env is not None:  # the buffer stores raw observations, as SB3's sample() reads them
+            observations = model._vec_normalize_env.normalize_obs(observations)
+        self._initialize(observations, actions)
+
+    def _initialize(self, observations: Any, actions: np.ndarray | None) -> None:
         policy = self.model.policy
-        obs = observations if tensors else obs_as_tensor(observations, policy.device)
-        self.init_observations, self.init_actions = obs, actions
-        self.reports = initialize_policy(policy, obs, actions)
+        obs = obs_as_tensor(observations, policy.device)
+        self.init_observations = obs
+        self.init_actions = None if actions is None else th.as_tensor(actions, device=policy.device)
+        self.reports = initialize_policy(policy, obs, self.init_actions)
         self.done = True
         for name, report in self.reports.items():
             for key, value in report.scalars(prefix=f"ddi/{name}").items():
@@ -131,6 +194,11 @@ class DataDependentInitCallback(BaseCallback):
                 print(f"DataDependentInitCallback: {name}: {len(report.layers)} layers initialised; dead units: {dead}")
 
     def _on_step(self) -> bool:
+        model = self.model
+        if not self.done and isinstance(model, OffPolicyAlgorithm) and model.num_timesteps >= model.learning_starts:
+            # SB3 stores this step's transition after the callbacks, then the policy picks the next action.
+            obs = model._last_original_obs if model._vec_normalize_env is not None else model._last_obs
+            self._initialize_from_replay(pending=(obs, self.locals["buffer_actions"]))
         return True
 
 

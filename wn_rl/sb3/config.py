@@ -75,7 +75,7 @@ _LINEAR = re.compile(r"^lin_([0-9.eE+-]+)$")
 @dataclass(frozen=True)
 class InitConfig:
     enabled: bool = True
-    "run the paper's data-dependent init (section 3) before the first update (wn_rl policies only)"
+    "run the paper's data-dependent init (section 3) before the policy acts or learns (wn_rl policies only)"
     n_samples: int = 256
     "observations in the init batch (off-policy algorithms need learning_starts >= n_samples)"
 
@@ -230,7 +230,7 @@ def _is_float(text: str) -> bool:
 
 
 def _check_init_batch(algo: str, hyperparameters: dict[str, Any], n_samples: int) -> None:
-    """Off-policy data-dependent init samples the replay buffer just before the first update: it needs
+    """Off-policy data-dependent init samples the replay buffer when the random warm-up ends: it needs
     ``learning_starts >= init.n_samples`` (the same rule :class:`wn_rl.sb3.DataDependentInitCallback` enforces
     at training start, checked here so that the run fails before anything is written)."""
     parameters = inspect.signature(ALGORITHMS[algo].__init__).parameters
@@ -240,7 +240,7 @@ def _check_init_batch(algo: str, hyperparameters: dict[str, Any], n_samples: int
     if isinstance(learning_starts, (int, float)) and learning_starts < n_samples:
         raise ConfigError(
             f"init.n_samples={n_samples} needs hyperparameters.learning_starts >= {n_samples} (got {learning_starts}): "
-            "data-dependent init uses the replay buffer just before the first update. Raise learning_starts, "
+            "data-dependent init uses the replay buffer before the policy's first action. Raise learning_starts, "
             "lower init.n_samples, or set init.enabled=false."
         )
 
