@@ -21,7 +21,7 @@ from agents.dqn.envs import make_env
 from agents.dqn.evaluation import evaluate, select_actions
 from agents.dqn.networks import build_q_network
 from agents.dqn.runner import pick_device
-from wn_rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from wn_rl.checkpoint import CheckpointError, load_latest_checkpoint
 from wn_rl.config import ConfigError
 
 
@@ -99,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    path = latest_checkpoint(run_dir / "checkpoints")
-    if path is None:
-        print(f"error: {run_dir / 'checkpoints'} holds no complete checkpoint", file=sys.stderr)
-        return 2
     try:
-        state = load_checkpoint(path, map_location=device)
+        found = load_latest_checkpoint(run_dir / "checkpoints", map_location=device)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if found is None:
+        print(f"error: {run_dir / 'checkpoints'} holds no complete checkpoint", file=sys.stderr)
+        return 2
+    path, state = found
     v, e = config.eval, config.env
     limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
     env = make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)

@@ -1,8 +1,12 @@
 """Evaluation plays a fixed quota of complete games per env, so short games are not over-counted."""
 
+import hashlib
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,3 +89,59 @@ def test_evaluate_script_refuses_bad_arguments_before_playing(tmp_path, args, me
     script = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path), *args]
     proc = subprocess.run(script, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"wn_rl_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest_one(tmp_path, monkeypatch, capsys):
+    """The checkpoint evaluated is verified (SHA-256) in one pass over it; a newest one corrupted in place
+    with its size kept is skipped with a warning, and the previous one is evaluated."""
+    from agents.dqn.runner import Trainer
+    from wn_rl import checkpoint as ck
+
+    overrides = {
+        "run.total_agent_steps": 400,
+        "agent.learning_starts_agent_steps": 100,
+        "agent.replay_capacity_transitions": 1000,
+        "eval.every_agent_steps": 0,
+        "eval.max_episode_steps": 30,
+        "run.checkpoint_every_agent_steps": 200,
+        "run.save_replay": "true",
+        "run.runs_dir": str(tmp_path),
+        "run.name": "run",
+        "run.progress_bar": "false",
+        "run.device": "cpu",
+    }
+    cartpole = str(ROOT / "configs" / "dqn" / "cartpole.yaml")
+    config = load_dqn_config(cartpole, [f"{k}={v}" for k, v in overrides.items()])
+    Trainer(config, tmp_path / "run").run()
+    older, newest = ck.complete_checkpoints(tmp_path / "run" / "checkpoints")
+    hashed = []
+
+    def sha256(*args):
+        digest = hashlib.sha256(*args)
+
+        def update(data: bytes) -> None:
+            hashed.append(len(data))
+            digest.update(data)
+
+        return SimpleNamespace(update=update, hexdigest=digest.hexdigest)
+
+    monkeypatch.setattr(ck, "hashlib", SimpleNamespace(sha256=sha256))
+    evaluate_script = _load_script("evaluate")
+    assert evaluate_script.main([str(tmp_path / "run"), "--games", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(newest)
+    assert sum(hashed) == newest.stat().st_size
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    hashed.clear()
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint.*checkpoint_000000000400\.pt.*SHA-256"):
+        assert evaluate_script.main([str(tmp_path / "run"), "--games", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(older)
+    assert sum(hashed) == newest.stat().st_size + older.stat().st_size

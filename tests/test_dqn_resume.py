@@ -4,6 +4,7 @@ Tiny CartPole/MinAtar runs on CPU, one thread."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gymnasium as gym
@@ -323,3 +325,67 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
     summary = Trainer(config, tmp_path / "run").run()
     assert summary["agent_steps"] == 200 and summary["checkpoint"] == str(checkpoint)
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (checkpoint, marker)] == before
+
+
+def _hashed_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The chunk sizes every SHA-256 in :mod:`wn_rl.checkpoint` is fed: a pass over a checkpoint sums to its size."""
+    from wn_rl import checkpoint as ck
+
+    hashed: list[int] = []
+
+    def sha256(*args: Any) -> Any:
+        digest = hashlib.sha256(*args)
+
+        def update(data: bytes) -> None:
+            hashed.append(len(data))
+            digest.update(data)
+
+        return SimpleNamespace(update=update, hexdigest=digest.hexdigest)
+
+    monkeypatch.setattr(ck, "hashlib", SimpleNamespace(sha256=sha256))
+    return hashed
+
+
+def _loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files ``torch.load`` reads (each a full pass over a checkpoint)."""
+    loaded, real_load = [], torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return loaded
+
+
+def test_a_resume_reads_its_checkpoint_once_to_hash_and_once_to_load_and_skips_a_damaged_one(tmp_path, monkeypatch):
+    """With the replay memory saved a checkpoint is GBs: verifying it (SHA-256) and loading it are one pass
+    each. A newest checkpoint truncated, or corrupted in place with its size kept, is skipped with a
+    warning for the previous one, hashed once too."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 400})
+    Trainer(config, tmp_path / "run").run()
+    older, newest = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert newest.stat().st_size > 20_000  # the replay memory is in it
+    longer = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 600})
+    hashed, loaded = _hashed_bytes(monkeypatch), _loads(monkeypatch)
+
+    def resume() -> Path:
+        hashed.clear()
+        loaded.clear()
+        trainer = Trainer(longer, tmp_path / "run")
+        assert trainer.resume()
+        trainer.env.close()
+        return trainer.resumed_from
+
+    assert resume() == newest
+    assert sum(hashed) == newest.stat().st_size and loaded == [newest.name]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash tells
+    newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint.*checkpoint_000000000400\.pt.*SHA-256"):
+        assert resume() == older
+    assert sum(hashed) == newest.stat().st_size + older.stat().st_size and loaded == [older.name]
+    newest.write_bytes(bytes(data[:-100]))  # truncated: its size tells, no hashing needed
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint.*checkpoint_000000000400\.pt.*truncated"):
+        assert resume() == older
+    assert sum(hashed) == older.stat().st_size and loaded == [older.name]

@@ -34,6 +34,7 @@ __all__ = [
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "prune_checkpoints",
     "remove_incomplete",
     "remove_temporaries",
@@ -237,6 +238,20 @@ def latest_checkpoint(
             continue
         return path
     return None
+
+
+def load_latest_checkpoint(
+    directory: str | os.PathLike, prefix: str = "checkpoint_", map_location: Any = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, payload)`` of the newest checkpoint that passes verification (:func:`latest_checkpoint`:
+    damaged newer ones are skipped with a warning), or None when there is none.
+
+    The file is read twice, once to hash it and once by ``torch.load``, never hashed again by
+    :func:`load_checkpoint`: with the replay memory a checkpoint holds GBs. A checkpoint that verifies but
+    does not load (a newer ``format_version``) raises :class:`CheckpointError` instead of falling back.
+    """
+    path = latest_checkpoint(directory, prefix)
+    return None if path is None else (path, load_checkpoint(path, map_location, verify=False))
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "checkpoint_") -> list[Path]:

@@ -57,8 +57,7 @@ from agents.dqn.run_state import (
 from wn_rl.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     remove_incomplete,
     save_checkpoint,
@@ -229,10 +228,10 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of this run, if any. Returns whether one was loaded."""
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
+        found = load_latest_checkpoint(self.run_dir / "checkpoints", map_location=self.device)
+        if found is None:
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        path, state = found
         try:
             self.learner.load_state_dict(state["learner"])
             if "replay" in state:
