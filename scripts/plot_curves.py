@@ -7,6 +7,13 @@ runs by config keys, and draws the mean and spread across seeds of the training 
 against agent steps, one panel per task. Writes the numbers behind the figure next to it as CSV
 (``fig.csv``) and a per-run / aggregate table (``fig.md``).
 
+Native DQN runs (``scripts/train_dqn.py``) and SB3 runs (``scripts/train_sb3.py``) are each read with
+their own tags and config keys (``wn_rl.analysis.runs.RUN_KINDS``), also mixed in one call: the returns
+are ``train/episode_return`` and ``eval/return_mean``, or SB3's ``rollout/ep_rew_mean`` and
+``eval/mean_reward`` (the default tags ``'train return'`` and ``'eval return'`` stand for either); the
+panels are the tasks (``env.name``, SB3: ``env_id``); the groups ``network.parameterization``, SB3: the
+policy and its ``policy_kwargs.parameterization``, unless ``--group-by`` names keys.
+
 The figure and the aggregates use complete runs only, as a study's report does: runs whose newest
 checkpoint (SB3: saved model) or logs reached their budget (``run.total_agent_steps``; SB3:
 ``total_timesteps``). The others are printed and listed in ``fig.md`` with the reason;
@@ -19,18 +26,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from wn_rl.analysis.curves import SPREADS, collect_curves, group_runs, plot_curves, write_curves_csv
+from wn_rl.analysis.curves import (
+    SPREADS,
+    TRAINING_RETURN_TAGS,
+    collect_curves,
+    group_runs,
+    plot_curves,
+    write_curves_csv,
+)
 from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
-from wn_rl.analysis.runs import find_run_dirs, load_run
+from wn_rl.analysis.runs import EVAL_RETURN, TRAIN_RETURN, find_run_dirs, load_run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories, or folders holding them")
     parser.add_argument("--out", required=True, help="figure path (.png); the CSV and table go beside it")
-    parser.add_argument("--group-by", nargs="+", default=["network.parameterization"], help="config keys")
-    parser.add_argument("--panel-by", default="env.name", help="config key with one panel per value ('' for one)")
-    parser.add_argument("--tags", nargs="+", default=["train/episode_return", "eval/return_mean"])
+    parser.add_argument("--group-by", nargs="+", default=None, help="config keys (default: each run's kind's)")
+    parser.add_argument(
+        "--panel-by", default="task", help="config key with one panel per value ('' for one; default: the task)"
+    )
+    parser.add_argument(
+        "--tags", nargs="+", default=[TRAIN_RETURN, EVAL_RETURN], help="TensorBoard tags (default: both returns)"
+    )
     parser.add_argument("--smoothing", type=int, default=5, help="moving-average window for training returns")
     parser.add_argument("--spread", choices=SPREADS, default="std")
     parser.add_argument("--title", default="")
@@ -47,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summaries = [summarize_run(r, args.group_by, args.panel_by or "env.name") for r in runs]
+    summaries = [summarize_run(r, args.group_by, args.panel_by or "task") for r in runs]
     used = [r for r, s in zip(runs, summaries, strict=True) if s.complete or args.include_incomplete]
     for run, summary in zip(runs, summaries, strict=True):
         if not args.include_incomplete and (reason := left_out_reason(summary)):
@@ -56,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: none of the {len(runs)} runs is complete; --include-incomplete draws them", file=sys.stderr)
         return 2
     grouped = group_runs(used, args.group_by, args.panel_by or None)
-    curves = collect_curves(grouped, args.tags, spread=args.spread, smoothing={"train/episode_return": args.smoothing})
+    smoothing = dict.fromkeys(TRAINING_RETURN_TAGS, args.smoothing)
+    curves = collect_curves(grouped, args.tags, spread=args.spread, smoothing=smoothing)
     if not any(c.steps.size for c in curves):
         print(f"error: none of the {len(used)} runs logged any of the tags {args.tags}", file=sys.stderr)
         return 2

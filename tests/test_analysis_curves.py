@@ -139,9 +139,7 @@ def test_plot_curves_script_writes_figure_csv_and_table(study_dir: Path, tmp_pat
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
     with out.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
-    eval_rows = [
-        r for r in rows if r["tag"] == "eval/return_mean" and r["panel"] == "asterix" and r["group"] == "normal"
-    ]
+    eval_rows = [r for r in rows if r["tag"] == "eval return" and r["panel"] == "asterix" and r["group"] == "normal"]
     assert [(int(r["agent_step"]), float(r["mean"]), int(r["runs"])) for r in eval_rows] == [
         (500, 2.0, 2),
         (1000, 3.0, 2),
@@ -163,9 +161,7 @@ def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def _eval_means(csv_path: Path, panel: str, group: str) -> list[tuple[int, float, int]]:
     with csv_path.open() as f:
-        rows = [
-            r for r in csv.DictReader(f) if (r["tag"], r["panel"], r["group"]) == ("eval/return_mean", panel, group)
-        ]
+        rows = [r for r in csv.DictReader(f) if (r["tag"], r["panel"], r["group"]) == ("eval return", panel, group)]
     return [(int(r["agent_step"]), float(r["mean"]), int(r["runs"])) for r in rows]
 
 
@@ -237,6 +233,23 @@ def test_progress_reads_markers_never_whole_checkpoints(tmp_path: Path, monkeypa
         assert ck.latest_checkpoint(tmp_path / "checkpoints") is None
 
 
+def _sb3_overrides(runs_dir: Path, *extra: str) -> list[str]:
+    """A few hundred steps of SB3's DQN on CartPole (seconds), written under ``runs_dir``."""
+    return [
+        "total_timesteps=300",
+        "hyperparameters.learning_starts=100",
+        "hyperparameters.train_freq=4",
+        "hyperparameters.gradient_steps=1",
+        "init.n_samples=64",
+        "wn_stats_freq=0",
+        "progress_bar=false",
+        "verbose=0",
+        "torch_threads=1",
+        f"runs_dir={runs_dir}",
+        *extra,
+    ]
+
+
 def test_sb3_runs_progress_and_completion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """What ``wn_rl.sb3.runner`` writes: checkpoints/model_<steps>_steps.zip, and final_model.zip with
     final_steps.json when training ends, also when a signal stopped it short of ``total_timesteps``."""
@@ -244,20 +257,7 @@ def test_sb3_runs_progress_and_completion(tmp_path: Path, capsys: pytest.Capture
     from wn_rl.sb3.config import load_sb3_config
     from wn_rl.sb3.runner import SB3Run
 
-    overrides = [
-        "total_timesteps=300",
-        "hyperparameters.learning_starts=100",
-        "hyperparameters.train_freq=4",
-        "hyperparameters.gradient_steps=1",
-        "init.n_samples=64",
-        "checkpoint_freq=100",
-        "eval.freq=0",
-        "wn_stats_freq=0",
-        "progress_bar=false",
-        "verbose=0",
-        "torch_threads=1",
-        f"runs_dir={tmp_path}",
-    ]
+    overrides = _sb3_overrides(tmp_path, "checkpoint_freq=100", "eval.freq=0")
     for name in ("finished", "stopped"):
         run = SB3Run(load_sb3_config(REPO / "configs/sb3/dqn_cartpole_wn.yaml", overrides), tmp_path / name)
         if name == "stopped":
@@ -286,7 +286,12 @@ def test_sb3_runs_progress_and_completion(tmp_path: Path, capsys: pytest.Capture
     os.truncate(checkpoints / "model_200_steps.zip", 1000)  # a zip without its end is no model
     with pytest.warns(UserWarning, match="skipping damaged model .*model_200_steps.zip"):
         assert run_progress(finished) == 100
-        assert not summarize_run(load_run(finished), ["policy"], "env_id").complete
+        run = load_run(finished)
+        summary = summarize_run(run, ["policy"], "env_id")
+    # how far it got: its newest intact model or its logged training returns (SB3 logs them when an
+    # episode ends), whichever went further, as for a native run
+    logged = int(run.curve("rollout/ep_rew_mean")[0][-1])
+    assert 100 < logged <= 300 and summary.agent_steps == logged and summary.complete == (logged == 300)
 
 
 def test_sweep_figure(study_dir: Path, tmp_path: Path) -> None:
@@ -311,3 +316,70 @@ def test_report_of_a_partial_study_where_groups_share_no_task(tmp_path: Path) ->
             "AUC eval": "n/a (no task in common)",
         }
     ]
+
+
+def _sb3_run(runs_dir: Path, name: str, config: str, *extra: str) -> Path:
+    """A real SB3 run through scripts/train_sb3.py, evaluated (2 games) every 100 steps."""
+    train_sb3 = _load_script("train_sb3")
+    overrides = _sb3_overrides(runs_dir, f"run_name={name}", "eval.freq=100", "eval.episodes=2", *extra)
+    assert train_sb3.main(["--config", str(REPO / "configs" / "sb3" / config), *overrides]) == 0
+    return runs_dir / name
+
+
+def _csv_curve(csv_path: Path, tag: str, panel: str, group: str) -> list[tuple[int, float]]:
+    with csv_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if (r["tag"], r["panel"], r["group"]) == (tag, panel, group)]
+    return [(int(r["agent_step"]), float(r["mean"])) for r in rows]
+
+
+def test_sb3_runs_are_read_with_their_own_tags_and_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SB3 logs rollout/ep_rew_mean and eval/mean_reward and keeps seed, learning rate, task and budget
+    under its own config keys: plot_curves draws, tabulates and groups SB3 runs without being told."""
+    pytest.importorskip("stable_baselines3")
+    wn = _sb3_run(tmp_path / "runs", "wn", "dqn_cartpole_wn.yaml")
+    normal = _sb3_run(tmp_path / "runs", "normal", "dqn_cartpole_normal.yaml", "seed=1")
+    capsys.readouterr()
+    evaluations = np.load(wn / "eval" / "evaluations.npz")
+    eval_means = evaluations["results"].mean(axis=1)
+    assert list(evaluations["timesteps"]) == [100, 200, 300]
+    wn_group, normal_group = "WnMlpPolicy, parameterization=weight_norm", "MlpPolicy, parameterization=?"
+
+    summary = summarize_run(load_run(wn))
+    assert (summary.task, summary.group, summary.seed) == ("CartPole-v1", wn_group, 0)
+    assert summary.lr == pytest.approx(2.3e-3) and summary.complete and summary.evaluations == 3
+    assert summary.final_eval == pytest.approx(eval_means[-1]) and summary.max_eval == pytest.approx(eval_means.max())
+    assert np.isfinite(summary.final_train)
+    assert summarize_run(load_run(normal)).group == normal_group
+
+    out = tmp_path / "sb3.png"
+    curves = out.with_suffix(".csv")
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    curve = _csv_curve(curves, "eval return", "CartPole-v1", wn_group)
+    assert [step for step, _ in curve] == [100, 200, 300]
+    np.testing.assert_allclose([mean for _, mean in curve], eval_means, rtol=1e-5)
+    assert _csv_curve(curves, "train return", "CartPole-v1", normal_group)
+    table = out.with_suffix(".md").read_text()
+    every_run = table.split("## Every run", 1)[1]
+    assert f"| CartPole-v1 | {wn_group} | 0 | 0.0023 | 300 | 3 |" in every_run
+    assert f"| CartPole-v1 | {normal_group} | 1 | 0.0023 | 300 | 3 |" in every_run
+    assert "n/a" not in table
+
+    # both kinds in one call: each run read with its own tags and keys, CartPole-v1 one panel for both
+    write_run(tmp_path / "runs", "native", "weight_norm", 0, "CartPole-v1", {100: 7.0, 300: 9.0})
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert _csv_curve(curves, "eval return", "CartPole-v1", "weight_norm") == [(100, 7.0), (300, 9.0)]
+    curve = _csv_curve(curves, "eval return", "CartPole-v1", wn_group)
+    np.testing.assert_allclose([mean for _, mean in curve], eval_means, rtol=1e-5)
+    assert "| CartPole-v1 | weight_norm | 0 | 0.0003 |" in out.with_suffix(".md").read_text()
+
+
+def test_a_run_a_study_driver_holds_is_said_to_be_running(
+    study_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = write_run(study_dir, "breakout_n2", "normal", 2, "breakout", {500: 100.0}, total_agent_steps=1000)
+    (run_dir / "study.lock").write_text("host 123")
+    out = tmp_path / "curves.png"
+    assert plot_curves.main([str(study_dir), "--out", str(out)]) == 0
+    assert f"{run_dir}: 500 of 1,000 agent steps, running: study.lock present" in capsys.readouterr().out
+    left_out = out.with_suffix(".md").read_text().split("## Runs left out of the aggregates", 1)[1]
+    assert "| breakout_n2 | breakout | normal | 2 | 500 of 1,000 agent steps, running: study.lock present" in left_out

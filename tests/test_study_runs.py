@@ -312,8 +312,13 @@ def test_incomplete_runs_are_left_out_of_the_aggregates(tmp_path: Path) -> None:
     assert [(r["agent_step"], r["mean"], r["runs"]) for r in wn_eval] == [("600", "5", "1"), ("1200", "30", "1")]
     summary = paths["summary"].read_text()
     left_out = summary.split("## Runs left out of the aggregates", 1)[1].split("\n## ", 1)[0]
-    assert wn_1.name in left_out and "600 of 1,200" in left_out and "--include-incomplete" in summary
-    assert left_out.count("not started") == 2
+    assert "--include-incomplete" in summary and left_out.count("| not started |") == 2
+    row = f"| {wn_1.name} | CartPole-v1 | weight_norm | 1 | 600 of 1,200 agent steps"
+    stopped = ": short of its budget (crashed, killed, interrupted or still running)"
+    assert f"{row}{stopped}; running the study again continues it |" in left_out
+    (wn_1.run_dir / "study.lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # a driver runs it
+    left_out = analyze_study(study)["summary"].read_text().split("## Runs left out of the aggregates", 1)[1]
+    assert row + ", running: study.lock present" in left_out
     with paths["runs_csv"].open() as f:
         assert len(list(csv.DictReader(f))) == 4  # every run that has data, complete or not
     included = analyze_study(study, include_incomplete=True)

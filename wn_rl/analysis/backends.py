@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from wn_rl.analysis.runs import STUDY_LOCK
 from wn_rl.analysis.study import RunSpec, StudyConfig
 from wn_rl.checkpoint import atomic_write_bytes
 
@@ -100,7 +101,7 @@ def execute_command(
     ``<run_dir>/study.lock`` guards against two study drivers running the same run at once. The process
     is in ``running`` while it runs, so that the driver can pass a stop signal on to it.
     """
-    lock = Path(cwd, run_dir, "study.lock")
+    lock = Path(cwd, run_dir, STUDY_LOCK)
     holder = acquire_run_lock(lock)
     if holder is not None:
         message = f"{name} is already being run by {holder} ({lock}); skipped"

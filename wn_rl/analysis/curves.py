@@ -1,7 +1,8 @@
 """Learning curves across seeds: grouping, alignment on a common step grid, mean and spread, figure, CSV.
 
-Runs are grouped by any config keys (``network.parameterization`` by default, as in the paper's
-Figure 5) and split into panels by another (``env.name``: one panel per game). Each run's curve is
+Runs are grouped by any config keys (by default their kind's: ``network.parameterization`` for the
+native DQN, as in the paper's Figure 5; the policy and its parameterization for SB3) and split into
+panels by another (``task``: ``env.name`` or ``env_id``, one panel per game). Each run's curve is
 linearly interpolated onto the union of all runs' logged steps *within that run's own range* (no
 extrapolation), so seeds whose logging steps differ by a few agent steps still line up; the spread is
 computed over the runs present at each step.
@@ -17,9 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from wn_rl.analysis.runs import RunData
+from wn_rl.analysis.runs import EVAL_RETURN, RUN_KINDS, TRAIN_RETURN, RunData
 
 __all__ = [
+    "TRAINING_RETURN_TAGS",
     "Curve",
     "aggregate_curve",
     "group_label",
@@ -33,6 +35,8 @@ __all__ = [
 Spread = Literal["std", "sem", "minmax", "none"]
 RunSummaryLike = Any  # wn_rl.analysis.report.RunSummary (imported there from here)
 SPREADS = ("std", "sem", "minmax", "none")
+TRAINING_RETURN_TAGS = (TRAIN_RETURN, *(kind.tags[TRAIN_RETURN] for kind in RUN_KINDS))
+"the tags of training returns, which the figures smooth (one episode's return is noisy)."
 
 
 @dataclass(frozen=True)
@@ -50,19 +54,21 @@ class Curve:
     "runs contributing at each step."
 
 
-def group_label(run: RunData, keys: Sequence[str]) -> str:
-    """``weight_norm`` for one key; ``weight_norm, lr=0.0003`` when grouping by several."""
+def group_label(run: RunData, keys: Sequence[str] | None = None) -> str:
+    """``weight_norm`` for one key; ``weight_norm, lr=0.0003`` when grouping by several; by the run's
+    kind's keys (:attr:`wn_rl.analysis.runs.RunKind.group_by`) when none are given."""
     parts = []
-    for i, key in enumerate(keys):
+    for i, key in enumerate(keys or run.kind.group_by):
         value = run.value(key, "?")
         parts.append(str(value) if i == 0 else f"{key.split('.')[-1]}={value}")
     return ", ".join(parts)
 
 
 def group_runs(
-    runs: Sequence[RunData], group_by: Sequence[str], panel_by: str | None
+    runs: Sequence[RunData], group_by: Sequence[str] | None, panel_by: str | None
 ) -> dict[str, dict[str, list[RunData]]]:
-    """``{panel: {group: [runs]}}``, panels and groups in first-seen order."""
+    """``{panel: {group: [runs]}}``, panels and groups in first-seen order: groups by :func:`group_label`,
+    panels by the value of ``panel_by`` (a config key or common name, ``task``), one panel for None."""
     out: dict[str, dict[str, list[RunData]]] = {}
     for run in runs:
         panel = str(run.value(panel_by, "?")) if panel_by else "all runs"
@@ -134,7 +140,12 @@ def write_curves_csv(curves: Sequence[Curve], path: str | Path) -> Path:
     return path
 
 
-_TITLES = {"train/episode_return": "training episode return", "eval/return_mean": "evaluation return"}
+_TITLES = {
+    **{kind.tags[TRAIN_RETURN]: f"training episode return ({kind.name})" for kind in RUN_KINDS},
+    **{kind.tags[EVAL_RETURN]: f"evaluation return ({kind.name})" for kind in RUN_KINDS},
+    TRAIN_RETURN: "training episode return",
+    EVAL_RETURN: "evaluation return",
+}
 
 
 def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "", spread: Spread = "std") -> Path:

@@ -3,7 +3,10 @@
 A run is complete when it reached its budget (:attr:`RunSummary.complete`); the aggregates can be
 restricted to complete runs (``complete_only``), as a study's report and ``scripts/plot_curves.py`` are by
 default, so that a crashed, killed or still running run does not enter the means and intervals with its
-early numbers; :func:`left_out_rows` says which runs that leaves out and why.
+early numbers; :func:`left_out_rows` says which runs that leaves out and why, for both.
+
+Each run is read by its kind (:class:`wn_rl.analysis.runs.RunKind`: native DQN or SB3): its evaluation
+and training returns, task, seed, learning rate and budget under the tags and keys that kind uses.
 
 Per run (:func:`summarize_run`): final evaluation return (the last evaluation's mean over its games),
 maximum evaluation return (the paper's statistic: the best epoch's mean), the area under the evaluation
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from wn_rl.analysis.curves import group_label
-from wn_rl.analysis.runs import RunData, run_budget, run_progress
+from wn_rl.analysis.runs import EVAL_RETURN, STUDY_LOCK, TRAIN_RETURN, RunData, run_budget, run_progress
 from wn_rl.analysis.stats import (
     area_under_curve,
     human_normalized_score,
@@ -37,6 +40,7 @@ from wn_rl.analysis.stats import (
 )
 
 __all__ = [
+    "NOT_STARTED",
     "RunSummary",
     "aggregate_rows",
     "improvement_rows",
@@ -50,8 +54,8 @@ __all__ = [
     "write_csv",
 ]
 
-EVAL_TAG = "eval/return_mean"
-TRAIN_TAG = "train/episode_return"
+NOT_STARTED = "not started"
+"the reason :func:`left_out_reason` gives for a planned run whose directory has no config.yaml yet."
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class RunSummary:
     group: str
     suite: str
     seed: int | None
-    lr: float | None
+    lr: float | str | None
+    "a number, or a schedule's name (SB3's ``lin_2.5e-4``); None when the config does not set it."
     agent_steps: int
     total_agent_steps: int | None
     "the budget: ``run.total_agent_steps`` (native DQN) or ``total_timesteps`` (SB3); None when unknown."
@@ -74,19 +79,22 @@ class RunSummary:
     max_eval: float
     auc_eval: float
     final_train: float
+    run_dir: Path
+    "where the run is (:func:`left_out_reason` looks there for config.yaml and a study's lock)."
 
 
 def _eval_curve(run: RunData) -> tuple[np.ndarray, np.ndarray]:
     if run.evaluations:
         steps = np.array([e["agent_step"] for e in run.evaluations], dtype=float)
         return steps, np.array([e["return_mean"] for e in run.evaluations], dtype=float)
-    return run.curve(EVAL_TAG)
+    return run.curve(EVAL_RETURN)
 
 
-def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.name") -> RunSummary:
-    """Final / max / AUC of the evaluation curve and the late training return of one run."""
+def summarize_run(run: RunData, group_by: Sequence[str] | None = None, task_key: str = "task") -> RunSummary:
+    """Final / max / AUC of the evaluation curve and the late training return of one run, grouped by
+    ``group_by`` (by default the run's kind's keys, :func:`wn_rl.analysis.curves.group_label`)."""
     steps, values = _eval_curve(run)
-    train_steps, train_values = run.curve(TRAIN_TAG)
+    train_steps, train_values = run.curve(TRAIN_RETURN)
     late = train_values[train_steps >= 0.9 * train_steps[-1]] if train_steps.size else train_values
     progress = run_progress(run.run_dir)
     logged = int(max(steps.max(initial=0), train_steps.max(initial=0)))
@@ -95,9 +103,9 @@ def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.na
         run=run.run_dir.name,
         task=str(run.value(task_key, "?")),
         group=group_label(run, group_by),
-        suite=str(run.value("env.suite", "")),
-        seed=run.value("run.seed"),
-        lr=run.value("agent.lr"),
+        suite=str(run.value("suite", "")),
+        seed=run.value("seed"),
+        lr=run.value("lr"),
         agent_steps=max(progress, logged),
         total_agent_steps=total,
         complete=total is not None and max(progress, logged) >= total,
@@ -106,6 +114,7 @@ def summarize_run(run: RunData, group_by: Sequence[str], task_key: str = "env.na
         max_eval=float(values.max()) if values.size else math.nan,
         auc_eval=area_under_curve(steps, values),
         final_train=float(late.mean()) if late.size else math.nan,
+        run_dir=run.run_dir,
     )
 
 
@@ -240,7 +249,9 @@ def _seed_key(s: RunSummary) -> tuple[int, str]:
 def run_rows(summaries: Sequence[RunSummary]) -> list[dict[str, str]]:
     """Every run, formatted for a table."""
 
-    def f(x: float) -> str:
+    def f(x: float | str | None) -> str:
+        if isinstance(x, str):
+            return x
         return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
 
     return [
@@ -261,8 +272,13 @@ def run_rows(summaries: Sequence[RunSummary]) -> list[dict[str, str]]:
     ]
 
 
-def left_out_reason(summary: RunSummary) -> str | None:
-    """Why a run stays out of the aggregates unless incomplete runs are included; None when it is complete."""
+def left_out_reason(summary: RunSummary, resume_hint: str = "") -> str | None:
+    """Why a run stays out of the aggregates unless incomplete runs are included; None when it is complete.
+
+    Looks into the run's directory: a planned run without ``config.yaml`` has not started
+    (:data:`NOT_STARTED`), and one with a :data:`~wn_rl.analysis.runs.STUDY_LOCK` is being run by a study
+    driver. ``resume_hint`` (how to continue it) follows the reason of a run that stopped short.
+    """
     if summary.complete:
         return None
     if summary.total_agent_steps is None:
@@ -270,19 +286,26 @@ def left_out_reason(summary: RunSummary) -> str | None:
             f"no budget: at {summary.agent_steps:,} agent steps, but its config.yaml has neither "
             "run.total_agent_steps (native DQN) nor total_timesteps (SB3), so it cannot be told complete"
         )
-    return (
-        f"{summary.agent_steps:,} of {summary.total_agent_steps:,} agent steps: short of its budget by its newest "
-        "checkpoint and its logs (crashed, killed, interrupted or still running)"
-    )
+    if not (summary.run_dir / "config.yaml").is_file():
+        return NOT_STARTED
+    steps = f"{summary.agent_steps:,} of {summary.total_agent_steps:,} agent steps"
+    if (summary.run_dir / STUDY_LOCK).is_file():
+        return f"{steps}, running: {STUDY_LOCK} present (a study driver is running it, or was killed while it did)"
+    hint = f"; {resume_hint}" if resume_hint else ""
+    return f"{steps}: short of its budget (crashed, killed, interrupted or still running){hint}"
 
 
-def left_out_rows(summaries: Sequence[RunSummary]) -> list[dict[str, str]]:
-    """The incomplete runs, formatted for a table, each with :func:`left_out_reason`."""
-    return [
-        {"run": s.run, "task": s.task, "group": s.group, "seed": str(s.seed), "reason": reason}
-        for s in summaries
-        if (reason := left_out_reason(s)) is not None
-    ]
+def left_out_rows(
+    summaries: Sequence[RunSummary], *, include_incomplete: bool = False, resume_hint: str = ""
+) -> list[dict[str, str]]:
+    """The runs the aggregates leave out, formatted for a table, each with :func:`left_out_reason`: the
+    incomplete ones, or only those not started when ``include_incomplete`` adds the others."""
+    rows = []
+    for s in summaries:
+        reason = left_out_reason(s, resume_hint)
+        if reason is not None and (reason == NOT_STARTED or not include_incomplete):
+            rows.append({"run": s.run, "task": s.task, "group": s.group, "seed": str(s.seed), "reason": reason})
+    return rows
 
 
 def runs_markdown(summaries: Sequence[RunSummary], *, include_incomplete: bool = False, reps: int = 10_000) -> str:
@@ -306,7 +329,7 @@ def runs_markdown(summaries: Sequence[RunSummary], *, include_incomplete: bool =
         lines.append("The aggregates and the figure use all of them.")
     aggregate = aggregate_rows(summaries, reps=reps, complete_only=not include_incomplete)
     text = [" ".join(lines), "", "## Aggregates", "", markdown_table(aggregate), ""]
-    left_out = [] if include_incomplete else left_out_rows(summaries)
+    left_out = left_out_rows(summaries, include_incomplete=include_incomplete)
     if left_out:
         text += ["## Runs left out of the aggregates", "", markdown_table(left_out), ""]
     text += ["## Every run", "", markdown_table(run_rows(summaries)), ""]

@@ -3,7 +3,10 @@
 A run directory is what ``scripts/train_dqn.py`` writes (``agents/dqn/runner.py``): ``config.yaml``,
 ``tb/`` (TensorBoard event files), ``results.json`` and ``checkpoints/``. Any directory with TensorBoard
 event files and a ``config.yaml`` works, so SB3 runs (``scripts/train_sb3.py``, ``wn_rl/sb3/runner.py``)
-are read the same way, their progress from their saved models (:func:`run_progress`). Scalars are read with
+are read the same way, their progress from their saved models (:func:`run_progress`). The two kinds log
+and configure the same things under other names; :data:`RUN_KINDS` maps them, and
+:meth:`RunData.value` and :meth:`RunData.curve` accept the common names (``task``, ``seed``, ``lr``,
+``budget``; :data:`TRAIN_RETURN`, :data:`EVAL_RETURN`) for either kind. Scalars are read with
 TensorBoard's own ``EventAccumulator`` (all points kept, no reservoir sampling); a run that was resumed
 writes a second event file, and points logged twice at the same step keep the newest value.
 """
@@ -15,6 +18,7 @@ import math
 import re
 import warnings
 import zipfile
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,76 @@ import yaml
 
 from wn_rl.checkpoint import CheckpointError, latest_checkpoint, read_marker
 
-__all__ = ["RunData", "config_value", "find_run_dirs", "load_run", "read_scalars", "run_budget", "run_progress"]
+__all__ = [
+    "EVAL_RETURN",
+    "NATIVE_DQN",
+    "RUN_KINDS",
+    "SB3",
+    "STUDY_LOCK",
+    "TRAIN_RETURN",
+    "RunData",
+    "RunKind",
+    "config_value",
+    "find_run_dirs",
+    "load_run",
+    "read_scalars",
+    "run_budget",
+    "run_kind",
+    "run_progress",
+]
+
+TRAIN_RETURN = "train return"
+"the training episode return of a run, whatever its kind logs it as (:attr:`RunKind.tags`)."
+EVAL_RETURN = "eval return"
+"the evaluation return (mean over an evaluation's games) of a run, whatever its kind logs it as."
+STUDY_LOCK = "study.lock"
+"the file a study driver keeps in a run directory while it runs that run (:mod:`wn_rl.analysis.backends`)."
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """Where one kind of run keeps what the tables and figures read: the config key behind each common
+    name (``task``, ``suite``, ``seed``, ``lr``, ``budget``) and the TensorBoard tag behind
+    :data:`TRAIN_RETURN` and :data:`EVAL_RETURN`."""
+
+    name: str
+    keys: dict[str, str]
+    "common name -> dotted config key."
+    tags: dict[str, str]
+    "common name -> TensorBoard tag."
+    group_by: tuple[str, ...]
+    "the config keys whose values tell the compared groups apart, when none are given."
+
+
+NATIVE_DQN = RunKind(
+    "native DQN",
+    keys={
+        "task": "env.name",
+        "suite": "env.suite",
+        "seed": "run.seed",
+        "lr": "agent.lr",
+        "budget": "run.total_agent_steps",
+    },
+    tags={TRAIN_RETURN: "train/episode_return", EVAL_RETURN: "eval/return_mean"},
+    group_by=("network.parameterization",),
+)
+SB3 = RunKind(  # wn_rl.sb3.config.SB3Config; the tags of SB3's logger and EvalCallback
+    "SB3",
+    keys={"task": "env_id", "seed": "seed", "lr": "hyperparameters.learning_rate", "budget": "total_timesteps"},
+    tags={TRAIN_RETURN: "rollout/ep_rew_mean", EVAL_RETURN: "eval/mean_reward"},
+    # SB3's own policies have no parameterization key: "MlpPolicy, parameterization=?"
+    group_by=("policy", "policy_kwargs.parameterization"),
+)
+RUN_KINDS = (NATIVE_DQN, SB3)
+
+
+def run_kind(config: dict[str, Any], tags: Container[str] = ()) -> RunKind:
+    """The kind whose task key the config has; for a run without config, the kind whose tags it logged;
+    :data:`NATIVE_DQN` when neither tells."""
+    for kind in RUN_KINDS:
+        if config_value(config, kind.keys["task"]) is not None:
+            return kind
+    return next((k for k in RUN_KINDS if any(tag in tags for tag in k.tags.values())), NATIVE_DQN)
 
 
 @dataclass
@@ -38,13 +111,20 @@ class RunData:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     "``results.json`` epochs (each with agent_step, return_mean, the game scores, ...)."
 
+    @property
+    def kind(self) -> RunKind:
+        """Native DQN or SB3 (:func:`run_kind`)."""
+        return run_kind(self.config, self.scalars)
+
     def curve(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of ``tag``; empty arrays when the run never logged it."""
-        return self.scalars.get(tag, (np.zeros(0), np.zeros(0)))
+        """(steps, values) of ``tag`` (a TensorBoard tag, or :data:`TRAIN_RETURN` / :data:`EVAL_RETURN`);
+        empty arrays when the run never logged it."""
+        return self.scalars.get(self.kind.tags.get(tag, tag), (np.zeros(0), np.zeros(0)))
 
     def value(self, key: str, default: Any = None) -> Any:
-        """A config value by dotted key (``network.parameterization``)."""
-        return config_value(self.config, key, default)
+        """A config value by dotted key (``network.parameterization``) or common name (``seed``: ``run.seed``
+        of a native DQN run, ``seed`` of an SB3 run; see :class:`RunKind`)."""
+        return config_value(self.config, self.kind.keys.get(key, key), default)
 
 
 def config_value(config: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -119,12 +199,9 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
 def run_budget(config: dict[str, Any]) -> int | None:
     """The steps a run was started to make: ``run.total_agent_steps`` (native DQN) or ``total_timesteps``
     (SB3: environment steps summed over envs, the unit of its saved models' step counts); None when the
-    config has neither."""
-    for key in ("run.total_agent_steps", "total_timesteps"):
-        value = config_value(config, key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    config has none."""
+    value = config_value(config, run_kind(config).keys["budget"])
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def run_progress(run_dir: str | Path) -> int:

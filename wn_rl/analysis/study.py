@@ -30,18 +30,26 @@ from typing import Any, Literal
 
 import yaml
 
-from wn_rl.analysis.curves import collect_curves, group_runs, plot_curves, plot_sweep, write_curves_csv
+from wn_rl.analysis.curves import (
+    TRAINING_RETURN_TAGS,
+    collect_curves,
+    group_runs,
+    plot_curves,
+    plot_sweep,
+    write_curves_csv,
+)
 from wn_rl.analysis.report import (
     RunSummary,
     aggregate_rows,
     improvement_rows,
+    left_out_rows,
     markdown_table,
     overall_rows,
     run_rows,
     summarize_run,
     write_csv,
 )
-from wn_rl.analysis.runs import RunData, config_value, load_run, run_progress
+from wn_rl.analysis.runs import STUDY_LOCK, RunData, config_value, load_run, run_progress
 from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config
 
 __all__ = [
@@ -288,7 +296,7 @@ def replace_runs(specs: list[RunSpec]) -> None:
 
     locks = []
     for spec in specs:
-        lock = spec.run_dir / "study.lock"
+        lock = spec.run_dir / STUDY_LOCK
         holder = acquire_run_lock(lock)
         if holder is not None:
             for taken in locks:
@@ -320,22 +328,18 @@ def analyze_study(
         raise FileNotFoundError(f"no run of study {study.name!r} has started yet (looked in {study.study_dir})")
     out = study.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    progress = {s.name: s.progress() for s in started}
     runs: list[RunData] = [load_run(s.run_dir) for s in started]
-    summaries = [  # complete as the study judges it (and skips it): the newest checkpoint reached the budget
-        replace(
-            summarize_run(run, study.group_by, study.task_key),
-            total_agent_steps=s.total_agent_steps,
-            complete=progress[s.name] >= s.total_agent_steps,
-        )
-        for s, run in zip(started, runs, strict=True)
-    ]
+    summaries = [_summary(study, s, run) for s, run in zip(started, runs, strict=True)]
     used = [i for i, summary in enumerate(summaries) if include_incomplete or summary.complete]
     paths = _figures(study, [runs[i] for i in used], [summaries[i] for i in used], out)
     aggregate = aggregate_rows(summaries, reps=study.bootstrap_reps, complete_only=not include_incomplete)
     paths["runs_csv"] = write_csv(summaries, out / "runs.csv")
     paths["aggregate_csv"] = write_csv(aggregate, out / "aggregate.csv")
-    left_out = _left_out_rows(specs, progress, include_incomplete)
+    by_name = {s.name: summary for s, summary in zip(started, summaries, strict=True)}
+    planned = [by_name.get(s.name) or _summary(study, s, RunData(s.run_dir, s.config)) for s in specs]
+    left_out = left_out_rows(
+        planned, include_incomplete=include_incomplete, resume_hint="running the study again continues it"
+    )
     text = _summary_header(study, specs, summaries, len(used), include_incomplete)
     text += ["## Aggregates per task and group", "", markdown_table(aggregate), ""]
     used_summaries = [summaries[i] for i in used]
@@ -353,11 +357,23 @@ def analyze_study(
     return paths
 
 
+def _summary(study: StudyConfig, spec: RunSpec, run: RunData) -> RunSummary:
+    """A run's summary as the study judges it (and skips it): its progress and completeness are those of
+    its newest checkpoint against the planned budget, what a resume continues from."""
+    progress = spec.progress()
+    return replace(
+        summarize_run(run, study.group_by, study.task_key),
+        agent_steps=progress,
+        total_agent_steps=spec.total_agent_steps,
+        complete=progress >= spec.total_agent_steps,
+    )
+
+
 def _figures(study: StudyConfig, runs: list[RunData], summaries: list[RunSummary], out: Path) -> dict[str, Path]:
     """``curves.png``, ``curves.csv`` and ``sweep.png`` of the aggregated runs (none without runs)."""
     if not runs:
         return {}
-    smoothing = {"train/episode_return": study.train_smoothing}
+    smoothing = dict.fromkeys(TRAINING_RETURN_TAGS, study.train_smoothing)
     grouped = group_runs(runs, study.group_by, study.task_key)
     curves = collect_curves(grouped, study.curve_tags, spread=study.spread, smoothing=smoothing)
     paths = {
@@ -389,24 +405,3 @@ def _summary_header(
     if not used:
         lines.append("No run to aggregate yet: no figure.")
     return [f"# Study {study.name}", "", " ".join(lines), ""]
-
-
-def _left_out_rows(specs: list[RunSpec], progress: dict[str, int], include_incomplete: bool) -> list[dict[str, str]]:
-    """The runs not in the aggregates: not started, or (unless included) short of their budget, and why."""
-    rows = []
-    for spec in specs:
-        steps = progress.get(spec.name)
-        if steps is None:
-            reason = "not started"
-        elif steps >= spec.total_agent_steps or include_incomplete:
-            continue
-        elif (spec.run_dir / "study.lock").is_file():
-            reason = "incomplete: a study driver is running it (study.lock; or that driver was killed)"
-        else:
-            reason = (
-                "incomplete: stopped short of its budget (crashed, killed or interrupted); running the study "
-                "again continues it"
-            )
-        budget = f"{steps or 0:,} of {spec.total_agent_steps:,}"
-        rows.append({"run": spec.name, "agent steps (newest checkpoint)": budget, "reason": reason})
-    return rows
