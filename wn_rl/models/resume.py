@@ -190,10 +190,10 @@ class ResumableRun:
         removed = checkpoint.remove_incomplete(self.folder)  # left by a process killed while writing
         if removed:
             print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
-        path = checkpoint.latest_checkpoint(self.folder)
+        found = checkpoint.load_latest_checkpoint(self.folder)
         self.purge_step = 0  # a run killed before its first checkpoint starts again: drop what it logged
-        if path is not None:
-            self.state = checkpoint.load_checkpoint(path)
+        if found is not None:
+            path, self.state = found
             self.last_path = path
             self.purge_step = int(self.state["epoch"]) + 1
             print(f"[{self.name}] resuming from {path} (epoch {self.state['epoch']} done)", flush=True)
