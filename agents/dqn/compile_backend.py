@@ -17,12 +17,18 @@ the network modules are untouched: the rewrite exists only in the compiled graph
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
+
+try:  # torch >= 2.6: a pass class whose uuid() keys inductor's cache
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # torch 2.4-2.5: inductor takes any callable as a pass
+    CustomGraphPass = object
 
 aten = torch.ops.aten
 
@@ -205,4 +211,4 @@ class SmallConvolutionsAsMatmuls(CustomGraphPass):
 
     def uuid(self) -> bytes:
         """Inductor's cache key: this file's contents (a change to the rewrite recompiles)."""
-        return get_hash_for_files((__file__,), extra=str(MAX_MULTIPLY_ADDS))
+        return hashlib.sha256(Path(__file__).read_bytes() + str(MAX_MULTIPLY_ADDS).encode()).digest()

@@ -44,7 +44,8 @@ TAKE_ROWS_MIN_ELEMENTS = 4096
 _FLAGS = ("terminated", "truncated", "life_loss", "first", "final")
 
 
-@torch.library.custom_op("wn_rl::take_rows", mutates_args=())
+# the schema written out: torch 2.4 cannot read it from this module's string annotations
+@torch.library.custom_op("wn_rl::take_rows", mutates_args=(), schema="(Tensor table, Tensor index) -> Tensor")
 def take_rows(table: Tensor, index: Tensor) -> Tensor:
     """``table.index_select(0, index)`` as an opaque op: inside a compiled CPU graph, inductor calls it (a
     copy of whole rows) instead of fusing the gather into its consumer. Fused there, the gather of an Atari
