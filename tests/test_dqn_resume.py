@@ -4,6 +4,7 @@ Tiny CartPole/MinAtar runs on CPU, one thread."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -89,6 +90,29 @@ def test_state_round_trip_keeps_types_values_and_shared_objects():
     assert np.array_equal(new.state, game.state) and fresh.get_wrapper_attr("_elapsed_steps") == 3
 
 
+def test_unsigned_arrays_are_saved_as_signed_bits_and_old_unsigned_tensors_still_restore():
+    """uint16/32/64 arrays (a RandomState's key) travel as the signed tensor of their width, which every
+    supported torch saves (torch < 2.6 cannot save unsigned ones); states written before, which hold the
+    unsigned tensor itself (on torch >= 2.6), restore the same."""
+    game = gym.make("CartPole-v1").unwrapped
+    game.legacy = np.random.RandomState(5)
+    game.wide = np.array([2**64 - 1, 0, 2**63], dtype=np.uint64)
+    state = _through_a_checkpoint(capture(game))
+    key = state["attrs"]["legacy"]["v"]["v"][1]
+    assert key["dtype"] == "<u4" and key["v"].dtype == torch.int32
+    old = copy.deepcopy(state)
+    for encoded in (old["attrs"]["legacy"]["v"]["v"][1], old["attrs"]["wide"]):
+        encoded["v"] = torch.from_numpy(encoded["v"].numpy().view(encoded["dtype"]))  # as written before
+    if torch.__version__ >= (2, 6):
+        old = _through_a_checkpoint(old)
+    expected = np.random.RandomState(5).randint(10**9, size=5)
+    for saved in (state, old):
+        fresh = gym.make("CartPole-v1").unwrapped
+        restore(fresh, saved)
+        assert np.array_equal(fresh.legacy.randint(10**9, size=5), expected)
+        assert fresh.wide.dtype == np.uint64 and fresh.wide.tolist() == game.wide.tolist()
+
+
 def test_a_value_that_is_not_plain_data_fails_loudly_naming_its_path():
     env = make_env(EnvConfig(suite="gym", name="CartPole-v1", num_envs=2))
     env.reset(seed=0)
@@ -150,7 +174,14 @@ def _final_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-@pytest.mark.parametrize(("suite", "update_mode"), [("gym", "eager"), ("minatar", "eager"), ("gym", "compiled")])
+@pytest.mark.parametrize(
+    ("suite", "update_mode"),
+    [
+        ("gym", "eager"),
+        ("minatar", "eager"),
+        pytest.param("gym", "compiled", marks=pytest.mark.compiled_functional_call),
+    ],
+)
 def test_resume_after_a_kill_is_bit_identical_to_a_straight_run(tmp_path, suite, update_mode):
     mode = {"agent.update_mode": update_mode}
     Trainer(_config(suite, tmp_path, "straight", **mode), tmp_path / "straight").run()

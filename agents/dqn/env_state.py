@@ -55,11 +55,22 @@ def _walkable(value: Any) -> bool:
 def _encode_array(value: np.ndarray, path: str) -> dict[str, Any]:
     if value.dtype.kind not in "biuf":
         raise EnvStateError(f"{path} is a numpy array of dtype {value.dtype}; only bool, int and float are supported")
+    array = np.array(value, copy=True)
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        # torch < 2.6 cannot save uint16/32/64 tensors (pytorch#137184; e.g. a RandomState's MT19937 key),
+        # so they carry their bits as the signed integer of the same width; "dtype" says what they are
+        array = array.view(f"i{array.dtype.itemsize}")
     try:
-        tensor = torch.from_numpy(np.array(value, copy=True))
+        tensor = torch.from_numpy(array)
     except TypeError as exc:  # e.g. a non-native byte order
         raise EnvStateError(f"{path}: numpy array of dtype {value.dtype} has no tensor equivalent ({exc})") from exc
     return {"t": "ndarray", "dtype": value.dtype.str, "v": tensor}
+
+
+def _decode_array(encoded: dict[str, Any], *_: Any) -> np.ndarray:
+    # a view keeps the bits of a uint16/32/64 array carried as a signed int (states saved by earlier
+    # versions on torch >= 2.6 hold the unsigned tensor itself, which views as itself)
+    return encoded["v"].numpy().view(np.dtype(encoded["dtype"])).copy()
 
 
 def _encode(value: Any, path: str, seen: dict[int, str]) -> Any:
@@ -194,7 +205,7 @@ def _decode_dict(encoded: dict[str, Any], live: Any, path: str, restored: dict[s
 
 
 _DECODERS = {
-    "ndarray": lambda encoded, *_: encoded["v"].numpy().astype(np.dtype(encoded["dtype"]), copy=True),
+    "ndarray": _decode_array,
     "list": _decode_list,
     "dict": _decode_dict,
     "random_state": _decode_random_state,
