@@ -458,6 +458,7 @@ def test_output_scaling_under_torch_func_and_compile():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.compiled_functional_call
 @pytest.mark.parametrize("bias", [True, False])
 def test_output_scaling_under_compiled_torch_func_grad(bias):
     """``torch.func.grad`` inside ``torch.compile``, as the compiled DQN update takes it, with an input that

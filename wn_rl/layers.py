@@ -98,11 +98,28 @@ def mark_initializable(module: nn.Module, init_scale: float = 1.0) -> nn.Module:
     return module
 
 
+# Compiled on torch < 2.10 the fused kernel's backward has no fake (Meta) kernel, and Inductor hands it
+# the channels-last weights of its convolutions, which it refuses ("saved_v must be contiguous"); 2.10
+# registered both (pytorch#167667).
+_FUSED_WEIGHT_NORM_COMPILES = torch.__version__ >= (2, 10)
+# Compiled on torch < 2.11 an autograd.Function runs as one that Dynamo generates without setup_context,
+# which torch.func transforms refuse; 2.11 added it.
+_FUNCTION_COMPILES_UNDER_FUNC = torch.__version__ >= (2, 11)
+
+
+def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    if _FUSED_WEIGHT_NORM_COMPILES or not torch.compiler.is_compiling():
+        return torch._weight_norm(v, g, dim)
+    # the fused kernel's own formula (its decomposition's), in ops the compiler differentiates
+    norm = torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != dim], keepdim=True)
+    return v * (g / norm)
+
+
 def _fp32_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     """``g * v / ||v||`` with the norm taken over every dim but ``dim``; fused kernel, fp32 norms."""
     if v.dtype in (torch.float16, torch.bfloat16):
-        return torch._weight_norm(v.float(), g.float(), dim).to(v.dtype)
-    return torch._weight_norm(v, g, dim)
+        return _weight_norm(v.float(), g.float(), dim).to(v.dtype)
+    return _weight_norm(v, g, dim)
 
 
 try:  # torch >= 2.4 takes the device type; older releases had a CPU-specific query
@@ -121,9 +138,13 @@ def _scale_outputs(input: Tensor, v: Tensor) -> bool:
     ``OUTPUT_SCALING_MIN_WEIGHTS`` entries and fewer input rows than input features: there the step is
     bound by memory passes over the weight, and this form makes about half as many. On a GPU such a
     step is bound by kernel launches instead, and the fused ``torch._weight_norm`` kernel wins.
+
+    Not while ``torch.compile`` traces on torch < 2.11, whose compiled ``autograd.Function`` fails under
+    ``torch.func.grad`` (the compiled DQN update's gradient); there ``w`` is materialised.
     """
     return (
         input.device.type == "cpu"
+        and (_FUNCTION_COMPILES_UNDER_FUNC or not torch.compiler.is_compiling())
         and v.dtype in (torch.float32, torch.float64)
         and input.dtype == v.dtype
         and v.numel() >= OUTPUT_SCALING_MIN_WEIGHTS
