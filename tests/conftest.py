@@ -1,7 +1,25 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the ``compiled_functional_call`` marker."""
 
 import pytest
 import torch
+
+from agents.dqn.learner import COMPILED_UPDATE_TORCH
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "compiled_functional_call: torch.compile of torch.func.functional_call (the compiled DQN update, "
+        "the whole-step benchmark); skipped on a torch older than agents.dqn.learner.COMPILED_UPDATE_TORCH",
+    )
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("compiled_functional_call") and torch.__version__ < COMPILED_UPDATE_TORCH:
+        version = ".".join(map(str, COMPILED_UPDATE_TORCH))
+        pytest.skip(
+            f"torch.compile traces torch.func.functional_call from torch {version}; this is torch {torch.__version__}"
+        )
 
 
 @pytest.fixture

@@ -50,7 +50,9 @@ def steps_taken(
     return start, list(module_model.parameters()), list(whole_model.parameters())
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.compiled_functional_call)], ids=["eager", "compiled"]
+)
 @pytest.mark.parametrize("variant", ["plain", "wn_rl", "torch_wn"])
 def test_the_whole_step_is_the_module_step(bench, variant, compiled):
     start, module_params, whole_params = steps_taken(bench, variant, compile_whole=compiled)

@@ -16,6 +16,7 @@ from agents.dqn.compile_backend import (
     SmallConvolutionsAsMatmuls,
     conv2d_as_matmul,
     conv2d_backward_as_matmuls,
+    inductor_options,
     should_rewrite_convolution,
     should_rewrite_convolution_backward,
 )
@@ -105,14 +106,15 @@ def _compiled_step_matches_eager(conv_net: torch.nn.Module, x: torch.Tensor, inp
     def step(params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple:
         return grad_and_value(loss, argnums=(0, 1) if input_grad else 0)(params, x)
 
-    options = {"post_grad_custom_pre_pass": SmallConvolutionsAsMatmuls(), "fx_graph_cache": False}
+    options = inductor_options({"post_grad_custom_pre_pass": SmallConvolutionsAsMatmuls(), "fx_graph_cache": False})
     counters.clear()
-    compiled = torch.compile(step, fullgraph=True, options=options)
+    compiled = torch.compile(step, fullgraph=True, **options)
     got, expected = compiled(params, x), step(params, x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     return counters["inductor"]["pattern_matcher_count"]
 
 
+@pytest.mark.compiled_functional_call
 def test_compiled_step_with_pass_equals_eager(one_torch_thread: None) -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 4, 10, 10)
@@ -127,6 +129,7 @@ def test_compiled_step_with_pass_equals_eager(one_torch_thread: None) -> None:
     assert _compiled_step_matches_eager(two_layers, x, input_grad=True) == 2
 
 
+@pytest.mark.compiled_functional_call
 def test_compiled_minatar_update_equals_eager(one_torch_thread: None) -> None:
     """FusedUpdate (compiled, with the rewrite) on the MinAtar network against the eager update (with
     weight norm: tests/test_dqn_fused.py)."""

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.torch_version import TorchVersion
 
 from agents.dqn.benchmark import random_batch
 from agents.dqn.config import AgentConfig, NetworkConfig, load_dqn_config
@@ -29,6 +30,7 @@ from agents.dqn.networks import build_q_network
 from agents.dqn.replay import ReplayBatch
 from agents.dqn.runner import Trainer
 from wn_rl import data_dependent_init, mlp
+from wn_rl.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,7 @@ def _uncompiled_pair(config: AgentConfig, parameterization: str) -> tuple[Learne
     return eager, fused
 
 
+@pytest.mark.compiled_functional_call
 @pytest.mark.parametrize(
     ("optimizer", "parameterization", "max_grad_norm", "double_dqn"),
     [
@@ -88,6 +91,7 @@ def test_fused_update_equals_eager_update(optimizer, parameterization, max_grad_
     assert metrics_a == pytest.approx(metrics_b, rel=1e-4)
 
 
+@pytest.mark.compiled_functional_call
 def test_fused_guard_skips_a_nan_loss_and_an_overflowing_step():
     _, fused = _uncompiled_pair(AgentConfig(lr=1e-3), "weight_norm")
     before = {k: v.clone() for k, v in fused.q_network.state_dict().items()}
@@ -107,6 +111,7 @@ def test_fused_guard_skips_a_nan_loss_and_an_overflowing_step():
         fused.raise_if_nonfinite()
 
 
+@pytest.mark.compiled_functional_call
 def test_the_first_compiled_update_is_checked_against_the_eager_one():
     """A graph that computes the update wrong (here: every weight pushed 2 lr further) is reported at the
     first update, with the fix; a right one is not, and only the first update pays for the check."""
@@ -133,6 +138,7 @@ def test_the_first_compiled_update_is_checked_against_the_eager_one():
         wrong.update(_batch())  # checked once per learner
 
 
+@pytest.mark.compiled_functional_call
 def test_update_mode_auto_and_its_errors():
     q = mlp([4, 3], "normal")
     assert resolve_update_mode("auto", torch.device("cpu"), q) == "eager"
@@ -146,6 +152,16 @@ def test_update_mode_auto_and_its_errors():
         resolve_update_mode("cudagraph", torch.device("cpu"), q)
 
 
+def test_a_torch_that_cannot_compile_the_update_runs_eager_or_fails_naming_the_version(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.4.1"))
+    q = mlp([4, 3], "normal")
+    assert resolve_update_mode("auto", torch.device("cpu"), q, planned_updates=10**6) == "eager"
+    assert resolve_update_mode("auto", torch.device("cuda"), q) == "eager"
+    for mode, device in (("compiled", "cpu"), ("cudagraph", "cuda")):
+        with pytest.raises(ConfigError, match=rf"update_mode='{mode}' needs torch >= 2\.5.*this is torch 2\.4\.1"):
+            resolve_update_mode(mode, torch.device(device), q)
+
+
 def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: str, atol: float = 0.0) -> None:
     """Within 1e-5 of the tensor's largest entry, plus ``atol``: float32 rounding of a sum shows up as an
     absolute error on the scale of the sum's terms, so entries near zero cannot match to a relative tolerance."""
@@ -153,6 +169,7 @@ def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: s
     assert error <= 1e-5 * float(expected.abs().max()) + atol, (name, error, float(expected.abs().max()))
 
 
+@pytest.mark.compiled_functional_call
 def test_compiled_update_of_the_weight_norm_minatar_network_equals_eager(one_torch_thread):
     """The update compiled as on a CPU run (inductor, small convolutions as matrix products) for the
     MinAtar network with weight norm, against eager (``normal``: tests/test_compile_backend.py). Its
@@ -217,6 +234,7 @@ def _cartpole_run(tmp_path: Path, mode: str) -> Trainer:
     return trainer
 
 
+@pytest.mark.compiled_functional_call
 def test_compiled_training_run_equals_the_eager_run(tmp_path):
     """The runner's compiled graph (sampling + update) against eager, over 20 updates with target syncs."""
     eager = _cartpole_run(tmp_path, "eager")

@@ -58,6 +58,7 @@ def _assert_same_parameters(a: Trainer, b: Trainer) -> None:
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.compiled_functional_call
 @pytest.mark.parametrize("parameterization", ["normal", "weight_norm"])
 def test_compiled_and_cuda_graph_runs_equal_the_eager_run(tmp_path, parameterization):
     p = {"network.parameterization": parameterization}
@@ -71,6 +72,7 @@ def test_compiled_and_cuda_graph_runs_equal_the_eager_run(tmp_path, parameteriza
     assert counters["inductor"]["cudagraph_skips"] == skips  # the graph was recorded, not skipped
 
 
+@pytest.mark.compiled_functional_call
 @pytest.mark.parametrize("mode", ["compiled", "cudagraph"])
 def test_updates_make_no_host_synchronisation(tmp_path, mode):
     trainer = _run(tmp_path, mode, **{"agent.update_mode": mode})  # compiled, recorded and warmed up
@@ -87,6 +89,7 @@ def test_updates_make_no_host_synchronisation(tmp_path, mode):
     assert learner.updates == start + NONFINITE_CHECK_EVERY - 1
 
 
+@pytest.mark.compiled_functional_call
 def test_acting_in_the_compiled_update_gives_the_same_run(tmp_path):
     greedy = {"agent.epsilon_end": 0.05, "agent.epsilon_decay_agent_steps": 300, "agent.update_mode": "compiled"}
     fused = _run(tmp_path, "in_update", **greedy, **{"run.acting": "in_update"})
@@ -96,6 +99,7 @@ def test_acting_in_the_compiled_update_gives_the_same_run(tmp_path):
     _assert_same_parameters(fused, separate)
 
 
+@pytest.mark.compiled_functional_call
 def test_a_short_atari_run_with_the_gpu_defaults(tmp_path):
     trainer = _run(
         tmp_path,

@@ -44,7 +44,7 @@ def _cartpole(tmp_path: Path, name: str, **overrides: object) -> Trainer:
     return Trainer(config, tmp_path / name)
 
 
-@pytest.mark.parametrize("update_mode", ["eager", "compiled"])
+@pytest.mark.parametrize("update_mode", ["eager", pytest.param("compiled", marks=pytest.mark.compiled_functional_call)])
 def test_threaded_updates_give_the_same_run_as_inline_updates(tmp_path, update_mode):
     runs = {}
     for overlap in ("thread", "inline"):
@@ -99,6 +99,7 @@ def test_inline_updates_run_while_the_envs_step(tmp_path):
     assert all(s == ["send", "sample_and_update", "sample_and_update", "recv"] for s in with_updates)
 
 
+@pytest.mark.compiled_functional_call
 def test_actions_chosen_in_the_compiled_update_give_the_same_run(tmp_path):
     """run.acting=in_update (the step's first compiled update also picks the actions, with the weights
     from before it) against acting with a separate eager forward: the same actions, the same run."""
@@ -127,6 +128,7 @@ def test_actions_chosen_in_the_compiled_update_give_the_same_run(tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.compiled_functional_call
 def test_acting_setting_rules(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     compiled = _cartpole(tmp_path, "c", **{"agent.update_mode": "compiled"}).learner

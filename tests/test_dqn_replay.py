@@ -289,8 +289,10 @@ def test_compiled_sampling_copies_atari_rows_and_equals_eager(atari_run):
 
     compiled = torch.compile(sample, fullgraph=True, dynamic=False)
     got, codes = run_and_get_code(compiled, u)
+    # on a CPU, inductor before torch 2.9 divides by a constant as a product with its reciprocal (1 ulp off)
+    rtol = 0 if torch.__version__ >= (2, 9) else 2**-23
     for a, b in zip(got, sample(u), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=0)
     assert any("take_rows" in code for code in codes)
 
 

@@ -27,7 +27,7 @@ from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMat
 
 try:  # torch >= 2.6: a pass class whose uuid() keys inductor's cache
     from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # torch 2.4-2.5: inductor takes any callable as a pass
+except ImportError:  # torch 2.4-2.5: inductor takes any callable as a pass (but see inductor_options)
     CustomGraphPass = object
 
 aten = torch.ops.aten
@@ -42,6 +42,7 @@ __all__ = [
     "SmallConvolutionsAsMatmuls",
     "conv2d_as_matmul",
     "conv2d_backward_as_matmuls",
+    "inductor_options",
     "should_rewrite_convolution",
     "should_rewrite_convolution_backward",
 ]
@@ -212,3 +213,16 @@ class SmallConvolutionsAsMatmuls(CustomGraphPass):
     def uuid(self) -> bytes:
         """Inductor's cache key: this file's contents (a change to the rewrite recompiles)."""
         return hashlib.sha256(Path(__file__).read_bytes() + str(MAX_MULTIPLY_ADDS).encode()).digest()
+
+
+def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile``'s arguments for inductor with the config ``options`` (a graph pass among them).
+
+    torch 2.4-2.5's ``torch.compile(options=...)`` refuses a value whose type is not the option's default's
+    (``None`` for the graph passes); there inductor's entry point ``compile_fx`` is given as the backend,
+    with the options as its config patches, which is the call ``torch.compile`` makes for inductor."""
+    if CustomGraphPass is not object:
+        return {"options": options}
+    from torch._inductor.compile_fx import compile_fx
+
+    return {"backend": functools.partial(compile_fx, config_patches=options)}

@@ -118,7 +118,8 @@ class AgentConfig:
     update_mode: Literal["auto", "eager", "compiled", "cudagraph"] = "auto"
     "eager: autograd + torch.optim; compiled: the whole update as one torch.compile graph; cudagraph: "
     "that graph replayed as a CUDA graph. auto: cudagraph on CUDA; on a CPU compiled for runs of at least "
-    "50k updates (compiling takes minutes), else eager (docs/benchmarks.md)."
+    "50k updates (compiling takes minutes), else eager (docs/benchmarks.md); eager on torch < 2.5, where "
+    "compiled and cudagraph are refused."
     epsilon_start: float = 1.0
     "exploration at agent step 0."
     epsilon_end: float = 0.1

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value
 
-from agents.dqn.compile_backend import SmallConvolutionsAsMatmuls
+from agents.dqn.compile_backend import SmallConvolutionsAsMatmuls, inductor_options
 from agents.dqn.config import AgentConfig
 from agents.dqn.learner import RMSPROP_ALPHA, td_loss
 from agents.dqn.replay import ReplayBatch
@@ -199,7 +199,7 @@ def compile_options(device: torch.device, mode: str) -> dict[str, Any]:
     elif device.type == "cpu":
         # cpp_wrapper: C++ instead of Python between the kernels, -0.5 ms per MinAtar update; small
         # convolutions as GEMMs instead of oneDNN calls: -0.6 ms (agents.dqn.compile_backend)
-        options = {"options": {"cpp_wrapper": True, "post_grad_custom_pre_pass": SmallConvolutionsAsMatmuls()}}
+        options = inductor_options({"cpp_wrapper": True, "post_grad_custom_pre_pass": SmallConvolutionsAsMatmuls()})
     else:
         options = {}
     return {**options, "fullgraph": True, "dynamic": False}

@@ -25,11 +25,15 @@ from torch import Tensor, nn
 from agents.dqn.config import AgentConfig
 from agents.dqn.replay import ReplayBatch, ReplayMemory
 from wn_rl import WNLayer, WNLSTMCell, remove_weight_norm
+from wn_rl.config import ConfigError
 
 __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "parameter_gap", "td_loss", "td_targets"]
 
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
 COMPILE_PAYS_AFTER_UPDATES = 50_000  # CPU: below this, update_mode auto stays eager
+# The compiled update's forward is torch.func.functional_call, which Dynamo traces from torch 2.5 on;
+# torch 2.4's keeps it as one opaque call and cannot hand it the module ("call_function args: NNModuleVariable()")
+COMPILED_UPDATE_TORCH = (2, 5)
 NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
 GRADIENT_LIMIT = 1e18  # CPU guard: gradient norms below this keep Adam's g^2 finite
 PARAMETER_LIMIT = 1e37  # CPU guard: parameter norms below this (float32 max 3.4e38) are safely finite
@@ -195,11 +199,13 @@ def resolve_update_mode(mode: str, device: torch.device, model: nn.Module, plann
     """``agent.update_mode``. ``auto``: ``cudagraph`` on CUDA; on a CPU ``compiled`` when the run plans at
     least ``COMPILE_PAYS_AFTER_UPDATES`` updates (compiling takes ~0.5-2 min there and saves ~1.5 ms per
     MinAtar and ~10 ms per Nature-CNN update, docs/benchmarks.md), else ``eager``. Networks with batch
-    statistics always run eager (their forward changes buffers)."""
+    statistics always run eager (their forward changes buffers), and so does torch < 2.5
+    (:data:`COMPILED_UPDATE_TORCH`), where ``compiled`` and ``cudagraph`` raise :class:`ConfigError`."""
     from agents.dqn.networks import has_batch_statistics
 
+    compiles = torch.__version__ >= COMPILED_UPDATE_TORCH
     if mode == "auto":
-        if has_batch_statistics(model):
+        if has_batch_statistics(model) or not compiles:
             return "eager"
         if device.type == "cuda":
             return "cudagraph"
@@ -212,6 +218,13 @@ def resolve_update_mode(mode: str, device: torch.device, model: nn.Module, plann
         )
     if mode == "cudagraph" and device.type != "cuda":
         raise ValueError(f"agent.update_mode='cudagraph' needs a CUDA device, not {device}; use 'compiled' or 'auto'.")
+    if mode != "eager" and not compiles:
+        version = ".".join(map(str, COMPILED_UPDATE_TORCH))
+        raise ConfigError(
+            f"agent.update_mode={mode!r} needs torch >= {version} (torch.compile of the update's "
+            f"torch.func.functional_call); this is torch {torch.__version__}. Use agent.update_mode=eager "
+            "(or auto), or upgrade torch."
+        )
     return mode
 
 
