@@ -1,5 +1,8 @@
 """Shared pytest fixtures, and the ``compiled_functional_call`` marker."""
 
+import hashlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -41,3 +44,24 @@ def sb3_logs_in_pytest_tmp(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3_logdir")))
         yield
+
+
+@pytest.fixture
+def hashed_bytes(monkeypatch):
+    """The chunk sizes every SHA-256 in :mod:`wn_rl.checkpoint` is fed from now on: a pass over a checkpoint
+    sums to its size."""
+    from wn_rl import checkpoint
+
+    hashed: list[int] = []
+
+    def sha256(*args):
+        digest = hashlib.sha256(*args)
+
+        def update(data: bytes) -> None:
+            hashed.append(len(data))
+            digest.update(data)
+
+        return SimpleNamespace(update=update, hexdigest=digest.hexdigest)
+
+    monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=sha256))
+    return hashed

@@ -1,12 +1,10 @@
 """Evaluation plays a fixed quota of complete games per env, so short games are not over-counted."""
 
-import hashlib
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,7 +96,7 @@ def _load_script(name: str):
     return module
 
 
-def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest_one(tmp_path, monkeypatch, capsys):
+def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest_one(tmp_path, capsys, hashed_bytes):
     """The checkpoint evaluated is verified (SHA-256) in one pass over it; a newest one corrupted in place
     with its size kept is skipped with a warning, and the previous one is evaluated."""
     from agents.dqn.runner import Trainer
@@ -121,18 +119,8 @@ def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest
     config = load_dqn_config(cartpole, [f"{k}={v}" for k, v in overrides.items()])
     Trainer(config, tmp_path / "run").run()
     older, newest = ck.complete_checkpoints(tmp_path / "run" / "checkpoints")
-    hashed = []
-
-    def sha256(*args):
-        digest = hashlib.sha256(*args)
-
-        def update(data: bytes) -> None:
-            hashed.append(len(data))
-            digest.update(data)
-
-        return SimpleNamespace(update=update, hexdigest=digest.hexdigest)
-
-    monkeypatch.setattr(ck, "hashlib", SimpleNamespace(sha256=sha256))
+    hashed = hashed_bytes
+    hashed.clear()  # what saving hashed
     evaluate_script = _load_script("evaluate")
     assert evaluate_script.main([str(tmp_path / "run"), "--games", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(newest)

@@ -5,7 +5,6 @@ Tiny CartPole/MinAtar runs on CPU, one thread."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import os
 import random
@@ -15,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import gymnasium as gym
@@ -358,25 +356,6 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (checkpoint, marker)] == before
 
 
-def _hashed_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The chunk sizes every SHA-256 in :mod:`wn_rl.checkpoint` is fed: a pass over a checkpoint sums to its size."""
-    from wn_rl import checkpoint as ck
-
-    hashed: list[int] = []
-
-    def sha256(*args: Any) -> Any:
-        digest = hashlib.sha256(*args)
-
-        def update(data: bytes) -> None:
-            hashed.append(len(data))
-            digest.update(data)
-
-        return SimpleNamespace(update=update, hexdigest=digest.hexdigest)
-
-    monkeypatch.setattr(ck, "hashlib", SimpleNamespace(sha256=sha256))
-    return hashed
-
-
 def _loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The files ``torch.load`` reads (each a full pass over a checkpoint)."""
     loaded, real_load = [], torch.load
@@ -389,7 +368,9 @@ def _loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return loaded
 
 
-def test_a_resume_reads_its_checkpoint_once_to_hash_and_once_to_load_and_skips_a_damaged_one(tmp_path, monkeypatch):
+def test_a_resume_reads_its_checkpoint_once_to_hash_and_once_to_load_and_skips_a_damaged_one(
+    tmp_path, monkeypatch, hashed_bytes
+):
     """With the replay memory saved a checkpoint is GBs: verifying it (SHA-256) and loading it are one pass
     each. A newest checkpoint truncated, or corrupted in place with its size kept, is skipped with a
     warning for the previous one, hashed once too."""
@@ -398,7 +379,7 @@ def test_a_resume_reads_its_checkpoint_once_to_hash_and_once_to_load_and_skips_a
     older, newest = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert newest.stat().st_size > 20_000  # the replay memory is in it
     longer = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 600})
-    hashed, loaded = _hashed_bytes(monkeypatch), _loads(monkeypatch)
+    hashed, loaded = hashed_bytes, _loads(monkeypatch)
 
     def resume() -> Path:
         hashed.clear()
