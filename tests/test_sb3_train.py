@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from stable_baselines3 import DQN
 
 from wn_rl.config import ConfigError
@@ -150,6 +151,7 @@ def test_script_trains_checkpoints_evaluates_and_resumes_with_the_counter_contin
     assert sorted(p.name for p in run_dir.glob("tb_*")) == ["tb_1"]  # the same TensorBoard curve continues
     model = DQN.load(run_dir / "final_model.zip")
     assert model.num_timesteps == 800 and model._n_calls >= 800
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["total_timesteps"] == 800  # the budget resumed to
 
 
 def test_script_rejects_bad_input_before_training(tmp_path):

@@ -405,8 +405,9 @@ class SB3Run:
         if config.torch_threads:
             th.set_num_threads(config.torch_threads)
         env, model = self._build()
-        if self.resume_from is None:
-            self._write_run_files()
+        # after the model loaded (a resume that fails keeps the run's config.yaml): a resume records the
+        # budget it trains to and any key it changed, as the native DQN's runner does
+        self._write_run_files()
         for directory in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "eval"):
             remove_temporaries(directory)  # left by a process killed while writing
         start_steps = model.num_timesteps
