@@ -68,11 +68,16 @@ def _parameter_from_g(g: Tensor, scale: str) -> Tensor:
     return g if scale == "linear" else g.log()
 
 
+def _unit_norms(w: Tensor, dim: int = 0) -> Tensor:
+    """||w|| per output unit: the Euclidean norm of each slice ``w.select(dim, i)``."""
+    moved = w.movedim(dim, 0)
+    return torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), dim=1)
+
+
 def _direction_and_norm(w: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     """(v, ||w||) per output unit (the slices ``w.select(dim, i)``), so that ``||w|| v / ||v|| == w``: v = w,
     except that a zero slice gets v = 1 (with ||w|| = 0 it still gives w = 0, where v = 0 would give 0/0)."""
-    moved = w.movedim(dim, 0)
-    norm = torch.linalg.vector_norm(moved.reshape(moved.shape[0], -1), dim=1)
+    norm = _unit_norms(w, dim)
     v = w.clone()
     v.movedim(dim, 0)[norm == 0] = 1.0
     return v, norm
@@ -290,8 +295,7 @@ class WNLayer(nn.Module):
 
     def v_norm(self) -> Tensor:
         """||v|| per output unit, shape ``(units,)``."""
-        v = self.v.transpose(0, self.norm_dim) if self.norm_dim else self.v
-        return torch.linalg.vector_norm(v.reshape(v.shape[0], -1).float(), dim=1)
+        return _unit_norms(self.v.float(), self.norm_dim)
 
     def compute_weight(self) -> Tensor:
         """The effective weight w = g v / ||v|| (eq. 2), computed now."""
