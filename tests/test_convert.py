@@ -205,3 +205,36 @@ def test_a_layer_that_cannot_be_converted_leaves_the_model_unchanged():
     with pytest.raises(ValueError, match=r"\['2'\].*groups != 1.*model is unchanged"):
         weight_norm(model)
     assert [type(m) for m in model] == [nn.Linear, nn.Unflatten, nn.ConvTranspose2d]
+
+
+def test_an_uninitialised_lazy_layer_is_refused_and_an_initialised_one_converted():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"\['2 \(LazyLinear\)'\].*first forward pass.*model is unchanged"):
+        weight_norm(model)
+    assert type(model[0]) is nn.Conv2d
+    x = torch.randn(2, 2, 5, 5)
+    expected = model(x)  # materialises the lazy layer: it becomes an nn.Linear
+    converted = weight_norm(model)
+    assert isinstance(converted[2], WNLinear)
+    torch.testing.assert_close(converted(x), expected)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_layers_left_plain_are_named_in_a_warning():
+    model = nn.Sequential(ScaledLinear(3, 3), nn.Conv3d(1, 1, 1), nn.Linear(3, 3))
+    model.add_module("attention", nn.MultiheadAttention(4, 2))
+    with pytest.warns(UserWarning) as record:
+        weight_norm(model)
+    messages = " ".join(str(w.message) for w in record)
+    assert "'0 (ScaledLinear)'" in messages and "'attention.out_proj (NonDynamicallyQuantizableLinear)'" in messages
+    assert "'1 (Conv3d)'" in messages and "Conv1d, Conv2d and ConvTranspose2d" in messages
+    assert type(model[0]) is ScaledLinear and type(model[1]) is nn.Conv3d and isinstance(model[2], WNLinear)
+
+
+def test_a_model_with_only_convertible_layers_converts_without_warnings(recwarn):
+    weight_norm(nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1), nn.Linear(2, 2)))
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

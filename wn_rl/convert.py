@@ -125,6 +125,17 @@ def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module
 
 def _check_convertible(module: nn.Module) -> None:
     """Refuse, before anything is replaced, layers ``weight_norm`` cannot convert (no half-converted model)."""
+    lazy = [
+        f"{name or '<the module itself>'} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:
+        raise ValueError(
+            f"cannot weight-normalize {lazy}: a lazy layer has no weight until its first forward pass, so it would "
+            "stay a plain layer. The model is unchanged; run one forward pass first (model(example_input)), then "
+            "call weight_norm."
+        )
     grouped = [
         name or type(m).__name__
         for name, m in module.named_modules()
@@ -163,7 +174,10 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     ``nn.LSTMCell`` in ``module`` by its WN equivalent with g = ||w|| and v = w, so outputs are
     unchanged. Returns ``module`` (modified in place) or, if ``module`` itself is such a layer, its
     replacement. Layers that are already weight-normalized are left alone; ``nn.LSTM``/``nn.GRU``
-    are not converted (their fused weights rule out weight norm: use a ``WNLSTMCell`` loop).
+    are not converted (their fused weights rule out weight norm: use a ``WNLSTMCell`` loop), nor are
+    subclasses of the layers above (``nn.MultiheadAttention``'s ``out_proj``, users' own) or other
+    convolutions: a warning names each layer left plain. An uninitialised lazy layer (``nn.LazyLinear``
+    before its first forward pass) is a ``ValueError``, with the model unchanged.
 
     ``init_scale`` becomes each new layer's data-dependent-init target std (a layer's own
     ``init_scale`` attribute wins); ``scale`` is ``"linear"`` or ``"exp"``.
@@ -171,15 +185,34 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     _check_scale(scale)
     init_scale = _check_init_scale(init_scale)
     _check_convertible(module)
-    skipped = [name for name, child in module.named_modules() if name and isinstance(child, _NOT_CONVERTED)]
+    skipped = _left_plain(module)
     module = _replace_leaves(module, lambda leaf: _convert_leaf(leaf, init_scale, scale), {})
-    if skipped:
-        warnings.warn(
-            f"weight_norm left {skipped} unchanged: nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them "
-            "as a loop over WNLSTMCell to weight-normalize recurrent weights.",
-            stacklevel=2,
-        )
+    for reason, names in skipped.items():
+        if names:
+            warnings.warn(f"weight_norm left {names} unchanged: {reason}", stacklevel=2)
     return module
+
+
+def _left_plain(module: nn.Module) -> dict[str, list[str]]:
+    """The layers with weights that ``weight_norm`` leaves as they are, by the reason it gives."""
+    recurrent, subclasses, other_convs = [], [], []
+    for name, m in module.named_modules():
+        label = name or "<the module itself>"
+        if isinstance(m, _NOT_CONVERTED):
+            recurrent.append(label)
+        elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and type(m) not in (*_TO_WN, nn.LSTMCell):
+            subclasses.append(f"{label} ({type(m).__name__})")
+        elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, (*_TO_WN, WNLayer)):
+            other_convs.append(f"{label} ({type(m).__name__})")
+    return {
+        "nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them as a loop over WNLSTMCell to weight-normalize "
+        "recurrent weights.": recurrent,
+        "they subclass a convertible layer, and a subclass (or the module that owns it, as nn.MultiheadAttention "
+        "owns its out_proj) may use .weight in its own way. Replace them with wn_rl layers where that is safe.": (
+            subclasses
+        ),
+        "wn_rl has weight-normalized Conv1d, Conv2d and ConvTranspose2d only.": other_convs,
+    }
 
 
 @torch.no_grad()
