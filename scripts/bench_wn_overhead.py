@@ -9,6 +9,7 @@ on a GPU (compiled), and no slower than PyTorch's own.
     python scripts/bench_wn_overhead.py                       # CPU, eager
     python scripts/bench_wn_overhead.py --device cuda --compile --out results.json
     python scripts/bench_wn_overhead.py --threads 1 --clock cpu    # a shared CPU: time the process's CPU use
+    python scripts/bench_wn_overhead.py --cases nature32 --per-layer   # and where the extra time goes
 
 ``--step whole`` compiles the whole step (forward, backward and Adam, written as tensor math: the DQN
 learner's ``agents.dqn.fused`` code) into one graph instead of compiling the forward alone; with
@@ -186,18 +187,7 @@ def bench_case(
         )
     if device.type == "cuda" and counters["inductor"]["cudagraph_skips"] != skips:  # say so, time anyway
         print(f"{name}: inductor skipped a CUDA graph (its reason is on stderr, as a perf hint)", flush=True)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
-    for _ in range(args.reps):
-        random.shuffle(order)
-        for variant in order:
-            synchronize(device)
-            start = clock()
-            for _ in range(args.steps):
-                steps[variant]()
-            synchronize(device)
-            times[variant].append((clock() - start) / args.steps)
+    times = time_interleaved(steps, args, device)
     medians = {v: statistics.median(t) for v, t in times.items()}
     return {
         "case": name,
@@ -209,6 +199,71 @@ def bench_case(
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
         "whole_vs_module_step": agreement,
     }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``args.reps`` repetitions, each timing ``args.steps`` calls of every
+    function back to back in a shuffled order."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for _ in range(args.reps):
+        random.shuffle(order)
+        for key in order:
+            synchronize(device)
+            start = clock()
+            for _ in range(args.steps):
+                fns[key]()
+            synchronize(device)
+            times[key].append((clock() - start) / args.steps)
+    return times
+
+
+def bench_parts(name: str, base: nn.Module, inputs: torch.Tensor, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Where a step's time goes (``--per-layer``): each weight layer's forward and backward alone, on the
+    input it gets in the network and a fixed output gradient, and the Adam step alone, per variant."""
+    device = inputs.device
+    models = {v: make_variant(base, v).to(device) for v in VARIANTS}
+    parts: dict[str, dict[str, Callable[[], None]]] = {}
+    x = _batch(inputs, inputs.dtype == torch.uint8)
+    with torch.no_grad():
+        for index, layer in enumerate(models["plain"]):
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                label = f"{index} {type(layer).__name__}{tuple(layer.weight.shape)}"
+                layer_input = x.detach().requires_grad_(index > 0)  # the batch itself needs no gradient
+                out_grad = torch.randn_like(layer(layer_input))
+                parts[label] = {v: _forward_backward(m[index], layer_input, out_grad) for v, m in models.items()}
+            x = layer(x)
+    parts["Adam step"] = {v: _adam_step(m) for v, m in models.items()}
+    rows = []
+    for label, fns in parts.items():
+        for fn in fns.values():
+            for _ in range(args.warmup):
+                fn()
+        medians = {v: 1e6 * statistics.median(t) for v, t in time_interleaved(fns, args, device).items()}
+        rows.append({"case": name, "part": label, "median_us": medians})
+        extra = " | ".join(f"{v} {medians[v] - medians['plain']:+7.1f}" for v in VARIANTS if v != "plain")
+        print(f"{name:9s} {label:28s} plain {medians['plain']:8.1f} us | extra: {extra} us", flush=True)
+    return rows
+
+
+def _forward_backward(layer: nn.Module, layer_input: torch.Tensor, out_grad: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        layer.zero_grad(set_to_none=True)
+        layer_input.grad = None
+        layer(layer_input).backward(out_grad)
+
+    return run
+
+
+def _adam_step(model: nn.Module) -> Callable[[], None]:
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.Adam(params, lr=ADAM.lr, fused=params[0].is_cuda)
+    return optimizer.step
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> dict[str, float]:
@@ -254,6 +309,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--cases", default="nature32,nature64,cifar100", help="comma-separated cases")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time or process CPU time")
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also time each weight layer's forward+backward and the Adam step alone (eager), per variant",
+    )
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     if args.step == "whole" or args.compile_mode != "default":
@@ -307,6 +367,8 @@ def main() -> None:
         paired = {**result["paired_ratio_to_plain"], "wn_rl/torch_wn": result["paired_wn_rl_vs_torch_wn"]}
         cells = (f"{k} {r['median']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" for k, r in paired.items())
         print(f"{name:9s} paired, median [95% CI]: " + " | ".join(cells), flush=True)
+        if args.per_layer:
+            result["parts"] = bench_parts(name, build(), make_inputs().to(device), args)
     meta = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

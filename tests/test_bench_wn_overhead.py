@@ -92,3 +92,19 @@ def test_paired_ratios_cancel_drift_between_repetitions(bench):
     paired = bench.paired_ratio(noisy, plain)
     assert paired["ci95_low"] < paired["median"] < paired["ci95_high"]
     assert paired["ci95_low"] >= 1.04 * 0.95 and paired["ci95_high"] <= 1.04 * 1.1
+
+
+def test_per_layer_parts_time_every_weight_layer_and_the_adam_step(bench, capsys):
+    torch.manual_seed(0)
+    args = argparse.Namespace(reps=2, steps=1, warmup=1, clock="wall")
+    rows = bench.bench_parts("small", small_cnn(), torch.randint(0, 256, (4, 4, 14, 14), dtype=torch.uint8), args)
+    assert [row["part"] for row in rows] == [
+        "0 Conv2d(8, 4, 4, 4)",
+        "2 Conv2d(8, 8, 3, 3)",
+        "5 Linear(32, 128)",
+        "7 Linear(3, 32)",
+        "Adam step",
+    ]
+    for row in rows:
+        assert set(row["median_us"]) == set(bench.VARIANTS) and all(t > 0 for t in row["median_us"].values())
+    assert "5 Linear(32, 128)" in capsys.readouterr().out
