@@ -238,3 +238,18 @@ def test_layers_left_plain_are_named_in_a_warning():
 def test_a_model_with_only_convertible_layers_converts_without_warnings(recwarn):
     weight_norm(nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1), nn.Linear(2, 2)))
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+class ShiftedWNLinear(WNLinear):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_folding_leaves_subclasses_of_wn_layers_with_a_warning():
+    model = nn.Sequential(ShiftedWNLinear(3, 3), WNLinear(3, 2))
+    x = torch.randn(4, 3)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"\['0 \(ShiftedWNLinear\)'\]"):
+        folded = remove_weight_norm(model)
+    assert type(folded[0]) is ShiftedWNLinear and type(folded[1]) is nn.Linear
+    torch.testing.assert_close(folded(x), expected)

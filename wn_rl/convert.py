@@ -259,9 +259,9 @@ def _fold_lstm(cell: WNLSTMCell) -> nn.LSTMCell:
 
 
 def _fold_leaf(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, WNLayer):
+    if type(module) in _TO_PLAIN:
         return _fold_layer(module)
-    if isinstance(module, WNLSTMCell):
+    if type(module) is WNLSTMCell:
         return _fold_lstm(module)
     return None
 
@@ -269,5 +269,18 @@ def _fold_leaf(module: nn.Module) -> nn.Module | None:
 def remove_weight_norm(module: nn.Module) -> nn.Module:
     """Fold every WN layer of ``module`` back into the plain torch layer with the same outputs
     (w = g v / ||v|| becomes ``.weight``). Returns ``module`` (modified in place) or, if ``module``
-    itself is a WN layer, its plain replacement. The ``initialized`` flag is kept."""
-    return _replace_leaves(module, _fold_leaf, {})
+    itself is a WN layer, its plain replacement. The ``initialized`` flag is kept. Subclasses of the WN
+    layers (whose forward may differ from the plain layer's) are left as they are, named in a warning."""
+    left = [
+        f"{name or '<the module itself>'} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if isinstance(m, (WNLayer, WNLSTMCell)) and type(m) not in (*_TO_PLAIN, WNLSTMCell)
+    ]
+    module = _replace_leaves(module, _fold_leaf, {})
+    if left:
+        warnings.warn(
+            f"remove_weight_norm left {left} unchanged: they subclass a wn_rl layer, and a plain torch layer "
+            "would drop what the subclass adds. Fold them yourself (their compute_weight() is the weight).",
+            stacklevel=2,
+        )
+    return module
