@@ -255,3 +255,25 @@ def test_a_forward_that_reenables_gradients_is_initialised():
     model = _ReenablesGradients()
     report = data_dependent_init(model, torch.randn(64, 4))
     assert len(report.layers) == 2 and is_initialized(model)
+
+
+def test_a_fresh_plain_model_loads_an_initialised_ones_state_after_add_init_flags():
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+    model = build()
+    model[3].init_scale = 0.1
+    data_dependent_init(model, torch.randn(32, 3, 8, 8))
+    saved = model.state_dict()
+    with pytest.raises(RuntimeError, match="initialized"):
+        build().load_state_dict(saved)  # the plain layers got their flags from the init
+    fresh = wn_rl.add_init_flags(build())
+    assert not is_initialized(fresh)
+    fresh.load_state_dict(saved)
+    assert is_initialized(fresh)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    flagged = build()
+    flagged[3].init_scale = 0.1
+    assert wn_rl.add_init_flags(flagged)[3].init_scale == 0.1

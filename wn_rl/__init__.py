@@ -6,7 +6,7 @@ per-layer statistics for monitoring.
 """
 
 from wn_rl.convert import remove_weight_norm, weight_norm
-from wn_rl.init import InitReport, LayerInit, data_dependent_init, is_initialized
+from wn_rl.init import InitReport, LayerInit, add_init_flags, data_dependent_init, is_initialized
 from wn_rl.layers import (
     MeanOnlyBatchNorm,
     WNConv1d,
@@ -34,6 +34,7 @@ __all__ = [
     "WNLSTMCell",
     "WNLayer",
     "WNLinear",
+    "add_init_flags",
     "cached",
     "data_dependent_init",
     "is_initialized",

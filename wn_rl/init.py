@@ -30,7 +30,14 @@ from torch import Tensor, nn
 
 from wn_rl.layers import MeanOnlyBatchNorm, WNLayer, WNLinear, mark_initializable
 
-__all__ = ["InitReport", "LayerInit", "data_dependent_init", "initializable_layers", "is_initialized"]
+__all__ = [
+    "InitReport",
+    "LayerInit",
+    "add_init_flags",
+    "data_dependent_init",
+    "initializable_layers",
+    "is_initialized",
+]
 
 _PLAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN_TYPES = (MeanOnlyBatchNorm, nn.modules.batchnorm._BatchNorm)
@@ -82,6 +89,21 @@ class InitReport:
 def initializable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of ``model`` that data-dependent init sets, by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (WNLayer, *_PLAIN_TYPES))}
+
+
+def add_init_flags(model: nn.Module) -> nn.Module:
+    """Give every layer of ``model`` that data-dependent init sets the ``initialized`` flag it adds (a bool
+    buffer, False), in place; returns ``model``.
+
+    Layers built by wn_rl carry the flag from the start, but plain ``nn.Linear`` / ``nn.Conv*`` layers of a
+    model built elsewhere get it from :func:`data_dependent_init`, so the ``state_dict`` of an initialised
+    model has keys that a freshly built one lacks. ``add_init_flags(MyNet()).load_state_dict(saved)`` loads
+    it, flags included (so a later init changes nothing). A layer's own ``init_scale`` is kept.
+    """
+    for layer in initializable_layers(model).values():
+        if "initialized" not in layer._buffers:
+            mark_initializable(layer, getattr(layer, "init_scale", 1.0))
+    return model
 
 
 def is_initialized(model: nn.Module) -> bool:
@@ -266,8 +288,8 @@ def data_dependent_init(
             carry the ``initialized`` flag (a buffer, so it survives ``state_dict`` round trips) is left
             unchanged with a warning, and only not-yet-initialised layers are set otherwise. Plain layers get
             that buffer from this call, so a freshly built plain model loads the resulting ``state_dict``
-            after ``wn_rl.layers.mark_initializable`` on each of its ``initializable_layers`` (or with
-            ``strict=False``); layers built by :class:`wn_rl.Parameterization` carry it from the start.
+            after :func:`add_init_flags`; layers built by :class:`wn_rl.Parameterization` carry it from
+            the start.
         forward: optional ``forward(model, batch)`` for models whose forward takes something else.
 
     Returns:
@@ -288,9 +310,7 @@ def data_dependent_init(
             f"{type(model).__name__} has no layer data-dependent init can set (WN layers or nn.Linear / "
             "nn.Conv* / nn.ConvTranspose*); recurrent cells keep their own initialization."
         )
-    for layer in layers.values():
-        if "initialized" not in layer._buffers:
-            mark_initializable(layer, getattr(layer, "init_scale", 1.0))
+    add_init_flags(model)
     targets = {n: m for n, m in layers.items() if force or not bool(m.initialized)}
     if not targets:
         warnings.warn(
