@@ -13,6 +13,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.noise import NormalActionNoise
+from wn_init_checks import assert_normalized, preactivations  # tests/wn_init_checks.py
 
 import wn_rl
 from wn_rl.sb3 import (
@@ -28,42 +29,6 @@ from wn_rl.sb3 import (
 from wn_rl.sb3.init import policy_is_initialized
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def preactivations(net: torch.nn.Module, run) -> list[tuple[str, torch.Tensor, float]]:
-    """(name, output, init_scale) of every pre-activation: a WN layer's output, or its mean-only BN's."""
-    found, handles = [], []
-    blocks = {
-        id(m[0]): m
-        for m in net.modules()
-        if isinstance(m, torch.nn.Sequential) and len(m) == 2 and isinstance(m[1], wn_rl.MeanOnlyBatchNorm)
-    }
-    for name, module in net.named_modules():
-        if isinstance(module, wn_rl.WNLayer):
-            target = blocks[id(module)][1] if id(module) in blocks else module
-
-            def hook(_m, _i, out, name=name, scale=module.init_scale):
-                found.append((name, out.detach(), scale))
-
-            handles.append(target.register_forward_hook(hook))
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        run()
-    net.train(was_training)
-    for handle in handles:
-        handle.remove()
-    return found
-
-
-def assert_normalized(found, dead: dict[str, list[int]]) -> None:
-    assert found
-    for name, out, scale in found:
-        t = out.movedim(-1 if out.dim() == 2 else 1, 0).reshape(out.shape[-1 if out.dim() == 2 else 1], -1)
-        keep = [i for i in range(t.shape[0]) if i not in dead.get(name, [])]
-        mean, std = t[keep].mean(dim=1), t[keep].std(dim=1, unbiased=False)
-        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=2e-4 * scale + 1e-5, rtol=0, msg=name)
-        torch.testing.assert_close(std, torch.full_like(std, scale), rtol=2e-3, atol=1e-6, msg=name)
 
 
 def test_off_policy_init_normalizes_preactivations_and_syncs_the_target():

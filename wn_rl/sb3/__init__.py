@@ -4,6 +4,7 @@ Pass the policy classes to SB3 exactly as SB3's own::
 
     DQN(WnCnnPolicy, env)
     PPO(WnActorCriticCnnPolicy, env, policy_kwargs=dict(parameterization="weight_norm+mean_only_bn"))
+    SAC(WnSACMultiInputPolicy, goal_env, replay_buffer_class=HerReplayBuffer)   # Dict observations
 
 and add :class:`DataDependentInitCallback` (section 3 of the paper) and :class:`WnStatsCallback`
 to ``learn`` (and :class:`NonFiniteGuardCallback`, which keeps NaN/inf steps out of the model).
@@ -14,26 +15,35 @@ from wn_rl.sb3.continuous import (
     WnContinuousCritic,
     WnSACActor,
     WnSACCnnPolicy,
+    WnSACMultiInputPolicy,
     WnSACPolicy,
     WnTD3Actor,
     WnTD3CnnPolicy,
+    WnTD3MultiInputPolicy,
     WnTD3Policy,
 )
 from wn_rl.sb3.dqn import (
     WnCnnPolicy,
     WnDQNPolicy,
     WnMlpPolicy,
+    WnMultiInputPolicy,
     WnQNetwork,
     WnQRDQNCnnPolicy,
     WnQRDQNMlpPolicy,
+    WnQRDQNMultiInputPolicy,
     WnQRDQNPolicy,
     WnQuantileNetwork,
 )
 from wn_rl.sb3.guard import NonFiniteGuardCallback
 from wn_rl.sb3.init import initialize_policy, online_networks, sync_target_networks
-from wn_rl.sb3.on_policy import WnActorCriticCnnPolicy, WnActorCriticPolicy
-from wn_rl.sb3.recurrent import WNLSTM, WnRecurrentActorCriticCnnPolicy, WnRecurrentActorCriticPolicy
-from wn_rl.sb3.torch_layers import WnMlpExtractor, WnNatureCNN
+from wn_rl.sb3.on_policy import WnActorCriticCnnPolicy, WnActorCriticPolicy, WnMultiInputActorCriticPolicy
+from wn_rl.sb3.recurrent import (
+    WNLSTM,
+    WnRecurrentActorCriticCnnPolicy,
+    WnRecurrentActorCriticPolicy,
+    WnRecurrentMultiInputActorCriticPolicy,
+)
+from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnMlpExtractor, WnNatureCNN
 
 __all__ = [
     "WNLSTM",
@@ -46,22 +56,29 @@ __all__ = [
     "WnActorCriticCnnPolicy",
     "WnActorCriticPolicy",
     "WnCnnPolicy",
+    "WnCombinedExtractor",
     "WnContinuousCritic",
     "WnDQNPolicy",
     "WnMlpExtractor",
     "WnMlpPolicy",
+    "WnMultiInputActorCriticPolicy",
+    "WnMultiInputPolicy",
     "WnNatureCNN",
     "WnQNetwork",
     "WnQRDQNCnnPolicy",
     "WnQRDQNMlpPolicy",
+    "WnQRDQNMultiInputPolicy",
     "WnQRDQNPolicy",
     "WnQuantileNetwork",
     "WnRecurrentActorCriticCnnPolicy",
     "WnRecurrentActorCriticPolicy",
+    "WnRecurrentMultiInputActorCriticPolicy",
     "WnSACActor",
     "WnSACCnnPolicy",
+    "WnSACMultiInputPolicy",
     "WnSACPolicy",
     "WnTD3Actor",
     "WnTD3CnnPolicy",
+    "WnTD3MultiInputPolicy",
     "WnTD3Policy",
 ]

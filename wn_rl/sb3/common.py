@@ -15,11 +15,13 @@ from typing import Any
 
 import gymnasium as gym
 import torch
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
 
 from wn_rl.layers import cached
 from wn_rl.parameterization import Parameterization
 from wn_rl.sb3.torch_layers import (
+    WnCombinedExtractor,
+    check_dict_space,
     check_image_space,
     check_vector_space,
     extractor_kwargs,
@@ -42,6 +44,7 @@ class WnPolicyOptions:
     init_parts: tuple[str, ...] = ()
     vector_policy: str = ""
     image_policy: str = ""
+    multi_input_policy: str = ""
     default_features_extractor: type[BaseFeaturesExtractor] = FlattenExtractor
 
     parameterization: Parameterization
@@ -67,12 +70,7 @@ class WnPolicyOptions:
         self._parameterization_arg = parameterization
         self._init_scale_arg = dict(init_scale) if isinstance(init_scale, Mapping) else init_scale
         self.init_scales = resolve_init_scales(self.init_parts, init_scale)
-        name = type(self).__name__
-        if uses_nature_layout(features_extractor_class):
-            alternative = self.vector_policy or "an MLP policy"
-            check_image_space(observation_space, name, normalized_image=not normalize_images, alternative=alternative)
-        elif issubclass(features_extractor_class, FlattenExtractor):
-            check_vector_space(observation_space, name)
+        self._check_observation_space(observation_space, features_extractor_class, normalize_images)
         fe_kwargs = extractor_kwargs(
             features_extractor_class,
             features_extractor_kwargs,
@@ -81,6 +79,34 @@ class WnPolicyOptions:
             normalize_images,
         )
         return features_extractor_class, fe_kwargs
+
+    def _check_observation_space(
+        self, observation_space: gym.Space, features_extractor_class: type, normalize_images: bool
+    ) -> None:
+        """The space check of the features extractor SB3 will build, naming this family's policy that fits."""
+        name = type(self).__name__
+        vector = self.vector_policy or "an MLP policy"
+        image = self.image_policy or "a CNN policy"
+        multi_input = self.multi_input_policy or "a multi-input policy"
+        normalized_image = not normalize_images
+        if issubclass(features_extractor_class, (WnCombinedExtractor, CombinedExtractor)):
+            check_dict_space(
+                observation_space,
+                name,
+                normalized_image=normalized_image,
+                vector_alternative=vector,
+                image_alternative=image,
+            )
+        elif uses_nature_layout(features_extractor_class):
+            check_image_space(
+                observation_space,
+                name,
+                normalized_image=normalized_image,
+                alternative=vector,
+                dict_alternative=multi_input,
+            )
+        elif issubclass(features_extractor_class, FlattenExtractor):
+            check_vector_space(observation_space, name, dict_alternative=multi_input)
 
     def _wn_net_kwargs(self) -> dict[str, Any]:
         """The WN options every network of the policy is built with."""

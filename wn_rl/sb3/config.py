@@ -23,7 +23,7 @@ from sb3_contrib import QRDQN, RecurrentPPO
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
-from stable_baselines3.common.torch_layers import NatureCNN
+from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
@@ -67,7 +67,12 @@ _OPTIMIZERS = {
     "rmsprop_tf_like": RMSpropTFLike,
     "sgd": th.optim.SGD,
 }
-_EXTRACTORS = {"WnNatureCNN": wn_sb3.WnNatureCNN, "NatureCNN": NatureCNN}
+_EXTRACTORS = {
+    "WnNatureCNN": wn_sb3.WnNatureCNN,
+    "NatureCNN": NatureCNN,
+    "WnCombinedExtractor": wn_sb3.WnCombinedExtractor,
+    "CombinedExtractor": CombinedExtractor,
+}
 _SCHEDULED = ("learning_rate", "clip_range", "clip_range_vf")
 _LINEAR = re.compile(r"^lin_([0-9.eE+-]+)$")
 

@@ -25,15 +25,17 @@ from torch import nn
 
 from wn_rl.parameterization import Parameterization
 from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
-from wn_rl.sb3.torch_layers import WnNatureCNN, head_mlp
+from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnNatureCNN, head_mlp
 
 __all__ = [
     "WnContinuousCritic",
     "WnSACActor",
     "WnSACCnnPolicy",
+    "WnSACMultiInputPolicy",
     "WnSACPolicy",
     "WnTD3Actor",
     "WnTD3CnnPolicy",
+    "WnTD3MultiInputPolicy",
     "WnTD3Policy",
 ]
 
@@ -214,6 +216,7 @@ class WnSACPolicy(_WnActorCriticOffPolicyMixin, SACPolicy):
     init_parts = ("features", "hidden", "action", "log_std", "q")
     vector_policy = "WnSACPolicy"
     image_policy = "WnSACCnnPolicy"
+    multi_input_policy = "WnSACMultiInputPolicy"
     actor_class = WnSACActor
     nature_net_arch = (256, 256)
     default_arch = (256, 256)
@@ -223,6 +226,13 @@ class WnSACCnnPolicy(WnSACPolicy):
     """:class:`WnSACPolicy` with :class:`wn_rl.sb3.WnNatureCNN` for image observations."""
 
     default_features_extractor = WnNatureCNN
+
+
+class WnSACMultiInputPolicy(WnSACPolicy):
+    """:class:`WnSACPolicy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations (images and
+    vectors, goal-conditioned envs with ``HerReplayBuffer``)."""
+
+    default_features_extractor = WnCombinedExtractor
 
 
 class WnTD3Policy(_WnActorCriticOffPolicyMixin, TD3Policy):
@@ -237,6 +247,7 @@ class WnTD3Policy(_WnActorCriticOffPolicyMixin, TD3Policy):
     init_parts = ("features", "hidden", "action", "q")
     vector_policy = "WnTD3Policy"
     image_policy = "WnTD3CnnPolicy"
+    multi_input_policy = "WnTD3MultiInputPolicy"
     actor_class = WnTD3Actor
     nature_net_arch = (256, 256)
     default_arch = (400, 300)
@@ -246,3 +257,9 @@ class WnTD3CnnPolicy(WnTD3Policy):
     """:class:`WnTD3Policy` with :class:`wn_rl.sb3.WnNatureCNN` for image observations."""
 
     default_features_extractor = WnNatureCNN
+
+
+class WnTD3MultiInputPolicy(WnTD3Policy):
+    """:class:`WnTD3Policy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations."""
+
+    default_features_extractor = WnCombinedExtractor

@@ -22,15 +22,17 @@ from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
 
 from wn_rl.sb3.common import InferenceWeightCache, ParameterizationLike, WnPolicyOptions, default_net_arch
-from wn_rl.sb3.torch_layers import WnNatureCNN, head_mlp
+from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnNatureCNN, head_mlp
 
 __all__ = [
     "WnCnnPolicy",
     "WnDQNPolicy",
     "WnMlpPolicy",
+    "WnMultiInputPolicy",
     "WnQNetwork",
     "WnQRDQNCnnPolicy",
     "WnQRDQNMlpPolicy",
+    "WnQRDQNMultiInputPolicy",
     "WnQRDQNPolicy",
     "WnQuantileNetwork",
 ]
@@ -183,6 +185,7 @@ class WnDQNPolicy(_WnQPolicyMixin, DQNPolicy):
 
     vector_policy = "WnMlpPolicy"
     image_policy = "WnCnnPolicy"
+    multi_input_policy = "WnMultiInputPolicy"
 
     def make_q_net(self) -> WnQNetwork:
         net_args = self._update_features_extractor(self.net_args, features_extractor=None)
@@ -199,12 +202,20 @@ class WnCnnPolicy(WnDQNPolicy):
     default_features_extractor = WnNatureCNN
 
 
+class WnMultiInputPolicy(WnDQNPolicy):
+    """:class:`WnDQNPolicy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations (images and
+    vectors, goal-conditioned envs with ``HerReplayBuffer``): ``DQN(WnMultiInputPolicy, env)``."""
+
+    default_features_extractor = WnCombinedExtractor
+
+
 class WnQRDQNPolicy(_WnQPolicyMixin, QRDQNPolicy):
     """sb3-contrib's ``QRDQNPolicy`` with the quantile network (and its target) in a chosen
     parameterization; arguments and initialization as :class:`WnDQNPolicy` plus ``n_quantiles``."""
 
     vector_policy = "WnQRDQNMlpPolicy"
     image_policy = "WnQRDQNCnnPolicy"
+    multi_input_policy = "WnQRDQNMultiInputPolicy"
 
     def make_quantile_net(self) -> WnQuantileNetwork:
         net_args = self._update_features_extractor(self.net_args, features_extractor=None)
@@ -219,3 +230,9 @@ class WnQRDQNCnnPolicy(WnQRDQNPolicy):
     """:class:`WnQRDQNPolicy` with :class:`wn_rl.sb3.WnNatureCNN` for images."""
 
     default_features_extractor = WnNatureCNN
+
+
+class WnQRDQNMultiInputPolicy(WnQRDQNPolicy):
+    """:class:`WnQRDQNPolicy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations."""
+
+    default_features_extractor = WnCombinedExtractor

@@ -33,9 +33,9 @@ from torch import nn
 
 from wn_rl.layers import MeanOnlyBatchNorm
 from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
-from wn_rl.sb3.torch_layers import WnMlpExtractor, WnNatureCNN
+from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnMlpExtractor, WnNatureCNN
 
-__all__ = ["WnActorCriticCnnPolicy", "WnActorCriticPolicy", "running_norms"]
+__all__ = ["WnActorCriticCnnPolicy", "WnActorCriticPolicy", "WnMultiInputActorCriticPolicy", "running_norms"]
 
 _RUNNING_NORMS = (MeanOnlyBatchNorm, nn.modules.batchnorm._BatchNorm)
 _ORTHO_INIT_MESSAGE = (
@@ -84,6 +84,7 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
     init_parts = ("features", "hidden", "action", "value")
     vector_policy = "WnActorCriticPolicy"
     image_policy = "WnActorCriticCnnPolicy"
+    multi_input_policy = "WnMultiInputActorCriticPolicy"
 
     def __init__(
         self,
@@ -235,3 +236,9 @@ class WnActorCriticCnnPolicy(WnActorCriticPolicy):
     """:class:`WnActorCriticPolicy` with :class:`WnNatureCNN` as features extractor (images, e.g. Atari)."""
 
     default_features_extractor = WnNatureCNN
+
+
+class WnMultiInputActorCriticPolicy(WnActorCriticPolicy):
+    """:class:`WnActorCriticPolicy` with :class:`WnCombinedExtractor` as features extractor (Dict observations)."""
+
+    default_features_extractor = WnCombinedExtractor

@@ -19,9 +19,14 @@ from torch import nn
 
 from wn_rl.layers import WNLSTMCell, cached
 from wn_rl.sb3.on_policy import WnActorCriticPolicy
-from wn_rl.sb3.torch_layers import WnNatureCNN
+from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnNatureCNN
 
-__all__ = ["WNLSTM", "WnRecurrentActorCriticCnnPolicy", "WnRecurrentActorCriticPolicy"]
+__all__ = [
+    "WNLSTM",
+    "WnRecurrentActorCriticCnnPolicy",
+    "WnRecurrentActorCriticPolicy",
+    "WnRecurrentMultiInputActorCriticPolicy",
+]
 
 
 class WNLSTM(nn.Module):
@@ -146,6 +151,7 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
 
     vector_policy = "WnRecurrentActorCriticPolicy"
     image_policy = "WnRecurrentActorCriticCnnPolicy"
+    multi_input_policy = "WnRecurrentMultiInputActorCriticPolicy"
 
     def __init__(
         self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule: Schedule, **kwargs: Any
@@ -190,3 +196,10 @@ class WnRecurrentActorCriticCnnPolicy(WnRecurrentActorCriticPolicy):
     """:class:`WnRecurrentActorCriticPolicy` with :class:`wn_rl.sb3.WnNatureCNN` as features extractor."""
 
     default_features_extractor = WnNatureCNN
+
+
+class WnRecurrentMultiInputActorCriticPolicy(WnRecurrentActorCriticPolicy):
+    """:class:`WnRecurrentActorCriticPolicy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations
+    (sb3-contrib's ``MultiInputLstmPolicy``)."""
+
+    default_features_extractor = WnCombinedExtractor

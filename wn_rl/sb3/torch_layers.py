@@ -1,6 +1,6 @@
-"""Building blocks shared by the weight-normalized SB3 policies: the Nature CNN in any
-parameterization, the actor-critic MLP extractor, MLP heads, per-part ``init_scale`` and the
-observation-space checks that tell a user which policy fits.
+"""Building blocks shared by the weight-normalized SB3 policies: the Nature CNN and the Dict-observation
+extractor in any parameterization, the actor-critic MLP extractor, MLP heads, per-part ``init_scale`` and
+the observation-space checks that tell a user which policy fits.
 
 Every layer is built by :class:`wn_rl.Parameterization` (the core's single source of truth), so one
 ``parameterization`` value switches the whole policy between the paper's five parameterizations
@@ -16,7 +16,7 @@ from typing import Any
 import gymnasium as gym
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_image_space
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, NatureCNN
 from torch import nn
 
@@ -24,8 +24,10 @@ from wn_rl.parameterization import Parameterization, mlp
 
 __all__ = [
     "DEFAULT_INIT_SCALES",
+    "WnCombinedExtractor",
     "WnMlpExtractor",
     "WnNatureCNN",
+    "check_dict_space",
     "check_image_space",
     "check_vector_space",
     "head_mlp",
@@ -74,14 +76,28 @@ def resolve_init_scales(parts: Sequence[str], init_scale: float | Mapping[str, f
     return scales
 
 
+_TUPLE_FIT = (
+    "No SB3 policy takes Tuple observations: return a Dict (one key per entry) for a multi-input policy, or "
+    "flatten them with gymnasium.wrappers.FlattenObservation"
+)
+
+
 def check_image_space(
-    observation_space: gym.Space, policy: str, *, normalized_image: bool = False, alternative: str = "an MLP policy"
+    observation_space: gym.Space,
+    policy: str,
+    *,
+    normalized_image: bool = False,
+    alternative: str = "an MLP policy",
+    dict_alternative: str = "WnCombinedExtractor",
 ) -> None:
-    """Raise a ``ValueError`` naming the policy that fits unless ``observation_space`` is an image."""
+    """Raise a ``ValueError`` naming the policy that fits unless ``observation_space`` is an image:
+    ``alternative`` for vector observations, ``dict_alternative`` for Dict observations."""
     if is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
         return
-    if isinstance(observation_space, (spaces.Dict, spaces.Tuple)):
-        fit = "No WN policy takes Dict observations: flatten them with gymnasium.wrappers.FlattenObservation"
+    if isinstance(observation_space, spaces.Dict):
+        fit = f"Use {dict_alternative} for Dict observations (a WnNatureCNN for each image entry)"
+    elif isinstance(observation_space, spaces.Tuple):
+        fit = _TUPLE_FIT
     else:
         fit = f"Use {alternative} for vector observations"
     raise ValueError(
@@ -90,14 +106,43 @@ def check_image_space(
     )
 
 
-def check_vector_space(observation_space: gym.Space, policy: str) -> None:
-    """Raise a ``ValueError`` naming the policy that fits when an MLP policy gets Dict observations."""
-    if isinstance(observation_space, (spaces.Dict, spaces.Tuple)):
+def check_vector_space(
+    observation_space: gym.Space, policy: str, dict_alternative: str = "WnCombinedExtractor"
+) -> None:
+    """Raise a ``ValueError`` naming the policy that fits when an MLP policy gets Dict (``dict_alternative``)
+    or Tuple observations."""
+    if isinstance(observation_space, spaces.Dict):
         raise ValueError(
-            f"{policy} flattens one array observation and cannot take {type(observation_space).__name__} "
-            f"observations ({observation_space}); wrap the env in gymnasium.wrappers.FlattenObservation, or use "
-            "SB3's MultiInputPolicy (not weight-normalized)."
+            f"{policy} flattens one array observation and cannot take Dict observations ({observation_space}); "
+            f"use {dict_alternative} (SB3's MultiInputPolicy, weight-normalized), or flatten them with "
+            f"gymnasium.wrappers.FlattenObservation to keep {policy}."
         )
+    if isinstance(observation_space, spaces.Tuple):
+        raise ValueError(f"{policy} cannot take Tuple observations ({observation_space}); {_TUPLE_FIT}.")
+
+
+def check_dict_space(
+    observation_space: gym.Space,
+    policy: str,
+    *,
+    normalized_image: bool = False,
+    vector_alternative: str = "an MLP policy",
+    image_alternative: str = "a CNN policy",
+) -> None:
+    """Raise a ``ValueError`` naming the policy that fits unless ``observation_space`` is a Dict:
+    ``image_alternative`` for an image, ``vector_alternative`` for any other array."""
+    if isinstance(observation_space, spaces.Dict):
+        return
+    if isinstance(observation_space, spaces.Tuple):
+        fit = _TUPLE_FIT
+    elif is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
+        fit = f"Use {image_alternative} for image observations"
+    else:
+        fit = f"Use {vector_alternative} for vector observations"
+    raise ValueError(
+        f"{policy} needs Dict observations (a gymnasium.spaces.Dict: e.g. an image and a vector, or a goal-conditioned "
+        f"env's observation, achieved_goal and desired_goal for HerReplayBuffer); got {observation_space}. {fit}."
+    )
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
@@ -158,6 +203,61 @@ class WnNatureCNN(BaseFeaturesExtractor):
 
     def forward(self, observations: th.Tensor) -> th.Tensor:
         return self.linear(self.cnn(observations))
+
+
+class WnCombinedExtractor(BaseFeaturesExtractor):
+    """SB3's ``CombinedExtractor`` (Dict observations) in any of the paper's parameterizations.
+
+    Each image entry of the Dict (``is_image_space``: a uint8 Box of shape (C, H, W) in [0, 255], or any
+    3-D Box with ``normalized_image``) goes through its own :class:`WnNatureCNN` with ``cnn_output_dim``
+    features; every other entry is flattened. The features are concatenated in the space's key order, as
+    SB3's, so ``features_dim`` and the module names (``extractors.<key>``) are SB3's; with
+    ``parameterization="normal"`` it is SB3's extractor with this project's initialization.
+
+    Args:
+        observation_space: a ``gymnasium.spaces.Dict`` of Box, Discrete, MultiDiscrete or MultiBinary entries.
+        cnn_output_dim: features of each image entry's CNN (SB3's default 256).
+        normalized_image: the images are already in [0, 1] (skips the uint8 checks), as in ``CombinedExtractor``.
+        parameterization: name or :class:`wn_rl.Parameterization` of every CNN layer.
+        init_scale: target std of every CNN layer's pre-activation after data-dependent init (section 3).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        cnn_output_dim: int = 256,
+        normalized_image: bool = False,
+        parameterization: ParameterizationLike = "weight_norm",
+        init_scale: float = 1.0,
+    ) -> None:
+        check_dict_space(
+            observation_space,
+            "WnCombinedExtractor",
+            normalized_image=normalized_image,
+            vector_alternative="SB3's FlattenExtractor",
+            image_alternative="WnNatureCNN",
+        )
+        super().__init__(observation_space, features_dim=1)  # the true size is known after the loop, as in SB3
+        self.parameterization = Parameterization.get(parameterization)
+        extractors: dict[str, nn.Module] = {}
+        features_dim = 0
+        for key, subspace in observation_space.spaces.items():
+            if is_image_space(subspace, normalized_image=normalized_image):
+                try:
+                    extractors[key] = WnNatureCNN(
+                        subspace, cnn_output_dim, normalized_image, self.parameterization, init_scale
+                    )
+                except ValueError as error:
+                    raise ValueError(f"WnCombinedExtractor, observation key {key!r}: {error}") from error
+                features_dim += cnn_output_dim
+            else:
+                extractors[key] = nn.Flatten()
+                features_dim += get_flattened_obs_dim(subspace)
+        self.extractors = nn.ModuleDict(extractors)
+        self._features_dim = features_dim
+
+    def forward(self, observations: Mapping[str, th.Tensor]) -> th.Tensor:
+        return th.cat([extractor(observations[key]) for key, extractor in self.extractors.items()], dim=1)
 
 
 def head_mlp(
@@ -243,9 +343,10 @@ def extractor_kwargs(
     normalize_images: bool,
 ) -> dict[str, Any]:
     """The features-extractor kwargs with our ``parameterization`` / ``init_scale`` filled in for
-    :class:`WnNatureCNN` (user-given values win) and ``normalized_image`` set as SB3 does."""
+    :class:`WnNatureCNN` and :class:`WnCombinedExtractor` (user-given values win) and ``normalized_image``
+    set as SB3 does."""
     kwargs = dict(features_extractor_kwargs or {})
-    if issubclass(features_extractor_class, WnNatureCNN):
+    if issubclass(features_extractor_class, (WnNatureCNN, WnCombinedExtractor)):
         kwargs.setdefault("parameterization", parameterization)
         kwargs.setdefault("init_scale", init_scale)
         if not normalize_images:
