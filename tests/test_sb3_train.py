@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stable_baselines3 import DQN
+from stable_baselines3 import DQN, HerReplayBuffer
 
 from wn_rl.config import ConfigError
 from wn_rl.sb3.config import build_hyperparameters, build_policy_kwargs, load_sb3_config, resolve_policy
+from wn_rl.sb3.envs import make_env
 from wn_rl.sb3.runner import SB3Run, latest_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ def test_every_config_loads_and_resolves(path):
         (["init.n_samples=1"], "init.n_samples=1 is invalid"),
         (["hyperparameters.learning_starts=100"], "init.n_samples=256 needs hyperparameters.learning_starts >= 256"),
         (["hyperparameters.learning_rate=lin_abc"], "learning_rate='lin_abc' is invalid: expected a number or 'lin_"),
+        (["hyperparameters.replay_buffer_class=HerReplayBufer"], "Did you mean 'HerReplayBuffer'"),
     ],
 )
 def test_bad_configs_fail_with_the_key_and_the_fix(overrides, message):
@@ -170,3 +172,34 @@ def test_script_rejects_bad_input_before_training(tmp_path):
     assert not any(tmp_path.iterdir())
     missing = run_script("--resume", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_her_config_trains_checkpoints_its_her_buffer_and_resumes(tmp_path):
+    config_path = ROOT / "configs" / "sb3" / "dqn_bitflipping_her_wn.yaml"
+    tiny = [
+        f"runs_dir={tmp_path}",
+        "run_name=her",
+        "progress_bar=false",
+        "torch_threads=1",
+        "verbose=0",
+        "env_kwargs.n_bits=4",
+        "hyperparameters.learning_starts=256",
+        "hyperparameters.batch_size=32",
+        "init.n_samples=256",
+        "checkpoint_freq=300",
+        "save_replay_buffer=true",
+        "eval.freq=0",
+    ]
+    config = load_sb3_config(config_path, [*tiny, "total_timesteps=400"])
+    assert build_hyperparameters(config)["replay_buffer_class"] is HerReplayBuffer
+    summary = SB3Run(config, tmp_path / "her").train()
+    assert summary["num_timesteps"] == 400
+    checkpoint = tmp_path / "her" / "checkpoints" / "model_300_steps.zip"
+    assert checkpoint.is_file() and (tmp_path / "her" / "checkpoints" / "replay_buffer_300_steps.pkl").is_file()
+    resumed_config = load_sb3_config(config_path, [*tiny, "total_timesteps=500"])
+    resumed = SB3Run(resumed_config, tmp_path / "her", resume=True).train()
+    assert resumed["start_timesteps"] == 400 and resumed["num_timesteps"] == 500
+    env = make_env("wn_rl/BitFlipping-v0", 1, 0, env_kwargs={"n_bits": 4})  # HER models load with their env
+    model = DQN.load(tmp_path / "her" / "final_model.zip", env=env)
+    model.load_replay_buffer(tmp_path / "her" / "final_replay_buffer.pkl", truncate_last_traj=False)
+    assert isinstance(model.replay_buffer, HerReplayBuffer) and model.replay_buffer.size() > 0

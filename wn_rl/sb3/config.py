@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import torch as th
 from sb3_contrib import QRDQN, RecurrentPPO
-from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3, HerReplayBuffer
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.utils import LinearSchedule
@@ -73,6 +74,11 @@ _EXTRACTORS = {
     "WnCombinedExtractor": wn_sb3.WnCombinedExtractor,
     "CombinedExtractor": CombinedExtractor,
 }
+_REPLAY_BUFFERS = {
+    "ReplayBuffer": ReplayBuffer,
+    "DictReplayBuffer": DictReplayBuffer,
+    "HerReplayBuffer": HerReplayBuffer,
+}
 _SCHEDULED = ("learning_rate", "clip_range", "clip_range_vf")
 _LINEAR = re.compile(r"^lin_([0-9.eE+-]+)$")
 
@@ -119,7 +125,7 @@ class SB3Config:
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     "policy constructor kwargs; activation_fn, optimizer_class, features_extractor_class by name"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    "algorithm constructor kwargs; 'lin_<x>' for linear learning_rate / clip_range schedules"
+    "algorithm kwargs; 'lin_<x>' for linear learning_rate / clip_range schedules; replay_buffer_class by name"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     "kwargs for gym.make"
     atari_wrapper_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -216,6 +222,13 @@ def _check_hyperparameters(algo: str, hyperparameters: dict[str, Any]) -> None:
                 f"hyperparameters.{key} is not an argument of {ALGORITHMS[algo].__name__}.{_did_you_mean(key, allowed)}"
                 f" Valid keys: {allowed}"
             )
+    buffer = hyperparameters.get("replay_buffer_class")
+    if buffer is not None and buffer not in _REPLAY_BUFFERS:
+        raise ConfigError(
+            f"hyperparameters.replay_buffer_class={buffer!r} is not one of {sorted(_REPLAY_BUFFERS)} (HerReplayBuffer "
+            "needs a goal-conditioned env and a multi-input policy, e.g. WnSACMultiInputPolicy)."
+            + _did_you_mean(str(buffer), sorted(_REPLAY_BUFFERS))
+        )
     for key in _SCHEDULED:
         value = hyperparameters.get(key)
         match = _LINEAR.match(value) if isinstance(value, str) else None
@@ -279,8 +292,11 @@ def build_policy_kwargs(config: SB3Config) -> dict[str, Any]:
 
 
 def build_hyperparameters(config: SB3Config) -> dict[str, Any]:
-    """Algorithm kwargs with ``lin_<x>`` schedules and list ``train_freq`` converted."""
+    """Algorithm kwargs with ``lin_<x>`` schedules, list ``train_freq`` and ``replay_buffer_class`` by name
+    converted."""
     kwargs = dict(config.hyperparameters)
+    if "replay_buffer_class" in kwargs:
+        kwargs["replay_buffer_class"] = _REPLAY_BUFFERS[kwargs["replay_buffer_class"]]
     for key in _SCHEDULED:
         match = _LINEAR.match(str(kwargs.get(key, "")))
         if match:

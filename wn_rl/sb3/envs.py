@@ -9,12 +9,13 @@ clipping) and a 4-frame stack. ``ALE/<Game>-v5`` ids already skip frames and use
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_atari_env, make_vec_env
+from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecFrameStack
 
 __all__ = ["MaskVelocityWrapper", "is_atari_id", "make_env", "register_envs"]
@@ -47,12 +48,25 @@ def _make_no_velocity(base_id: str, **kwargs: Any) -> gym.Env:
     return MaskVelocityWrapper(gym.make(base_id, **kwargs), _KEPT_ENTRIES[base_id])
 
 
+_BIT_FLIPPING_ID = "wn_rl/BitFlipping-v0"
+
+
+class _BitFlippingEnv(BitFlippingEnv):
+    """SB3's ``BitFlippingEnv`` with the render modes it supports declared (SB3's ``make_vec_env`` asks for
+    ``rgb_array``, which gymnasium warns about when ``metadata`` lists none)."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["human", "rgb_array"]}
+
+
 def register_envs() -> None:
-    """Register ale-py's Atari ids and the partially observed ``wn_rl/CartPoleNoVel-v1`` and
-    ``wn_rl/PendulumNoVel-v1``. Idempotent."""
+    """Register ale-py's Atari ids, the partially observed ``wn_rl/CartPoleNoVel-v1`` and
+    ``wn_rl/PendulumNoVel-v1``, and ``wn_rl/BitFlipping-v0`` (SB3's goal-conditioned ``BitFlippingEnv``
+    for ``HerReplayBuffer``; ``env_kwargs``: ``n_bits``, ``continuous``, ...). Idempotent."""
     import ale_py
 
     gym.register_envs(ale_py)
+    if _BIT_FLIPPING_ID not in gym.registry:  # it ends its own episodes after max_steps (n_bits by default)
+        gym.register(_BIT_FLIPPING_ID, entry_point=_BitFlippingEnv)
     for env_id, base in _NO_VELOCITY_IDS.items():
         if env_id not in gym.registry:
             spec = gym.spec(base)

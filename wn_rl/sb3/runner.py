@@ -334,7 +334,9 @@ class SB3Run:
             model = algo_class.load(self.resume_from, env=env, device=config.device, **kwargs)
             buffer_path = replay_buffer_path(self.resume_from)
             if buffer_path.is_file() and isinstance(model, OffPolicyAlgorithm):
-                model.load_replay_buffer(buffer_path)
+                with warnings.catch_warnings():  # HER's: a resumed run starts new episodes, so truncating is right
+                    warnings.filterwarnings("ignore", "The last trajectory in the replay buffer will be truncated")
+                    model.load_replay_buffer(buffer_path)
             return model
         policy, policy_kwargs = resolve_policy(config.algo, config.policy), build_policy_kwargs(config)
         try:
