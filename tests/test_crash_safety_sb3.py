@@ -18,6 +18,7 @@ import pytest
 import torch as th
 from stable_baselines3 import DQN
 
+from wn_rl.analysis.runs import run_progress
 from wn_rl.config import ConfigError
 from wn_rl.sb3.config import load_sb3_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteGuard, NonFiniteTrainingError
@@ -84,6 +85,15 @@ def test_damaged_newest_model_falls_back_to_the_previous_one_and_says_so(trained
         found = latest_model(run_dir)
     assert found == run_dir / "checkpoints" / "model_400_steps.zip"
     assert DQN.load(found).num_timesteps == 400
+
+
+@pytest.mark.parametrize("steps_file", ["{", '{"steps": 400}', "[400]"])
+def test_an_unreadable_final_steps_file_falls_back_to_the_newest_checkpoint(trained, tmp_path, steps_file):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained / "run"), str(run_dir)], check=True)
+    (run_dir / "final_steps.json").write_text(steps_file)  # final_model.zip's step count is unknown now
+    assert latest_model(run_dir) == run_dir / "checkpoints" / "model_400_steps.zip"
+    assert run_progress(run_dir) == 400
 
 
 def test_a_resumed_run_removes_temporary_files_of_killed_writes(trained, tmp_path):

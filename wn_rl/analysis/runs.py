@@ -43,6 +43,7 @@ __all__ = [
     "read_scalars",
     "run_budget",
     "run_kind",
+    "sb3_saved_models",
     "run_progress",
 ]
 
@@ -232,25 +233,32 @@ def _checkpoint_progress(directory: Path) -> int:
 _SB3_CHECKPOINT = re.compile(r"^model_(\d+)_steps\.zip$")
 
 
-def _sb3_progress(run_dir: Path) -> int:
-    """``num_timesteps`` of the newest SB3 model that opens as a zip: ``checkpoints/model_<steps>_steps.zip``,
-    or ``final_model.zip`` with the count in ``final_steps.json``, which the runner writes after it when
-    training ends, at ``total_timesteps`` or earlier when a signal stopped it (the same candidates as
-    :func:`wn_rl.sb3.runner.latest_model`, without importing SB3). Opening a zip reads its central directory
-    at the end of the file, which a truncated file lacks; loading checks every member's CRC besides."""
-    candidates = []
+def sb3_saved_models(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(num_timesteps, path)`` of every model an SB3 run saved, newest first: ``checkpoints/model_<steps>_steps.zip``
+    and ``final_model.zip`` with the count in ``final_steps.json`` (which the runner writes after it when training
+    ends, at ``total_timesteps`` or earlier when a signal stopped it), the final model first at equal counts. Names
+    only: whether a file is complete is the caller's check (:func:`wn_rl.sb3.runner.latest_model`). Needs no SB3."""
+    run_dir = Path(run_dir)
+    candidates = []  # (steps, final model first at equal steps, path)
     for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
         match = _SB3_CHECKPOINT.match(path.name)
         if match:
-            candidates.append((int(match.group(1)), path))
+            candidates.append((int(match.group(1)), 0, path))
     final = run_dir / "final_model.zip"
     try:
         steps = json.loads((run_dir / "final_steps.json").read_text()).get("num_timesteps")
     except (OSError, ValueError, AttributeError):
         steps = None
     if isinstance(steps, int) and not isinstance(steps, bool) and final.is_file():
-        candidates.append((steps, final))
-    for steps, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        candidates.append((steps, 1, final))
+    return [(steps, path) for steps, _, path in sorted(candidates, key=lambda c: c[:2], reverse=True)]
+
+
+def _sb3_progress(run_dir: Path) -> int:
+    """``num_timesteps`` of the newest SB3 model (:func:`sb3_saved_models`) that opens as a zip. Opening a zip reads
+    its central directory at the end of the file, which a truncated file lacks; loading checks every member's CRC
+    besides."""
+    for steps, path in sb3_saved_models(run_dir):
         try:
             with zipfile.ZipFile(path):
                 return steps

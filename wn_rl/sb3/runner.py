@@ -7,7 +7,6 @@ import importlib.util
 import io
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -27,6 +26,7 @@ from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
+from wn_rl.analysis.runs import sb3_saved_models
 from wn_rl.checkpoint import atomic_write_bytes, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
@@ -51,7 +51,6 @@ SAFE_TO_CHANGE = (
 )
 
 TB_LOG_NAME = "tb"
-_CHECKPOINT = re.compile(r"^model_(\d+)_steps\.zip$")
 
 
 def run_dir_for(config: SB3Config) -> Path:
@@ -74,15 +73,7 @@ def latest_model(run_dir: Path) -> Path | None:
     """The newest complete model of a run: the checkpoint with the most steps, or ``final_model.zip``
     when its recorded step count (``final_steps.json``) is at least as large. A truncated or corrupted
     zip is skipped with a warning that names it, falling back to the previous one."""
-    candidates: list[tuple[float, Path]] = []
-    for path in (run_dir / "checkpoints").glob("model_*_steps.zip"):
-        match = _CHECKPOINT.match(path.name)
-        if match:
-            candidates.append((int(match.group(1)), path))
-    final, final_steps = run_dir / "final_model.zip", run_dir / "final_steps.json"
-    if final.is_file() and final_steps.is_file():
-        candidates.append((json.loads(final_steps.read_text())["num_timesteps"] + 0.5, final))
-    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+    for _, path in sb3_saved_models(run_dir):
         problem = _zip_ok(path)
         if problem is None:
             return path
