@@ -261,7 +261,7 @@ def test_sb3_runs_progress_and_completion(tmp_path: Path, capsys: pytest.Capture
     for name in ("finished", "stopped"):
         run = SB3Run(load_sb3_config(REPO / "configs/sb3/dqn_cartpole_wn.yaml", overrides), tmp_path / name)
         if name == "stopped":
-            run.stop.signum = signal.SIGTERM  # as a SIGTERM at the first step: the final model is saved early
+            run.stop.stop_signal = signal.SIGTERM  # as a SIGTERM at the first step: the final model is saved early
         run.train()
     finished, stopped = tmp_path / "finished", tmp_path / "stopped"
     assert run_progress(finished) == 300 and run_progress(stopped) == 1

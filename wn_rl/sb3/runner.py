@@ -7,8 +7,6 @@ import importlib.util
 import io
 import json
 import os
-import signal
-import threading
 import time
 import warnings
 import zipfile
@@ -34,6 +32,7 @@ from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build
 from wn_rl.sb3.envs import make_env
 from wn_rl.sb3.guard import NonFiniteGuardCallback
 from wn_rl.sb3.init import has_init_flags
+from wn_rl.signals import StopOnSignals
 
 __all__ = ["SAFE_TO_CHANGE", "AtomicCheckpointCallback", "SB3Run", "latest_model", "run_dir_for"]
 
@@ -200,32 +199,22 @@ class ResumableEvalCallback(EvalCallback):
 
 
 class _StopOnSignal(BaseCallback):
-    """SIGINT/SIGTERM end ``learn`` after the current step (the final model is then saved atomically);
-    a second SIGINT raises ``KeyboardInterrupt`` at once. Handlers are installed only in the main thread."""
+    """SIGINT/SIGTERM end ``learn`` after the current step (the final model is then saved atomically); a second
+    SIGINT raises ``KeyboardInterrupt`` at once (:class:`wn_rl.signals.StopOnSignals`, as the native loops)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to quit now)")
+        self.stop_signal: int | None = None
+        self._handlers = StopOnSignals(self, "the current step")
 
     def _on_training_start(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+        self._handlers.__enter__()
 
     def _on_training_end(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+        self._handlers.__exit__(None, None, None)
 
     def _on_step(self) -> bool:
-        return self.signum is None
+        return self.stop_signal is None
 
 
 class _HyperparameterText(BaseCallback):
@@ -437,5 +426,5 @@ class SB3Run:
             "num_timesteps": model.num_timesteps,
             "seconds": round(seconds, 2),
             "steps_per_second": round((model.num_timesteps - start_steps) / seconds, 1) if seconds else None,
-            "interrupted": self.stop.signum,
+            "interrupted": self.stop.stop_signal,
         }
