@@ -4,11 +4,15 @@ Loads the run's ``config.yaml`` and its newest complete checkpoint, plays comple
 run's evaluation settings (epsilon 0.05, the play-time limit) and prints the scores as JSON.
 ``--video`` writes a GIF (or an MP4 when imageio with ffmpeg is installed) of env 0 playing: the
 network's own 84x84 grayscale input for Atari, the channels for MinAtar.
+
+Exit codes: 0 done; 2 bad input or no loadable checkpoint; 1 the video could not be written (a full disk:
+the message names the file, and no partial video is left).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -21,7 +25,7 @@ from agents.dqn.envs import make_env
 from agents.dqn.evaluation import evaluate, select_actions
 from agents.dqn.networks import build_q_network
 from agents.dqn.runner import pick_device
-from wn_rl.checkpoint import CheckpointError, load_latest_checkpoint
+from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 from wn_rl.config import ConfigError
 
 
@@ -38,7 +42,8 @@ def _frame_image(obs: np.ndarray, suite: str) -> np.ndarray:
 
 
 def record_video(q_network, env, epsilon: float, path: Path, max_steps: int, device) -> int:
-    """Play env 0 until its first game ends (or ``max_steps``) and write the frames to ``path``."""
+    """Play env 0 until its first game ends (or ``max_steps``) and write the frames to ``path``; a write that
+    fails (a full disk) raises :class:`CheckpointError` naming ``path``."""
     obs = env.reset(seed=12345)
     frames = [_frame_image(obs, env.spec.suite)]
     q_network.eval()
@@ -54,7 +59,11 @@ def record_video(q_network, env, epsilon: float, path: Path, max_steps: int, dev
             import imageio.v2 as imageio
         except ImportError:
             raise SystemExit("writing MP4 needs `pip install imageio imageio-ffmpeg`; or use a .gif path") from None
-        imageio.mimwrite(path, frames, fps=15)
+        try:
+            imageio.mimwrite(path, frames, fps=15)
+        except OSError as exc:  # a full disk: no truncated video is left to look valid
+            path.unlink(missing_ok=True)
+            raise CheckpointError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno})") from exc
     else:
         try:
             from PIL import Image
@@ -63,11 +72,13 @@ def record_video(q_network, env, epsilon: float, path: Path, max_steps: int, dev
 
         scale = 4 if env.spec.suite == "atari" else 24
         images = [Image.fromarray(f).resize((f.shape[1] * scale // 2, f.shape[0] * scale // 2)) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=66, loop=0)
+        gif = io.BytesIO()
+        images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=66, loop=0)
+        atomic_write_bytes(path, gif.getvalue())  # a full disk: CheckpointError naming the path, no partial file
     return len(frames)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run directory written by scripts/train_dqn.py")
     parser.add_argument("--games", type=int, default=None, help="complete games (default: the run's eval.games)")
@@ -82,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epsilon {args.epsilon}: expected a probability in [0, 1] (the paper evaluates at 0.05)")
     if args.video_steps < 1:
         parser.error(f"--video-steps {args.video_steps}: expected at least 1 agent step")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         print(f"error: {run_dir} has no config.yaml; pass a directory written by scripts/train_dqn.py", file=sys.stderr)
@@ -120,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.video is not None:
         video_env = make_env(e, evaluation=True, num_envs=1, eval_limit=limit)
         result["video"] = str(args.video)
-        result["video_frames"] = record_video(q_network, video_env, epsilon, args.video, args.video_steps, device)
-        video_env.close()
+        try:
+            result["video_frames"] = record_video(q_network, video_env, epsilon, args.video, args.video_steps, device)
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            env.close()
+            return 1
+        finally:
+            video_env.close()
     env.close()
     print(json.dumps(result, indent=1))
     return 0

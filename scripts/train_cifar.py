@@ -3,13 +3,15 @@
 python scripts/train_cifar.py --config configs/paper/cifar10.yaml parameterization=weight_norm --download
 
 Rerunning the same command resumes an interrupted run from its newest checkpoint (--force: even with a
-changed config); SIGINT/SIGTERM write a checkpoint and exit with 130/143.
+changed config); SIGINT/SIGTERM write a checkpoint and exit with 130/143. A checkpoint or log that
+cannot be written (a full disk) exits with 1 and a message naming the file; the previous checkpoint is intact.
 """
 
 from wn_rl.models.cifar_experiment import CifarConfig, train_cifar
-from wn_rl.models.cli import parse_training_command
+from wn_rl.models.cli import exit_on_write_error, parse_training_command
 
 if __name__ == "__main__":
     config, force = parse_training_command(CifarConfig, "configs/paper/cifar10.yaml", __doc__)
-    result = train_cifar(config, force=force)
+    with exit_on_write_error():
+        result = train_cifar(config, force=force)
     print(f"final test error {result.final_test_error:.4f}; checkpoint {result.checkpoint}")

@@ -4,10 +4,11 @@ Overrides use the config's sections, e.g. ``run.total_agent_steps=100000 agent.l
 same command again resumes the run from its newest complete checkpoint; ``--resume RUN_DIR`` resumes a
 given run directory. Watch it with ``tensorboard --logdir runs/dqn``.
 
-Exit codes: 0 done; 2 bad config or input (nothing was allocated); 1 a checkpoint could not be written
-or read, or a NaN/inf stopped the run (the message names the step, the tensor and the last good
-checkpoint); 130 after SIGINT (Ctrl-C) and 143 after SIGTERM, with a checkpoint written first (a second
-Ctrl-C quits at once; the previous checkpoint stays intact).
+Exit codes: 0 done; 2 bad config or input (nothing was allocated); 1 a checkpoint or log could not be
+written or read (a full disk: the message names the file; the previous checkpoint is intact and the same
+command resumes from it once there is space), or a NaN/inf stopped the run (the message names the step,
+the tensor and the last good checkpoint); 130 after SIGINT (Ctrl-C) and 143 after SIGTERM, with a
+checkpoint written first (a second Ctrl-C quits at once; the previous checkpoint stays intact).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +133,74 @@ def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
         trainer.run()
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_000000000200.pt"]
     ck.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_000000000200.pt")
+
+
+def test_full_disk_while_logging_names_the_event_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    # found on a real 1 MB tmpfs (docs/full_disk.md): TensorBoard's writer thread printed a traceback and the
+    # run stopped with "[Errno 28] No space left on device", naming no file
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    checkpoints, tb = tmp_path / "run" / "checkpoints", tmp_path / "run" / "tb"
+    real_append = gfile.LocalFileSystem.append
+
+    def append(self, filename, file_content, binary_mode=False):  # the disk fills after the first checkpoint
+        if complete_checkpoints(checkpoints):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(self, filename, file_content, binary_mode)
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", append)
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    trainer = Trainer(_cartpole(tmp_path), tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"TensorBoard events") as info:
+        trainer.run()
+    assert str(tb) in str(info.value) and "No space left on device (errno 28)" in str(info.value)
+    assert thread_errors == []  # the writer thread's error is reported once, by the run, not as a traceback
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint_000000000200.pt"]
+    ck.load_checkpoint(checkpoints / "checkpoint_000000000200.pt")
+    (events,) = tb.iterdir()  # what was written before the disk filled reads back
+    assert len(list(event_file_loader.RawEventFileLoader(str(events)).Load())) >= 2  # version, hyperparameters
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert "hyperparameters/text_summary" in accumulator.Tags()["tensors"]
+    assert all(e.step <= 200 for tag in accumulator.Tags()["scalars"] for e in accumulator.Scalars(tag))
+
+
+def test_evaluate_video_on_a_full_disk_is_an_error_naming_the_file_and_leaves_no_partial_video(
+    tmp_path, monkeypatch, capsys
+):
+    # found on a real tmpfs (docs/full_disk.md): PIL's OSError went up as a traceback and a truncated GIF stayed
+    import builtins
+    import importlib.util
+    import io
+
+    minatar = str(ROOT / "configs" / "dqn" / "minatar_breakout.yaml")
+    overrides = _cartpole_overrides(tmp_path, **{"run.total_agent_steps": 300, "eval.max_episode_steps": 100})
+    Trainer(load_dqn_config(minatar, overrides), tmp_path / "run").run()
+    spec = importlib.util.spec_from_file_location("wn_rl_script_evaluate", ROOT / "scripts" / "evaluate.py")
+    evaluate_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_script)
+    gif, real_open = tmp_path / "agent.gif", builtins.open
+
+    class FullDisk(io.FileIO):  # the disk fills up after the first kilobyte of the video
+        def write(self, data):
+            if self.tell() + len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        if "agent.gif" in str(file) and "r" not in mode:
+            return FullDisk(file, mode.replace("b", ""))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    argv = [str(tmp_path / "run"), "--games", "1", "--video", str(gif), "--video-steps", "50", "--device", "cpu"]
+    assert evaluate_script.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write {gif}: No space left on device (errno 28)")
+    assert not [p.name for p in tmp_path.iterdir() if "agent.gif" in p.name]
 
 
 def test_unwritable_run_directory_is_a_clear_error(tmp_path):

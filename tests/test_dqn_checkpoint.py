@@ -84,6 +84,25 @@ def test_full_disk_names_the_path_and_keeps_previous(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_full_disk_at_the_completion_marker_leaves_no_unmarked_payload(tmp_path, monkeypatch):
+    # found on a real tmpfs (docs/full_disk.md): the payload (GBs with the replay memory) stayed on the full
+    # disk without its marker until the next start removed it
+    old = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
+    real_write = ck.atomic_write_bytes
+
+    def full_at_the_marker(path, data):
+        if str(path).endswith(ck.MARKER_SUFFIX):
+            raise CheckpointError(f"could not write {path}: No space left on device (errno 28)")
+        real_write(path, data)
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", full_at_the_marker)
+    with pytest.raises(CheckpointError, match=r"checkpoint_000020\.pt\.complete\.json: No space left on device"):
+        save_checkpoint(tmp_path / "checkpoint_000020.pt", _payload(20))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name, old.name + ck.MARKER_SUFFIX]
+    assert latest_checkpoint(tmp_path) == old and load_checkpoint(old)["step"] == 10
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         save_checkpoint(tmp_path / "nope" / "c.pt", _payload(1))

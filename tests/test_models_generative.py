@@ -443,6 +443,69 @@ def _tb_steps(log_dir: Path, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
+@pytest.mark.parametrize("full_at", ["checkpoint", "events"])
+def test_a_full_disk_stops_the_script_with_exit_1_naming_the_file_and_the_rerun_resumes(
+    tmp_path, monkeypatch, capsys, full_at
+):
+    # found on a real tmpfs (docs/full_disk.md): a full disk ended train_vae.py with tracebacks (TensorBoard's
+    # writer thread and the main thread; a full event file was named nowhere)
+    import errno
+    import runpy
+    import threading
+
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from wn_rl import checkpoint
+    from wn_rl.data.synthetic import write_mnist
+
+    write_mnist(tmp_path / "mnist", 60, 20, size=8)
+    argv = [
+        str(REPO / "scripts/train_vae.py"),
+        *("epochs=3", "batch_size=20", "init_batch_size=20", "device=cpu", "conv_vae.widths=[4,8,8]"),
+        *("conv_vae.dense=16", "conv_vae.z_dim=4", "conv_vae.iaf_hidden=[16]", "conv_vae.context_dim=4"),
+        f"data_dir={tmp_path / 'mnist'}",
+        f"log_dir={tmp_path / 'runs'}",
+        f"checkpoint_dir={tmp_path / 'ck'}",
+    ]
+
+    def disk_full() -> bool:  # after the first epoch checkpoint
+        return any((tmp_path / "ck").rglob("checkpoint_*.complete.json"))
+
+    real_save, real_append = checkpoint.torch.save, gfile.LocalFileSystem.append
+
+    def save(obj, f):
+        if full_at == "checkpoint" and disk_full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    def append(self, filename, file_content, binary_mode=False):
+        if full_at == "events" and disk_full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(self, filename, file_content, binary_mode)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        patch.setattr(checkpoint.torch, "save", save)
+        patch.setattr(gfile.LocalFileSystem, "append", append)
+        thread_errors = []
+        patch.setattr(threading, "excepthook", thread_errors.append)
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(argv[0], run_name="__main__")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and thread_errors == [] and "Traceback" not in err
+    expected = "checkpoint_0000000006.pt" if full_at == "checkpoint" else str(tmp_path / "runs")
+    assert err.startswith("error: could not write") and expected in err and "No space left on device" in err
+    (folder,) = (tmp_path / "ck").iterdir()
+    assert [p.name for p in checkpoint.complete_checkpoints(folder)] == ["checkpoint_0000000003.pt"]
+    assert checkpoint.load_checkpoint(folder / "checkpoint_0000000003.pt")["epoch"] == 1
+
+    monkeypatch.setattr(sys, "argv", argv)  # space freed: the same command resumes and finishes
+    runpy.run_path(argv[0], run_name="__main__")
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint_0000000003.pt (epoch 1 done)" in out and "final test bound" in out
+    assert _tb_steps(tmp_path / "runs", "test/elbo_bound") == [1, 2, 3]
+
+
 @pytest.mark.parametrize("model", ["conv_vae", "draw"])
 def test_sigint_mid_epoch_then_rerun_is_bit_identical_to_a_straight_run(tmp_path, monkeypatch, model):
     from wn_rl.models.generative_experiment import train_generative

@@ -11,6 +11,9 @@ reading a payload that can hold GBs of replay memory.
 The payload is a ``torch.save`` file of dicts, lists, tuples, strings, numbers, booleans, ``None`` and
 tensors only (checked before writing), loadable with ``torch.load(path, weights_only=True)``, and
 carries ``format_version`` so that old checkpoints keep loading.
+
+:func:`summary_writer` opens TensorBoard logs whose write failures (a full disk) are a
+:class:`CheckpointError` naming the event file, like a checkpoint's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,10 +39,12 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_latest_checkpoint",
+    "name_write_errors",
     "prune_checkpoints",
     "remove_incomplete",
     "remove_temporaries",
     "save_checkpoint",
+    "summary_writer",
 ]
 
 FORMAT_VERSION = 1
@@ -47,7 +53,8 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the path and the cause."""
+    """A checkpoint (or a run's log: :func:`summary_writer`) could not be written or read; the message
+    names the path and the cause."""
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -146,7 +153,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], *, metadat
         ) from exc
     marker = {"file": path.name, "bytes": size, "sha256": digest.hexdigest(), "format_version": FORMAT_VERSION}
     marker["metadata"] = metadata or {}
-    atomic_write_bytes(_marker(path), json.dumps(marker, indent=1).encode())
+    try:
+        atomic_write_bytes(_marker(path), json.dumps(marker, indent=1).encode())
+    except CheckpointError:
+        # without its marker the payload is invisible to every reader, but it can hold GBs of the full disk
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
     return path
 
 
@@ -290,3 +303,81 @@ def remove_temporaries(directory: str | os.PathLike, prefix: str = "") -> list[P
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return stale
+
+
+_EVENT_WRITER_MODULE = "tensorboard.summary.writer.event_file_writer"
+
+
+class _EventFileNamingPath:
+    """TensorBoard's ``EventFileWriter`` with its write errors raised as :class:`CheckpointError` naming the
+    event file. Its writer thread keeps the ``OSError`` of a failed write (a full disk) and the next
+    ``add_event``, ``flush`` or ``close`` of the main thread raises it; TensorBoard names no path."""
+
+    def __init__(self, event_writer: Any) -> None:
+        self._event_writer = event_writer
+        self.path = getattr(event_writer, "_file_name", None) or event_writer.get_logdir()
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._event_writer, name)(*args)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write TensorBoard events {self.path}: {exc.strerror or exc} (errno {exc.errno}); "
+                "the events written before stay readable"
+            ) from exc
+
+    def add_event(self, event: Any) -> None:
+        self._call("add_event", event)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._event_writer, name)
+
+
+def _report_event_writer_errors_once() -> None:
+    """TensorBoard's writer thread dies on a failed write and the main thread re-raises its error (as a
+    :class:`CheckpointError`); without this hook Python also prints the thread's traceback."""
+    previous = threading.excepthook
+    if getattr(previous, "wn_rl_quiet_event_writer", False):
+        return
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__ == _EVENT_WRITER_MODULE:
+            return
+        previous(args)
+
+    hook.wn_rl_quiet_event_writer = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def summary_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> Any:
+    """A TensorBoard ``SummaryWriter`` in ``log_dir`` whose write failures (a full disk) raise
+    :class:`CheckpointError` naming the event file, from the ``add_*``, ``flush`` or ``close`` call after
+    the failure, with no traceback from TensorBoard's writer thread. The records written before stay
+    readable (a reader stops at a truncated last record); a resumed run writes a new event file."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    _report_event_writer_errors_once()
+    try:
+        writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write TensorBoard events in {log_dir}: {exc.strerror or exc} (errno {exc.errno})"
+        ) from exc
+    return name_write_errors(writer)
+
+
+def name_write_errors(writer: Any) -> Any:
+    """Make an open TensorBoard ``SummaryWriter`` (e.g. one that a library created) raise
+    :class:`CheckpointError` naming its event file when a write fails, as :func:`summary_writer` does;
+    returns ``writer``."""
+    _report_event_writer_errors_once()
+    file_writer = writer.file_writer  # None once closed (a later add_* would open a new, plain one)
+    if file_writer is not None and not isinstance(file_writer.event_writer, _EventFileNamingPath):
+        file_writer.event_writer = _EventFileNamingPath(file_writer.event_writer)
+    return writer

@@ -61,6 +61,7 @@ from wn_rl.checkpoint import (
     prune_checkpoints,
     remove_incomplete,
     save_checkpoint,
+    summary_writer,
 )
 from wn_rl.config import ConfigError, config_diff, flatten_config, resolve_device
 from wn_rl.provenance import provenance
@@ -393,7 +394,7 @@ class Trainer:
         # TensorBoard drops what an earlier process logged after the checkpoint (the steps redone now; all of
         # it when none was written); what it logged at the checkpoint's own step came before it and stays.
         purge_step = self.agent_step + 1 if resumed else 0
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+        self.writer = summary_writer(self.run_dir / "tb", purge_step)  # a full disk: CheckpointError naming it
         self._compiled_check_logged = False
         why_fresh = self._continue_games() if resumed else "a new run"
         if resumed:

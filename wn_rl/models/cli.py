@@ -1,17 +1,21 @@
-"""The command line shared by the paper-model scripts: ``--config FILE [--download] [--force] [key=value ...]``."""
+"""The command line shared by the paper-model scripts: ``--config FILE [--download] [--force] [key=value ...]``,
+and their exit on a checkpoint or log that cannot be written (:func:`exit_on_write_error`)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
 
+from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import config_to_dict, load_config
 
-__all__ = ["parse_config", "parse_training_command"]
+__all__ = ["exit_on_write_error", "parse_config", "parse_training_command"]
 
 T = TypeVar("T")
 
@@ -56,3 +60,15 @@ def _parse(cls, default_config, description, argv, download_key: str, force_flag
     config = load_config(cls, args.config, overrides)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)
     return config, bool(getattr(args, "force", False))
+
+
+@contextlib.contextmanager
+def exit_on_write_error() -> Iterator[None]:
+    """A checkpoint or TensorBoard log that cannot be written or read (a full disk) ends the script with
+    ``error: <message naming the path>`` and exit code 1 instead of a traceback; the previous checkpoint
+    is intact and rerunning the same command resumes from it once there is space."""
+    try:
+        yield
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

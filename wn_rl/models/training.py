@@ -38,13 +38,12 @@ def run_name(experiment: str, parameterization: str, seed: int) -> str:
 
 
 def open_writer(log_dir: str | Path, name: str, config: Any, purge_step: int | None = None):
-    """A TensorBoard ``SummaryWriter`` in ``log_dir/name`` with the config written as a text table.
+    """A TensorBoard ``SummaryWriter`` in ``log_dir/name`` with the config written as a text table; a
+    failed write (a full disk) raises :class:`~wn_rl.checkpoint.CheckpointError` naming the event file.
 
     A resumed run passes ``purge_step`` (the first epoch it logs again): TensorBoard then drops what an
     earlier process logged from that step on, and the table (logged at the start) is not written twice."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(Path(log_dir) / name), purge_step=purge_step)
+    writer = checkpoint.summary_writer(Path(log_dir) / name, purge_step)  # write failures name the file
     if purge_step:
         return writer
     rows = "\n".join(f"|{k}|{v}|" for k, v in flatten_config(config_to_dict(config)).items())
