@@ -4,11 +4,13 @@ a NaN/inf gradient step is never applied or saved and stops the run, a NaN rewar
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch as th
 from stable_baselines3 import DQN
 
 from wn_rl.analysis.runs import run_progress
+from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError
 from wn_rl.sb3.config import load_sb3_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteGuard, NonFiniteTrainingError
@@ -240,3 +243,83 @@ def test_a_resumed_run_continues_its_evaluations_and_keeps_the_best_model(tmp_pa
     assert ((eval_dir / "best_model.zip").read_bytes() != best_before) == improved
     best_at = DQN.load(eval_dir / "best_model.zip").num_timesteps
     assert best_at in (after["timesteps"][4:] if improved else first["timesteps"])
+
+
+# -- full disk and resume consistency (found on a real tmpfs, docs/full_disk.md) ------------------------------
+
+
+def test_full_disk_at_an_evaluation_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def savez(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez)  # SB3's EvalCallback writes its evaluations with np.savez
+    config = load_sb3_config(CONFIG, _overrides(tmp_path, **{"eval.freq": 100, "eval.episodes": 1}))
+    with pytest.raises(CheckpointError, match=r"eval/evaluations\.npz: No space left on device \(errno 28\)"):
+        SB3Run(config, tmp_path / "run").train()
+    assert not [p.name for p in (tmp_path / "run" / "eval").iterdir() if "tmp" in p.name]
+
+
+def test_full_disk_while_logging_names_the_event_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "model_200_steps.zip"
+    real_append = gfile.LocalFileSystem.append
+
+    def append(self, filename, file_content, binary_mode=False):  # the disk fills after the first checkpoint
+        if checkpoint.exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(self, filename, file_content, binary_mode)
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", append)
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    config = load_sb3_config(CONFIG, _overrides(tmp_path, total_timesteps=2000, wn_stats_freq=50))
+    with pytest.raises(CheckpointError, match=r"could not write TensorBoard events .*tb_1.*errno 28"):
+        SB3Run(config, tmp_path / "run").train()
+    assert thread_errors == []  # reported once, by the run, not as the writer thread's traceback
+    assert DQN.load(checkpoint).num_timesteps == 200
+
+
+def test_a_final_buffer_from_an_unfinished_later_save_is_not_loaded_with_the_older_model(tmp_path):
+    run_dir = tmp_path / "run"
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path, save_replay_buffer="true")), run_dir).train()
+    assert json.loads((run_dir / "final_steps.json").read_text())["replay_buffer_sha256"]
+    # a later final save wrote its buffer, then the disk was full: the step-400 model meets another buffer
+    final_buffer = run_dir / "final_replay_buffer.pkl"
+    final_buffer.write_bytes((run_dir / "checkpoints" / "replay_buffer_200_steps.pkl").read_bytes())
+    longer = load_sb3_config(CONFIG, _overrides(tmp_path, save_replay_buffer="true", total_timesteps=500))
+    with pytest.warns(UserWarning, match=r"final_replay_buffer\.pkl was not saved with .*final_model\.zip"):
+        run = SB3Run(longer, run_dir, resume=True)
+        assert run.train()["num_timesteps"] == 500
+
+
+def test_a_final_buffer_saved_before_hashes_were_recorded_still_loads(tmp_path, recwarn):
+    run_dir = tmp_path / "run"
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path, save_replay_buffer="true")), run_dir).train()
+    (run_dir / "final_steps.json").write_text(json.dumps({"num_timesteps": 400}))  # as runs before 2026-11-24
+    longer = load_sb3_config(CONFIG, _overrides(tmp_path, save_replay_buffer="true", total_timesteps=500))
+    SB3Run(longer, run_dir, resume=True).train()
+    assert not [w for w in recwarn if "was not saved with" in str(w.message)]
+
+
+def test_a_resumed_run_evaluates_at_the_steps_of_a_run_without_a_break(tmp_path):
+    first = _overrides(tmp_path, **{"eval.freq": 300, "eval.episodes": 1})
+    SB3Run(load_sb3_config(CONFIG, first), tmp_path / "run").train()
+    longer = _overrides(tmp_path, **{"eval.freq": 300, "eval.episodes": 1, "total_timesteps": 700})
+    SB3Run(load_sb3_config(CONFIG, longer), tmp_path / "run", resume=True).train()
+    with np.load(tmp_path / "run" / "eval" / "evaluations.npz") as data:
+        assert data["timesteps"].tolist() == [300, 600]
+
+
+def test_a_resumed_run_purges_what_a_killed_process_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path, wn_stats_freq=50)), run_dir).train()
+    for name in ("final_model.zip", "final_steps.json", "checkpoints/model_400_steps.zip"):
+        (run_dir / name).unlink()  # as if killed before step 400: the first process logged up to 400
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path, wn_stats_freq=50)), run_dir, resume=True).train()
+    events = EventAccumulator(str(run_dir / "tb_1"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("wn/q_net/q_net.0/grad_scale_mean")]
+    assert steps == sorted(set(steps)) and steps[-1] > 200  # steps after 200 once, from the resumed process

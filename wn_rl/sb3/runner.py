@@ -3,6 +3,7 @@ callbacks, train, save. See :mod:`wn_rl.sb3.config` for the config and the run-d
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -20,12 +21,14 @@ import torch as th
 import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
+from stable_baselines3.common.logger import TensorBoardOutputFormat
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from wn_rl.analysis.runs import sb3_saved_models
-from wn_rl.checkpoint import atomic_write_bytes, remove_temporaries
+from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, name_write_errors, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
@@ -88,11 +91,36 @@ def replay_buffer_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.name.replace("model_", "replay_buffer_", 1).replace(".zip", ".pkl"))
 
 
-def save_replay_buffer_atomically(model: BaseAlgorithm, path: Path) -> None:
-    """The replay buffer of an off-policy model, written atomically like the model."""
+def save_replay_buffer_atomically(model: BaseAlgorithm, path: Path) -> str:
+    """The replay buffer of an off-policy model, written atomically like the model; returns the file's SHA-256."""
     buffer = io.BytesIO()
     model.save_replay_buffer(buffer)
     atomic_write_bytes(path, buffer.getvalue())
+    return hashlib.sha256(buffer.getbuffer()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def final_buffer_belongs(run_dir: Path) -> bool:
+    """Whether ``final_replay_buffer.pkl`` was saved with ``final_model.zip``. The final save writes the buffer,
+    the model, then ``final_steps.json`` with the buffer's SHA-256 (``null`` when no buffer was saved), each
+    atomically: a save that a full disk or a kill stopped half way leaves the previous model and steps file
+    beside a newer buffer (or a stale one beside a newer model), which this tells apart. Runs from before the
+    hash was recorded load their buffer as before."""
+    try:
+        recorded = json.loads((run_dir / "final_steps.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict) or "replay_buffer_sha256" not in recorded:
+        return True  # written before the hash was recorded
+    expected = recorded["replay_buffer_sha256"]
+    return expected is not None and _file_sha256(run_dir / "final_replay_buffer.pkl") == expected
 
 
 def save_model_atomically(model: BaseAlgorithm, path: Path) -> None:
@@ -167,6 +195,8 @@ class ResumableEvalCallback(EvalCallback):
 
     def _init_callback(self) -> None:
         super()._init_callback()
+        # a resumed run evaluates at the steps a run without a break does (SB3 counts eval_freq in calls)
+        self.n_calls = self.model.num_timesteps // self.model.n_envs
         if self.evaluations_path.is_file():
             self._continue(self.model.num_timesteps)
 
@@ -188,8 +218,14 @@ class ResumableEvalCallback(EvalCallback):
 
     def _on_step(self) -> bool:
         best = self.best_mean_reward
-        continue_training = super()._on_step()
         written = Path(self.log_path)
+        try:
+            continue_training = super()._on_step()
+        except OSError as exc:  # SB3's np.savez into the temporary file (a full disk); the previous file stays
+            written.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"could not write {self.evaluations_path}: {exc.strerror or exc} (errno {exc.errno})"
+            ) from exc
         if written.is_file():
             atomic_write_bytes(self.evaluations_path, written.read_bytes())
             written.unlink()
@@ -228,6 +264,28 @@ class _HyperparameterText(BaseCallback):
         rows = flatten_config(config_to_dict(self.config))
         table = "|key|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items())
         self.logger.record("hyperparameters", table, exclude=("stdout", "log", "json", "csv"))
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class _TensorBoardLog(BaseCallback):
+    """At training start, over SB3's TensorBoard writers: a failed write (a full disk) becomes a
+    :class:`~wn_rl.checkpoint.CheckpointError` naming the event file (:func:`wn_rl.checkpoint.name_write_errors`),
+    and a resumed run purges what a killed earlier process logged after the resumed model's step (TensorBoard
+    drops events from the purge step on, as the native DQN's ``SummaryWriter(purge_step=...)`` does)."""
+
+    def __init__(self, resumed: bool) -> None:
+        super().__init__()
+        self.resumed = resumed
+
+    def _on_training_start(self) -> None:
+        for output in self.logger.output_formats:
+            if isinstance(output, TensorBoardOutputFormat):
+                name_write_errors(output.writer)
+                if self.resumed:  # what was logged at the model's own step came before it was saved and stays
+                    restart = SessionLog(status=SessionLog.START)
+                    output.writer.file_writer.add_event(Event(step=self.model.num_timesteps + 1, session_log=restart))
 
     def _on_step(self) -> bool:
         return True
@@ -314,6 +372,13 @@ class SB3Run:
             model = algo_class.load(self.resume_from, env=env, device=config.device, **kwargs)
             buffer_path = replay_buffer_path(self.resume_from)
             if buffer_path.is_file() and isinstance(model, OffPolicyAlgorithm):
+                if self.resume_from.name == "final_model.zip" and not final_buffer_belongs(self.run_dir):
+                    warnings.warn(
+                        f"{buffer_path} was not saved with {self.resume_from} (a later final save stopped half way, "
+                        "or ran without save_replay_buffer): resuming with an empty replay buffer",
+                        stacklevel=2,
+                    )
+                    return model
                 with warnings.catch_warnings():  # HER's: a resumed run starts new episodes, so truncating is right
                     warnings.filterwarnings("ignore", "The last trajectory in the replay buffer will be truncated")
                     model.load_replay_buffer(buffer_path)
@@ -352,7 +417,12 @@ class SB3Run:
 
     def _callbacks(self, model: BaseAlgorithm) -> list[BaseCallback]:
         config = self.config
-        callbacks: list[BaseCallback] = [self.stop, self.guard, _HyperparameterText(config)]
+        callbacks: list[BaseCallback] = [
+            self.stop,
+            self.guard,
+            _TensorBoardLog(self.resume_from is not None),
+            _HyperparameterText(config),
+        ]
         wn_policy = has_init_flags(model.policy)
         if config.init.enabled and wn_policy:
             callbacks.append(DataDependentInitCallback(config.init.n_samples, verbose=config.verbose))
@@ -412,12 +482,12 @@ class SB3Run:
             self.guard.check()  # never save a model after a non-finite step
         else:
             seconds = 0.0
+        buffer_sha256 = None  # recorded, so a resume can tell a buffer from an unfinished later save (above)
         if config.save_replay_buffer and isinstance(model, OffPolicyAlgorithm):
-            save_replay_buffer_atomically(model, replay_buffer_path(self.run_dir / "final_model.zip"))
+            buffer_sha256 = save_replay_buffer_atomically(model, replay_buffer_path(self.run_dir / "final_model.zip"))
         save_model_atomically(model, self.run_dir / "final_model.zip")
-        atomic_write_bytes(
-            self.run_dir / "final_steps.json", json.dumps({"num_timesteps": model.num_timesteps}).encode()
-        )
+        steps = {"num_timesteps": model.num_timesteps, "replay_buffer_sha256": buffer_sha256}
+        atomic_write_bytes(self.run_dir / "final_steps.json", json.dumps(steps).encode())
         env.close()
         return {
             "run_dir": str(self.run_dir),
