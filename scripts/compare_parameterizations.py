@@ -2,16 +2,19 @@
 parameters; write the training-error curves (Figure 1) as a PNG and the test errors (Table 2).
 
     python scripts/compare_parameterizations.py --download cifar.epochs=10 cifar.decay_start=5
+
+A checkpoint or log that cannot be written (a full disk) exits with 1 and a message naming the file.
 """
 
 from pathlib import Path
 
-from wn_rl.models.cli import parse_config
+from wn_rl.models.cli import exit_on_write_error, parse_config
 from wn_rl.models.comparison import CompareConfig, run_comparison
 
 if __name__ == "__main__":
     config = parse_config(
         CompareConfig, "configs/paper/compare_parameterizations.yaml", __doc__, download_key="cifar.download"
     )
-    run_comparison(config)
+    with exit_on_write_error():
+        run_comparison(config)
     print(Path(config.out_dir, "table2.md").read_text())

@@ -36,6 +36,7 @@ from wn_rl.analysis.curves import (
 )
 from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
 from wn_rl.analysis.runs import EVAL_RETURN, TRAIN_RETURN, find_run_dirs, load_run
+from wn_rl.checkpoint import atomic_write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     plot_curves(curves, out, title=args.title, spread=args.spread)
     write_curves_csv(curves, out.with_suffix(".csv"))
-    out.with_suffix(".md").write_text(runs_markdown(summaries, include_incomplete=args.include_incomplete))
+    table = runs_markdown(summaries, include_incomplete=args.include_incomplete)
+    atomic_write_bytes(out.with_suffix(".md"), table.encode())
     print(f"{len(used)} of {len(runs)} runs -> {out}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
     return 0
 

@@ -17,8 +17,8 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from wn_rl import checkpoint as ck
-from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth
-from wn_rl.analysis.report import aggregate_rows, improvement_rows, overall_rows, summarize_run
+from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth, write_curves_csv
+from wn_rl.analysis.report import aggregate_rows, improvement_rows, overall_rows, summarize_run, write_csv
 from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars, run_progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +146,41 @@ def test_plot_curves_script_writes_figure_csv_and_table(study_dir: Path, tmp_pat
     ]
     table = out.with_suffix(".md").read_text()
     assert table.count("| breakout |") == 2 + 4  # two aggregate rows and every run
+
+
+def test_a_failed_rerun_of_plot_curves_leaves_the_previous_outputs_whole(
+    study_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "figs" / "curves.png"
+    assert plot_curves.main([str(study_dir), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    import matplotlib.figure
+
+    def savefig(self, target, **kwargs):  # writes part of the image, then the disk is full (or a kill)
+        if hasattr(target, "write"):
+            target.write(b"\x89PNG half")
+        else:
+            Path(target).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    def writerow(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError):
+        plot_curves.main([str(study_dir), "--out", str(out)])
+    runs = [load_run(d) for d in find_run_dirs([study_dir])]
+    curves = [aggregate_curve(runs, "eval/return_mean")]
+    real_writer = csv.writer
+    half_row = lambda f: SimpleNamespace(writerow=lambda row: (f.write("half,"), writerow(None, row)))  # noqa: E731
+    monkeypatch.setattr(csv, "writer", half_row)
+    with pytest.raises(OSError):
+        write_curves_csv(curves, out.with_suffix(".csv"))
+    monkeypatch.setattr(csv, "writer", real_writer)
+    monkeypatch.setattr(csv.DictWriter, "writerows", writerow)
+    with pytest.raises(OSError):
+        write_csv([{"a": 1}], out.with_suffix(".md"))
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
 
 
 def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ computed over the runs present at each step.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wn_rl.analysis.runs import EVAL_RETURN, RUN_KINDS, TRAIN_RETURN, RunData
+from wn_rl.checkpoint import atomic_write_bytes
 
 __all__ = [
     "TRAINING_RETURN_TAGS",
@@ -128,15 +130,16 @@ def collect_curves(
 
 
 def write_curves_csv(curves: Sequence[Curve], path: str | Path) -> Path:
-    """The numbers behind the figure: one row per (panel, group, tag, step)."""
+    """The numbers behind the figure: one row per (panel, group, tag, step); written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["panel", "group", "tag", "agent_step", "mean", "low", "high", "runs"])
-        for c in curves:
-            for row in zip(c.steps, c.mean, c.low, c.high, c.count, strict=True):
-                writer.writerow([c.panel, c.group, c.tag, int(row[0]), *(f"{x:.6g}" for x in row[1:4]), int(row[4])])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["panel", "group", "tag", "agent_step", "mean", "low", "high", "runs"])
+    for c in curves:
+        for row in zip(c.steps, c.mean, c.low, c.high, c.count, strict=True):
+            writer.writerow([c.panel, c.group, c.tag, int(row[0]), *(f"{x:.6g}" for x in row[1:4]), int(row[4])])
+    atomic_write_bytes(path, text.getvalue().encode())
     return path
 
 
@@ -182,11 +185,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "", s
     spread_text = {"std": "mean ± std", "sem": "mean ± s.e.m.", "minmax": "mean, min-max", "none": "mean"}[spread]
     fig.suptitle(f"{title} ({spread_text} across seeds)" if title else f"{spread_text} across seeds", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_sweep(
@@ -232,8 +231,20 @@ def plot_sweep(
         ax.tick_params(labelsize=7)
     fig.suptitle(f"{title} (mean ± std across seeds; dots: runs)" if title else "mean ± std across seeds", fontsize=10)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (format from the suffix) atomically: a kill or a full disk leaves the previous
+    figure, never a truncated one; closes the figure."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
     return path

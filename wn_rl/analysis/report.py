@@ -22,6 +22,7 @@ comparable only within the study.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from wn_rl.analysis.stats import (
     interquartile_mean,
     stratified_bootstrap_ci,
 )
+from wn_rl.checkpoint import atomic_write_bytes
 
 __all__ = [
     "NOT_STARTED",
@@ -347,13 +349,14 @@ def markdown_table(rows: Sequence[dict[str, str]]) -> str:
 
 
 def write_csv(rows: Sequence[dict[str, str]] | Sequence[RunSummary], path: str | Path) -> Path:
-    """Rows (dicts or :class:`RunSummary`) as CSV with a header."""
+    """Rows (dicts or :class:`RunSummary`) as CSV with a header; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dicts = [asdict(r) if isinstance(r, RunSummary) else r for r in rows]
     columns = list(dict.fromkeys(k for r in dicts for k in r))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(dicts)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(dicts)
+    atomic_write_bytes(path, text.getvalue().encode())
     return path

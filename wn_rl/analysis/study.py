@@ -50,6 +50,7 @@ from wn_rl.analysis.report import (
     write_csv,
 )
 from wn_rl.analysis.runs import STUDY_LOCK, RunData, config_value, load_run, run_progress
+from wn_rl.checkpoint import atomic_write_bytes
 from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config
 
 __all__ = [
@@ -353,7 +354,7 @@ def analyze_study(
         text += ["## Runs left out of the aggregates", "", markdown_table(left_out), ""]
     text += ["## Every run", "", markdown_table(run_rows(summaries)), ""]
     paths["summary"] = out / "summary.md"
-    paths["summary"].write_text("\n".join(text))
+    atomic_write_bytes(paths["summary"], "\n".join(text).encode())
     return paths
 
 
