@@ -249,10 +249,18 @@ def test_a_resumed_run_continues_its_evaluations_and_keeps_the_best_model(tmp_pa
 
 
 def test_full_disk_at_an_evaluation_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
-    def savez(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    import builtins
 
-    monkeypatch.setattr(np, "savez", savez)  # SB3's EvalCallback writes its evaluations with np.savez
+    import wn_rl.checkpoint as ck
+
+    def full_disk_open(file, mode="r", *args, **kwargs):  # part of the evaluations fits, then the disk is full
+        if ".evaluations.npz" in str(file) and "w" in mode:
+            with builtins.open(file, mode, *args, **kwargs) as f:
+                f.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "open", full_disk_open, raising=False)  # atomic_write_bytes' open only
     config = load_sb3_config(CONFIG, _overrides(tmp_path, **{"eval.freq": 100, "eval.episodes": 1}))
     with pytest.raises(CheckpointError, match=r"eval/evaluations\.npz: No space left on device \(errno 28\)"):
         SB3Run(config, tmp_path / "run").train()
@@ -323,3 +331,44 @@ def test_a_resumed_run_purges_what_a_killed_process_logged_after_its_checkpoint(
     events.Reload()
     steps = [e.step for e in events.Scalars("wn/q_net/q_net.0/grad_scale_mean")]
     assert steps == sorted(set(steps)) and steps[-1] > 200  # steps after 200 once, from the resumed process
+
+
+def test_a_resumed_copy_of_a_run_logs_into_its_own_directory(tmp_path):
+    original, copy = tmp_path / "original" / "run", tmp_path / "copy" / "run"
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path / "original")), original).train()
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-r", str(original), str(copy)], check=True)
+    events_before = sorted(original.rglob("events.*"))
+    SB3Run(load_sb3_config(CONFIG, _overrides(tmp_path / "copy", total_timesteps=600)), copy, resume=True).train()
+    assert sorted(original.rglob("events.*")) == events_before  # no restart marker nor events in the original
+    assert len(list((copy / "tb_1").glob("events.*"))) == 2
+
+
+def test_an_oserror_of_the_evaluation_env_is_not_reported_as_a_write_failure(tmp_path, monkeypatch):
+    import stable_baselines3.common.callbacks as sb3_callbacks
+
+    def evaluate_policy(*args, **kwargs):
+        raise OSError(errno.EIO, "the eval env's emulator crashed")
+
+    monkeypatch.setattr(sb3_callbacks, "evaluate_policy", evaluate_policy)
+    config = load_sb3_config(CONFIG, _overrides(tmp_path, **{"eval.freq": 100, "eval.episodes": 1}))
+    with pytest.raises(OSError, match="emulator crashed") as info:
+        SB3Run(config, tmp_path / "run").train()
+    assert not isinstance(info.value, CheckpointError)
+
+
+def test_an_evaluation_that_cannot_be_moved_into_place_leaves_no_temporary(tmp_path, monkeypatch):
+    import wn_rl.sb3.runner as runner
+
+    real_write = runner.atomic_write_bytes
+
+    def write(path, data):  # np.savez's temporary fitted on the disk, its atomic copy does not
+        if Path(path).name == "evaluations.npz":
+            raise CheckpointError(f"could not write {path}: No space left on device (errno 28)")
+        return real_write(path, data)
+
+    monkeypatch.setattr(runner, "atomic_write_bytes", write)
+    config = load_sb3_config(CONFIG, _overrides(tmp_path, **{"eval.freq": 100, "eval.episodes": 1}))
+    with pytest.raises(CheckpointError, match=r"eval/evaluations\.npz: No space left on device"):
+        SB3Run(config, tmp_path / "run").train()
+    assert [p.name for p in (tmp_path / "run" / "eval").iterdir()] == []

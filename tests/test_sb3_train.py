@@ -60,11 +60,18 @@ def test_every_config_loads_and_resolves(path):
         (["hyperparameters.learning_starts=100"], "init.n_samples=256 needs hyperparameters.learning_starts >= 256"),
         (["hyperparameters.learning_rate=lin_abc"], "learning_rate='lin_abc' is invalid: expected a number or 'lin_"),
         (["hyperparameters.replay_buffer_class=HerReplayBufer"], "Did you mean 'HerReplayBuffer'"),
+        (["hyperparameters.replay_buffer_class=[HerReplayBuffer]"], r"class=\['HerReplayBuffer'\] is not one"),
     ],
 )
 def test_bad_configs_fail_with_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_sb3_config(ROOT / "configs" / "sb3" / "dqn_breakout_wn.yaml", overrides)
+
+
+def test_replay_buffer_class_null_is_sb3s_default():
+    path = ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml"
+    config = load_sb3_config(path, ["hyperparameters.replay_buffer_class=null"])
+    assert build_hyperparameters(config)["replay_buffer_class"] is None  # SB3 picks the buffer for the space
 
 
 def test_policy_kwargs_names_resolve_to_classes():

@@ -223,7 +223,7 @@ def _check_hyperparameters(algo: str, hyperparameters: dict[str, Any]) -> None:
                 f" Valid keys: {allowed}"
             )
     buffer = hyperparameters.get("replay_buffer_class")
-    if buffer is not None and buffer not in _REPLAY_BUFFERS:
+    if buffer is not None and (not isinstance(buffer, str) or buffer not in _REPLAY_BUFFERS):
         raise ConfigError(
             f"hyperparameters.replay_buffer_class={buffer!r} is not one of {sorted(_REPLAY_BUFFERS)} (HerReplayBuffer "
             "needs a goal-conditioned env and a multi-input policy, e.g. WnSACMultiInputPolicy)."
@@ -295,7 +295,7 @@ def build_hyperparameters(config: SB3Config) -> dict[str, Any]:
     """Algorithm kwargs with ``lin_<x>`` schedules, list ``train_freq`` and ``replay_buffer_class`` by name
     converted."""
     kwargs = dict(config.hyperparameters)
-    if "replay_buffer_class" in kwargs:
+    if kwargs.get("replay_buffer_class") is not None:  # None (null): SB3 picks the buffer for the space
         kwargs["replay_buffer_class"] = _REPLAY_BUFFERS[kwargs["replay_buffer_class"]]
     for key in _SCHEDULED:
         match = _LINEAR.match(str(kwargs.get(key, "")))

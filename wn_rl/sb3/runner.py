@@ -7,7 +7,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import time
 import warnings
 import zipfile
@@ -28,7 +27,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from wn_rl.analysis.runs import sb3_saved_models
-from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, name_write_errors, remove_temporaries
+from wn_rl.checkpoint import atomic_write_bytes, name_write_errors, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
@@ -190,11 +189,9 @@ class ResumableEvalCallback(EvalCallback):
         super().__init__(eval_env, log_path=str(eval_dir), best_model_save_path=None, **kwargs)
         self.eval_dir = Path(eval_dir)
         self.evaluations_path = self.eval_dir / "evaluations.npz"
-        # SB3 writes here with np.savez, then this callback moves the file into place atomically
-        self.log_path = str(self.eval_dir / f".evaluations.npz.tmp-{os.getpid()}.npz")
 
     def _init_callback(self) -> None:
-        super()._init_callback()
+        super()._init_callback()  # makes eval_dir (SB3: the folder of log_path)
         # a resumed run evaluates at the steps a run without a break does (SB3 counts eval_freq in calls)
         self.n_calls = self.model.num_timesteps // self.model.n_envs
         if self.evaluations_path.is_file():
@@ -218,17 +215,12 @@ class ResumableEvalCallback(EvalCallback):
 
     def _on_step(self) -> bool:
         best = self.best_mean_reward
-        written = Path(self.log_path)
-        try:
-            continue_training = super()._on_step()
-        except OSError as exc:  # SB3's np.savez into the temporary file (a full disk); the previous file stays
-            written.unlink(missing_ok=True)
-            raise CheckpointError(
-                f"could not write {self.evaluations_path}: {exc.strerror or exc} (errno {exc.errno})"
-            ) from exc
-        if written.is_file():
-            atomic_write_bytes(self.evaluations_path, written.read_bytes())
-            written.unlink()
+        # SB3 writes the evaluations with np.savez(self.log_path, ...), which takes a file object: into memory,
+        # then one atomic write (a full disk: CheckpointError naming the file, the previous one intact)
+        self.log_path = io.BytesIO()  # type: ignore[assignment]
+        continue_training = super()._on_step()
+        if self.log_path.tell():
+            atomic_write_bytes(self.evaluations_path, self.log_path.getvalue())
         if self.best_mean_reward > best:
             save_model_atomically(self.model, self.eval_dir / "best_model.zip")
         return continue_training
@@ -369,7 +361,11 @@ class SB3Run:
             n = env.action_space.shape[-1]
             kwargs["action_noise"] = NormalActionNoise(np.zeros(n), config.action_noise_std * np.ones(n))
         if self.resume_from is not None:
-            model = algo_class.load(self.resume_from, env=env, device=config.device, **kwargs)
+            # the run directory, not the one saved in the model (a run that was moved or copied, a relative
+            # runs_dir resumed from another working directory): SB3 would log, and purge, there
+            model = algo_class.load(
+                self.resume_from, env=env, device=config.device, tensorboard_log=str(self.run_dir), **kwargs
+            )
             buffer_path = replay_buffer_path(self.resume_from)
             if buffer_path.is_file() and isinstance(model, OffPolicyAlgorithm):
                 if self.resume_from.name == "final_model.zip" and not final_buffer_belongs(self.run_dir):
