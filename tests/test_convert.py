@@ -219,6 +219,16 @@ def test_an_uninitialised_lazy_layer_is_refused_and_an_initialised_one_converted
     torch.testing.assert_close(converted(x), expected)
 
 
+def test_lazy_layers_weight_norm_never_converts_are_not_refused(recwarn):
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(4, 2))
+    converted = weight_norm(model)  # batch norm has no weight to normalize, lazy or not
+    assert isinstance(converted[0], WNLinear) and isinstance(converted[3], WNLinear)
+    assert isinstance(converted[1], nn.LazyBatchNorm1d)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    with pytest.warns(UserWarning, match=r"'1 \(LazyConv3d\)'.*Conv1d, Conv2d and ConvTranspose2d"):
+        weight_norm(nn.Sequential(nn.Linear(1, 1), nn.LazyConv3d(1, 1)))  # a Conv3d stays plain either way
+
+
 class ScaledLinear(nn.Linear):
     def forward(self, x):
         return 2 * nn.functional.linear(x, self.weight, self.bias)
@@ -253,3 +263,12 @@ def test_folding_leaves_subclasses_of_wn_layers_with_a_warning():
         folded = remove_weight_norm(model)
     assert type(folded[0]) is ShiftedWNLinear and type(folded[1]) is nn.Linear
     torch.testing.assert_close(folded(x), expected)
+
+
+def test_layers_with_torch_parametrizations_are_left_with_the_way_to_convert_them():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.warns(UserWarning, match=r"\['0 \(ParametrizedLinear\)'\].*remove_parametrizations") as record:
+        weight_norm(model)
+    assert not any("subclass" in str(w.message) for w in record)
+    assert torch.nn.utils.parametrize.is_parametrized(model[0]) and isinstance(model[1], WNLinear)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from wn_rl.layers import (
     _CONV_HYPERPARAMETERS,
@@ -128,7 +129,9 @@ def _check_convertible(module: nn.Module) -> None:
     lazy = [
         f"{name or '<the module itself>'} ({type(m).__name__})"
         for name, m in module.named_modules()
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+        and m.has_uninitialized_params()
+        and getattr(m, "cls_to_become", None) in _TO_WN  # a lazy BatchNorm or Conv3d stays plain either way
     ]
     if lazy:
         raise ValueError(
@@ -176,8 +179,8 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     replacement. Layers that are already weight-normalized are left alone; ``nn.LSTM``/``nn.GRU``
     are not converted (their fused weights rule out weight norm: use a ``WNLSTMCell`` loop), nor are
     subclasses of the layers above (``nn.MultiheadAttention``'s ``out_proj``, users' own) or other
-    convolutions: a warning names each layer left plain. An uninitialised lazy layer (``nn.LazyLinear``
-    before its first forward pass) is a ``ValueError``, with the model unchanged.
+    convolutions: a warning names each layer left plain. An uninitialised lazy layer that would be converted
+    (``nn.LazyLinear`` before its first forward pass) is a ``ValueError``, with the model unchanged.
 
     ``init_scale`` becomes each new layer's data-dependent-init target std (a layer's own
     ``init_scale`` attribute wins); ``scale`` is ``"linear"`` or ``"exp"``.
@@ -195,11 +198,13 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
 
 def _left_plain(module: nn.Module) -> dict[str, list[str]]:
     """The layers with weights that ``weight_norm`` leaves as they are, by the reason it gives."""
-    recurrent, subclasses, other_convs = [], [], []
+    recurrent, parametrized, subclasses, other_convs = [], [], [], []
     for name, m in module.named_modules():
         label = name or "<the module itself>"
         if isinstance(m, _NOT_CONVERTED):
             recurrent.append(label)
+        elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and parametrize.is_parametrized(m):
+            parametrized.append(f"{label} ({type(m).__name__})")
         elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and type(m) not in (*_TO_WN, nn.LSTMCell):
             subclasses.append(f"{label} ({type(m).__name__})")
         elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, (*_TO_WN, WNLayer)):
@@ -207,6 +212,9 @@ def _left_plain(module: nn.Module) -> dict[str, list[str]]:
     return {
         "nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them as a loop over WNLSTMCell to weight-normalize "
         "recurrent weights.": recurrent,
+        "they carry torch parametrizations (such as torch.nn.utils.parametrizations.weight_norm); to use wn_rl's "
+        "weight norm instead, remove them first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+        "'weight')) and convert again.": parametrized,
         "they subclass a convertible layer, and a subclass (or the module that owns it, as nn.MultiheadAttention "
         "owns its out_proj) may use .weight in its own way. Replace them with wn_rl layers where that is safe.": (
             subclasses
