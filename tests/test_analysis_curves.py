@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from wn_rl import checkpoint as ck
 from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth, write_curves_csv
+from wn_rl.analysis.curves import plot_curves as plot_curves_figure
 from wn_rl.analysis.report import aggregate_rows, improvement_rows, overall_rows, summarize_run, write_csv
 from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars, run_progress
 
@@ -181,6 +182,12 @@ def test_a_failed_rerun_of_plot_curves_leaves_the_previous_outputs_whole(
     with pytest.raises(OSError):
         write_csv([{"a": 1}], out.with_suffix(".md"))
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+
+def test_a_figure_path_without_a_suffix_gets_png_as_with_matplotlib(study_dir: Path, tmp_path: Path) -> None:
+    runs = [load_run(d) for d in find_run_dirs([study_dir])]
+    written = plot_curves_figure([aggregate_curve(runs, "eval/return_mean")], tmp_path / "curves")
+    assert written == tmp_path / "curves.png" and written.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -235,11 +235,13 @@ def plot_sweep(
 
 
 def _save_figure(fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` (format from the suffix) atomically: a kill or a full disk leaves the previous
-    figure, never a truncated one; closes the figure."""
+    """Write ``fig`` to ``path`` (format from the suffix; none: ``.png`` added) atomically: a kill or a full
+    disk leaves the previous figure, never a truncated one; closes the figure. Returns the path written."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if not path.suffix:  # as matplotlib's savefig: a PNG, with its suffix added
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
     try:
