@@ -372,3 +372,25 @@ def test_an_evaluation_that_cannot_be_moved_into_place_leaves_no_temporary(tmp_p
     with pytest.raises(CheckpointError, match=r"eval/evaluations\.npz: No space left on device"):
         SB3Run(config, tmp_path / "run").train()
     assert [p.name for p in (tmp_path / "run" / "eval").iterdir()] == []
+
+
+def test_resuming_a_run_that_stopped_before_saving_a_model_trains_it_from_step_0(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    overrides = _overrides(tmp_path, checkpoint_freq=0, wn_stats_freq=50)
+    SB3Run(load_sb3_config(CONFIG, overrides), run_dir).train()
+    for name in ("final_model.zip", "final_steps.json"):
+        (run_dir / name).unlink()  # as if killed before its first model: config.yaml and logs only
+    with pytest.raises(ConfigError, match="already holds a run"):
+        SB3Run(load_sb3_config(CONFIG, overrides), run_dir)
+    summary = SB3Run(load_sb3_config(CONFIG, overrides), run_dir, resume=True).train()
+    assert summary["start_timesteps"] == 0 and summary["num_timesteps"] == 400
+    assert "stopped before it saved a model: training it again from step 0" in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.glob("tb_*")) == ["tb_1"]  # one curve, the dead attempt's purged
+    events = EventAccumulator(str(run_dir / "tb_1"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("wn/q_net/q_net.0/grad_scale_mean")]
+    assert steps == sorted(set(steps))
+    with pytest.raises(ConfigError, match="no run here"):
+        SB3Run(load_sb3_config(CONFIG, overrides), tmp_path / "nothing", resume=True)

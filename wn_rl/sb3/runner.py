@@ -302,8 +302,13 @@ class SB3Run:
                 "run with another run_name."
             )
         self.resume_from = latest_model(self.run_dir) if resume else None
-        if resume and self.resume_from is None:
-            raise ConfigError(f"--resume {self.run_dir}: no checkpoint or final model found in this run directory")
+        # a run stopped before it saved any model: it trains again from step 0 in its own directory, dropping
+        # what it logged and evaluated before (as the native DQN's rerun of a run without a checkpoint)
+        self.restart = resume and self.resume_from is None
+        if self.restart and not (self.run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {self.run_dir}: no run here (no config.yaml, checkpoint or final model)")
+        if self.restart:
+            print(f"{self.run_dir} stopped before it saved a model: training it again from step 0", flush=True)
         if config.progress_bar and (
             importlib.util.find_spec("rich") is None or importlib.util.find_spec("tqdm") is None
         ):
@@ -416,7 +421,7 @@ class SB3Run:
         callbacks: list[BaseCallback] = [
             self.stop,
             self.guard,
-            _TensorBoardLog(self.resume_from is not None),
+            _TensorBoardLog(self.resume_from is not None or self.restart),
             _HyperparameterText(config),
         ]
         wn_policy = has_init_flags(model.policy)
@@ -468,7 +473,7 @@ class SB3Run:
                     remaining,
                     callback=CallbackList(self._callbacks(model)),
                     tb_log_name=TB_LOG_NAME,
-                    reset_num_timesteps=self.resume_from is None,
+                    reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
                     progress_bar=config.progress_bar,
                     **learn_kwargs,
                 )
