@@ -272,3 +272,21 @@ def test_layers_with_torch_parametrizations_are_left_with_the_way_to_convert_the
         weight_norm(model)
     assert not any("subclass" in str(w.message) for w in record)
     assert torch.nn.utils.parametrize.is_parametrized(model[0]) and isinstance(model[1], WNLinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_rows_convert_to_exp_scale_with_finite_parameters_and_zero_weights(dtype):
+    # s = log 0 = -inf gave the same outputs, but NaN/inf guards (SB3's, the native DQN's) check every parameter
+    plain = nn.Sequential(nn.Linear(4, 3), nn.Conv1d(3, 2, 1), nn.LSTMCell(2, 2)).to(dtype)
+    with torch.no_grad():
+        plain[0].weight[1] = 0.0
+        plain[1].weight[0] = 0.0
+        plain[2].weight_hh[3] = 0.0
+    converted = weight_norm(copy.deepcopy(plain), scale="exp")
+    assert all(torch.isfinite(p).all() for p in converted.parameters())
+    assert not converted[0].weight[1].any() and not converted[1].weight[0].any()  # w = 0 exactly, as before
+    x, h = torch.randn(5, 4, dtype=dtype), torch.randn(5, 3, 1, dtype=dtype)
+    torch.testing.assert_close(converted[0](x), plain[0](x))
+    torch.testing.assert_close(converted[1](h), plain[1](h))
+    folded = remove_weight_norm(converted)
+    assert not folded[0].weight[1].any() and not folded[1].weight[0].any() and not folded[2].weight_hh[3].any()

@@ -64,8 +64,14 @@ def _g_from_parameter(parameter: Tensor, scale: str) -> Tensor:
 
 
 def _parameter_from_g(g: Tensor, scale: str) -> Tensor:
-    """The value to store for a wanted scale g: g itself, or s = log g (-inf for a zero row, where w = 0)."""
-    return g if scale == "linear" else g.log()
+    """The value to store for a wanted scale g: g itself, or s = log g. For g = 0 (a zero row, w = 0) s is the
+    finite value whose exp rounds to exactly 0 in g's dtype, not log 0 = -inf: outputs stay exactly the same,
+    and NaN/inf guards, which check every parameter, do not take the unit for a diverged one."""
+    if scale == "linear":
+        return g
+    info = torch.finfo(g.dtype)
+    below_smallest = math.log(info.smallest_normal * info.eps) - 1.0  # under the smallest subnormal
+    return torch.where(g > 0, g.log(), torch.full_like(g, below_smallest))
 
 
 def _unit_norms(w: Tensor, dim: int = 0) -> Tensor:
