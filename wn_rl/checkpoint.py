@@ -35,6 +35,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_write_bytes",
+    "file_sha256",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
@@ -111,6 +112,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         _fsync_dir(path.parent)
     except OSError as exc:
         raise CheckpointError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno})") from exc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _marker(path: Path) -> Path:
@@ -193,11 +203,7 @@ def verify_checkpoint(path: str | os.PathLike, *, check_hash: bool = True) -> di
         raise CheckpointError(f"{path} is truncated or corrupted: {size} bytes, the marker says {marker['bytes']}")
     if not check_hash:
         return marker
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != marker["sha256"]:
+    if file_sha256(path) != marker["sha256"]:
         raise CheckpointError(f"{path} is corrupted: its SHA-256 differs from the one recorded when it was written")
     return marker
 

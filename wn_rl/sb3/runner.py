@@ -27,7 +27,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from wn_rl.analysis.runs import sb3_saved_models
-from wn_rl.checkpoint import atomic_write_bytes, name_write_errors, remove_temporaries
+from wn_rl.checkpoint import atomic_write_bytes, file_sha256, name_write_errors, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
@@ -98,14 +98,6 @@ def save_replay_buffer_atomically(model: BaseAlgorithm, path: Path) -> str:
     return hashlib.sha256(buffer.getbuffer()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def final_buffer_belongs(run_dir: Path) -> bool:
     """Whether ``final_replay_buffer.pkl`` was saved with ``final_model.zip``. The final save writes the buffer,
     the model, then ``final_steps.json`` with the buffer's SHA-256 (``null`` when no buffer was saved), each
@@ -119,7 +111,7 @@ def final_buffer_belongs(run_dir: Path) -> bool:
     if not isinstance(recorded, dict) or "replay_buffer_sha256" not in recorded:
         return True  # written before the hash was recorded
     expected = recorded["replay_buffer_sha256"]
-    return expected is not None and _file_sha256(run_dir / "final_replay_buffer.pkl") == expected
+    return expected is not None and file_sha256(run_dir / "final_replay_buffer.pkl") == expected
 
 
 def save_model_atomically(model: BaseAlgorithm, path: Path) -> None:
