@@ -48,3 +48,11 @@ def test_every_python_snippet_compiles_and_its_imports_resolve():
         tree = compile(snippet, str(README), "exec", flags=ast.PyCF_ONLY_AST)
         imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
         exec(compile(ast.Module(body=imports, type_ignores=[]), str(README), "exec"), {})
+
+
+def test_every_file_the_readme_names_exists():
+    text = README.read_text()
+    named = {m.rstrip(".,") for m in re.findall(r"\b(?:configs|scripts|docs|tests)/[\w./-]+", text)}
+    assert len(named) >= 20
+    missing = sorted(p for p in named if not (README.parent / p).exists())
+    assert not missing, f"README names files that do not exist: {missing}"
