@@ -124,10 +124,15 @@ def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module
     return None
 
 
+def _label(name: str, module: nn.Module) -> str:
+    """How messages name a layer: its qualified name and type (``'0 (LazyLinear)'``)."""
+    return f"{name or '<the module itself>'} ({type(module).__name__})"
+
+
 def _check_convertible(module: nn.Module) -> None:
     """Refuse, before anything is replaced, layers ``weight_norm`` cannot convert (no half-converted model)."""
     lazy = [
-        f"{name or '<the module itself>'} ({type(m).__name__})"
+        _label(name, m)
         for name, m in module.named_modules()
         if isinstance(m, nn.modules.lazy.LazyModuleMixin)
         and m.has_uninitialized_params()
@@ -200,15 +205,14 @@ def _left_plain(module: nn.Module) -> dict[str, list[str]]:
     """The layers with weights that ``weight_norm`` leaves as they are, by the reason it gives."""
     recurrent, parametrized, subclasses, other_convs = [], [], [], []
     for name, m in module.named_modules():
-        label = name or "<the module itself>"
         if isinstance(m, _NOT_CONVERTED):
-            recurrent.append(label)
+            recurrent.append(name or "<the module itself>")
         elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and parametrize.is_parametrized(m):
-            parametrized.append(f"{label} ({type(m).__name__})")
+            parametrized.append(_label(name, m))
         elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and type(m) not in (*_TO_WN, nn.LSTMCell):
-            subclasses.append(f"{label} ({type(m).__name__})")
+            subclasses.append(_label(name, m))
         elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, (*_TO_WN, WNLayer)):
-            other_convs.append(f"{label} ({type(m).__name__})")
+            other_convs.append(_label(name, m))
     return {
         "nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them as a loop over WNLSTMCell to weight-normalize "
         "recurrent weights.": recurrent,
@@ -280,7 +284,7 @@ def remove_weight_norm(module: nn.Module) -> nn.Module:
     itself is a WN layer, its plain replacement. The ``initialized`` flag is kept. Subclasses of the WN
     layers (whose forward may differ from the plain layer's) are left as they are, named in a warning."""
     left = [
-        f"{name or '<the module itself>'} ({type(m).__name__})"
+        _label(name, m)
         for name, m in module.named_modules()
         if isinstance(m, (WNLayer, WNLSTMCell)) and type(m) not in (*_TO_PLAIN, WNLSTMCell)
     ]
