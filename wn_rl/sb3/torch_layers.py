@@ -82,6 +82,20 @@ _TUPLE_FIT = (
 )
 
 
+def _what_fits(
+    observation_space: gym.Space, normalized_image: bool, *, vector: str, image: str = "", dict_: str = ""
+) -> str:
+    """The sentence naming what takes ``observation_space``: ``dict_`` for a Dict, ``image`` for an image,
+    ``vector`` for any other array (a check calls this only for the kinds it refuses)."""
+    if isinstance(observation_space, spaces.Dict):
+        return f"Use {dict_} for Dict observations (a WnNatureCNN for each image entry)"
+    if isinstance(observation_space, spaces.Tuple):
+        return _TUPLE_FIT
+    if is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
+        return f"Use {image} for image observations"
+    return f"Use {vector} for vector observations"
+
+
 def check_image_space(
     observation_space: gym.Space,
     policy: str,
@@ -94,12 +108,7 @@ def check_image_space(
     ``alternative`` for vector observations, ``dict_alternative`` for Dict observations."""
     if is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
         return
-    if isinstance(observation_space, spaces.Dict):
-        fit = f"Use {dict_alternative} for Dict observations (a WnNatureCNN for each image entry)"
-    elif isinstance(observation_space, spaces.Tuple):
-        fit = _TUPLE_FIT
-    else:
-        fit = f"Use {alternative} for vector observations"
+    fit = _what_fits(observation_space, normalized_image, vector=alternative, dict_=dict_alternative)
     raise ValueError(
         f"{policy} needs image observations (a Box of shape (C, H, W) or (H, W, C), dtype uint8, values in "
         f"[0, 255]; pass normalize_images=False for images already in [0, 1]); got {observation_space}. {fit}."
@@ -133,12 +142,7 @@ def check_dict_space(
     ``image_alternative`` for an image, ``vector_alternative`` for any other array."""
     if isinstance(observation_space, spaces.Dict):
         return
-    if isinstance(observation_space, spaces.Tuple):
-        fit = _TUPLE_FIT
-    elif is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
-        fit = f"Use {image_alternative} for image observations"
-    else:
-        fit = f"Use {vector_alternative} for vector observations"
+    fit = _what_fits(observation_space, normalized_image, vector=vector_alternative, image=image_alternative)
     raise ValueError(
         f"{policy} needs Dict observations (a gymnasium.spaces.Dict: e.g. an image and a vector, or a goal-conditioned "
         f"env's observation, achieved_goal and desired_goal for HerReplayBuffer); got {observation_space}. {fit}."
