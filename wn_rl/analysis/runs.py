@@ -43,8 +43,8 @@ __all__ = [
     "read_scalars",
     "run_budget",
     "run_kind",
-    "sb3_saved_models",
     "run_progress",
+    "sb3_saved_models",
 ]
 
 TRAIN_RETURN = "train return"
