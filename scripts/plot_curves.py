@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: none of the {len(used)} runs logged any of the tags {args.tags}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    plot_curves(curves, out, title=args.title, spread=args.spread)
+    figure = plot_curves(curves, out, title=args.title, spread=args.spread)  # out, or out.png without a suffix
     write_curves_csv(curves, out.with_suffix(".csv"))
     table = runs_markdown(summaries, include_incomplete=args.include_incomplete)
     atomic_write_bytes(out.with_suffix(".md"), table.encode())
-    print(f"{len(used)} of {len(runs)} runs -> {out}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
+    print(f"{len(used)} of {len(runs)} runs -> {figure}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
     return 0
 
 
