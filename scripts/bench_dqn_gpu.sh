@@ -14,7 +14,8 @@
 #   atari-envs  Atari Breakout, CUDA graph, normal vs weight_norm, 8 and 32 envs, SB3 beside
 #   minatar     MinAtar Breakout, 1 and 16 envs: compiled vs CUDA graph, normal vs weight_norm, SB3 beside
 #   wn-overhead scripts/bench_wn_overhead.py: one training step, plain vs wn_rl vs PyTorch's weight norm, as one
-#               CUDA graph of the whole step (forward, backward, Adam; issue #2's target), then eager; all three cases
+#               CUDA graph of the whole step (forward, backward, Adam; issue #2's target), then eager; all three cases;
+#               then the recurrent case (lstm32) eager
 #   wn-overhead-more  the same, Nature CNN only: the whole-step CUDA graph with inductor's combo kernels, the
 #               whole step compiled without CUDA graphs, and the compiled forward alone
 #
@@ -83,6 +84,7 @@ case $part in
         # the target's measurement first: a call stopped at its limit still returns the lines printed so far
         wn_overhead wn_whole_cudagraph --step whole --compile-mode reduce-overhead --reps 51 --steps 20
         wn_overhead wn_eager --reps 51 --steps 20
+        wn_overhead wn_lstm_eager --cases lstm32 --reps 51 --steps 20  # cuDNN's LSTM: WNLSTM's weights vs plain
         exit $status
         ;;
     wn-overhead-more)

@@ -1,8 +1,10 @@
 """Time one training step (forward, backward, Adam step) with plain layers, wn_rl's weight norm and
 PyTorch's own ``torch.nn.utils.parametrizations.weight_norm``, interleaved in one process.
 
-Networks: the Nature-CNN Q-network (4x84x84 uint8 input, batch 32 and 64) and a network shaped like
-the paper's Table 1 CIFAR-10 net (96/192 channels, 32x32 input, batch 100). Prints the median time
+Networks: the Nature-CNN Q-network (4x84x84 uint8 input, batch 32 and 64), a network shaped like
+the paper's Table 1 CIFAR-10 net (96/192 channels, 32x32 input, batch 100) and, as ``lstm32`` (not run by
+default), a recurrent Q-head: an LSTM of 256 units over 32-step sequences of 64 features, batch 32 (wn_rl's
+``WNLSTM`` time loop against cuDNN's or the CPU's fused ``nn.LSTM``). Prints the median time
 per step of each variant and its ratio to plain; targets: wn_rl at most 1.05x plain on a CPU and 1.03x
 on a GPU (compiled), and no slower than PyTorch's own.
 
@@ -80,10 +82,29 @@ def cifar_table1() -> nn.Module:
     )  # fmt: skip
 
 
+class LastStep(nn.Module):
+    """An ``nn.LSTM`` (batch first) that returns its output at the last step."""
+
+    def __init__(self, lstm: nn.Module) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0][:, -1]
+
+
+def lstm_q_head(n_actions: int = 6) -> nn.Module:
+    return nn.Sequential(LastStep(nn.LSTM(64, 256, batch_first=True)), nn.Linear(256, n_actions))
+
+
 def torch_weight_norm(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             parametrizations.weight_norm(module, "weight", dim=0)
+        elif isinstance(module, nn.LSTM):  # per row of each weight, as wn_rl's cells
+            for name, _ in list(module.named_parameters()):
+                if name.startswith("weight_"):
+                    parametrizations.weight_norm(module, name, dim=0)
     return model
 
 
@@ -348,6 +369,7 @@ def main() -> None:
         "nature32": (nature_cnn, lambda: torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8), 6),
         "nature64": (nature_cnn, lambda: torch.randint(0, 256, (64, 4, 84, 84), dtype=torch.uint8), 6),
         "cifar100": (cifar_table1, lambda: torch.randn(100, 3, 32, 32), 10),
+        "lstm32": (lstm_q_head, lambda: torch.randn(32, 32, 64), 6),
     }
     unknown = set(args.cases.split(",")) - set(cases)
     if unknown:

@@ -1,6 +1,7 @@
 """weight_norm / remove_weight_norm keep outputs unchanged, in both directions."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -146,12 +147,15 @@ def test_single_layers_are_replaced_and_zero_rows_survive():
     assert isinstance(remove_weight_norm(layer), nn.Linear)
 
 
-def test_fused_recurrent_layers_are_left_with_a_warning():
+def test_recurrent_stacks_are_converted_without_a_warning():
+    """nn.LSTM/GRU/RNN become wn_rl's time loops (tests/test_recurrent.py has their outputs); they were left
+    plain with a warning."""
     model = nn.Sequential(nn.Linear(3, 3))
     model.add_module("rnn", nn.LSTM(3, 3))
-    with pytest.warns(UserWarning, match="WNLSTMCell"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         weight_norm(model)
-    assert isinstance(model.rnn, nn.LSTM) and isinstance(model[0], WNLinear)
+    assert isinstance(model.rnn, wn_rl.WNLSTM) and isinstance(model[0], WNLinear)
 
 
 def test_bad_options_are_refused():

@@ -173,28 +173,14 @@ def test_recurrent_policy_computes_lstm_weights_once_per_sequence_and_trains_g_a
             assert getattr(cell, name).grad is not None and getattr(cell, name).grad.abs().sum() > 0, name
 
 
-def test_wn_lstm_computes_what_nn_lstm_computes_with_the_same_weights():
-    torch.manual_seed(0)
-    reference = torch.nn.LSTM(5, 7, num_layers=2)
-    wn = WNLSTM(5, 7, num_layers=2)
-    with torch.no_grad():
-        for i, cell in enumerate(wn.cells):
-            for part in ("ih", "hh"):
-                w = getattr(reference, f"weight_{part}_l{i}")
-                getattr(cell, f"v_{part}").copy_(w)
-                getattr(cell, f"g_{part}").copy_(w.norm(dim=1))
-                getattr(cell, f"bias_{part}").copy_(getattr(reference, f"bias_{part}_l{i}"))
-    x = torch.randn(6, 3, 5)
-    h0 = (torch.randn(2, 3, 7), torch.randn(2, 3, 7))
-    expected, (h, c) = reference(x, h0)
-    got, (h2, c2) = wn(x, h0)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(h2, h)
-    torch.testing.assert_close(c2, c)
-    with pytest.raises(ValueError, match=r"h_0 has shape"):
-        wn(x, (torch.zeros(1, 3, 7), torch.zeros(1, 3, 7)))
-    with pytest.raises(ValueError, match="bidirectional"):
-        WNLSTM(5, 7, bidirectional=True)
+@pytest.mark.parametrize("lstm_kwargs", [dict(bidirectional=True), dict(proj_size=4)])
+def test_recurrent_policy_refuses_lstm_kwargs_that_change_its_output_width(lstm_kwargs):
+    """wn_rl.WNLSTM runs both directions (tests/test_recurrent.py), but a policy acts forward in time and its
+    heads take lstm_hidden_size features."""
+    with pytest.raises(ValueError, match="neither bidirectional=True nor proj_size>0 in lstm_kwargs"):
+        RecurrentPPO(
+            WnRecurrentActorCriticPolicy, "CartPole-v1", n_steps=8, policy_kwargs=dict(lstm_kwargs=lstm_kwargs)
+        )
 
 
 @pytest.mark.parametrize("parameterization", ["weight_norm", "weight_norm+mean_only_bn", "normal", "layer_norm"])

@@ -12,12 +12,16 @@ from wn_rl.layers import (
     WNConv1d,
     WNConv2d,
     WNConvTranspose2d,
+    WNGRUCell,
     WNLayer,
     WNLinear,
     WNLSTMCell,
+    WNRNNCell,
+    WNRNNCellBase,
     cached,
 )
 from wn_rl.parameterization import PARAMETERIZATIONS, Parameterization, mlp, register_parameterization
+from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
 from wn_rl.stats import wn_histograms, wn_stats
 
 __version__ = "0.1.0"
@@ -31,9 +35,16 @@ __all__ = [
     "WNConv1d",
     "WNConv2d",
     "WNConvTranspose2d",
+    "WNGRU",
+    "WNGRUCell",
+    "WNLSTM",
     "WNLSTMCell",
     "WNLayer",
     "WNLinear",
+    "WNRNN",
+    "WNRNNBase",
+    "WNRNNCell",
+    "WNRNNCellBase",
     "add_init_flags",
     "cached",
     "data_dependent_init",

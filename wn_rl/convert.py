@@ -2,13 +2,17 @@
 
 ``weight_norm`` writes each plain weight w as g = ||w||, v = w (per output unit), so the converted
 model computes exactly the same function; ``remove_weight_norm`` folds w = g v / ||v|| back into a plain
-torch layer with identical outputs, for deployment and export.
+torch layer with identical outputs, for deployment and export. Recurrent layers convert too: the cells
+(``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) and the multi-layer modules (``nn.LSTM``, ``nn.GRU``,
+``nn.RNN``, which become the drop-ins of :mod:`wn_rl.recurrent`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,15 +23,19 @@ from wn_rl.layers import (
     WNConv1d,
     WNConv2d,
     WNConvTranspose2d,
+    WNGRUCell,
     WNLayer,
     WNLinear,
     WNLSTMCell,
+    WNRNNCell,
+    WNRNNCellBase,
     _check_init_scale,
     _check_scale,
     _direction_and_norm,
     _parameter_from_g,
     _scale_name,
 )
+from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
 
 __all__ = ["remove_weight_norm", "weight_norm"]
 
@@ -38,11 +46,19 @@ _TO_WN: dict[type[nn.Module], type[WNLayer]] = {
     nn.ConvTranspose2d: WNConvTranspose2d,
 }
 _TO_PLAIN = {wn: plain for plain, wn in _TO_WN.items()}
-_NOT_CONVERTED = (nn.LSTM, nn.GRU, nn.RNN)
+_CELLS: dict[type[nn.Module], type[WNRNNCellBase]] = {
+    nn.LSTMCell: WNLSTMCell,
+    nn.GRUCell: WNGRUCell,
+    nn.RNNCell: WNRNNCell,
+}
+_STACKS: dict[type[nn.Module], type[WNRNNBase]] = {nn.LSTM: WNLSTM, nn.GRU: WNGRU, nn.RNN: WNRNN}
+_PLAIN_CELLS = {wn: plain for plain, wn in _CELLS.items()}
+_PLAIN_STACKS = {wn: plain for plain, wn in _STACKS.items()}
+_CONVERTIBLE = (*_TO_WN, *_CELLS, *_STACKS)
 
 
-def _lstm_parts(scale: str) -> dict[str, tuple[str, ...]]:
-    """WNLSTMCell parameter: the nn.LSTMCell parameters it is made from (g_ih or s_ih, ... per ``scale``)."""
+def _cell_parts(scale: str) -> dict[str, tuple[str, ...]]:
+    """A WN cell's parameter: the torch cell's parameters it is made from (g_ih or s_ih, ... per ``scale``)."""
     name = _scale_name(scale)
     return {
         "v_ih": ("weight_ih",),
@@ -108,19 +124,62 @@ def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
     return layer
 
 
+def _nonlinearity(module: nn.Module) -> dict[str, str]:
+    """The ``nonlinearity`` argument of an Elman RNN (cell), none for LSTMs and GRUs."""
+    return {"nonlinearity": module.nonlinearity} if hasattr(module, "nonlinearity") else {}
+
+
+def _weights_of(stack: nn.Module, layer: int, reverse: bool) -> SimpleNamespace:
+    """One layer and direction of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` under a cell's parameter names."""
+    suffix = f"_l{layer}{'_reverse' if reverse else ''}"
+    names = [f"{kind}_{part}" for kind in ("weight", "bias") for part in ("ih", "hh")]
+    return SimpleNamespace(**{name: getattr(stack, name + suffix, None) for name in names})
+
+
 @torch.no_grad()
-def _to_wn_lstm(plain: nn.LSTMCell, scale: str) -> WNLSTMCell:
-    cell = WNLSTMCell(plain.input_size, plain.hidden_size, plain.bias, **_factory(plain.weight_ih), scale=scale)
+def _to_wn_cell(plain: Any, cell: WNRNNCellBase, scale: str) -> WNRNNCellBase:
+    """``cell`` holding ``plain``'s weights (a torch cell, or one layer of a torch stack) as g = ||w||, v = w."""
     cell._load_plain(plain)
-    _copy_requires_grad(cell, plain, _lstm_parts(scale))
+    _copy_requires_grad(cell, plain, _cell_parts(scale))
     return cell
 
 
+def _to_wn_stack(plain: nn.RNNBase, scale: str) -> WNRNNBase:
+    cls = _STACKS[type(plain)]
+    stack = cls(
+        plain.input_size,
+        plain.hidden_size,
+        num_layers=plain.num_layers,
+        bias=plain.bias,
+        batch_first=plain.batch_first,
+        dropout=plain.dropout,
+        bidirectional=plain.bidirectional,
+        **_factory(plain.weight_ih_l0),
+        **_nonlinearity(plain),
+        scale=scale,
+    )
+    for layer in range(plain.num_layers):
+        for reverse in range(stack.num_directions):
+            _to_wn_cell(_weights_of(plain, layer, bool(reverse)), stack.cell(layer, bool(reverse)), scale)
+    return stack
+
+
 def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module | None:
-    if type(module) in _TO_WN:
+    kind = type(module)
+    if kind in _TO_WN:
         return _to_wn_layer(module, init_scale, scale)
-    if type(module) is nn.LSTMCell:
-        return _to_wn_lstm(module, scale)
+    if kind in _CELLS:
+        empty = _CELLS[kind](
+            module.input_size,
+            module.hidden_size,
+            module.bias,
+            **_factory(module.weight_ih),
+            **_nonlinearity(module),
+            scale=scale,
+        )
+        return _to_wn_cell(module, empty, scale)
+    if kind in _STACKS and not getattr(module, "proj_size", 0):
+        return _to_wn_stack(module, scale)
     return None
 
 
@@ -178,14 +237,18 @@ def _replace_leaves(
 
 
 def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "linear") -> nn.Module:
-    """Replace every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d`` and
-    ``nn.LSTMCell`` in ``module`` by its WN equivalent with g = ||w|| and v = w, so outputs are
-    unchanged. Returns ``module`` (modified in place) or, if ``module`` itself is such a layer, its
-    replacement. Layers that are already weight-normalized are left alone; ``nn.LSTM``/``nn.GRU``
-    are not converted (their fused weights rule out weight norm: use a ``WNLSTMCell`` loop), nor are
-    subclasses of the layers above (``nn.MultiheadAttention``'s ``out_proj``, users' own) or other
-    convolutions: a warning names each layer left plain. An uninitialised lazy layer that would be converted
-    (``nn.LazyLinear`` before its first forward pass) is a ``ValueError``, with the model unchanged.
+    """Replace every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, recurrent cell
+    (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) and recurrent stack (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``)
+    in ``module`` by its WN equivalent with g = ||w|| and v = w, so outputs are unchanged. Returns ``module``
+    (modified in place) or, if ``module`` itself is such a layer, its replacement. The stacks become
+    :class:`wn_rl.WNLSTM`, :class:`wn_rl.WNGRU` and :class:`wn_rl.WNRNN`, which run PyTorch's fused kernel with
+    the effective weights.
+
+    Layers that are already weight-normalized are left alone. Left plain, each named in a warning: an
+    ``nn.LSTM`` with ``proj_size`` (its projection has no WN equivalent), subclasses of the layers above
+    (``nn.MultiheadAttention``'s ``out_proj``, users' own), layers with torch parametrizations and other
+    convolutions. An uninitialised lazy layer that would be converted (``nn.LazyLinear`` before its first
+    forward pass) is a ``ValueError``, with the model unchanged.
 
     ``init_scale`` becomes each new layer's data-dependent-init target std (a layer's own
     ``init_scale`` attribute wins); ``scale`` is ``"linear"`` or ``"exp"``.
@@ -203,19 +266,19 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
 
 def _left_plain(module: nn.Module) -> dict[str, list[str]]:
     """The layers with weights that ``weight_norm`` leaves as they are, by the reason it gives."""
-    recurrent, parametrized, subclasses, other_convs = [], [], [], []
+    projected, parametrized, subclasses, other_convs = [], [], [], []
     for name, m in module.named_modules():
-        if isinstance(m, _NOT_CONVERTED):
-            recurrent.append(name or "<the module itself>")
-        elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and parametrize.is_parametrized(m):
+        if isinstance(m, _CONVERTIBLE) and parametrize.is_parametrized(m):
             parametrized.append(_label(name, m))
-        elif isinstance(m, (*_TO_WN, nn.LSTMCell)) and type(m) not in (*_TO_WN, nn.LSTMCell):
+        elif isinstance(m, _CONVERTIBLE) and type(m) not in _CONVERTIBLE:
             subclasses.append(_label(name, m))
+        elif type(m) is nn.LSTM and m.proj_size:
+            projected.append(_label(name, m))
         elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, (*_TO_WN, WNLayer)):
             other_convs.append(_label(name, m))
     return {
-        "nn.LSTM/GRU/RNN keep fused weights for cuDNN; rebuild them as a loop over WNLSTMCell to weight-normalize "
-        "recurrent weights.": recurrent,
+        "an nn.LSTM with proj_size > 0 has a projection weight that wn_rl's WNLSTM lacks; use proj_size=0 (or a "
+        "WNLinear after the LSTM) to weight-normalize it.": projected,
         "they carry torch parametrizations (such as torch.nn.utils.parametrizations.weight_norm); to use wn_rl's "
         "weight norm instead, remove them first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
         "'weight')) and convert again.": parametrized,
@@ -248,33 +311,54 @@ def _fold_layer(layer: WNLayer) -> nn.Module:
 
 
 @torch.no_grad()
-def _fold_lstm(cell: WNLSTMCell) -> nn.LSTMCell:
-    w_ih, w_hh = cell.compute_weights()
-    plain = nn.LSTMCell(cell.input_size, cell.hidden_size, cell.bias_ih is not None, **_factory(w_ih))
-    plain.weight_ih.copy_(w_ih)
-    plain.weight_hh.copy_(w_hh)
-    if cell.bias_ih is not None:
-        plain.bias_ih.copy_(cell.bias_ih)
-        plain.bias_hh.copy_(cell.bias_hh)
+def _fold_cell(cell: WNRNNCellBase, plain: Any) -> None:
+    """Write ``cell``'s effective weights and its biases into ``plain`` (a torch cell, or one layer of a
+    torch stack under a cell's parameter names)."""
+    for part, w in zip(cell.parts, cell.compute_weights(), strict=True):
+        getattr(plain, f"weight_{part}").copy_(w)
+        if cell.bias_ih is not None:
+            getattr(plain, f"bias_{part}").copy_(getattr(cell, f"bias_{part}"))
     name = _scale_name(cell.scale)
-    _copy_requires_grad(
-        plain,
-        cell,
-        {
-            "weight_ih": ("v_ih", f"{name}_ih"),
-            "weight_hh": ("v_hh", f"{name}_hh"),
-            "bias_ih": ("bias_ih",),
-            "bias_hh": ("bias_hh",),
-        },
+    parts = {f"weight_{part}": (f"v_{part}", f"{name}_{part}") for part in cell.parts}
+    if cell.bias_ih is not None:
+        parts.update({f"bias_{part}": (f"bias_{part}",) for part in cell.parts})
+    _copy_requires_grad(plain, cell, parts)
+
+
+def _fold_stack(stack: WNRNNBase) -> nn.RNNBase:
+    plain = _PLAIN_STACKS[type(stack)](
+        stack.input_size,
+        stack.hidden_size,
+        num_layers=stack.num_layers,
+        bias=stack.bias,
+        batch_first=stack.batch_first,
+        dropout=stack.dropout,
+        bidirectional=stack.bidirectional,
+        **_factory(stack.cells[0].v_ih),
+        **_nonlinearity(stack),
     )
+    for layer in range(stack.num_layers):
+        for reverse in range(stack.num_directions):
+            _fold_cell(stack.cell(layer, bool(reverse)), _weights_of(plain, layer, bool(reverse)))
     return plain
 
 
 def _fold_leaf(module: nn.Module) -> nn.Module | None:
-    if type(module) in _TO_PLAIN:
+    kind = type(module)
+    if kind in _TO_PLAIN:
         return _fold_layer(module)
-    if type(module) is WNLSTMCell:
-        return _fold_lstm(module)
+    if kind in _PLAIN_CELLS:
+        plain = _PLAIN_CELLS[kind](
+            module.input_size,
+            module.hidden_size,
+            module.bias_ih is not None,
+            **_factory(module.v_ih),
+            **_nonlinearity(module),
+        )
+        _fold_cell(module, plain)
+        return plain
+    if kind in _PLAIN_STACKS:
+        return _fold_stack(module)
     return None
 
 
@@ -286,7 +370,8 @@ def remove_weight_norm(module: nn.Module) -> nn.Module:
     left = [
         _label(name, m)
         for name, m in module.named_modules()
-        if isinstance(m, (WNLayer, WNLSTMCell)) and type(m) not in (*_TO_PLAIN, WNLSTMCell)
+        if isinstance(m, (WNLayer, WNRNNCellBase, WNRNNBase))
+        and type(m) not in (*_TO_PLAIN, *_PLAIN_CELLS, *_PLAIN_STACKS)
     ]
     module = _replace_leaves(module, _fold_leaf, {})
     if left:

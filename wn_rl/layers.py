@@ -21,7 +21,7 @@ import contextlib
 import functools
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,9 +34,12 @@ __all__ = [
     "WNConv1d",
     "WNConv2d",
     "WNConvTranspose2d",
+    "WNGRUCell",
     "WNLSTMCell",
     "WNLayer",
     "WNLinear",
+    "WNRNNCell",
+    "WNRNNCellBase",
     "cached",
     "mark_initializable",
 ]
@@ -464,20 +467,21 @@ class WNConvTranspose2d(_WNConvNd):
         )
 
 
-class WNLSTMCell(nn.Module):
-    """LSTM cell with weight-normalized ``weight_ih`` and ``weight_hh``: one g per row of each (eq. 2),
-    parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``, ``bias_ih``, ``bias_hh``; with ``scale="exp"``
-    ``s_ih`` and ``s_hh`` replace ``g_ih`` and ``g_hh``, with g = exp(s) (section 2).
+class WNRNNCellBase(nn.Module):
+    """What the weight-normalized recurrent cells share: ``weight_ih`` and ``weight_hh`` each
+    reparameterized with one g per row (eq. 2), parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``,
+    ``bias_ih``, ``bias_hh``; with ``scale="exp"`` ``s_ih`` and ``s_hh`` replace ``g_ih`` and ``g_hh``,
+    with g = exp(s) (section 2).
 
-    A fresh cell starts from ``nn.LSTMCell``'s own initialization written as g = ||w||, v = w (s = log ||w||
+    A fresh cell starts from its torch cell's own initialization written as g = ||w||, v = w (s = log ||w||
     with ``scale="exp"``): the paper keeps the standard initialization for recurrent weights (section 3) and
-    data-dependent init leaves the cell alone. Args and inputs/outputs are those of ``nn.LSTMCell`` plus
-    keyword-only ``scale`` (see :class:`WNLinear`). ``.weight_ih`` and ``.weight_hh`` are the effective
-    weights; inside :func:`cached` both are computed once for a whole time loop.
+    data-dependent init leaves the cell alone. ``.weight_ih`` and ``.weight_hh`` are the effective weights;
+    inside :func:`cached` both are computed once for a whole time loop.
     """
 
     parts = ("ih", "hh")
     scale: str = "linear"  # the class default serves cells pickled before the option existed (all linear)
+    _plain_cls: type[nn.RNNCellBase]
 
     def __init__(
         self,
@@ -488,10 +492,11 @@ class WNLSTMCell(nn.Module):
         dtype: Any = None,
         *,
         scale: str = "linear",
+        **plain_kwargs: Any,
     ) -> None:
         super().__init__()
         _check_scale(scale)
-        plain = nn.LSTMCell(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
+        plain = self._plain_cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype, **plain_kwargs)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.scale = scale
@@ -500,7 +505,7 @@ class WNLSTMCell(nn.Module):
         self._load_plain(plain)
 
     @torch.no_grad()
-    def _load_plain(self, plain: nn.LSTMCell) -> None:
+    def _load_plain(self, plain: nn.RNNCellBase) -> None:
         """Take ``plain``'s weights as g = ||w|| (or s = log ||w||), v = w, and its biases as they are."""
         for part in self.parts:
             v, norm = _direction_and_norm(getattr(plain, f"weight_{part}").detach())
@@ -519,7 +524,7 @@ class WNLSTMCell(nn.Module):
 
     @property
     def g_values(self) -> tuple[Tensor, Tensor]:
-        """The per-row scales g of (weight_ih, weight_hh) (``exp(s)`` for ``scale="exp"``), each ``(4 * hidden,)``."""
+        """The per-row scales g of (weight_ih, weight_hh) (``exp(s)`` for ``scale="exp"``)."""
         ih, hh = (_g_from_parameter(p, self.scale) for p in self.scale_parameters())
         return ih, hh
 
@@ -548,22 +553,25 @@ class WNLSTMCell(nn.Module):
     def weight_hh(self) -> Tensor:
         return self._weights()[1]
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def _step(self, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor) -> Any:
+        """One step of the torch cell with the effective weights; ``input`` and ``hx`` batched."""
+        raise NotImplementedError
+
+    def _zero_state(self, input: Tensor) -> Any:
+        return input.new_zeros(input.size(0), self.hidden_size)
+
+    def forward(self, input: Tensor, hx: Any = None) -> Any:
         if input.dim() not in (1, 2):
-            raise ValueError(f"WNLSTMCell expects a 1D or 2D input, got shape {tuple(input.shape)}")
+            raise ValueError(f"{type(self).__name__} expects a 1D or 2D input, got shape {tuple(input.shape)}")
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
             if hx is not None:
-                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+                hx = _map_state(hx, lambda state: state.unsqueeze(0))
         if hx is None:
-            zeros = input.new_zeros(input.size(0), self.hidden_size)
-            hx = (zeros, zeros)
-        w_ih, w_hh = self._weights()
-        h, c = torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-        if not batched:
-            return h.squeeze(0), c.squeeze(0)
-        return h, c
+            hx = self._zero_state(input)
+        out = self._step(input, hx, *self._weights())
+        return out if batched else _map_state(out, lambda state: state.squeeze(0))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cached_weights": None, "_cache_depth": 0}
@@ -572,8 +580,74 @@ class WNLSTMCell(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, scale={self.scale!r}"
 
 
+def _map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to a recurrent state: one tensor, or an LSTM's ``(h, c)``."""
+    return tuple(fn(part) for part in state) if isinstance(state, tuple) else fn(state)
+
+
+class WNLSTMCell(WNRNNCellBase):
+    """``nn.LSTMCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
+    :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.LSTMCell`` plus keyword-only
+    ``scale`` (see :class:`WNLinear`); a fresh cell starts from ``nn.LSTMCell``'s init as g = ||w||, v = w.
+    """
+
+    _plain_cls = nn.LSTMCell
+
+    def _zero_state(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        zeros = super()._zero_state(input)
+        return zeros, zeros
+
+    def _step(self, input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+        return torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
+
+
+class WNGRUCell(WNRNNCellBase):
+    """``nn.GRUCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
+    :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.GRUCell`` plus keyword-only
+    ``scale``; a fresh cell starts from ``nn.GRUCell``'s init as g = ||w||, v = w.
+    """
+
+    _plain_cls = nn.GRUCell
+
+    def _step(self, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> Tensor:
+        return torch._VF.gru_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
+
+
+class WNRNNCell(WNRNNCellBase):
+    """``nn.RNNCell`` (``nonlinearity`` ``"tanh"`` or ``"relu"``) with weight-normalized ``weight_ih`` and
+    ``weight_hh``, one g per row (see :class:`WNRNNCellBase`). Args and inputs/outputs are those of
+    ``nn.RNNCell`` plus keyword-only ``scale``; a fresh cell starts from ``nn.RNNCell``'s init as g = ||w||, v = w.
+    """
+
+    _plain_cls = nn.RNNCell
+    nonlinearity: str = "tanh"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        scale: str = "linear",
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"WNRNNCell: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
+        super().__init__(input_size, hidden_size, bias, device, dtype, scale=scale, nonlinearity=nonlinearity)
+        self.nonlinearity = nonlinearity
+
+    def _step(self, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> Tensor:
+        cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
+        return cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"
+
+
 def _cacheable(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (WNLayer, WNLSTMCell))]
+    return [m for m in model.modules() if isinstance(m, (WNLayer, WNRNNCellBase))]
 
 
 def _clear_cache(module: nn.Module) -> None:

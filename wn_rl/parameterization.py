@@ -38,11 +38,13 @@ from wn_rl.layers import (
     WNConv1d,
     WNConv2d,
     WNConvTranspose2d,
+    WNGRUCell,
     WNLinear,
     WNLSTMCell,
     _check_scale,
     mark_initializable,
 )
+from wn_rl.recurrent import WNGRU, WNLSTM
 
 __all__ = ["PARAMETERIZATIONS", "NORMS", "Parameterization", "mlp", "register_parameterization"]
 
@@ -137,13 +139,29 @@ class Parameterization:
             layer = self._plain(nn.Linear, init_scale, in_features, out_features, bias, **factory)
         return self._finish(layer, out_features, 0, factory)
 
+    def _recurrent(self, plain: type[nn.Module], wn: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+        """``wn(*args, **kwargs)`` with this ``scale`` under weight norm, else ``plain(*args, **kwargs)``.
+        Never a norm layer: recurrent layers keep their own initialization and no batch statistics
+        (section 5.3)."""
+        return wn(*args, **kwargs, scale=self.scale) if self.weight_norm else plain(*args, **kwargs)
+
     def lstm_cell(self, input_size: int, hidden_size: int, *, bias: bool = True, **factory: Any) -> nn.Module:
-        """An LSTM cell in this parameterization: :class:`WNLSTMCell` (with this ``scale``) under weight norm,
-        else ``nn.LSTMCell``. Never a norm layer: recurrent cells keep their own initialization and no batch
-        statistics (section 5.3)."""
-        if self.weight_norm:
-            return WNLSTMCell(input_size, hidden_size, bias, scale=self.scale, **factory)
-        return nn.LSTMCell(input_size, hidden_size, bias, **factory)
+        """An LSTM cell in this parameterization: :class:`WNLSTMCell` under weight norm, else ``nn.LSTMCell``."""
+        return self._recurrent(nn.LSTMCell, WNLSTMCell, input_size, hidden_size, bias, **factory)
+
+    def gru_cell(self, input_size: int, hidden_size: int, *, bias: bool = True, **factory: Any) -> nn.Module:
+        """A GRU cell in this parameterization: :class:`WNGRUCell` under weight norm, else ``nn.GRUCell``."""
+        return self._recurrent(nn.GRUCell, WNGRUCell, input_size, hidden_size, bias, **factory)
+
+    def lstm(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any) -> nn.Module:
+        """A multi-layer LSTM in this parameterization: :class:`wn_rl.WNLSTM` (a time loop over WN cells)
+        under weight norm, else ``nn.LSTM``; ``kwargs`` as ``nn.LSTM``'s (``batch_first``, ``dropout``, ...)."""
+        return self._recurrent(nn.LSTM, WNLSTM, input_size, hidden_size, num_layers, **kwargs)
+
+    def gru(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any) -> nn.Module:
+        """A multi-layer GRU in this parameterization: :class:`wn_rl.WNGRU` under weight norm, else ``nn.GRU``;
+        ``kwargs`` as ``nn.GRU``'s."""
+        return self._recurrent(nn.GRU, WNGRU, input_size, hidden_size, num_layers, **kwargs)
 
     def conv1d(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wn_rl.layers import WNLayer, WNLSTMCell
+from wn_rl.layers import WNLayer, WNRNNCellBase
 
 __all__ = ["wn_histograms", "wn_stats"]
 
@@ -21,7 +21,7 @@ def _per_unit(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     for name, module in model.named_modules():
         if isinstance(module, WNLayer):
             found[name or "layer"] = (module.g_value.detach().float(), module.v_norm().detach())
-        elif isinstance(module, WNLSTMCell):
+        elif isinstance(module, WNRNNCellBase):
             for part, g in zip(module.parts, module.g_values, strict=True):
                 v = getattr(module, f"v_{part}").detach().float()
                 found[f"{name or 'cell'}.{part}"] = (g.detach().float(), torch.linalg.vector_norm(v, dim=1))

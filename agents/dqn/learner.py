@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from agents.dqn.config import AgentConfig
 from agents.dqn.replay import ReplayBatch, ReplayMemory
-from wn_rl import WNLayer, WNLSTMCell, remove_weight_norm
+from wn_rl import WNLayer, WNRNNCellBase, remove_weight_norm
 from wn_rl.config import ConfigError
 
 __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "parameter_gap", "td_loss", "td_targets"]
@@ -53,7 +53,7 @@ def _folded(target: nn.Module) -> nn.Module:
     """``target`` with its weight-normalized layers folded into plain ones (w = g v / ||v|| computed once),
     or ``target`` itself when it has none. The target network changes only at a sync, so its TD targets
     need no norms per update: a frozen copy computes them at ``normal``'s cost."""
-    if not any(isinstance(m, (WNLayer, WNLSTMCell)) for m in target.modules()):
+    if not any(isinstance(m, (WNLayer, WNRNNCellBase)) for m in target.modules()):
         return target
     with torch.no_grad():
         folded = remove_weight_norm(copy.deepcopy(target)).eval()
