@@ -263,6 +263,20 @@ def test_projected_lstm_is_left_plain_with_a_warning_and_the_rest_converted():
     assert type(model["gru"]) is WNGRU and type(model["cell"]) is WNGRUCell
 
 
+def test_folding_leaves_a_subclassed_stack_whole_with_its_cells():
+    class Peephole(WNLSTM):  # a user's variant whose forward relies on its WN cells
+        pass
+
+    model = nn.ModuleDict({"lstm": Peephole(3, 4), "head": wn_rl.WNLinear(4, 2)})
+    x = torch.randn(5, 2, 3)
+    expected = model["lstm"](x)
+    with pytest.warns(UserWarning, match=r"\['lstm \(Peephole\)'\] unchanged"):
+        remove_weight_norm(model)
+    assert type(model["lstm"]) is Peephole and type(model["lstm"].cells[0]) is WNLSTMCell
+    _assert_same(model["lstm"](x), expected)
+    assert type(model["head"]) is nn.Linear
+
+
 def test_frozen_recurrent_weights_stay_frozen_through_conversion_and_folding():
     lstm = nn.LSTM(3, 4, 2)
     lstm.weight_hh_l1.requires_grad_(False)

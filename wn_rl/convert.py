@@ -359,6 +359,8 @@ def _fold_leaf(module: nn.Module) -> nn.Module | None:
         return plain
     if kind in _PLAIN_STACKS:
         return _fold_stack(module)
+    if isinstance(module, WNRNNBase):  # a subclass, left whole (and named): its forward reads its WN cells
+        return module
     return None
 
 
