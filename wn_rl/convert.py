@@ -129,6 +129,12 @@ def _nonlinearity(module: nn.Module) -> dict[str, str]:
     return {"nonlinearity": module.nonlinearity} if hasattr(module, "nonlinearity") else {}
 
 
+def _stack_options(stack: nn.Module) -> dict[str, Any]:
+    """The constructor arguments of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` or its WN drop-in, read off ``stack``."""
+    names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+    return {**{name: getattr(stack, name) for name in names}, **_nonlinearity(stack)}
+
+
 def _weights_of(stack: nn.Module, layer: int, reverse: bool) -> SimpleNamespace:
     """One layer and direction of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` under a cell's parameter names."""
     suffix = f"_l{layer}{'_reverse' if reverse else ''}"
@@ -145,19 +151,7 @@ def _to_wn_cell(plain: Any, cell: WNRNNCellBase, scale: str) -> WNRNNCellBase:
 
 
 def _to_wn_stack(plain: nn.RNNBase, scale: str) -> WNRNNBase:
-    cls = _STACKS[type(plain)]
-    stack = cls(
-        plain.input_size,
-        plain.hidden_size,
-        num_layers=plain.num_layers,
-        bias=plain.bias,
-        batch_first=plain.batch_first,
-        dropout=plain.dropout,
-        bidirectional=plain.bidirectional,
-        **_factory(plain.weight_ih_l0),
-        **_nonlinearity(plain),
-        scale=scale,
-    )
+    stack = _STACKS[type(plain)](**_stack_options(plain), **_factory(plain.weight_ih_l0), scale=scale)
     for layer in range(plain.num_layers):
         for reverse in range(stack.num_directions):
             _to_wn_cell(_weights_of(plain, layer, bool(reverse)), stack.cell(layer, bool(reverse)), scale)
@@ -326,17 +320,7 @@ def _fold_cell(cell: WNRNNCellBase, plain: Any) -> None:
 
 
 def _fold_stack(stack: WNRNNBase) -> nn.RNNBase:
-    plain = _PLAIN_STACKS[type(stack)](
-        stack.input_size,
-        stack.hidden_size,
-        num_layers=stack.num_layers,
-        bias=stack.bias,
-        batch_first=stack.batch_first,
-        dropout=stack.dropout,
-        bidirectional=stack.bidirectional,
-        **_factory(stack.cells[0].v_ih),
-        **_nonlinearity(stack),
-    )
+    plain = _PLAIN_STACKS[type(stack)](**_stack_options(stack), **_factory(stack.cells[0].v_ih))
     for layer in range(stack.num_layers):
         for reverse in range(stack.num_directions):
             _fold_cell(stack.cell(layer, bool(reverse)), _weights_of(plain, layer, bool(reverse)))
