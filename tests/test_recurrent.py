@@ -3,6 +3,7 @@ nn.RNN (wn_rl.recurrent) with what weight_norm / remove_weight_norm do to them."
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -399,3 +400,22 @@ def test_parameterization_builds_recurrent_layers_with_weight_norm_or_plain(name
     assert built["lstm"].batch_first and built["gru"].bidirectional and built["gru"].num_layers == 2
     if p.weight_norm:
         assert built["gru"].scale == p.scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stack_runs_cudnn_with_the_effective_weights():
+    """On a GPU the kernel is cuDNN's: the converted LSTM matches nn.LSTM, trains, says nothing about copying
+    its (computed) weights into cuDNN's buffer, and runs under autocast."""
+    torch.manual_seed(0)
+    plain = nn.LSTM(5, 7, 2, batch_first=True, bidirectional=True).cuda()
+    converted = weight_norm(copy.deepcopy(plain))
+    x = torch.randn(4, 6, 5, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = converted(x)
+    _assert_same(got, plain(x), rtol=1e-4, atol=1e-5)
+    got[0].square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in converted.parameters())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = converted(x)
+    assert torch.isfinite(out.float()).all()
