@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,9 +31,11 @@ _TORCH_NAME = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)(_reverse)?")
 State = tuple[Tensor, ...]  # (h,) or an LSTM's (h, c), each (batch, hidden)
 
 
-def _run_kernel(kernel: Callable[..., tuple[Tensor, ...]], *args: Any) -> tuple[Tensor, ...]:
-    """``kernel(*args)``. On CUDA without the warning cuDNN gives when it copies the weights into one
-    buffer: ours are computed anew at every call, so that copy is expected (one more pass over them)."""
+def _run_kernel(name: str, *args: Any) -> tuple[Tensor, ...]:
+    """PyTorch's recurrent kernel ``torch._VF.<name>(*args)`` (``lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu``).
+    On CUDA without the warning cuDNN gives when it copies the weights into one buffer: ours are computed
+    anew at every call, so that copy is expected (one more pass over them)."""
+    kernel = getattr(torch._VF, name)
     if not args[0].is_cuda or torch.compiler.is_compiling():  # Dynamo cannot trace warnings filters
         return kernel(*args)
     with warnings.catch_warnings():
@@ -193,9 +194,7 @@ class WNRNNBase(nn.Module):
             result = run(self._kernel, input, batch_sizes, hx, self._flat_weights(), *options)
         return result[0], tuple(result[1:])
 
-    @property
-    def _kernel(self) -> Callable[..., tuple[Tensor, ...]]:
-        raise NotImplementedError
+    _kernel: str  # the torch._VF function that runs the whole stack
 
     def forward(self, input: Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
         if isinstance(input, PackedSequence):
@@ -243,7 +242,7 @@ class WNLSTM(WNRNNBase):
 
     _cell_cls = WNLSTMCell
     _has_cell_state = True
-    _kernel = staticmethod(torch._VF.lstm)
+    _kernel = "lstm"
 
     def __init__(
         self,
@@ -276,7 +275,7 @@ class WNGRU(WNRNNBase):
     from the same weights."""
 
     _cell_cls = WNGRUCell
-    _kernel = staticmethod(torch._VF.gru)
+    _kernel = "gru"
 
 
 class WNRNN(WNRNNBase):
@@ -320,8 +319,8 @@ class WNRNN(WNRNNBase):
         return self.cells[0].nonlinearity
 
     @property
-    def _kernel(self) -> Callable[..., tuple[Tensor, ...]]:
-        return torch._VF.rnn_tanh if self.nonlinearity == "tanh" else torch._VF.rnn_relu
+    def _kernel(self) -> str:
+        return f"rnn_{self.nonlinearity}"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"
