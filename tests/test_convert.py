@@ -229,8 +229,8 @@ def test_lazy_layers_weight_norm_never_converts_are_not_refused(recwarn):
     assert isinstance(converted[0], WNLinear) and isinstance(converted[3], WNLinear)
     assert isinstance(converted[1], nn.LazyBatchNorm1d)
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
-    with pytest.warns(UserWarning, match=r"'1 \(LazyConv3d\)'.*Conv1d, Conv2d and ConvTranspose2d"):
-        weight_norm(nn.Sequential(nn.Linear(1, 1), nn.LazyConv3d(1, 1)))  # a Conv3d stays plain either way
+    with pytest.raises(ValueError, match=r"'1 \(LazyConv3d\)'"):  # convertible since WNConv3d exists
+        weight_norm(nn.Sequential(nn.Linear(1, 1), nn.LazyConv3d(1, 1)))
 
 
 class ScaledLinear(nn.Linear):
@@ -245,8 +245,48 @@ def test_layers_left_plain_are_named_in_a_warning():
         weight_norm(model)
     messages = " ".join(str(w.message) for w in record)
     assert "'0 (ScaledLinear)'" in messages and "'attention.out_proj (NonDynamicallyQuantizableLinear)'" in messages
-    assert "'1 (Conv3d)'" in messages and "Conv1d, Conv2d and ConvTranspose2d" in messages
-    assert type(model[0]) is ScaledLinear and type(model[1]) is nn.Conv3d and isinstance(model[2], WNLinear)
+    assert "Conv3d" not in messages
+    assert type(model[0]) is ScaledLinear and isinstance(model[1], wn_rl.WNConv3d) and isinstance(model[2], WNLinear)
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_every_torch_convolution_converts_and_folds_back_exactly(scale, recwarn):
+    torch.manual_seed(0)
+    cases = [
+        (nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1, padding_mode="circular"), torch.randn(2, 2, 5, 6, 4)),
+        (nn.Conv3d(4, 4, 3, groups=2, dilation=2, bias=False), torch.randn(2, 4, 6, 6, 6)),
+        (nn.ConvTranspose1d(2, 4, 3, stride=2, output_padding=1), torch.randn(3, 2, 5)),
+        (nn.ConvTranspose3d(2, 4, (2, 3, 2), stride=2, padding=(0, 1, 0)), torch.randn(2, 2, 3, 4, 3)),
+    ]
+    for plain, x in cases:
+        plain = plain.double()
+        x = x.double()
+        expected = plain(x)
+        converted = weight_norm(copy.deepcopy(plain), scale=scale)
+        assert type(converted).__name__ == "WN" + type(plain).__name__
+        torch.testing.assert_close(converted(x), expected)
+        norms = converted.weight.movedim(converted.norm_dim, 0).flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, converted.g_value)  # one g per output channel, dim 1 when transposed
+        folded = remove_weight_norm(converted)
+        assert type(folded) is type(plain)
+        torch.testing.assert_close(folded(x), expected)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    up = weight_norm(nn.ConvTranspose1d(2, 4, 3, stride=2))
+    torch.testing.assert_close(up(torch.randn(1, 2, 5), output_size=[12]).shape[-1], 12)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_data_dependent_init_of_converted_3d_convolutions(transposed):
+    """Section 3 per output channel, over the batch and all three spatial axes."""
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose3d(2, 4, 2, stride=2) if transposed else nn.Conv3d(2, 4, 3)
+    x = torch.randn(16, 2, 5, 5, 4)
+    converted = weight_norm(layer, init_scale=0.5)
+    wn_rl.data_dependent_init(converted, x)
+    with torch.no_grad():
+        out = converted(x)
+    torch.testing.assert_close(out.mean((0, 2, 3, 4)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std((0, 2, 3, 4)), torch.full((4,), 0.5), atol=5e-3, rtol=0)
 
 
 def test_a_model_with_only_convertible_layers_converts_without_warnings(recwarn):

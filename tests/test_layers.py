@@ -9,7 +9,18 @@ import torch
 from torch import nn
 
 import wn_rl
-from wn_rl import MeanOnlyBatchNorm, WNConv1d, WNConv2d, WNConvTranspose2d, WNLinear, WNLSTMCell, cached
+from wn_rl import (
+    MeanOnlyBatchNorm,
+    WNConv1d,
+    WNConv2d,
+    WNConv3d,
+    WNConvTranspose1d,
+    WNConvTranspose2d,
+    WNConvTranspose3d,
+    WNLinear,
+    WNLSTMCell,
+    cached,
+)
 
 torch.set_num_threads(2)
 
@@ -22,10 +33,13 @@ def _layers(dtype=torch.float32, scale="linear"):
         (WNConvTranspose2d(2, 3, 3, stride=2, dtype=dtype, scale=scale), torch.randn(4, 2, 4, 4, dtype=dtype)),
         # big enough for the CPU's output-scaling form (wn_rl.layers._WNLinearFn)
         (WNLinear(512, 128, dtype=dtype, scale=scale), torch.randn(4, 512, dtype=dtype)),
+        (WNConv3d(2, 3, 3, padding=1, dtype=dtype, scale=scale), torch.randn(2, 2, 4, 4, 3, dtype=dtype)),
+        (WNConvTranspose1d(2, 3, 3, stride=2, dtype=dtype, scale=scale), torch.randn(4, 2, 5, dtype=dtype)),
+        (WNConvTranspose3d(2, 3, 2, stride=2, dtype=dtype, scale=scale), torch.randn(2, 2, 3, 2, 3, dtype=dtype)),
     ]
 
 
-LAYER_CASES = range(5)
+LAYER_CASES = range(8)
 
 
 def _unit_slices(layer, w):
@@ -104,7 +118,10 @@ def _plain_forward(layer, x, w):
         return nn.functional.conv1d(x, w, layer.bias, layer.stride, layer.padding)
     if isinstance(layer, WNConv2d):
         return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding)
-    return nn.functional.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding)
+    if isinstance(layer, WNConv3d):
+        return nn.functional.conv3d(x, w, layer.bias, layer.stride, layer.padding)
+    transposed = getattr(nn.functional, f"conv_transpose{len(layer.kernel_size)}d")
+    return transposed(x, w, layer.bias, layer.stride, layer.padding)
 
 
 def test_plain_sgd_never_shrinks_v_norm():

@@ -22,7 +22,10 @@ from wn_rl.layers import (
     _CONV_HYPERPARAMETERS,
     WNConv1d,
     WNConv2d,
+    WNConv3d,
+    WNConvTranspose1d,
     WNConvTranspose2d,
+    WNConvTranspose3d,
     WNGRUCell,
     WNLayer,
     WNLinear,
@@ -43,7 +46,10 @@ _TO_WN: dict[type[nn.Module], type[WNLayer]] = {
     nn.Linear: WNLinear,
     nn.Conv1d: WNConv1d,
     nn.Conv2d: WNConv2d,
+    nn.Conv3d: WNConv3d,
+    nn.ConvTranspose1d: WNConvTranspose1d,
     nn.ConvTranspose2d: WNConvTranspose2d,
+    nn.ConvTranspose3d: WNConvTranspose3d,
 }
 _TO_PLAIN = {wn: plain for plain, wn in _TO_WN.items()}
 _CELLS: dict[type[nn.Module], type[WNRNNCellBase]] = {
@@ -189,7 +195,7 @@ def _check_convertible(module: nn.Module) -> None:
         for name, m in module.named_modules()
         if isinstance(m, nn.modules.lazy.LazyModuleMixin)
         and m.has_uninitialized_params()
-        and getattr(m, "cls_to_become", None) in _TO_WN  # a lazy BatchNorm or Conv3d stays plain either way
+        and getattr(m, "cls_to_become", None) in _TO_WN  # a lazy BatchNorm stays plain either way
     ]
     if lazy:
         raise ValueError(
@@ -231,7 +237,7 @@ def _replace_leaves(
 
 
 def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "linear") -> nn.Module:
-    """Replace every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, recurrent cell
+    """Replace every ``nn.Linear``, convolution (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``), recurrent cell
     (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) and recurrent stack (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``)
     in ``module`` by its WN equivalent with g = ||w|| and v = w, so outputs are unchanged. Returns ``module``
     (modified in place) or, if ``module`` itself is such a layer, its replacement. The stacks become
@@ -280,7 +286,8 @@ def _left_plain(module: nn.Module) -> dict[str, list[str]]:
         "owns its out_proj) may use .weight in its own way. Replace them with wn_rl layers where that is safe.": (
             subclasses
         ),
-        "wn_rl has weight-normalized Conv1d, Conv2d and ConvTranspose2d only.": other_convs,
+        "they are convolutions of a kind wn_rl has no weight-normalized equivalent for (it has Conv1d/2d/3d and "
+        "ConvTranspose1d/2d/3d).": other_convs,
     }
 
 

@@ -33,7 +33,10 @@ __all__ = [
     "MeanOnlyBatchNorm",
     "WNConv1d",
     "WNConv2d",
+    "WNConv3d",
+    "WNConvTranspose1d",
     "WNConvTranspose2d",
+    "WNConvTranspose3d",
     "WNGRUCell",
     "WNLSTMCell",
     "WNLayer",
@@ -449,22 +452,54 @@ class WNConv2d(_WNConvNd):
         return nn.Conv2d._conv_forward(self, input, self.weight, self.bias)
 
 
-class WNConvTranspose2d(_WNConvNd):
-    """Weight-normalized ``nn.ConvTranspose2d``: one (g, v) per output channel, i.e. the norm is taken
-    per index of ``v``'s dim 1 (the weight is ``[in, out, kh, kw]``). ``groups`` must be 1."""
+class WNConv3d(_WNConvNd):
+    """Weight-normalized ``nn.Conv3d``: one (g, v) per output channel (eq. 2). Args as ``nn.Conv3d``
+    plus keyword-only ``init_scale`` and ``scale`` (see :class:`WNLinear`)."""
 
-    _torch_cls = nn.ConvTranspose2d
+    _torch_cls = nn.Conv3d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return nn.Conv3d._conv_forward(self, input, self.weight, self.bias)
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _WNConvTransposeNd(_WNConvNd):
+    """Weight-normalized transposed convolutions: one (g, v) per output channel, i.e. the norm is taken
+    per index of ``v``'s dim 1 (the weight is ``[in, out, ...]``). ``groups`` must be 1."""
+
     norm_dim = 1
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.padding_mode != "zeros":
-            raise ValueError("Only 'zeros' padding mode is supported for WNConvTranspose2d")
-        output_padding = nn.ConvTranspose2d._output_padding(
-            self, input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+            raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
+        dims = len(self.kernel_size)
+        output_padding = self._torch_cls._output_padding(
+            self, input, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation
         )
-        return F.conv_transpose2d(
+        return _CONV_TRANSPOSE[dims](
             input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
+
+
+class WNConvTranspose1d(_WNConvTransposeNd):
+    """Weight-normalized ``nn.ConvTranspose1d`` (see :class:`WNConvTranspose2d`)."""
+
+    _torch_cls = nn.ConvTranspose1d
+
+
+class WNConvTranspose2d(_WNConvTransposeNd):
+    """Weight-normalized ``nn.ConvTranspose2d``: one (g, v) per output channel, i.e. the norm is taken
+    per index of ``v``'s dim 1 (the weight is ``[in, out, kh, kw]``). ``groups`` must be 1."""
+
+    _torch_cls = nn.ConvTranspose2d
+
+
+class WNConvTranspose3d(_WNConvTransposeNd):
+    """Weight-normalized ``nn.ConvTranspose3d`` (see :class:`WNConvTranspose2d`)."""
+
+    _torch_cls = nn.ConvTranspose3d
 
 
 class WNRNNCellBase(nn.Module):
