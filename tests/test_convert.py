@@ -318,6 +318,23 @@ def test_layers_with_torch_parametrizations_are_left_with_the_way_to_convert_the
     assert torch.nn.utils.parametrize.is_parametrized(model[0]) and isinstance(model[1], WNLinear)
 
 
+def test_exp_scale_conversion_where_denormals_are_flushed():
+    """A library built with -ffast-math (torch 2.4's compiled CPU kernels) flushes denormals for the whole
+    process; the exp-scale conversion then raised 'math domain error' for every model."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        plain = nn.Linear(3, 2).double()
+        with torch.no_grad():
+            plain.weight[0] = 0.0
+        converted = weight_norm(copy.deepcopy(plain), scale="exp")
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.isfinite(converted.s).all() and not converted.weight[0].any()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), plain(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_rows_convert_to_exp_scale_with_finite_parameters_and_zero_weights(dtype):
     # s = log 0 = -inf gave the same outputs, but NaN/inf guards (SB3's, the native DQN's) check every parameter

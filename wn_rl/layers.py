@@ -76,7 +76,10 @@ def _parameter_from_g(g: Tensor, scale: str) -> Tensor:
     if scale == "linear":
         return g
     info = torch.finfo(g.dtype)
-    below_smallest = math.log(info.smallest_normal * info.eps) - 1.0  # under the smallest subnormal
+    # under the smallest subnormal, smallest_normal * eps, as a sum of logs: the product itself is 0 where
+    # denormals are flushed (a library built with -ffast-math, such as torch 2.4's compiled CPU kernels, sets
+    # that for the whole process), and log(0) raised
+    below_smallest = math.log(info.smallest_normal) + math.log(info.eps) - 1.0
     return torch.where(g > 0, g.log(), torch.full_like(g, below_smallest))
 
 
