@@ -3,18 +3,23 @@ parameters; write the training-error curves (Figure 1) as a PNG and the test err
 
     python scripts/compare_parameterizations.py --download cifar.epochs=10 cifar.decay_start=5
 
-A checkpoint or log that cannot be written (a full disk) exits with 1 and a message naming the file.
+A bad config or a missing dataset exits with 2, a checkpoint or log that cannot be written (a full disk)
+with 1, each with one line naming the cause.
 """
 
 from pathlib import Path
 
-from wn_rl.models.cli import exit_on_write_error, parse_config
+from wn_rl.models.cli import exit_on_error, parse_config
 from wn_rl.models.comparison import CompareConfig, run_comparison
 
 if __name__ == "__main__":
     config = parse_config(
-        CompareConfig, "configs/paper/compare_parameterizations.yaml", __doc__, download_key="cifar.download"
+        CompareConfig,
+        "configs/paper/compare_parameterizations.yaml",
+        __doc__,
+        download_key="cifar.download",
+        example="cifar.epochs=10 cifar.decay_start=5",
     )
-    with exit_on_write_error():
+    with exit_on_error():
         run_comparison(config)
     print(Path(config.out_dir, "table2.md").read_text())

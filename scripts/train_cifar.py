@@ -5,13 +5,14 @@ python scripts/train_cifar.py --config configs/paper/cifar10.yaml parameterizati
 Rerunning the same command resumes an interrupted run from its newest checkpoint (--force: even with a
 changed config); SIGINT/SIGTERM write a checkpoint and exit with 130/143. A checkpoint or log that
 cannot be written (a full disk) exits with 1 and a message naming the file; the previous checkpoint is intact.
+A bad config or a missing dataset exits with 2 and one line saying what to fix.
 """
 
 from wn_rl.models.cifar_experiment import CifarConfig, train_cifar
-from wn_rl.models.cli import exit_on_write_error, parse_training_command
+from wn_rl.models.cli import exit_on_error, parse_training_command
 
 if __name__ == "__main__":
     config, force = parse_training_command(CifarConfig, "configs/paper/cifar10.yaml", __doc__)
-    with exit_on_write_error():
+    with exit_on_error():
         result = train_cifar(config, force=force)
     print(f"final test error {result.final_test_error:.4f}; checkpoint {result.checkpoint}")

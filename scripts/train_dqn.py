@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted again: quit without a new checkpoint; the previous one is intact", file=sys.stderr)
+        previous = trainer.last_checkpoint
+        kept = f"the previous one is intact: {previous}" if previous else "none was written yet, so it starts over"
+        print(f"interrupted again: quit without a new checkpoint; {kept}", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=1))
     if summary["interrupted"] is not None:

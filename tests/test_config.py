@@ -45,6 +45,7 @@ def test_yaml_and_overrides_build_a_frozen_typed_config(tmp_path):
     [
         ("lrr: 1.0\n", "unknown key 'lrr'; did you mean 'lr'"),
         ("env: {num_env: 2}\n", "env: unknown key 'num_env'"),
+        ("zzz: 1\n", "unknown key 'zzz'. Valid keys: ['env', 'hidden', 'lr', 'parameterization', 'seed']"),
         ("lr: fast\n", "lr: expected a number, got 'fast'"),
         ("env: {num_envs: 2.5}\n", "env.num_envs: expected an integer"),
         ("parameterization: wn\n", "'wn' is not one of"),

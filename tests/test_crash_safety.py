@@ -239,6 +239,34 @@ def test_signal_finishes_the_step_checkpoints_and_exits_with_the_convention(tmp_
     assert ck.load_checkpoint(saved[-1])["counters"]["agent_step"] == summary["agent_steps"]
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_second_ctrl_c_quits_at_once_and_says_whether_a_checkpoint_is_kept(
+    tmp_path, monkeypatch, capsys, checkpointed
+):
+    """The second Ctrl-C is a KeyboardInterrupt out of the loop: the script says which checkpoint the rerun
+    continues from, or that there is none yet (it said "the previous one is intact" either way)."""
+    import importlib.util
+
+    if checkpointed:
+        Trainer(_cartpole(tmp_path, **{"run.total_agent_steps": 400}), tmp_path / "run").run()
+
+    def second_ctrl_c(self, until_agent_step, bar=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "advance", second_ctrl_c)
+    spec = importlib.util.spec_from_file_location("wn_rl_script_train_dqn", ROOT / "scripts" / "train_dqn.py")
+    train_dqn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_dqn)
+    assert train_dqn.main(["--config", CARTPOLE, *_cartpole_overrides(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert bool(saved) == checkpointed
+    if checkpointed:
+        assert f"quit without a new checkpoint; the previous one is intact: {saved[-1]}" in err
+    else:
+        assert "quit without a new checkpoint; none was written yet, so it starts over" in err
+
+
 def test_a_committed_version_1_checkpoint_keeps_loading_and_resumes(tmp_path):
     data = ROOT / "tests" / "data" / "dqn_checkpoint_v1"
     run_dir = tmp_path / "run"

@@ -97,3 +97,23 @@ def test_send_then_recv_is_the_step_and_misuse_is_refused(suite, name):
     with pytest.raises(RuntimeError, match="twice without recv"):
         split.send(actions)
     split.close()  # with a step in flight
+
+
+def test_minatar_without_its_package_is_a_config_error_naming_the_extra(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setitem(sys.modules, "minatar", None)  # as in an install without the minatar extra
+    monkeypatch.setitem(sys.modules, "minatar.gym", None)
+    with pytest.raises(
+        ValueError, match=r"env\.suite=minatar needs the MinAtar package.*pip install -e '\.\[minatar\]'"
+    ):
+        make_env(EnvConfig(suite="minatar", name="breakout", num_envs=1))
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("wn_rl_script_train_dqn", root / "scripts" / "train_dqn.py")
+    train_dqn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_dqn)
+    config = str(root / "configs" / "dqn" / "minatar_breakout.yaml")
+    assert train_dqn.main(["--config", config, "run.runs_dir=/nonexistent/never-written"]) == 2
+    assert "pip install -e '.[minatar]'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,19 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
     summary = Trainer(config, tmp_path / "run").run()
     assert summary["agent_steps"] == 200 and summary["checkpoint"] == str(checkpoint)
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (checkpoint, marker)] == before
+
+
+def test_rerunning_a_finished_run_says_it_is_complete_not_that_updates_wait(tmp_path):
+    """Without the replay saved, a resume warns that updates wait for a refill; a finished run trains no step."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    Trainer(config, tmp_path / "run").run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = Trainer(config, tmp_path / "run").run()
+    messages = [str(w.message) for w in caught if "resumed from" in str(w.message)]
+    assert summary["agent_steps"] == 200 and len(messages) == 1
+    assert "at agent step 200; the run is complete (run.total_agent_steps=200)" in messages[0]
+    assert "updates wait" not in messages[0] and "fresh games" not in messages[0]
 
 
 def _loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:

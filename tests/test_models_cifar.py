@@ -215,7 +215,10 @@ def test_missing_dataset_fails_before_training(tmp_path):
         text=True,
         timeout=120,
     )
-    assert done.returncode != 0 and "DatasetNotFoundError" in done.stderr and "--download" in done.stderr
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr  # one error line: the path it expected and how to get it
+    assert done.stderr.startswith("error: CIFAR-10 not found") and str(tmp_path) in done.stderr
+    assert "--download" in done.stderr
 
 
 def test_compare_parameterizations_writes_figure_and_table(tmp_path):
@@ -398,6 +401,20 @@ def test_a_changed_config_is_refused_on_resume_unless_safe_or_forced(tmp_path, m
     result = train_cifar(changed, data=data, quiet=True, force=True)
     assert len(result.test_error) == 2
     assert len([p for p in Path(config.checkpoint_dir).iterdir() if p.is_dir()]) == 1
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_a_changed_config(tmp_path):
+    """A missing dataset stops a run after its folder and config.yaml were written: nothing to resume, so the
+    corrected command with other settings starts a run instead of being refused as a changed config."""
+    from wn_rl.data.download import DatasetNotFoundError
+    from wn_rl.models.cifar_experiment import train_cifar
+
+    first = _tiny_cifar(tmp_path, "no_data", log_dir="", data_dir=str(tmp_path / "empty"))
+    with pytest.raises(DatasetNotFoundError):
+        train_cifar(first, quiet=True)
+    changed = _tiny_cifar(tmp_path, "no_data", log_dir="", epochs=2, decay_start=1, lr=0.001)
+    result = train_cifar(changed, data=_tiny_cifar_data(), quiet=True)
+    assert len(result.test_error) == 2 and result.checkpoint is not None
 
 
 def test_a_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else "."
         section = f"{where}: " if where else ""
         raise ConfigError(f"{section}unknown key {key!r}{hint} Valid keys: {sorted(fields)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}

@@ -291,7 +291,12 @@ def _minatar_transform(obs: np.ndarray) -> np.ndarray:
 
 
 def _make_minatar(config: EnvConfig, num_envs: int, max_steps: int | None) -> GymEnv:
-    import minatar.gym
+    try:
+        import minatar.gym
+    except ImportError as exc:  # an optional extra: the base install has Atari and gymnasium only
+        raise ValueError(
+            f"env.suite=minatar needs the MinAtar package ({exc}): pip install -e '.[minatar]' (or 'minatar>=1.0.15')"
+        ) from exc
 
     if f"MinAtar/{MINATAR_GAMES[config.name]}-v1" not in gym.registry:
         minatar.gym.register_envs()

@@ -398,13 +398,7 @@ class Trainer:
         self._compiled_check_logged = False
         why_fresh = self._continue_games() if resumed else "a new run"
         if resumed:
-            msg = f"resumed from {self.resumed_from} at agent step {self.agent_step:,}; "
-            msg += "the games continue" if why_fresh is None else f"envs restart with fresh games ({why_fresh})"
-            if self.replay.writes == 0:
-                self.learn_after = self.agent_step + self.config.agent.learning_starts_agent_steps
-                msg += f"; the replay memory was not saved, so updates wait until agent step {self.learn_after:,}"
-            warnings.warn(msg, stacklevel=2)
-            self.writer.add_text("resume", msg, self.agent_step)
+            self._announce_resume(why_fresh)
         else:
             self._log_hparams()
         if why_fresh is not None:
@@ -414,6 +408,22 @@ class Trainer:
             self._first = torch.ones(n, dtype=torch.bool)
             self._final = torch.zeros(n, dtype=torch.bool)
         self._clock = _Clock(self.agent_step)
+
+    def _announce_resume(self, why_fresh: str | None) -> None:
+        """Say where a resumed run continues (a warning and a TensorBoard text: the games, the replay), or,
+        when its checkpoint already reached the budget, that there is nothing to train."""
+        msg = f"resumed from {self.resumed_from} at agent step {self.agent_step:,}; "
+        budget = self.config.run.total_agent_steps
+        if self.agent_step >= budget:
+            msg += f"the run is complete (run.total_agent_steps={budget:,}): nothing to train; raise it to continue"
+            warnings.warn(msg, stacklevel=3)
+            return
+        msg += "the games continue" if why_fresh is None else f"envs restart with fresh games ({why_fresh})"
+        if self.replay.writes == 0:
+            self.learn_after = self.agent_step + self.config.agent.learning_starts_agent_steps
+            msg += f"; the replay memory was not saved, so updates wait until agent step {self.learn_after:,}"
+        warnings.warn(msg, stacklevel=3)
+        self.writer.add_text("resume", msg, self.agent_step)
 
     def finish(self) -> None:
         """Final checkpoint; close TensorBoard, the update worker and the envs."""

@@ -7,8 +7,8 @@ beside ``config.yaml``; the final checkpoint stays ``checkpoint_dir/<name>.pt``.
 finds the newest folder of the same experiment, parameterization and seed and continues it from its newest
 complete checkpoint, with the TensorBoard curves continued in the same log folder (``purge_step`` drops what
 a killed process logged after that checkpoint). A config that differs in a key outside the loop's
-``SAFE_TO_CHANGE`` is refused unless ``force``; a finished run whose config differs is left alone and a new
-run starts.
+``SAFE_TO_CHANGE`` is refused unless ``force``; a finished run whose config differs, or one that stopped
+before its first checkpoint, is left alone and a new run starts.
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ class ResumableRun:
         final = folder.parent / f"{folder.name}.pt"
         if final in checkpoint.complete_checkpoints(folder.parent, prefix=folder.name):
             return False  # a finished run with another config: this is a new run
+        if not checkpoint.complete_checkpoints(folder):
+            return False  # nothing to resume (it stopped before its first checkpoint, e.g. on a missing dataset)
         lines = "\n".join(f"  {key}: {a!r} -> {b!r}" for key, (a, b) in diff.items())
         raise ConfigError(
             f"{folder} holds an unfinished run with a different config:\n{lines}\n"
