@@ -18,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from agents.dqn.config import load_dqn_config, load_run_config
 from agents.dqn.learner import NonFiniteError
 from agents.dqn.runner import EnvNonFiniteError, Trainer, run_dir_for
 from wn_rl.checkpoint import CheckpointError
-from wn_rl.config import ConfigError
+from wn_rl.config import ConfigError, config_to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_dqn_config(args.config, args.overrides)
             run_dir = run_dir_for(config, Path(args.config).stem)
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
         trainer = Trainer(config, run_dir, force=args.force)
     except (ConfigError, ValueError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = f"the previous one is intact: {previous}" if previous else "none was written yet, so it starts over"
         print(f"interrupted again: quit without a new checkpoint; {kept}", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1, allow_nan=False))  # strict JSON, for tools that read it
     if summary["interrupted"] is not None:
         print(f"stopped by a signal; resume with: python scripts/train_dqn.py --resume {run_dir}", file=sys.stderr)
         return 128 + summary["interrupted"]

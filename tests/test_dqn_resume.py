@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import random
 import signal
@@ -355,6 +356,20 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
     summary = Trainer(config, tmp_path / "run").run()
     assert summary["agent_steps"] == 200 and summary["checkpoint"] == str(checkpoint)
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (checkpoint, marker)] == before
+
+
+def test_summary_of_a_run_without_evaluations_is_strict_json(tmp_path):
+    """train_dqn.py prints the summary as JSON; with no evaluation epoch best_epoch_mean was NaN, which JSON
+    has not (json.dumps wrote it anyway, and strict readers such as jq refuse it)."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    assert Trainer(config, tmp_path / "run").run()["best_epoch_mean"] is None
+    script = [sys.executable, str(ROOT / "scripts" / "train_dqn.py"), "--resume", str(tmp_path / "run")]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = proc.stdout[proc.stdout.rindex("\n{\n") :]  # the summary, after the config printed at start
+    summary = json.loads(printed, parse_constant=lambda name: pytest.fail(f"{name} in the printed JSON"))
+    assert summary["best_epoch_mean"] is None and summary["agent_steps"] == 200
+    assert proc.stdout.startswith("env:\n") and "total_agent_steps: 200" in proc.stdout  # the config, first
 
 
 def test_rerunning_a_finished_run_says_it_is_complete_not_that_updates_wait(tmp_path):

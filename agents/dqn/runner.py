@@ -465,7 +465,7 @@ class Trainer:
             "episodes": self.tracker.episodes,
             "seconds": elapsed,
             "sps": (self.agent_step - start_step) / max(elapsed, 1e-9),
-            "best_epoch_mean": best_epoch_mean(self.history),
+            "best_epoch_mean": best_epoch_mean(self.history) if self.history else None,  # JSON has no NaN
             "run_dir": str(self.run_dir),
             "interrupted": self.stop_signal,
             "checkpoint": str(self.last_checkpoint),
