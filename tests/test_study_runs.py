@@ -284,7 +284,9 @@ def test_runs_made_with_other_settings_are_refused_until_replaced(
         "import os, sys\n"
         "arg = dict(a.split('=', 1) for a in sys.argv if '=' in a)\n"
         "run_dir = os.path.join(arg['run.runs_dir'], arg['run.name'])\n"
-        f"open({str(ran)!r}, 'a').write(arg['run.name'] + ' ' + ' '.join(sorted(os.listdir(run_dir))) + '\\n')\n"
+        # the driver rewrites study.lock atomically with the run's pid once it has started: its temporary may show
+        "names = sorted(n for n in os.listdir(run_dir) if not n.startswith('.study.lock.tmp'))\n"
+        f"open({str(ran)!r}, 'a').write(arg['run.name'] + ' ' + ' '.join(names) + '\\n')\n"
         "open(os.path.join(run_dir, 'config.yaml'), 'w').write('run: {seed: 0}\\n')\n"
     )
     assert study_script.main([*args, f"train_script={script}", *new_settings, "--replace-changed"]) == 0
