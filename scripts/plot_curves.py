@@ -29,9 +29,11 @@ from pathlib import Path
 from wn_rl.analysis.curves import (
     SPREADS,
     TRAINING_RETURN_TAGS,
+    MissingExtraError,
     collect_curves,
     group_runs,
     plot_curves,
+    pyplot,
     write_curves_csv,
 )
 from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoothing < 1:
         parser.error(f"--smoothing={args.smoothing}: expected at least 1")
     try:
+        pyplot()  # matplotlib is an optional extra
         runs = [load_run(d) for d in find_run_dirs(args.runs)]
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summaries = [summarize_run(r, args.group_by, args.panel_by or "task") for r in runs]

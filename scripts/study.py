@@ -23,6 +23,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from wn_rl.analysis.curves import MissingExtraError, pyplot
 from wn_rl.analysis.study import (
     analyze_study,
     changed_runs,
@@ -67,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.replace_changed and args.analyze_only:
         parser.error("--replace-changed trains runs again; --analyze-only runs nothing")
     try:
+        pyplot()  # the report's figures need matplotlib (an optional extra): say so before any run starts
         study = load_study_config(args.config, args.overrides)
         study = replace(study, overrides=(*study.overrides, *args.run_overrides))
         specs = plan_runs(study)
         replaced = _replace_changed(study, specs, args)
-    except ConfigError as exc:
+    except (ConfigError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     todo = [s for s in specs if s.name in replaced or not s.complete]

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import os
 import signal
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,15 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from wn_rl import checkpoint as ck
-from wn_rl.analysis.curves import aggregate_curve, group_runs, plot_sweep, smooth, write_curves_csv
+from wn_rl.analysis.curves import (
+    MissingExtraError,
+    aggregate_curve,
+    group_runs,
+    plot_sweep,
+    pyplot,
+    smooth,
+    write_curves_csv,
+)
 from wn_rl.analysis.curves import plot_curves as plot_curves_figure
 from wn_rl.analysis.report import aggregate_rows, improvement_rows, overall_rows, summarize_run, write_csv
 from wn_rl.analysis.runs import find_run_dirs, load_run, read_scalars, run_progress
@@ -199,6 +208,31 @@ def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     write_run(tmp_path / "runs", "a", "normal", 0, "breakout", {500: 1.0})
     assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "x.png"), "--tags", "nope"]) == 2
     assert "none of the 1 runs logged" in capsys.readouterr().err
+
+
+def test_without_matplotlib_scripts_say_which_extra_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """matplotlib is an optional extra: plot_curves.py, study.py and the parameterization comparison stop
+    at once with the install command (study.py and the comparison would have trained first, then crashed
+    with a traceback at the figure)."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[plot\]'"):
+        pyplot()
+    write_run(tmp_path / "runs", "a", "normal", 0, "breakout", {500: 1.0})
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "x.png")]) == 2
+    assert ".[plot]" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    study = _load_script("study")
+    assert study.main([str(REPO / "configs" / "studies" / "smoke_cartpole.yaml"), f"runs_dir={tmp_path}"]) == 2
+    assert ".[plot]" in capsys.readouterr().err and not any((tmp_path / "smoke_cartpole").glob("*"))
+    from wn_rl.models.cli import exit_on_error
+    from wn_rl.models.comparison import CompareConfig, run_comparison
+
+    with pytest.raises(SystemExit) as stop, exit_on_error():
+        run_comparison(CompareConfig())  # stops before reading any data
+    assert stop.value.code == 2 and ".[plot]" in capsys.readouterr().err
 
 
 def _eval_means(csv_path: Path, panel: str, group: str) -> list[tuple[int, float, int]]:

@@ -25,11 +25,13 @@ from wn_rl.checkpoint import atomic_write_bytes
 __all__ = [
     "TRAINING_RETURN_TAGS",
     "Curve",
+    "MissingExtraError",
     "aggregate_curve",
     "group_label",
     "group_runs",
     "plot_curves",
     "plot_sweep",
+    "pyplot",
     "smooth",
     "write_curves_csv",
 ]
@@ -39,6 +41,25 @@ RunSummaryLike = Any  # wn_rl.analysis.report.RunSummary (imported there from he
 SPREADS = ("std", "sem", "minmax", "none")
 TRAINING_RETURN_TAGS = (TRAIN_RETURN, *(kind.tags[TRAIN_RETURN] for kind in RUN_KINDS))
 "the tags of training returns, which the figures smooth (one episode's return is noisy)."
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend. Without matplotlib (an optional extra) a
+    :class:`MissingExtraError` naming the install command, which scripts check before any training."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"figures need matplotlib ({exc}): python -m pip install -e '.[plot]' (or 'matplotlib>=3.7')"
+        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @dataclass(frozen=True)
@@ -153,10 +174,7 @@ _TITLES = {
 
 def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "", spread: Spread = "std") -> Path:
     """A grid of panels (columns) by tags (rows), one line with a shaded spread per group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = list(dict.fromkeys(c.panel for c in curves))
     tags = list(dict.fromkeys(c.tag for c in curves))
@@ -200,10 +218,7 @@ def plot_sweep(
     """Final and area-under-curve evaluation return against a swept config value (log x for positive
     numbers), one line per group with mean ± std across seeds and every run as a dot: the paper's
     learning-rate robustness question (section 2.1) as a figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     groups = list(dict.fromkeys(group_label(r, group_by) for r in runs))
@@ -237,7 +252,7 @@ def plot_sweep(
 def _save_figure(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` (format from the suffix; none: ``.png`` added) atomically: a kill or a full
     disk leaves the previous figure, never a truncated one; closes the figure. Returns the path written."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     if not path.suffix:  # as matplotlib's savefig: a PNG, with its suffix added

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import yaml
 
+from wn_rl.analysis.curves import MissingExtraError
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError, config_to_dict, load_config
 from wn_rl.data.download import DatasetError
@@ -71,12 +72,13 @@ def _parse(cls, default_config, description, argv, download_key: str, example: s
 @contextlib.contextmanager
 def exit_on_error() -> Iterator[None]:
     """End the script with ``error: <message>`` instead of a traceback: exit code 2 for bad input (a config
-    error, a dataset that is missing, corrupt or could not be downloaded; the message says where and how to
-    fix it), 1 for a checkpoint or TensorBoard log that cannot be written or read (a full disk; the previous
-    checkpoint is intact and rerunning the same command resumes from it once there is space)."""
+    error, a dataset that is missing, corrupt or could not be downloaded, an optional package not installed;
+    the message says where and how to fix it), 1 for a checkpoint or TensorBoard log that cannot be written
+    or read (a full disk; the previous checkpoint is intact and rerunning the same command resumes from it
+    once there is space)."""
     try:
         yield
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except CheckpointError as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from wn_rl.analysis.curves import pyplot
 from wn_rl.checkpoint import atomic_write_bytes
 from wn_rl.config import check, config_to_dict
 from wn_rl.models.cifar import cifar_network
@@ -72,6 +73,7 @@ class CompareConfig:
 def run_comparison(config: CompareConfig, *, quiet: bool = False) -> dict[str, CifarResult]:
     """Train every parameterization from the same initial weights, on the same data order, and
     write the figure, the table and the raw curves to ``config.out_dir``."""
+    pyplot()  # without matplotlib, say so now rather than after hours of training
     device = resolve_device(config.cifar.device)
     data = prepare_cifar(config.cifar, device)
     torch.manual_seed(config.cifar.seed)
@@ -109,10 +111,7 @@ def table2_markdown(results: dict[str, CifarResult], config: CompareConfig) -> s
 
 def plot_training_error(results: dict[str, CifarResult], path: str | Path) -> Path:
     """Training error per epoch for each parameterization (the paper's Figure 1), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, result in results.items():
