@@ -5,6 +5,7 @@ Pass the policy classes to SB3 exactly as SB3's own::
     DQN(WnCnnPolicy, env)
     PPO(WnActorCriticCnnPolicy, env, policy_kwargs=dict(parameterization="weight_norm+mean_only_bn"))
     SAC(WnSACMultiInputPolicy, goal_env, replay_buffer_class=HerReplayBuffer)   # Dict observations
+    TQC(WnTQCPolicy, env); MaskablePPO(WnMaskableActorCriticPolicy, env_with_action_masks)  # sb3-contrib
 
 and add :class:`DataDependentInitCallback` (section 3 of the paper) and :class:`WnStatsCallback`
 to ``learn`` (and :class:`NonFiniteGuardCallback`, which keeps NaN/inf steps out of the model).
@@ -21,6 +22,11 @@ from wn_rl.sb3.continuous import (
     WnTD3CnnPolicy,
     WnTD3MultiInputPolicy,
     WnTD3Policy,
+    WnTQCActor,
+    WnTQCCnnPolicy,
+    WnTQCCritic,
+    WnTQCMultiInputPolicy,
+    WnTQCPolicy,
 )
 from wn_rl.sb3.dqn import (
     WnCnnPolicy,
@@ -36,7 +42,14 @@ from wn_rl.sb3.dqn import (
 )
 from wn_rl.sb3.guard import NonFiniteGuardCallback
 from wn_rl.sb3.init import initialize_policy, online_networks, sync_target_networks
-from wn_rl.sb3.on_policy import WnActorCriticCnnPolicy, WnActorCriticPolicy, WnMultiInputActorCriticPolicy
+from wn_rl.sb3.on_policy import (
+    WnActorCriticCnnPolicy,
+    WnActorCriticPolicy,
+    WnMaskableActorCriticCnnPolicy,
+    WnMaskableActorCriticPolicy,
+    WnMaskableMultiInputActorCriticPolicy,
+    WnMultiInputActorCriticPolicy,
+)
 from wn_rl.sb3.recurrent import (
     WNLSTM,
     WnRecurrentActorCriticCnnPolicy,
@@ -59,6 +72,9 @@ __all__ = [
     "WnCombinedExtractor",
     "WnContinuousCritic",
     "WnDQNPolicy",
+    "WnMaskableActorCriticCnnPolicy",
+    "WnMaskableActorCriticPolicy",
+    "WnMaskableMultiInputActorCriticPolicy",
     "WnMlpExtractor",
     "WnMlpPolicy",
     "WnMultiInputActorCriticPolicy",
@@ -81,4 +97,9 @@ __all__ = [
     "WnTD3CnnPolicy",
     "WnTD3MultiInputPolicy",
     "WnTD3Policy",
+    "WnTQCActor",
+    "WnTQCCnnPolicy",
+    "WnTQCCritic",
+    "WnTQCMultiInputPolicy",
+    "WnTQCPolicy",
 ]

@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
@@ -19,7 +22,7 @@ from wn_rl.init import InitReport
 from wn_rl.sb3.init import has_init_flags, initialize_policy, online_networks, policy_is_initialized
 from wn_rl.stats import wn_histograms, wn_stats
 
-__all__ = ["DataDependentInitCallback", "WnStatsCallback"]
+__all__ = ["DataDependentInitCallback", "WnStatsCallback", "sample_valid_actions"]
 
 _TENSORBOARD_ONLY = ("stdout", "log", "json", "csv")
 
@@ -47,6 +50,37 @@ def _per_env(obs: Any, obs_shape: Any, n_envs: int) -> Any:
     if isinstance(obs, dict):
         return {key: np.asarray(value).reshape((n_envs, *obs_shape[key])) for key, value in obs.items()}
     return np.asarray(obs).reshape((n_envs, *obs_shape))
+
+
+def sample_valid_actions(action_space: spaces.Space, masks: np.ndarray) -> np.ndarray:
+    """One uniformly random valid action per row of ``masks``, drawn with the action space's generator (which SB3
+    seeds), as ``action_space.sample()`` draws an unmasked one.
+
+    Args:
+        action_space: ``Discrete``, ``MultiDiscrete`` or ``MultiBinary`` (MaskablePPO's action spaces).
+        masks: ``(n_envs, n_flags)`` booleans in sb3-contrib's layout (``get_action_masks``): one flag per action
+            of a ``Discrete`` space, per choice of each ``MultiDiscrete`` dimension in turn, per value (0, 1) of
+            each ``MultiBinary`` entry.
+    """
+    if isinstance(action_space, spaces.Discrete):
+        sizes, offset = [int(action_space.n)], int(action_space.start)
+    elif isinstance(action_space, spaces.MultiDiscrete):
+        sizes, offset = [int(n) for n in action_space.nvec.ravel()], 0
+    elif isinstance(action_space, spaces.MultiBinary):
+        sizes, offset = [2] * int(np.prod(action_space.shape)), 0
+    else:
+        raise TypeError(f"action masks need a Discrete, MultiDiscrete or MultiBinary action space, got {action_space}")
+    masks = np.asarray(masks, dtype=bool).reshape(len(masks), -1)
+    if masks.shape[1] != sum(sizes):
+        raise ValueError(f"action masks of {masks.shape[1]} flags do not fit {action_space} ({sum(sizes)} flags)")
+    actions = []
+    for row, mask in enumerate(masks):
+        parts = np.split(mask, np.cumsum(sizes)[:-1])
+        if not all(part.any() for part in parts):
+            raise ValueError(f"env {row}'s action mask {mask.astype(int).tolist()} leaves no valid action in some part")
+        actions.append([action_space.np_random.choice(np.flatnonzero(part)) + offset for part in parts])
+    actions_array = np.asarray(actions, dtype=action_space.dtype)
+    return actions_array[:, 0] if isinstance(action_space, spaces.Discrete) else actions_array
 
 
 def replay_init_batch(
@@ -85,17 +119,18 @@ class DataDependentInitCallback(BaseCallback):
     """Data-dependent initialization (Salimans & Kingma 2016, section 3) of an SB3 model's online
     networks from real observations, then a sync of every target network.
 
-    - On-policy (PPO, A2C, RecurrentPPO): before the first rollout, a warm-up collection of
+    - On-policy (PPO, A2C, RecurrentPPO, MaskablePPO): before the first rollout, a warm-up collection of
       ``n_samples`` observations with uniformly random actions (``model._last_obs`` holds only one
       observation per env), the init, then a reset of the envs so the first rollout starts fresh and
       its stored log-probabilities come from the initialised network. Warm-up steps are not counted
-      in ``num_timesteps``.
-    - Off-policy (DQN, QR-DQN, SAC, TD3): SB3 acts uniformly at random while ``num_timesteps <
+      in ``num_timesteps``. MaskablePPO's warm-up draws uniformly among the actions the env's masks
+      allow at each step (unless ``learn(use_masking=False)``), so it visits the states its policy can.
+    - Off-policy (DQN, QR-DQN, SAC, TD3, TQC): SB3 acts uniformly at random while ``num_timesteps <
       learning_starts``, then with the policy (``OffPolicyAlgorithm._sample_action``). The init runs in
       the callback step that makes ``num_timesteps`` reach ``learning_starts``, so before the policy
       chooses its first action (and before the first update, which waits for the end of that rollout).
       Its batch is ``n_samples`` distinct transitions drawn uniformly from the replay buffer and the step
-      SB3 stores right after the callbacks (the critics of SAC and TD3 see the stored actions). Requires
+      SB3 stores right after the callbacks (the critics of SAC, TD3 and TQC see the stored actions). Requires
       ``learning_starts >= n_samples``; gSDE at warm-up (``use_sde_at_warmup=True``, the policy acts
       from the first step) is refused. A model resumed past ``learning_starts`` (``reset_num_timesteps=
       False``) is initialised at training start, from its replay buffer alone.
@@ -151,9 +186,19 @@ class DataDependentInitCallback(BaseCallback):
 
     def _warm_up_observations(self) -> Any:
         env = self.model.env
+        masked = isinstance(self.model, MaskablePPO) and self.locals.get("use_masking", True)
+        if masked and not is_masking_supported(env):
+            raise ValueError(
+                "MaskablePPO's env has no action_masks() method, so neither the init's random warm-up nor the "
+                "rollouts can respect invalid actions: wrap the env in sb3_contrib.common.wrappers.ActionMasker, "
+                "or learn with use_masking=False."
+            )
         batches = [self.model._last_obs]
         for _ in range(math.ceil(self.n_samples / env.num_envs) - 1):
-            actions = np.array([self.model.action_space.sample() for _ in range(env.num_envs)])
+            if masked:
+                actions = sample_valid_actions(self.model.action_space, get_action_masks(env))
+            else:
+                actions = np.array([self.model.action_space.sample() for _ in range(env.num_envs)])
             obs, _, _, _ = env.step(actions)
             batches.append(obs)
         return _truncate(_stack_observations(batches), self.n_samples)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch as th
-from sb3_contrib import QRDQN, RecurrentPPO
+from sb3_contrib import QRDQN, TQC, MaskablePPO, RecurrentPPO
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3, HerReplayBuffer
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
@@ -46,11 +46,13 @@ __all__ = [
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "a2c": A2C,
     "dqn": DQN,
+    "maskable_ppo": MaskablePPO,
     "ppo": PPO,
     "qrdqn": QRDQN,
     "recurrent_ppo": RecurrentPPO,
     "sac": SAC,
     "td3": TD3,
+    "tqc": TQC,
 }
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -110,7 +112,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SB3Config:
-    algo: Literal["a2c", "dqn", "ppo", "qrdqn", "recurrent_ppo", "sac", "td3"]
+    algo: Literal["a2c", "dqn", "maskable_ppo", "ppo", "qrdqn", "recurrent_ppo", "sac", "td3", "tqc"]
     "the SB3 / sb3-contrib algorithm"
     env_id: str
     "gymnasium id; Atari as <Game>NoFrameskip-v4 (AtariWrapper + frame stack), e.g. BreakoutNoFrameskip-v4"
@@ -135,7 +137,7 @@ class SB3Config:
     subprocess_envs: bool = False
     "SubprocVecEnv instead of DummyVecEnv"
     action_noise_std: float = 0.0
-    "std of Gaussian action noise (TD3/SAC), as a fraction of the action range; 0 = none"
+    "std of Gaussian action noise (TD3/SAC/TQC), as a fraction of the action range; 0 = none"
     init: InitConfig = field(default_factory=InitConfig)
     "data-dependent initialization"
     wn_stats_freq: int = 10_000

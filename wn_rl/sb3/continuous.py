@@ -1,9 +1,9 @@
-"""Weight-normalized policies for SB3's SAC and TD3 (continuous actions).
+"""Weight-normalized policies for SB3's SAC and TD3 and sb3-contrib's TQC (continuous actions).
 
 Actor, critics and their targets are built in the chosen parameterization; the action, log-std and
 Q heads are WN layers without a norm. Initialization is owned by the policy (section 3):
 :class:`wn_rl.sb3.DataDependentInitCallback` initialises actor and critic from replay-buffer
-observations and actions once learning starts (SAC and TD3 act randomly before that), then copies
+observations and actions once learning starts (SAC, TD3 and TQC act randomly before that), then copies
 them into the target networks.
 """
 
@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from gymnasium import spaces
+from sb3_contrib.tqc.policies import Actor as TQCActor
+from sb3_contrib.tqc.policies import Critic as TQCCritic
+from sb3_contrib.tqc.policies import TQCPolicy
 from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.preprocessing import get_action_dim
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -37,6 +40,11 @@ __all__ = [
     "WnTD3CnnPolicy",
     "WnTD3MultiInputPolicy",
     "WnTD3Policy",
+    "WnTQCActor",
+    "WnTQCCnnPolicy",
+    "WnTQCCritic",
+    "WnTQCMultiInputPolicy",
+    "WnTQCPolicy",
 ]
 
 
@@ -81,10 +89,54 @@ class WnContinuousCritic(ContinuousCritic):
             self.q_networks.append(q_net)
 
 
-class WnSACActor(SACActor):
-    """SB3's SAC ``Actor`` with ``latent_pi``, ``mu`` and ``log_std`` in a parameterization (``mu`` with
-    ``init_scales["action"]``, ``log_std`` with ``init_scales["log_std"]``; gSDE keeps its
-    ``log_std`` parameter)."""
+class WnTQCCritic(TQCCritic):
+    """sb3-contrib's TQC ``Critic`` (``n_critics`` networks of ``n_quantiles`` return quantiles each on
+    ``[features, action]``; Kuznetsov et al. 2020) in a parameterization; each quantile head has
+    ``init_scales["q"]``. Arguments as sb3-contrib's ``Critic``."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        net_arch: list[int],
+        features_extractor: BaseFeaturesExtractor,
+        features_dim: int,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        normalize_images: bool = True,
+        n_quantiles: int = 25,
+        n_critics: int = 2,
+        share_features_extractor: bool = False,
+        *,
+        parameterization: ParameterizationLike = "weight_norm",
+        init_scales: Mapping[str, float],
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            net_arch,
+            features_extractor,
+            features_dim,
+            activation_fn,
+            normalize_images,
+            n_quantiles,
+            n_critics,
+            share_features_extractor,
+        )
+        self.parameterization = parameterization
+        self.init_scales = dict(init_scales)
+        input_dim = features_dim + get_action_dim(self.action_space)
+        scales = {"hidden_scale": self.init_scales["hidden"], "output_scale": self.init_scales["q"]}
+        self.q_networks = []
+        for idx in range(n_critics):
+            q_net = head_mlp(input_dim, n_quantiles, net_arch, activation_fn, parameterization, **scales)
+            self.add_module(f"qf{idx}", q_net)
+            self.q_networks.append(q_net)
+
+
+class _WnSquashedGaussianActorMixin:
+    """The squashed-Gaussian actor of SAC and TQC (same layout in SB3 and sb3-contrib) with ``latent_pi``,
+    ``mu`` and ``log_std`` in a parameterization (``mu`` with ``init_scales["action"]``, ``log_std`` with
+    ``init_scales["log_std"]``; gSDE keeps its ``log_std`` parameter)."""
 
     def __init__(
         self,
@@ -112,9 +164,20 @@ class WnSACActor(SACActor):
             self.log_std = head.linear(last, action_dim, init_scale=self.init_scales["log_std"])
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
+        data = super()._get_constructor_parameters()  # type: ignore[misc]
         data.update(parameterization=self.parameterization, init_scales=self.init_scales)
         return data
+
+
+class WnSACActor(_WnSquashedGaussianActorMixin, SACActor):
+    """SB3's SAC ``Actor`` with ``latent_pi``, ``mu`` and ``log_std`` in a parameterization (``mu`` with
+    ``init_scales["action"]``, ``log_std`` with ``init_scales["log_std"]``; gSDE keeps its
+    ``log_std`` parameter)."""
+
+
+class WnTQCActor(_WnSquashedGaussianActorMixin, TQCActor):
+    """sb3-contrib's TQC ``Actor`` (SAC's squashed Gaussian) with ``latent_pi``, ``mu`` and ``log_std`` in a
+    parameterization, as :class:`WnSACActor`."""
 
 
 class WnTD3Actor(TD3Actor):
@@ -149,9 +212,10 @@ class WnTD3Actor(TD3Actor):
 
 
 class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
-    """Shared constructor and builders of the WN SAC and TD3 policies."""
+    """Shared constructor and builders of the WN SAC, TD3 and TQC policies."""
 
     actor_class: type[nn.Module]
+    critic_class: type[nn.Module] = WnContinuousCritic
     nature_net_arch: tuple[int, ...]
     default_arch: tuple[int, ...]
 
@@ -194,9 +258,9 @@ class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
         return self.actor_class(**actor_kwargs, **self._wn_net_kwargs()).to(self.device)
 
-    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> WnContinuousCritic:
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> nn.Module:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
-        return WnContinuousCritic(**critic_kwargs, **self._wn_net_kwargs()).to(self.device)
+        return self.critic_class(**critic_kwargs, **self._wn_net_kwargs()).to(self.device)
 
 
 class WnSACPolicy(_WnActorCriticOffPolicyMixin, SACPolicy):
@@ -261,5 +325,46 @@ class WnTD3CnnPolicy(WnTD3Policy):
 
 class WnTD3MultiInputPolicy(WnTD3Policy):
     """:class:`WnTD3Policy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations."""
+
+    default_features_extractor = WnCombinedExtractor
+
+
+class WnTQCPolicy(_WnActorCriticOffPolicyMixin, TQCPolicy):
+    """sb3-contrib's ``TQCPolicy`` (Truncated Quantile Critics, Kuznetsov et al. 2020) with actor, quantile
+    critics and critic targets in a chosen parameterization.
+
+    The actor is SAC's (:class:`WnTQCActor`); each critic (:class:`WnTQCCritic`) outputs ``n_quantiles``
+    return quantiles through a WN head without a norm. Initialization is owned by the policy (paper
+    section 3): use :class:`wn_rl.sb3.DataDependentInitCallback`, which initialises actor and critics from
+    replay-buffer observations and actions when the random warm-up ends, as for SAC. ``init_scale`` parts
+    as :class:`WnSACPolicy`: ``features``, ``hidden`` (1), ``action`` (0.01), ``log_std`` (0.01) and ``q``
+    (1, every quantile head).
+
+    Args:
+        parameterization: ``"weight_norm"`` (default) or any name of :data:`wn_rl.PARAMETERIZATIONS`.
+        init_scale: one number for every part, or a mapping of some parts.
+        **kwargs: sb3-contrib's ``TQCPolicy`` arguments (``net_arch``, ``activation_fn``, ``n_quantiles``,
+            ``n_critics``, ``use_sde``, ``log_std_init``, ``share_features_extractor``, optimizer options, ...).
+    """
+
+    init_parts = ("features", "hidden", "action", "log_std", "q")
+    vector_policy = "WnTQCPolicy"
+    image_policy = "WnTQCCnnPolicy"
+    multi_input_policy = "WnTQCMultiInputPolicy"
+    actor_class = WnTQCActor
+    critic_class = WnTQCCritic
+    nature_net_arch = (256, 256)  # sb3-contrib's TQC default for every features extractor
+    default_arch = (256, 256)
+
+
+class WnTQCCnnPolicy(WnTQCPolicy):
+    """:class:`WnTQCPolicy` with :class:`wn_rl.sb3.WnNatureCNN` for image observations."""
+
+    default_features_extractor = WnNatureCNN
+
+
+class WnTQCMultiInputPolicy(WnTQCPolicy):
+    """:class:`WnTQCPolicy` with :class:`wn_rl.sb3.WnCombinedExtractor` for Dict observations (images and
+    vectors, goal-conditioned envs with ``HerReplayBuffer``)."""
 
     default_features_extractor = WnCombinedExtractor

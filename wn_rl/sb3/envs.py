@@ -1,5 +1,6 @@
 """Environments for the SB3 script: Atari with SB3's conventions, classic control and MuJoCo through
-``make_vec_env``, and partially observed variants for recurrent policies.
+``make_vec_env``, partially observed variants for recurrent policies, a goal-conditioned env for HER and
+one with invalid action masks for MaskablePPO.
 
 Atari: ``<Game>NoFrameskip-v4`` ids through ale-py with SB3's ``AtariWrapper`` (``make_atari_env``:
 no-op reset, frame skip 4 with max-pooling, episodic life, fire reset, 84x84 grayscale, reward
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.env_util import make_atari_env, make_vec_env
 from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecFrameStack
@@ -58,15 +60,34 @@ class _BitFlippingEnv(BitFlippingEnv):
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["human", "rgb_array"]}
 
 
+_INVALID_ACTION_ID = "wn_rl/InvalidActionDiscrete-v0"
+
+
+class _InvalidActionEnvDiscrete(InvalidActionEnvDiscrete):
+    """sb3-contrib's ``InvalidActionEnvDiscrete`` (observe a state in ``Discrete(dim)``, reward 1 for the action
+    equal to it; ``action_masks()`` marks ``n_invalid_actions`` others invalid at each step) with its render modes
+    declared (as :class:`_BitFlippingEnv`)."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["human", "rgb_array"]}
+
+    def __init__(self, dim: int = 10, ep_length: int = 100, n_invalid_actions: int = 8, render_mode: Any = None):
+        super().__init__(dim=dim, ep_length=ep_length, n_invalid_actions=n_invalid_actions)
+        self.render_mode = render_mode
+
+
 def register_envs() -> None:
     """Register ale-py's Atari ids, the partially observed ``wn_rl/CartPoleNoVel-v1`` and
-    ``wn_rl/PendulumNoVel-v1``, and ``wn_rl/BitFlipping-v0`` (SB3's goal-conditioned ``BitFlippingEnv``
-    for ``HerReplayBuffer``; ``env_kwargs``: ``n_bits``, ``continuous``, ...). Idempotent."""
+    ``wn_rl/PendulumNoVel-v1``, ``wn_rl/BitFlipping-v0`` (SB3's goal-conditioned ``BitFlippingEnv``
+    for ``HerReplayBuffer``; ``env_kwargs``: ``n_bits``, ``continuous``, ...) and
+    ``wn_rl/InvalidActionDiscrete-v0`` (sb3-contrib's ``InvalidActionEnvDiscrete`` for MaskablePPO;
+    ``env_kwargs``: ``dim`` 10, ``n_invalid_actions`` 8, ``ep_length`` 100). Idempotent."""
     import ale_py
 
     gym.register_envs(ale_py)
     if _BIT_FLIPPING_ID not in gym.registry:  # it ends its own episodes after max_steps (n_bits by default)
         gym.register(_BIT_FLIPPING_ID, entry_point=_BitFlippingEnv)
+    if _INVALID_ACTION_ID not in gym.registry:  # it ends its own episodes after ep_length steps
+        gym.register(_INVALID_ACTION_ID, entry_point=_InvalidActionEnvDiscrete)
     for env_id, base in _NO_VELOCITY_IDS.items():
         if env_id not in gym.registry:
             spec = gym.spec(base)

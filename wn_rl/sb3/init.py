@@ -10,9 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch as th
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from sb3_contrib.qrdqn.policies import QRDQNPolicy
+from sb3_contrib.tqc.policies import Critic as TQCCritic
+from sb3_contrib.tqc.policies import TQCPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy, ContinuousCritic
 from stable_baselines3.dqn.policies import DQNPolicy
 from stable_baselines3.sac.policies import SACPolicy
@@ -25,22 +28,24 @@ __all__ = ["initialize_policy", "online_networks", "policy_is_initialized", "syn
 
 Forward = Callable[[nn.Module, Any], Any]
 
-_SUPPORTED = (ActorCriticPolicy, DQNPolicy, QRDQNPolicy, SACPolicy, TD3Policy)
+_SUPPORTED = (ActorCriticPolicy, MaskableActorCriticPolicy, DQNPolicy, QRDQNPolicy, SACPolicy, TD3Policy, TQCPolicy)
+_ACTOR_CRITIC = (ActorCriticPolicy, MaskableActorCriticPolicy)  # one module holds actor and critic (on-policy)
+_SQUASHED_GAUSSIAN = (SACPolicy, TQCPolicy)  # a SAC actor and critic with one target each
 
 
 def online_networks(policy: BasePolicy) -> dict[str, nn.Module]:
     """The networks of ``policy`` that act or are trained (targets excluded), by name."""
-    if isinstance(policy, ActorCriticPolicy):
+    if isinstance(policy, _ACTOR_CRITIC):
         return {"policy": policy}
     if isinstance(policy, DQNPolicy):
         return {"q_net": policy.q_net}
     if isinstance(policy, QRDQNPolicy):
         return {"quantile_net": policy.quantile_net}
-    if isinstance(policy, (SACPolicy, TD3Policy)):
+    if isinstance(policy, (*_SQUASHED_GAUSSIAN, TD3Policy)):
         return {"actor": policy.actor, "critic": policy.critic}
     raise TypeError(
         f"{type(policy).__name__} is not supported: expected a policy of PPO/A2C/RecurrentPPO "
-        f"(ActorCriticPolicy), DQN, QR-DQN, SAC or TD3, e.g. wn_rl.sb3.WnCnnPolicy"
+        f"(ActorCriticPolicy), MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC, e.g. wn_rl.sb3.WnCnnPolicy"
     )
 
 
@@ -54,7 +59,7 @@ def _target_pairs(policy: BasePolicy) -> list[tuple[str, nn.Module, nn.Module]]:
             ("actor_target", policy.actor_target, policy.actor),
             ("critic_target", policy.critic_target, policy.critic),
         ]
-    if isinstance(policy, SACPolicy):
+    if isinstance(policy, _SQUASHED_GAUSSIAN):
         return [("critic_target", policy.critic_target, policy.critic)]
     return []
 
@@ -96,7 +101,7 @@ def _init_passes(policy: BasePolicy, actions: th.Tensor | None) -> list[tuple[st
             return net.forward(obs, states, th.ones(n, device=net.device), deterministic=True)
 
         return [("policy", policy, recurrent)]
-    if isinstance(policy, ActorCriticPolicy):
+    if isinstance(policy, _ACTOR_CRITIC):  # MaskablePPO's: without masks (they act after the action head)
         return [("policy", policy, lambda net, obs: net.forward(obs, deterministic=True))]
     if isinstance(policy, (DQNPolicy, QRDQNPolicy)):
         name, net = next(iter(online_networks(policy).items()))
@@ -105,17 +110,18 @@ def _init_passes(policy: BasePolicy, actions: th.Tensor | None) -> list[tuple[st
         raise ValueError(
             f"initialising a {type(policy).__name__} needs actions for its critic (from the replay buffer)"
         )
-    if isinstance(policy, SACPolicy):
+    if isinstance(policy, _SQUASHED_GAUSSIAN):
         actor: Forward = lambda net, obs: net.get_action_dist_params(obs)  # noqa: E731 - no sampling
     else:
         actor = lambda net, obs: net(obs)  # noqa: E731
     return [("actor", policy.actor, actor), ("critic", policy.critic, lambda net, obs: _q_values(net, obs, actions))]
 
 
-def _q_values(critic: ContinuousCritic, obs: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
-    """``ContinuousCritic.forward`` without its ``set_grad_enabled(not share_features_extractor)``: a
-    critic with its own features extractor would turn gradients back on inside the init pass, whose
-    in-place updates of the extractor's layers then fail (the default of the SAC and TD3 CNN policies)."""
+def _q_values(critic: ContinuousCritic | TQCCritic, obs: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+    """``ContinuousCritic.forward`` (or TQC's ``Critic.forward``) without its ``set_grad_enabled(not
+    share_features_extractor)``: a critic with its own features extractor would turn gradients back on inside
+    the init pass, whose in-place updates of the extractor's layers then fail (the default of the SAC, TD3 and
+    TQC CNN policies)."""
     features = critic.extract_features(obs, critic.features_extractor)
     return tuple(q_net(th.cat([features, actions], dim=1)) for q_net in critic.q_networks)
 
@@ -133,9 +139,9 @@ def initialize_policy(
     (raw, as the env returns them; the policy preprocesses), then sync every target network.
 
     Args:
-        policy: a PPO/A2C/RecurrentPPO, DQN, QR-DQN, SAC or TD3 policy.
+        policy: a PPO/A2C/RecurrentPPO, MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC policy.
         observations: a batch of observations as a tensor (or dict of tensors) on the policy's device.
-        actions: the batch's actions, required for SAC and TD3 critics (replay-buffer actions).
+        actions: the batch's actions, required for SAC, TD3 and TQC critics (replay-buffer actions).
         force: re-initialise layers that are already initialised (never needed in normal use).
 
     Returns:

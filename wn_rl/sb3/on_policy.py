@@ -1,4 +1,4 @@
-"""Weight-normalized actor-critic policies for SB3's PPO and A2C.
+"""Weight-normalized actor-critic policies for SB3's PPO and A2C and sb3-contrib's MaskablePPO.
 
 SB3 collects rollouts with the policy in eval mode and trains it in train mode. With batch
 statistics (mean-only batch norm, section 4, or full batch norm) the policy that acted would then
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch as th
 from gymnasium import spaces
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
@@ -35,7 +36,15 @@ from wn_rl.layers import MeanOnlyBatchNorm
 from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
 from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnMlpExtractor, WnNatureCNN
 
-__all__ = ["WnActorCriticCnnPolicy", "WnActorCriticPolicy", "WnMultiInputActorCriticPolicy", "running_norms"]
+__all__ = [
+    "WnActorCriticCnnPolicy",
+    "WnActorCriticPolicy",
+    "WnMaskableActorCriticCnnPolicy",
+    "WnMaskableActorCriticPolicy",
+    "WnMaskableMultiInputActorCriticPolicy",
+    "WnMultiInputActorCriticPolicy",
+    "running_norms",
+]
 
 _RUNNING_NORMS = (MeanOnlyBatchNorm, nn.modules.batchnorm._BatchNorm)
 _ORTHO_INIT_MESSAGE = (
@@ -53,38 +62,12 @@ def running_norms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, _RUNNING_NORMS)]
 
 
-class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
-    """SB3's ``ActorCriticPolicy`` (PPO, A2C) with every layer in a chosen parameterization.
-
-    The features extractor (if it is :class:`WnNatureCNN`), the policy and value MLPs and both heads
-    are built by :class:`wn_rl.Parameterization`; the heads never get a normalisation layer.
-
-    Initialization: this policy owns it (paper section 3). SB3's ``ortho_init`` is refused (on a WN
-    layer it would silently do nothing useful); use :class:`wn_rl.sb3.DataDependentInitCallback`,
-    which sets each part's pre-activation std to ``init_scale``: ``features`` and ``hidden`` 1, the
-    ``action`` head 0.01 and the ``value`` head 1 (SB3's orthogonal gains, by default).
-
-    Normalisation statistics (``weight_norm+mean_only_bn``, ``mean_only_bn``, ``batch_norm``): see the
-    module docstring. With ``freeze_norm_statistics=True`` (default) the policy that acted is exactly
-    the policy being trained, so PPO's first-epoch ratio is 1; ``False`` gives SB3's usual
-    train/eval behaviour.
-
-    Args:
-        observation_space, action_space, lr_schedule: as SB3's ``ActorCriticPolicy``.
-        parameterization: ``"weight_norm"`` (default) or any name of :data:`wn_rl.PARAMETERIZATIONS`.
-        init_scale: one number for every part, or ``dict(features=, hidden=, action=, value=)``.
-        freeze_norm_statistics: keep norm layers on their running statistics while training.
-        norm_refresh_samples: observations kept from a training phase to refresh the statistics.
-        ortho_init: must be False (see above); accepted so SB3 configs keep loading.
-        **kwargs: the rest of SB3's ``ActorCriticPolicy`` arguments (``net_arch``, ``activation_fn``,
-            ``features_extractor_class``, ``features_extractor_kwargs``, ``share_features_extractor``,
-            ``optimizer_class``, ``optimizer_kwargs``, ``use_sde``, ``log_std_init``, ...).
-    """
+class _WnActorCriticMixin(WnPolicyOptions):
+    """Constructor, networks and frozen norm statistics of the WN actor-critic policies, on top of SB3's
+    ``ActorCriticPolicy`` (:class:`WnActorCriticPolicy`) or sb3-contrib's ``MaskableActorCriticPolicy``
+    (:class:`WnMaskableActorCriticPolicy`), which take the same constructor arguments and build steps."""
 
     init_parts = ("features", "hidden", "action", "value")
-    vector_policy = "WnActorCriticPolicy"
-    image_policy = "WnActorCriticCnnPolicy"
-    multi_input_policy = "WnMultiInputActorCriticPolicy"
 
     def __init__(
         self,
@@ -160,7 +143,7 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
         return plain
 
     def _build(self, lr_schedule: Schedule) -> None:
-        """Build the MLPs, the WN heads and the optimizer (no orthogonal init: see the class docstring)."""
+        """Build the MLPs, the WN heads and the optimizer (no orthogonal init: see :class:`WnActorCriticPolicy`)."""
         self._build_mlp_extractor()
         head = self.parameterization.without_norm()
         plain = self._plain_action_net(self.mlp_extractor.latent_dim_pi)
@@ -175,7 +158,7 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
 
     # -- normalisation statistics -----------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> WnActorCriticPolicy:
+    def train(self, mode: bool = True) -> _WnActorCriticMixin:
         """``nn.Module.train``, except that frozen norm layers stay on their running statistics."""
         super().train(mode)
         if getattr(self, "freeze_norm_statistics", False):
@@ -226,6 +209,39 @@ class WnActorCriticPolicy(WnPolicyOptions, ActorCriticPolicy):
         return used
 
 
+class WnActorCriticPolicy(_WnActorCriticMixin, ActorCriticPolicy):
+    """SB3's ``ActorCriticPolicy`` (PPO, A2C) with every layer in a chosen parameterization.
+
+    The features extractor (if it is :class:`WnNatureCNN`), the policy and value MLPs and both heads
+    are built by :class:`wn_rl.Parameterization`; the heads never get a normalisation layer.
+
+    Initialization: this policy owns it (paper section 3). SB3's ``ortho_init`` is refused (on a WN
+    layer it would silently do nothing useful); use :class:`wn_rl.sb3.DataDependentInitCallback`,
+    which sets each part's pre-activation std to ``init_scale``: ``features`` and ``hidden`` 1, the
+    ``action`` head 0.01 and the ``value`` head 1 (SB3's orthogonal gains, by default).
+
+    Normalisation statistics (``weight_norm+mean_only_bn``, ``mean_only_bn``, ``batch_norm``): see the
+    module docstring. With ``freeze_norm_statistics=True`` (default) the policy that acted is exactly
+    the policy being trained, so PPO's first-epoch ratio is 1; ``False`` gives SB3's usual
+    train/eval behaviour.
+
+    Args:
+        observation_space, action_space, lr_schedule: as SB3's ``ActorCriticPolicy``.
+        parameterization: ``"weight_norm"`` (default) or any name of :data:`wn_rl.PARAMETERIZATIONS`.
+        init_scale: one number for every part, or ``dict(features=, hidden=, action=, value=)``.
+        freeze_norm_statistics: keep norm layers on their running statistics while training.
+        norm_refresh_samples: observations kept from a training phase to refresh the statistics.
+        ortho_init: must be False (see above); accepted so SB3 configs keep loading.
+        **kwargs: the rest of SB3's ``ActorCriticPolicy`` arguments (``net_arch``, ``activation_fn``,
+            ``features_extractor_class``, ``features_extractor_kwargs``, ``share_features_extractor``,
+            ``optimizer_class``, ``optimizer_kwargs``, ``use_sde``, ``log_std_init``, ...).
+    """
+
+    vector_policy = "WnActorCriticPolicy"
+    image_policy = "WnActorCriticCnnPolicy"
+    multi_input_policy = "WnMultiInputActorCriticPolicy"
+
+
 def _batch_len(obs: Any) -> int:
     if isinstance(obs, Mapping):
         obs = next(iter(obs.values()))
@@ -240,5 +256,38 @@ class WnActorCriticCnnPolicy(WnActorCriticPolicy):
 
 class WnMultiInputActorCriticPolicy(WnActorCriticPolicy):
     """:class:`WnActorCriticPolicy` with :class:`WnCombinedExtractor` as features extractor (Dict observations)."""
+
+    default_features_extractor = WnCombinedExtractor
+
+
+class WnMaskableActorCriticPolicy(_WnActorCriticMixin, MaskableActorCriticPolicy):
+    """sb3-contrib's ``MaskableActorCriticPolicy`` (``MaskablePPO``, invalid action masking; Huang & Ontañón
+    2020) with every layer in a chosen parameterization.
+
+    Masks act on the action head's logits (an invalid action's logit is replaced by -1e8), after every layer
+    this package builds, so the networks, the initialization rules (no orthogonal init;
+    :class:`wn_rl.sb3.DataDependentInitCallback`, whose random warm-up samples only valid actions) and the
+    frozen norm statistics are those of :class:`WnActorCriticPolicy`, with the same arguments, minus SB3's
+    gSDE options (MaskablePPO has discrete actions only: ``Discrete``, ``MultiDiscrete``, ``MultiBinary``).
+    """
+
+    vector_policy = "WnMaskableActorCriticPolicy"
+    image_policy = "WnMaskableActorCriticCnnPolicy"
+    multi_input_policy = "WnMaskableMultiInputActorCriticPolicy"
+
+    def _plain_action_net(self, latent_dim: int) -> nn.Linear:
+        """The logits layer sb3-contrib would build (its masked distributions take no other parameters)."""
+        return self.action_dist.proba_distribution_net(latent_dim=latent_dim)
+
+
+class WnMaskableActorCriticCnnPolicy(WnMaskableActorCriticPolicy):
+    """:class:`WnMaskableActorCriticPolicy` with :class:`WnNatureCNN` as features extractor (images)."""
+
+    default_features_extractor = WnNatureCNN
+
+
+class WnMaskableMultiInputActorCriticPolicy(WnMaskableActorCriticPolicy):
+    """:class:`WnMaskableActorCriticPolicy` with :class:`WnCombinedExtractor` as features extractor (Dict
+    observations)."""
 
     default_features_extractor = WnCombinedExtractor

@@ -18,6 +18,8 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 import yaml
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
@@ -216,6 +218,11 @@ class ResumableEvalCallback(EvalCallback):
         if self.best_mean_reward > best:
             save_model_atomically(self.model, self.eval_dir / "best_model.zip")
         return continue_training
+
+
+class ResumableMaskableEvalCallback(ResumableEvalCallback, MaskableEvalCallback):
+    """:class:`ResumableEvalCallback` for MaskablePPO: the evaluation episodes act with the eval env's action
+    masks, as training does (SB3's ``evaluate_policy`` would let the policy pick invalid actions)."""
 
 
 class _StopOnSignal(BaseCallback):
@@ -432,8 +439,9 @@ class SB3Run:
             callbacks.append(self.checkpoints)
         if config.eval.freq:
             eval_env = self._make_env(1, config.seed + 10_000)
+            eval_class = ResumableMaskableEvalCallback if isinstance(model, MaskablePPO) else ResumableEvalCallback
             callbacks.append(
-                ResumableEvalCallback(
+                eval_class(
                     model._wrap_env(eval_env, verbose=0),
                     self.run_dir / "eval",
                     n_eval_episodes=config.eval.episodes,
