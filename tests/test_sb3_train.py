@@ -44,7 +44,7 @@ def test_every_config_loads_and_resolves(path):
         assert isinstance(policy, type) and policy.__name__.startswith("Wn")
     if config.env_id.endswith("NoFrameskip-v4"):
         assert config.frame_stack == 4
-    if config.algo in ("dqn", "qrdqn", "sac", "td3") and config.init.enabled:
+    if config.algo in ("dqn", "qrdqn", "sac", "td3", "tqc") and config.init.enabled:
         assert config.hyperparameters.get("learning_starts", 100) >= config.init.n_samples
 
 
