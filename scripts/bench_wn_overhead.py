@@ -4,7 +4,7 @@ PyTorch's own ``torch.nn.utils.parametrizations.weight_norm``, interleaved in on
 Networks: the Nature-CNN Q-network (4x84x84 uint8 input, batch 32 and 64), a network shaped like
 the paper's Table 1 CIFAR-10 net (96/192 channels, 32x32 input, batch 100) and, as ``lstm32`` (not run by
 default), a recurrent Q-head: an LSTM of 256 units over 32-step sequences of 64 features, batch 32 (wn_rl's
-``WNLSTM`` time loop against cuDNN's or the CPU's fused ``nn.LSTM``). Prints the median time
+``WNLSTM``, the same fused kernel run with computed weights, against ``nn.LSTM``). Prints the median time
 per step of each variant and its ratio to plain; targets: wn_rl at most 1.05x plain on a CPU and 1.03x
 on a GPU (compiled), and no slower than PyTorch's own.
 

@@ -5,6 +5,7 @@ import copy
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -75,6 +76,20 @@ def test_cell_starts_from_the_torch_init_and_computes_the_torch_cell(plain_cls, 
     _assert_same(cell(x), plain(x))
     _assert_same(cell(x[0]), plain(x[0]))  # unbatched
     assert f"scale={scale!r}" in repr(cell)
+
+
+@pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), CELLS, ids=CELL_IDS)
+def test_cell_takes_an_unbatched_state_as_the_torch_cell_does(plain_cls, wn_cls, kwargs):
+    """An unbatched input with its state; an LSTM cell's (h, c) may be a list, as nn.LSTMCell takes it
+    (a list crashed with AttributeError: 'list' object has no attribute 'unsqueeze')."""
+    torch.manual_seed(0)
+    plain = plain_cls(5, 7, **kwargs)
+    cell = weight_norm(copy.deepcopy(plain))
+    x, hx = torch.randn(5), _state(plain_cls, (7,), torch.float32)
+    _assert_same(cell(x, hx), plain(x, hx))
+    if plain_cls is nn.LSTMCell:
+        _assert_same(cell(x, list(hx)), plain(x, list(hx)))
+        _assert_same(cell(x[None], list(h[None] for h in hx)), plain(x[None], list(h[None] for h in hx)))
 
 
 def test_rnn_cell_refuses_an_unknown_nonlinearity():
@@ -236,6 +251,23 @@ def test_dropout_acts_between_layers_in_training_only():
     _assert_same(converted(x), plain(x))
 
 
+def test_a_torch_stack_with_a_numpy_layer_count_converts_and_folds():
+    """nn.LSTM takes num_layers=np.int64(2) (a count drawn with numpy in a sweep); weight_norm raised
+    'num_layers=np.int64(2) must be a positive integer' on it."""
+    torch.manual_seed(0)
+    plain = nn.LSTM(3, 4, num_layers=np.int64(2))
+    x = torch.randn(5, 2, 3)
+    converted = weight_norm(copy.deepcopy(plain))
+    assert type(converted) is WNLSTM and converted.num_layers == 2 and type(converted.num_layers) is int
+    _assert_same(converted(x), plain(x))
+    _assert_same(remove_weight_norm(converted)(x), plain(x))
+    assert WNGRU(np.int64(3), np.int32(4), np.int64(2)).cell(1, False).input_size == 4
+    with pytest.raises(ValueError, match=r"num_layers=True must be a positive integer"):
+        WNGRU(3, 4, True)
+    with pytest.raises(ValueError, match=r"hidden_size=4\.0 must be a positive integer"):
+        WNGRU(3, 4.0)
+
+
 def test_stack_inputs_are_checked_with_messages_that_say_what_fits():
     lstm = WNLSTM(3, 4, 2, batch_first=True)
     with pytest.raises(ValueError, match=r"expects input of shape \(N, L, 3\).*got \(2, 5, 6\)"):
@@ -252,8 +284,9 @@ def test_stack_inputs_are_checked_with_messages_that_say_what_fits():
         WNLSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match="num_layers=0"):
         WNGRU(3, 4, 0)
-    with pytest.raises(ValueError, match=r"dropout=1\.0"):
-        WNRNN(3, 4, dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout=1\.5"):
+        WNRNN(3, 4, dropout=1.5)
+    assert weight_norm(nn.LSTM(3, 4, 2, dropout=1.0)).dropout == 1.0  # torch takes it, so the conversion does
 
 
 def test_projected_lstm_is_left_plain_with_a_warning_and_the_rest_converted():

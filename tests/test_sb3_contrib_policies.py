@@ -524,6 +524,26 @@ def test_shipped_configs_resolve_to_our_policy_and_sb3_contribs(name):
         load_sb3_config(f"{CONFIGS}/maskable_ppo_invalid_actions_wn.yaml", ["hyperparameters.learning_starts=1"])
 
 
+@pytest.mark.parametrize(
+    ("algo", "policy", "fits"),
+    [
+        ("tqc", "WnSACPolicy", "WnTQCPolicy"),  # sac -> tqc keeping the policy: it crashed at the first update
+        ("sac", "WnTQCPolicy", "WnSACPolicy"),
+        ("maskable_ppo", "WnActorCriticPolicy", "WnMaskableActorCriticPolicy"),
+        ("ppo", "WnMaskableActorCriticPolicy", "WnActorCriticPolicy"),
+        ("ppo", "WnRecurrentActorCriticPolicy", "WnActorCriticPolicy"),  # a subclass of PPO's, with another call
+        ("recurrent_ppo", "WnActorCriticPolicy", "WnRecurrentActorCriticPolicy"),
+        ("td3", "WnSACPolicy", "WnTD3Policy"),
+    ],
+)
+def test_a_policy_of_another_algorithm_is_a_config_error_naming_the_ones_that_fit(algo, policy, fits):
+    with pytest.raises(ConfigError, match=rf"policy='{policy}' is not a policy of {ALGORITHMS[algo].__name__}.*{fits}"):
+        load_sb3_config(f"{CONFIGS}/tqc_pendulum_wn.yaml", [f"algo={algo}", f"policy={policy}", "hyperparameters={}"])
+    for name in ("WnTQCPolicy", "WnTQCCnnPolicy", "WnMaskableMultiInputActorCriticPolicy", "WnSACPolicy"):
+        owner = "tqc" if "TQC" in name else "maskable_ppo" if "Maskable" in name else "sac"
+        assert resolve_policy(owner, name).__name__ == name
+
+
 def _run(tmp_path, name: str, *overrides: str) -> tuple[SB3Run, dict]:
     common = [f"runs_dir={tmp_path}", f"run_name={name}", "progress_bar=false", "verbose=0", "torch_threads=1"]
     config = load_sb3_config(f"{CONFIGS}/{name}_wn.yaml", [*common, *overrides])

@@ -370,7 +370,8 @@ def remove_weight_norm(module: nn.Module) -> nn.Module:
     if left:
         warnings.warn(
             f"remove_weight_norm left {left} unchanged: they subclass a wn_rl layer, and a plain torch layer "
-            "would drop what the subclass adds. Fold them yourself (their compute_weight() is the weight).",
+            "would drop what the subclass adds. Fold them yourself (the weight is a layer's compute_weight(), a "
+            "cell's compute_weights(); a stack's cells are in .cells).",
             stacklevel=2,
         )
     return module

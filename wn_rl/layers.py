@@ -619,8 +619,9 @@ class WNRNNCellBase(nn.Module):
 
 
 def _map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``fn`` applied to a recurrent state: one tensor, or an LSTM's ``(h, c)``."""
-    return tuple(fn(part) for part in state) if isinstance(state, tuple) else fn(state)
+    """``fn`` applied to a recurrent state: one tensor, or an LSTM's ``(h, c)`` (a tuple, or a list as
+    ``nn.LSTMCell`` also takes)."""
+    return tuple(fn(part) for part in state) if isinstance(state, (tuple, list)) else fn(state)
 
 
 class WNLSTMCell(WNRNNCellBase):

@@ -154,8 +154,8 @@ class Parameterization:
         return self._recurrent(nn.GRUCell, WNGRUCell, input_size, hidden_size, bias, **factory)
 
     def lstm(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any) -> nn.Module:
-        """A multi-layer LSTM in this parameterization: :class:`wn_rl.WNLSTM` (a time loop over WN cells)
-        under weight norm, else ``nn.LSTM``; ``kwargs`` as ``nn.LSTM``'s (``batch_first``, ``dropout``, ...)."""
+        """A multi-layer LSTM in this parameterization: :class:`wn_rl.WNLSTM` (WN cells run by PyTorch's fused
+        kernel) under weight norm, else ``nn.LSTM``; ``kwargs`` as ``nn.LSTM``'s (``batch_first``, ``dropout``, ...)."""
         return self._recurrent(nn.LSTM, WNLSTM, input_size, hidden_size, num_layers, **kwargs)
 
     def gru(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any) -> nn.Module:

@@ -13,6 +13,7 @@ into them and :func:`wn_rl.remove_weight_norm` folds them back.
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from typing import Any
@@ -84,11 +85,13 @@ class WNRNNBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        sizes = {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}
+        for arg, value in sizes.items():  # any integer type (nn.LSTM takes num_layers=np.int64(2)), stored as int
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: {arg}={value!r} must be a positive integer")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout={dropout!r} must lie in [0, 1)")
+        input_size, hidden_size, num_layers = (int(value) for value in sizes.values())
+        if not 0.0 <= dropout <= 1.0:  # as torch's: 1 drops every output between layers, and is allowed
+            raise ValueError(f"{name}: dropout={dropout!r} must lie in [0, 1]")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers

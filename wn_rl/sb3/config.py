@@ -187,14 +187,37 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def _policy_base(algo: str) -> type:
+    """The policy class that every policy of ``algo`` subclasses (its ``MlpPolicy``: ``SACPolicy``, ...)."""
+    aliases = list(ALGORITHMS[algo].policy_aliases.values())
+    return next(base for base in aliases if all(issubclass(alias, base) for alias in aliases))
+
+
+def _fits(policy: type, algo: str) -> bool:
+    """Whether ``algo`` runs ``policy``: a subclass of its base, and of no narrower base of another algorithm
+    (RecurrentPPO's subclasses PPO's, and is called with LSTM states)."""
+    base = _policy_base(algo)
+    narrower = {_policy_base(other) for other in ALGORITHMS} - {base}
+    return issubclass(policy, base) and not any(issubclass(policy, n) for n in narrower if issubclass(n, base))
+
+
 def resolve_policy(algo: str, policy: str) -> type | str:
-    """A wn_rl.sb3 policy class by name, or the algorithm's SB3 alias (returned as the string)."""
+    """A wn_rl.sb3 policy class by name, or the algorithm's SB3 alias (returned as the string). A wn_rl.sb3
+    policy of another algorithm (``WnSACPolicy`` for ``tqc``) is a :class:`ConfigError`: the run would
+    otherwise crash at its first update, or at its first rollout."""
     aliases = sorted(ALGORITHMS[algo].policy_aliases)
     ours = sorted(n for n in wn_sb3.__all__ if n.endswith("Policy"))
     if policy in aliases:
         return policy
     if policy in ours:
-        return getattr(wn_sb3, policy)
+        cls = getattr(wn_sb3, policy)
+        if not _fits(cls, algo):
+            fitting = [name for name in ours if _fits(getattr(wn_sb3, name), algo)]
+            raise ConfigError(
+                f"policy={policy!r} is not a policy of {ALGORITHMS[algo].__name__} (algo={algo!r}): use one of "
+                f"{fitting} (or {aliases}), or set algo to the algorithm the policy is for."
+            )
+        return cls
     raise ConfigError(
         f"policy={policy!r} is neither a wn_rl.sb3 policy ({ours}) nor one of {algo}'s SB3 policies ({aliases})."
         + _did_you_mean(policy, ours + aliases)

@@ -2,8 +2,9 @@
 
 The paper's point is that weight normalization, unlike batch normalization, works in recurrent
 networks (sections 1 and 5.3): it adds no dependence between examples or time steps. The LSTMs
-here are :class:`wn_rl.WNLSTM`, stacks of :class:`wn_rl.WNLSTMCell` run in a time loop inside
-:func:`wn_rl.cached`, so each effective weight is computed once per sequence, not once per step.
+here are :class:`wn_rl.WNLSTM`, stacks of :class:`wn_rl.WNLSTMCell` whose effective weights are computed
+once per call and run by PyTorch's fused LSTM kernel; where sb3-contrib calls the LSTM once per step (a
+sequence with an episode start), :func:`wn_rl.cached` keeps them for the whole sequence.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = [
 class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPolicy):
     """sb3-contrib's ``RecurrentActorCriticPolicy`` (``RecurrentPPO``) with weight-normalized LSTMs.
 
-    The actor and critic LSTMs are :class:`WNLSTM` (``WNLSTMCell`` stacks, matching ``nn.LSTM``'s
+    The actor and critic LSTMs are :class:`WNLSTM` (drop-ins for ``nn.LSTM``, matching its
     states ``(num_layers, n_envs, hidden)`` and RecurrentPPO's episode-start resets) in the weight-norm
     parameterizations, sb3-contrib's ``nn.LSTM`` in the others (``normal`` is then sb3-contrib's policy
     with this initialization; no norm layer fits a recurrent cell, section 5.3); the features
