@@ -48,6 +48,30 @@ __all__ = [
 ]
 
 
+def _replace_q_networks(
+    critic: nn.Module,
+    features_dim: int,
+    n_outputs: int,
+    net_arch: list[int],
+    activation_fn: type[nn.Module],
+    parameterization: ParameterizationLike,
+    init_scales: Mapping[str, float],
+) -> None:
+    """Rebuild a critic's ``q_networks`` (``qf0``, ``qf1``, ... on ``[features, action]``, as many as SB3 built)
+    in ``parameterization``: hidden layers with ``init_scales["hidden"]``, a head of ``n_outputs`` (1 Q value, or
+    TQC's quantiles) with ``init_scales["q"]`` and no norm."""
+    critic.parameterization = parameterization
+    critic.init_scales = dict(init_scales)
+    input_dim = features_dim + get_action_dim(critic.action_space)
+    scales = {"hidden_scale": critic.init_scales["hidden"], "output_scale": critic.init_scales["q"]}
+    n_critics = len(critic.q_networks)
+    critic.q_networks = []
+    for idx in range(n_critics):
+        q_net = head_mlp(input_dim, n_outputs, net_arch, activation_fn, parameterization, **scales)
+        critic.add_module(f"qf{idx}", q_net)
+        critic.q_networks.append(q_net)
+
+
 class WnContinuousCritic(ContinuousCritic):
     """SB3's ``ContinuousCritic`` (``n_critics`` Q-networks on ``[features, action]``) in a
     parameterization; each Q head has ``init_scales["q"]``. Arguments as ``ContinuousCritic``."""
@@ -78,15 +102,7 @@ class WnContinuousCritic(ContinuousCritic):
             n_critics,
             share_features_extractor,
         )
-        self.parameterization = parameterization
-        self.init_scales = dict(init_scales)
-        input_dim = features_dim + get_action_dim(self.action_space)
-        scales = {"hidden_scale": self.init_scales["hidden"], "output_scale": self.init_scales["q"]}
-        self.q_networks = []
-        for idx in range(n_critics):
-            q_net = head_mlp(input_dim, 1, net_arch, activation_fn, parameterization, **scales)
-            self.add_module(f"qf{idx}", q_net)
-            self.q_networks.append(q_net)
+        _replace_q_networks(self, features_dim, 1, net_arch, activation_fn, parameterization, init_scales)
 
 
 class WnTQCCritic(TQCCritic):
@@ -122,15 +138,7 @@ class WnTQCCritic(TQCCritic):
             n_critics,
             share_features_extractor,
         )
-        self.parameterization = parameterization
-        self.init_scales = dict(init_scales)
-        input_dim = features_dim + get_action_dim(self.action_space)
-        scales = {"hidden_scale": self.init_scales["hidden"], "output_scale": self.init_scales["q"]}
-        self.q_networks = []
-        for idx in range(n_critics):
-            q_net = head_mlp(input_dim, n_quantiles, net_arch, activation_fn, parameterization, **scales)
-            self.add_module(f"qf{idx}", q_net)
-            self.q_networks.append(q_net)
+        _replace_q_networks(self, features_dim, n_quantiles, net_arch, activation_fn, parameterization, init_scales)
 
 
 class _WnSquashedGaussianActorMixin:
