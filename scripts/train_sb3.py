@@ -22,8 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from wn_rl.checkpoint import CheckpointError
-from wn_rl.config import ConfigError
+from wn_rl.config import ConfigError, config_to_dict
 from wn_rl.sb3.config import load_sb3_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteTrainingError
 from wn_rl.sb3.runner import SB3Run, run_dir_for
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_sb3_config(args.config, args.overrides)
             run_dir = run_dir_for(config)
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
         run = SB3Run(config, run_dir, resume=bool(args.resume), force=args.force)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted again: quit without saving; the previous files are intact", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1, allow_nan=False))
     if summary["interrupted"] is not None:
         print(f"stopped by a signal; resume with: python scripts/train_sb3.py --resume {run_dir}", file=sys.stderr)
         return 128 + summary["interrupted"]

@@ -130,7 +130,7 @@ def test_sigterm_saves_the_model_and_exits_143(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-2000:]
-    summary = json.loads(out[out.index("{") :])
+    summary = json.loads(out[out.rindex("\n{\n") :])  # the summary, after the config printed at start
     assert summary["interrupted"] == signal.SIGTERM and 0 < summary["num_timesteps"] < 10**7
     assert DQN.load(tmp_path / "run" / "final_model.zip").num_timesteps == summary["num_timesteps"]
 

@@ -133,7 +133,8 @@ def test_script_trains_checkpoints_evaluates_and_resumes_with_the_counter_contin
     )
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "run"
-    summary = json.loads(first.stdout[first.stdout.index("{") :])
+    summary = json.loads(first.stdout[first.stdout.rindex("\n{\n") :])  # the summary, after the config printed at start
+    assert first.stdout.startswith("algo: dqn\n") and "learning_starts: 300" in first.stdout  # the config, first
     assert summary["num_timesteps"] == 600 and summary["resumed_from"] is None
     for name in ("config.yaml", "final_model.zip", "final_replay_buffer.pkl", "eval/evaluations.npz"):
         assert (run_dir / name).is_file(), name
@@ -154,7 +155,7 @@ def test_script_trains_checkpoints_evaluates_and_resumes_with_the_counter_contin
     assert latest_model(run_dir) == run_dir / "final_model.zip"
     second = run_script("--resume", str(run_dir), "total_timesteps=800", *common)
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed = json.loads(second.stdout[second.stdout.index("{") :])
+    resumed = json.loads(second.stdout[second.stdout.rindex("\n{\n") :])  # the summary, after the config
     assert resumed["start_timesteps"] == 600 and resumed["num_timesteps"] == 800
     assert resumed["resumed_from"].endswith("final_model.zip")
     assert sorted(p.name for p in run_dir.glob("tb_*")) == ["tb_1"]  # the same TensorBoard curve continues
