@@ -341,6 +341,22 @@ def test_stack_pickle_deepcopy_and_state_dict_round_trip(scale):
     _assert_same(fresh(x), expected, rtol=0, atol=0)
 
 
+def test_cells_pickled_when_they_lived_in_wn_rl_layers_still_load(monkeypatch):
+    """The cells moved from wn_rl.layers to wn_rl.recurrent; pickle looks a class up by the module path it
+    was saved with, and wn_rl.layers still answers for them."""
+    torch.manual_seed(0)
+    cell = WNGRUCell(3, 4)
+    monkeypatch.setattr(WNGRUCell, "__module__", "wn_rl.layers")  # what an old pickle names
+    data = pickle.dumps(cell)
+    monkeypatch.undo()
+    assert b"wn_rl.layers" in data and b"wn_rl.recurrent" not in data
+    old = pickle.loads(data)
+    assert type(old) is WNGRUCell
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(old(x), cell(x))
+    assert wn_rl.layers.WNLSTMCell is WNLSTMCell  # and imports of the old path
+
+
 def test_wn_lstm_pickled_before_bidirectional_existed_still_runs():
     """SB3 recurrent policies saved whole (torch.save) hold WNLSTMs from before the option: one direction."""
     torch.manual_seed(0)

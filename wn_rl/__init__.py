@@ -15,16 +15,21 @@ from wn_rl.layers import (
     WNConvTranspose1d,
     WNConvTranspose2d,
     WNConvTranspose3d,
-    WNGRUCell,
     WNLayer,
     WNLinear,
-    WNLSTMCell,
-    WNRNNCell,
-    WNRNNCellBase,
     cached,
 )
 from wn_rl.parameterization import PARAMETERIZATIONS, Parameterization, mlp, register_parameterization
-from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
+from wn_rl.recurrent import (
+    WNGRU,
+    WNLSTM,
+    WNRNN,
+    WNGRUCell,
+    WNLSTMCell,
+    WNRNNBase,
+    WNRNNCell,
+    WNRNNCellBase,
+)
 from wn_rl.stats import wn_histograms, wn_stats
 
 __version__ = "0.1.0"

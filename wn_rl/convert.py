@@ -26,19 +26,24 @@ from wn_rl.layers import (
     WNConvTranspose1d,
     WNConvTranspose2d,
     WNConvTranspose3d,
-    WNGRUCell,
     WNLayer,
     WNLinear,
-    WNLSTMCell,
-    WNRNNCell,
-    WNRNNCellBase,
     _check_init_scale,
     _check_scale,
     _direction_and_norm,
     _parameter_from_g,
     _scale_name,
 )
-from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
+from wn_rl.recurrent import (
+    WNGRU,
+    WNLSTM,
+    WNRNN,
+    WNGRUCell,
+    WNLSTMCell,
+    WNRNNBase,
+    WNRNNCell,
+    WNRNNCellBase,
+)
 
 __all__ = ["remove_weight_norm", "weight_norm"]
 

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,12 +37,8 @@ __all__ = [
     "WNConvTranspose1d",
     "WNConvTranspose2d",
     "WNConvTranspose3d",
-    "WNGRUCell",
-    "WNLSTMCell",
     "WNLayer",
     "WNLinear",
-    "WNRNNCell",
-    "WNRNNCellBase",
     "cached",
     "mark_initializable",
 ]
@@ -249,7 +245,14 @@ class _WNLinearFn(torch.autograd.Function):
         return grad_x, grad_v, grad_g, grad_bias
 
 
-class WNLayer(nn.Module):
+class _CachedWeights(nn.Module):
+    """A module whose effective weights :func:`cached` can keep for a whole block: the WN layers and the WN
+    recurrent cells (:mod:`wn_rl.recurrent`). Its ``_cache_depth`` counts the open blocks around it."""
+
+    _cache_depth = 0
+
+
+class WNLayer(_CachedWeights):
     """Shared machinery of the weight-normalized layers: parameters ``v``, ``g`` (or ``s``) and
     ``bias``, the ``initialized`` flag, the ``.weight`` property and the per-forward cache.
 
@@ -505,188 +508,8 @@ class WNConvTranspose3d(_WNConvTransposeNd):
     _torch_cls = nn.ConvTranspose3d
 
 
-class WNRNNCellBase(nn.Module):
-    """What the weight-normalized recurrent cells share: ``weight_ih`` and ``weight_hh`` each
-    reparameterized with one g per row (eq. 2), parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``,
-    ``bias_ih``, ``bias_hh``; with ``scale="exp"`` ``s_ih`` and ``s_hh`` replace ``g_ih`` and ``g_hh``,
-    with g = exp(s) (section 2).
-
-    A fresh cell starts from its torch cell's own initialization written as g = ||w||, v = w (s = log ||w||
-    with ``scale="exp"``): the paper keeps the standard initialization for recurrent weights (section 3) and
-    data-dependent init leaves the cell alone. ``.weight_ih`` and ``.weight_hh`` are the effective weights;
-    inside :func:`cached` both are computed once for a whole time loop.
-    """
-
-    parts = ("ih", "hh")
-    scale: str = "linear"  # the class default serves cells pickled before the option existed (all linear)
-    _plain_cls: type[nn.RNNCellBase]
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        scale: str = "linear",
-        **plain_kwargs: Any,
-    ) -> None:
-        super().__init__()
-        _check_scale(scale)
-        plain = self._plain_cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype, **plain_kwargs)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.scale = scale
-        self._cache_depth = 0
-        self._cached_weights: tuple[Tensor, Tensor] | None = None
-        self._load_plain(plain)
-
-    @torch.no_grad()
-    def _load_plain(self, plain: nn.RNNCellBase) -> None:
-        """Take ``plain``'s weights as g = ||w|| (or s = log ||w||), v = w, and its biases as they are."""
-        for part in self.parts:
-            v, norm = _direction_and_norm(getattr(plain, f"weight_{part}").detach())
-            setattr(self, f"v_{part}", nn.Parameter(v))
-            setattr(self, f"{_scale_name(self.scale)}_{part}", nn.Parameter(_parameter_from_g(norm, self.scale)))
-            b = getattr(plain, f"bias_{part}")
-            if b is None:
-                self.register_parameter(f"bias_{part}", None)
-            else:
-                setattr(self, f"bias_{part}", nn.Parameter(b.detach().clone()))
-
-    def scale_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
-        """The stored scales of (weight_ih, weight_hh): ``(g_ih, g_hh)``, or ``(s_ih, s_hh)`` for exp scale."""
-        name = _scale_name(self.scale)
-        return getattr(self, f"{name}_ih"), getattr(self, f"{name}_hh")
-
-    @property
-    def g_values(self) -> tuple[Tensor, Tensor]:
-        """The per-row scales g of (weight_ih, weight_hh) (``exp(s)`` for ``scale="exp"``)."""
-        ih, hh = (_g_from_parameter(p, self.scale) for p in self.scale_parameters())
-        return ih, hh
-
-    def compute_weights(self) -> tuple[Tensor, Tensor]:
-        """The effective (weight_ih, weight_hh), computed now."""
-        g_ih, g_hh = self.g_values
-        return _fp32_weight_norm(self.v_ih, g_ih.unsqueeze(1), 0), _fp32_weight_norm(self.v_hh, g_hh.unsqueeze(1), 0)
-
-    def _weights(self) -> tuple[Tensor, Tensor]:
-        if self._cache_depth:
-            if self._cached_weights is None or any(
-                _lacks_graph(w, v, scale)
-                for w, v, scale in zip(
-                    self._cached_weights, (self.v_ih, self.v_hh), self.scale_parameters(), strict=True
-                )
-            ):
-                self._cached_weights = self.compute_weights()
-            return self._cached_weights
-        return self.compute_weights()
-
-    @property
-    def weight_ih(self) -> Tensor:
-        return self._weights()[0]
-
-    @property
-    def weight_hh(self) -> Tensor:
-        return self._weights()[1]
-
-    def _step(self, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor) -> Any:
-        """One step of the torch cell with the effective weights; ``input`` and ``hx`` batched."""
-        raise NotImplementedError
-
-    def _zero_state(self, input: Tensor) -> Any:
-        return input.new_zeros(input.size(0), self.hidden_size)
-
-    def forward(self, input: Tensor, hx: Any = None) -> Any:
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{type(self).__name__} expects a 1D or 2D input, got shape {tuple(input.shape)}")
-        batched = input.dim() == 2
-        if not batched:
-            input = input.unsqueeze(0)
-            if hx is not None:
-                hx = _map_state(hx, lambda state: state.unsqueeze(0))
-        if hx is None:
-            hx = self._zero_state(input)
-        out = self._step(input, hx, *self._weights())
-        return out if batched else _map_state(out, lambda state: state.squeeze(0))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached_weights": None, "_cache_depth": 0}
-
-    def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, scale={self.scale!r}"
-
-
-def _map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``fn`` applied to a recurrent state: one tensor, or an LSTM's ``(h, c)`` (a tuple, or a list as
-    ``nn.LSTMCell`` also takes)."""
-    return tuple(fn(part) for part in state) if isinstance(state, (tuple, list)) else fn(state)
-
-
-class WNLSTMCell(WNRNNCellBase):
-    """``nn.LSTMCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
-    :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.LSTMCell`` plus keyword-only
-    ``scale`` (see :class:`WNLinear`); a fresh cell starts from ``nn.LSTMCell``'s init as g = ||w||, v = w.
-    """
-
-    _plain_cls = nn.LSTMCell
-
-    def _zero_state(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        zeros = super()._zero_state(input)
-        return zeros, zeros
-
-    def _step(self, input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-        return torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-
-
-class WNGRUCell(WNRNNCellBase):
-    """``nn.GRUCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
-    :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.GRUCell`` plus keyword-only
-    ``scale``; a fresh cell starts from ``nn.GRUCell``'s init as g = ||w||, v = w.
-    """
-
-    _plain_cls = nn.GRUCell
-
-    def _step(self, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> Tensor:
-        return torch._VF.gru_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-
-
-class WNRNNCell(WNRNNCellBase):
-    """``nn.RNNCell`` (``nonlinearity`` ``"tanh"`` or ``"relu"``) with weight-normalized ``weight_ih`` and
-    ``weight_hh``, one g per row (see :class:`WNRNNCellBase`). Args and inputs/outputs are those of
-    ``nn.RNNCell`` plus keyword-only ``scale``; a fresh cell starts from ``nn.RNNCell``'s init as g = ||w||, v = w.
-    """
-
-    _plain_cls = nn.RNNCell
-    nonlinearity: str = "tanh"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        nonlinearity: str = "tanh",
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        scale: str = "linear",
-    ) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"WNRNNCell: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
-        super().__init__(input_size, hidden_size, bias, device, dtype, scale=scale, nonlinearity=nonlinearity)
-        self.nonlinearity = nonlinearity
-
-    def _step(self, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> Tensor:
-        cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
-        return cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"
-
-
 def _cacheable(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (WNLayer, WNRNNCellBase))]
+    return [m for m in model.modules() if isinstance(m, _CachedWeights)]
 
 
 def _clear_cache(module: nn.Module) -> None:
@@ -773,3 +596,16 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}"
+
+
+_MOVED_TO_RECURRENT = ("WNGRUCell", "WNLSTMCell", "WNRNNCell", "WNRNNCellBase")
+
+
+def __getattr__(name: str) -> Any:
+    """The recurrent cells live in :mod:`wn_rl.recurrent` since 2026-11-24; ``wn_rl.layers.WNLSTMCell`` still
+    resolves there, for imports and for models pickled before (pickle looks classes up by module path)."""
+    if name in _MOVED_TO_RECURRENT:
+        from wn_rl import recurrent
+
+        return getattr(recurrent, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

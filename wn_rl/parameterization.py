@@ -38,13 +38,11 @@ from wn_rl.layers import (
     WNConv1d,
     WNConv2d,
     WNConvTranspose2d,
-    WNGRUCell,
     WNLinear,
-    WNLSTMCell,
     _check_scale,
     mark_initializable,
 )
-from wn_rl.recurrent import WNGRU, WNLSTM
+from wn_rl.recurrent import WNGRU, WNLSTM, WNGRUCell, WNLSTMCell
 
 __all__ = ["PARAMETERIZATIONS", "NORMS", "Parameterization", "mlp", "register_parameterization"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wn_rl.layers import WNLayer, WNRNNCellBase
+from wn_rl.layers import WNLayer
+from wn_rl.recurrent import WNRNNCellBase
 
 __all__ = ["wn_histograms", "wn_stats"]
 
