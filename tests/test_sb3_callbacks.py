@@ -389,3 +389,24 @@ def test_td3_learns_pendulum():
     model.learn(4_000, callback=DataDependentInitCallback(n_samples=256))
     mean_return, _ = evaluate_policy(model, make_vec_env("Pendulum-v1", seed=100), n_eval_episodes=10)
     assert mean_return >= -600  # random or untrained: about -1200 to -1500
+
+
+def test_recurrent_warm_up_is_one_sequence_per_env_with_its_episode_starts():
+    """RecurrentPPO's policy is initialised on the warm-up as rollouts feed it: env by env, in time order, the
+    LSTM state carried along and reset where an episode starts (each observation alone, from a zero state,
+    normalised the layers after the LSTM on first-step hidden states only)."""
+    from sb3_contrib import RecurrentPPO
+
+    from wn_rl.sb3 import WnRecurrentActorCriticPolicy
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = RecurrentPPO(WnRecurrentActorCriticPolicy, env, n_steps=16, batch_size=32, n_epochs=1, seed=0)
+    ddi = DataDependentInitCallback(n_samples=50)  # 25 steps of 2 envs: no sequence cut short
+    model.learn(32, callback=ddi)
+    starts = ddi.init_episode_starts
+    assert starts.shape == (2, 25) and len(ddi.init_observations) == 50 and starts[:, 0].all()
+    assert starts[:, 1:].any(), "CartPole ends episodes within 25 random steps"
+    obs = ddi.init_observations.cpu().numpy().reshape(2, 25, 4)  # env by env, each in time order
+    for env_obs, env_starts in zip(obs, starts.numpy(), strict=True):
+        within = ~env_starts[1:]  # CartPole's Euler step: x_{t+1} = x_t + 0.02 * x_dot_t within an episode
+        np.testing.assert_allclose(np.diff(env_obs[:, 0])[within], 0.02 * env_obs[:-1, 1][within], atol=1e-6)

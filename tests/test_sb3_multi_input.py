@@ -198,12 +198,15 @@ CASES = {
 }
 
 
-def init_passes(policy, obs: dict[str, torch.Tensor], actions: torch.Tensor | None) -> list:
-    """``(network, forward on the init batch)`` of every online network of ``policy``, as the init runs them."""
+def init_passes(policy, obs: dict[str, torch.Tensor], actions: torch.Tensor | None, starts=None) -> list:
+    """``(network, forward on the init batch)`` of every online network of ``policy``, as it runs in rollouts:
+    a recurrent policy's batch as the warm-up's sequences (one per env), its LSTM state carried along them."""
     if isinstance(policy, RecurrentActorCriticPolicy):
-        n, lstm = len(obs["vec"]), policy.lstm_actor
+        assert starts is not None and starts.shape[0] * starts.shape[1] == len(obs["vec"])
+        n, lstm = starts.shape[0], policy.lstm_actor
         zeros = (torch.zeros(lstm.num_layers, n, lstm.hidden_size),) * 2
-        return [(policy, lambda: policy.forward(obs, RNNStates(zeros, zeros), torch.ones(n), deterministic=True))]
+        flags = starts.float().flatten()
+        return [(policy, lambda: policy.forward(obs, RNNStates(zeros, zeros), flags, deterministic=True))]
     if isinstance(policy, ActorCriticPolicy):
         return [(policy, lambda: policy.forward(obs, deterministic=True))]
     if hasattr(policy, "critic"):
@@ -223,7 +226,8 @@ class PreactivationsAfterInit(BaseCallback):
 
     def _record(self) -> None:
         if self.ddi.done and self.found is None:
-            passes = init_passes(self.model.policy, self.ddi.init_observations, self.ddi.init_actions)
+            ddi = self.ddi
+            passes = init_passes(self.model.policy, ddi.init_observations, ddi.init_actions, ddi.init_episode_starts)
             self.found = [preactivations(net, run) for net, run in passes]
 
     def _on_training_start(self) -> None:

@@ -12,6 +12,7 @@ import torch as th
 from gymnasium import spaces
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
@@ -31,6 +32,18 @@ def _stack_observations(batches: list[Any]) -> Any:
     if isinstance(batches[0], dict):
         return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
     return np.concatenate(batches)
+
+
+def _sequences(batches: list[Any]) -> Any:
+    """Per-step batches ``(n_envs, ...)`` as one sequence per env, env by env: ``(n_envs * steps, ...)``."""
+
+    def stack(values: list[np.ndarray]) -> np.ndarray:
+        stacked = np.stack(values, axis=1)
+        return stacked.reshape(-1, *stacked.shape[2:])
+
+    if isinstance(batches[0], dict):
+        return {key: stack([b[key] for b in batches]) for key in batches[0]}
+    return stack(batches)
 
 
 def _truncate(obs: Any, n: int) -> Any:
@@ -153,6 +166,7 @@ class DataDependentInitCallback(BaseCallback):
         self.reports: dict[str, InitReport] = {}
         self.init_observations: Any = None
         self.init_actions: th.Tensor | None = None
+        self.init_episode_starts: th.Tensor | None = None
         self.skipped = False
         self.done = False
 
@@ -180,11 +194,14 @@ class DataDependentInitCallback(BaseCallback):
             return
         if not isinstance(self.model, OnPolicyAlgorithm):
             raise TypeError(f"{type(self.model).__name__} is neither an on-policy nor an off-policy SB3 algorithm")
-        self._initialize(self._warm_up_observations(), None)
+        self._initialize(*self._warm_up_observations())
         self.model._last_obs = self.model.env.reset()
         self.model._last_episode_starts = np.ones((self.model.env.num_envs,), dtype=bool)
 
-    def _warm_up_observations(self) -> Any:
+    def _warm_up_observations(self) -> tuple[Any, None, th.Tensor | None]:
+        """The warm-up's observations, no actions, and for a recurrent policy the episode starts of its
+        sequences: RecurrentPPO's policy sees the warm-up as one sequence per env, as in its rollouts, so the
+        layers after its LSTMs are initialised on the hidden states they will see (not on first steps)."""
         env = self.model.env
         masked = isinstance(self.model, MaskablePPO) and self.locals.get("use_masking", True)
         if masked and not is_masking_supported(env):
@@ -194,14 +211,18 @@ class DataDependentInitCallback(BaseCallback):
                 "or learn with use_masking=False."
             )
         batches = [self.model._last_obs]
+        starts = [np.asarray(self.model._last_episode_starts, dtype=bool)]
         for _ in range(math.ceil(self.n_samples / env.num_envs) - 1):
             if masked:
                 actions = sample_valid_actions(self.model.action_space, get_action_masks(env))
             else:
                 actions = np.array([self.model.action_space.sample() for _ in range(env.num_envs)])
-            obs, _, _, _ = env.step(actions)
+            obs, _, dones, _ = env.step(actions)
             batches.append(obs)
-        return _truncate(_stack_observations(batches), self.n_samples)
+            starts.append(np.asarray(dones, dtype=bool))  # the next observation starts an episode
+        if isinstance(self.model.policy, RecurrentActorCriticPolicy):  # whole sequences, none cut short
+            return _sequences(batches), None, th.as_tensor(np.stack(starts, axis=1))
+        return _truncate(_stack_observations(batches), self.n_samples), None, None
 
     def _check_off_policy_warm_up(self) -> None:
         model = self.model
@@ -224,12 +245,15 @@ class DataDependentInitCallback(BaseCallback):
             observations = model._vec_normalize_env.normalize_obs(observations)
         self._initialize(observations, actions)
 
-    def _initialize(self, observations: Any, actions: np.ndarray | None) -> None:
+    def _initialize(
+        self, observations: Any, actions: np.ndarray | None, episode_starts: th.Tensor | None = None
+    ) -> None:
         policy = self.model.policy
         obs = obs_as_tensor(observations, policy.device)
         self.init_observations = obs
         self.init_actions = None if actions is None else th.as_tensor(actions, device=policy.device)
-        self.reports = initialize_policy(policy, obs, self.init_actions)
+        self.init_episode_starts = episode_starts
+        self.reports = initialize_policy(policy, obs, self.init_actions, episode_starts=episode_starts)
         self.done = True
         for name, report in self.reports.items():
             for key, value in report.scalars(prefix=f"ddi/{name}").items():

@@ -91,14 +91,20 @@ def _zero_states(policy: RecurrentActorCriticPolicy, n: int) -> tuple[th.Tensor,
     return zeros, zeros.clone()
 
 
-def _init_passes(policy: BasePolicy, actions: th.Tensor | None) -> list[tuple[str, nn.Module, Forward]]:
+def _init_passes(
+    policy: BasePolicy, actions: th.Tensor | None, episode_starts: th.Tensor | None = None
+) -> list[tuple[str, nn.Module, Forward]]:
     """``(name, network, forward(network, observations))`` for each online network, in init order."""
     if isinstance(policy, RecurrentActorCriticPolicy):
 
         def recurrent(net: nn.Module, obs: Any) -> Any:
-            n = _batch_len(obs)
+            if episode_starts is None:  # each observation alone, from a zero state
+                starts = th.ones(_batch_len(obs), device=net.device)
+            else:  # one sequence per row, the LSTM state carried along it as in a rollout
+                starts = episode_starts.to(device=net.device, dtype=th.float32).flatten()
+            n = _batch_len(obs) if episode_starts is None else episode_starts.shape[0]
             states = RNNStates(_zero_states(net, n), _zero_states(net, n))
-            return net.forward(obs, states, th.ones(n, device=net.device), deterministic=True)
+            return net.forward(obs, states, starts, deterministic=True)
 
         return [("policy", policy, recurrent)]
     if isinstance(policy, _ACTOR_CRITIC):  # MaskablePPO's: without masks (they act after the action head)
@@ -133,7 +139,12 @@ def _batch_len(obs: Any) -> int:
 
 
 def initialize_policy(
-    policy: BasePolicy, observations: Any, actions: th.Tensor | None = None, *, force: bool = False
+    policy: BasePolicy,
+    observations: Any,
+    actions: th.Tensor | None = None,
+    *,
+    episode_starts: th.Tensor | None = None,
+    force: bool = False,
 ) -> dict[str, InitReport]:
     """Data-dependent init (section 3) of every online network of ``policy`` on ``observations``
     (raw, as the env returns them; the policy preprocesses), then sync every target network.
@@ -142,6 +153,10 @@ def initialize_policy(
         policy: a PPO/A2C/RecurrentPPO, MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC policy.
         observations: a batch of observations as a tensor (or dict of tensors) on the policy's device.
         actions: the batch's actions, required for SAC, TD3 and TQC critics (replay-buffer actions).
+        episode_starts: for a recurrent policy, ``(n_sequences, steps)`` flags of the observations taken as
+            ``n_sequences`` sequences (``observations`` in that order, sequence by sequence), so that the layers
+            after the LSTM are initialised on the hidden states a rollout carries; without it each observation
+            is a sequence of its own, from a zero state.
         force: re-initialise layers that are already initialised (never needed in normal use).
 
     Returns:
@@ -149,7 +164,7 @@ def initialize_policy(
     """
     reports = {
         name: data_dependent_init(net, observations, force=force, forward=forward)
-        for name, net, forward in _init_passes(policy, actions)
+        for name, net, forward in _init_passes(policy, actions, episode_starts)
     }
     sync_target_networks(policy)
     return reports
