@@ -266,6 +266,7 @@ class WNRNNBase(nn.Module):
 
     _cell_cls: type[WNRNNCellBase]
     _has_cell_state = False  # an LSTM's state is (h, c)
+    _kernel: str  # the torch._VF function that runs the whole stack
     bidirectional = False  # the class default serves WNLSTMs pickled before the option existed (one direction)
 
     def __init__(
@@ -396,8 +397,6 @@ class WNRNNBase(nn.Module):
         else:
             result = run(self._kernel, input, batch_sizes, hx, self._flat_weights(), *options)
         return result[0], tuple(result[1:])
-
-    _kernel: str  # the torch._VF function that runs the whole stack
 
     def forward(self, input: Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
         if isinstance(input, PackedSequence):

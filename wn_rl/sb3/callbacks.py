@@ -194,12 +194,13 @@ class DataDependentInitCallback(BaseCallback):
             return
         if not isinstance(self.model, OnPolicyAlgorithm):
             raise TypeError(f"{type(self.model).__name__} is neither an on-policy nor an off-policy SB3 algorithm")
-        self._initialize(*self._warm_up_observations())
+        observations, episode_starts = self._warm_up_observations()
+        self._initialize(observations, None, episode_starts)
         self.model._last_obs = self.model.env.reset()
         self.model._last_episode_starts = np.ones((self.model.env.num_envs,), dtype=bool)
 
-    def _warm_up_observations(self) -> tuple[Any, None, th.Tensor | None]:
-        """The warm-up's observations, no actions, and for a recurrent policy the episode starts of its
+    def _warm_up_observations(self) -> tuple[Any, th.Tensor | None]:
+        """The warm-up's observations and, for a recurrent policy, the episode starts of its
         sequences: RecurrentPPO's policy sees the warm-up as one sequence per env, as in its rollouts, so the
         layers after its LSTMs are initialised on the hidden states they will see (not on first steps)."""
         env = self.model.env
@@ -221,8 +222,8 @@ class DataDependentInitCallback(BaseCallback):
             batches.append(obs)
             starts.append(np.asarray(dones, dtype=bool))  # the next observation starts an episode
         if isinstance(self.model.policy, RecurrentActorCriticPolicy):  # whole sequences, none cut short
-            return _sequences(batches), None, th.as_tensor(np.stack(starts, axis=1))
-        return _truncate(_stack_observations(batches), self.n_samples), None, None
+            return _sequences(batches), th.as_tensor(np.stack(starts, axis=1))
+        return _truncate(_stack_observations(batches), self.n_samples), None
 
     def _check_off_policy_warm_up(self) -> None:
         model = self.model

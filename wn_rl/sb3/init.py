@@ -99,10 +99,11 @@ def _init_passes(
 
         def recurrent(net: nn.Module, obs: Any) -> Any:
             if episode_starts is None:  # each observation alone, from a zero state
-                starts = th.ones(_batch_len(obs), device=net.device)
+                n = _batch_len(obs)
+                starts = th.ones(n, device=net.device)
             else:  # one sequence per row, the LSTM state carried along it as in a rollout
+                n = episode_starts.shape[0]
                 starts = episode_starts.to(device=net.device, dtype=th.float32).flatten()
-            n = _batch_len(obs) if episode_starts is None else episode_starts.shape[0]
             states = RNNStates(_zero_states(net, n), _zero_states(net, n))
             return net.forward(obs, states, starts, deterministic=True)
 
