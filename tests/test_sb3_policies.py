@@ -31,6 +31,7 @@ from wn_rl.sb3 import (
     WnSACPolicy,
     WnStatsCallback,
     WnTD3Policy,
+    WnTQCPolicy,
 )
 from wn_rl.sb3.envs import register_envs
 
@@ -277,6 +278,19 @@ def test_model_and_policy_save_load_round_trip_every_tensor_exactly(case, tmp_pa
         for key, tensor in state.items():
             assert other[key].dtype == tensor.dtype and torch.equal(other[key], tensor), key
     assert wn_rl.is_initialized(loaded.policy)
+
+
+@pytest.mark.parametrize("policy_class", [WnSACPolicy, WnTD3Policy, WnTQCPolicy], ids=["sac", "td3", "tqc"])
+@pytest.mark.parametrize("share", [True, False])
+def test_policy_save_load_keeps_whether_actor_and_critic_share_the_features_extractor(policy_class, share, tmp_path):
+    obs_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+    policy = policy_class(obs_space, action_space, lambda _: 1e-3, net_arch=[8], share_features_extractor=share)
+    assert (policy.actor.features_extractor is policy.critic.features_extractor) is share
+    policy.save(tmp_path / "policy.pt")
+    loaded = policy_class.load(tmp_path / "policy.pt", device="cpu")
+    assert loaded.share_features_extractor is share
+    assert (loaded.actor.features_extractor is loaded.critic.features_extractor) is share
 
 
 def test_inference_weight_cache_follows_updates_and_never_blocks_gradients():

@@ -262,6 +262,14 @@ class _WnActorCriticOffPolicyMixin(WnPolicyOptions):
             **kwargs,
         )
 
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        """The WN options and SB3's, plus ``share_features_extractor``: SB3's ``SACPolicy`` and
+        sb3-contrib's ``TQCPolicy`` leave it out, so a ``policy.save`` / ``load`` round trip built the
+        loaded policy with separate extractors (the weights still loaded, as both keys are saved)."""
+        data = super()._get_constructor_parameters()
+        data["share_features_extractor"] = self.share_features_extractor
+        return data
+
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> nn.Module:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
         return self.actor_class(**actor_kwargs, **self._wn_net_kwargs()).to(self.device)
