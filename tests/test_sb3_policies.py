@@ -21,6 +21,7 @@ from wn_rl.sb3 import (
     WnActorCriticCnnPolicy,
     WnActorCriticPolicy,
     WnCnnPolicy,
+    WnMaskableActorCriticPolicy,
     WnMlpPolicy,
     WnNatureCNN,
     WnQRDQNCnnPolicy,
@@ -280,17 +281,38 @@ def test_model_and_policy_save_load_round_trip_every_tensor_exactly(case, tmp_pa
     assert wn_rl.is_initialized(loaded.policy)
 
 
-@pytest.mark.parametrize("policy_class", [WnSACPolicy, WnTD3Policy, WnTQCPolicy], ids=["sac", "td3", "tqc"])
+def _shares_extractor(policy) -> bool:
+    if hasattr(policy, "actor"):  # SAC, TD3, TQC
+        return policy.actor.features_extractor is policy.critic.features_extractor
+    return policy.pi_features_extractor is policy.vf_features_extractor
+
+
+SHARING_POLICIES = {
+    "sac": WnSACPolicy,
+    "td3": WnTD3Policy,
+    "tqc": WnTQCPolicy,
+    "ppo": WnActorCriticPolicy,
+    "maskable_ppo": WnMaskableActorCriticPolicy,
+    "recurrent_ppo": WnRecurrentActorCriticPolicy,
+}
+
+
+@pytest.mark.parametrize("name", list(SHARING_POLICIES))
 @pytest.mark.parametrize("share", [True, False])
-def test_policy_save_load_keeps_whether_actor_and_critic_share_the_features_extractor(policy_class, share, tmp_path):
+def test_policy_save_load_keeps_whether_actor_and_critic_share_the_features_extractor(name, share, tmp_path):
+    policy_class = SHARING_POLICIES[name]
     obs_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
-    action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
-    policy = policy_class(obs_space, action_space, lambda _: 1e-3, net_arch=[8], share_features_extractor=share)
-    assert (policy.actor.features_extractor is policy.critic.features_extractor) is share
+    action_space = (
+        spaces.Box(-1.0, 1.0, (2,), np.float32) if hasattr(policy_class, "actor_class") else spaces.Discrete(3)
+    )
+    kwargs = dict(lstm_hidden_size=8) if policy_class is WnRecurrentActorCriticPolicy else {}
+    policy = policy_class(
+        obs_space, action_space, lambda _: 1e-3, net_arch=[8], share_features_extractor=share, **kwargs
+    )
+    assert _shares_extractor(policy) is share
     policy.save(tmp_path / "policy.pt")
     loaded = policy_class.load(tmp_path / "policy.pt", device="cpu")
-    assert loaded.share_features_extractor is share
-    assert (loaded.actor.features_extractor is loaded.critic.features_extractor) is share
+    assert loaded.share_features_extractor is share and _shares_extractor(loaded) is share
 
 
 def test_inference_weight_cache_follows_updates_and_never_blocks_gradients():

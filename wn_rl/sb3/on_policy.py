@@ -152,8 +152,14 @@ class _WnActorCriticMixin(WnPolicyOptions):
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
+        """SB3's, plus the norm-statistics options and ``share_features_extractor``, which SB3's
+        ``ActorCriticPolicy`` leaves out (a ``policy.save`` / ``load`` round trip turned sharing back on)."""
         data = super()._get_constructor_parameters()
-        data.update(freeze_norm_statistics=self.freeze_norm_statistics, norm_refresh_samples=self.norm_refresh_samples)
+        data.update(
+            freeze_norm_statistics=self.freeze_norm_statistics,
+            norm_refresh_samples=self.norm_refresh_samples,
+            share_features_extractor=self.share_features_extractor,
+        )
         return data
 
     # -- normalisation statistics -----------------------------------------------------------------
