@@ -158,6 +158,29 @@ def test_recurrent_stacks_are_converted_without_a_warning():
     assert isinstance(model.rnn, wn_rl.WNLSTM) and isinstance(model[0], WNLinear)
 
 
+def test_a_projected_lstm_converts_and_folds_back_without_a_warning():
+    """nn.LSTM(proj_size=P) becomes a WNLSTM whose projection is weight-normalized too, and folds back into
+    nn.LSTM(proj_size=P); it was left plain with a warning. A frozen projection stays frozen both ways."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(8, 16, 2, proj_size=5, bidirectional=True))
+    model[0].weight_hr_l0_reverse.requires_grad_(False)
+    x = torch.randn(6, 3, 8)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weight_norm(model)
+    lstm = model[0]
+    assert type(lstm) is wn_rl.WNLSTM and lstm.proj_size == 5 and lstm.bidirectional
+    assert not lstm.cell(0, reverse=True).v_hr.requires_grad and lstm.cell(0, reverse=True).v_ih.requires_grad
+    torch.testing.assert_close(model(x), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        remove_weight_norm(model)
+    assert type(model[0]) is nn.LSTM and model[0].proj_size == 5 and model[0].weight_hr_l1.shape == (5, 16)
+    assert [name for name, p in model[0].named_parameters() if not p.requires_grad] == ["weight_hr_l0_reverse"]
+    torch.testing.assert_close(model(x), expected)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="scale"):
         weight_norm(nn.Linear(2, 2), scale="log")

@@ -33,14 +33,20 @@ CELLS = [
     (nn.RNNCell, WNRNNCell, {"nonlinearity": "relu"}),
 ]
 CELL_IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-STACKS = [(nn.LSTM, WNLSTM, {}), (nn.GRU, WNGRU, {}), (nn.RNN, WNRNN, {"nonlinearity": "relu"})]
-STACK_IDS = ["lstm", "gru", "rnn_relu"]
+STACKS = [
+    (nn.LSTM, WNLSTM, {}),
+    (nn.LSTM, WNLSTM, {"proj_size": 3}),  # h = W_hr (o * tanh(c)): a third weight, (3, hidden)
+    (nn.GRU, WNGRU, {}),
+    (nn.RNN, WNRNN, {"nonlinearity": "relu"}),
+]
+STACK_IDS = ["lstm", "lstm_proj", "gru", "rnn_relu"]
 # (num_layers, bidirectional, batch_first, bias)
 SHAPES = [(1, False, False, True), (2, True, True, True), (3, False, True, False), (2, True, False, False)]
 
 
-def _state(plain_cls, shape, dtype=F64):
-    h = torch.randn(shape, dtype=dtype)
+def _state(plain_cls, shape, dtype=F64, proj_size=0):
+    """A random h (or an LSTM's (h, c)) of ``shape``; h has ``proj_size`` features where that is set."""
+    h = torch.randn((*shape[:-1], proj_size or shape[-1]), dtype=dtype)
     return (h, torch.randn(shape, dtype=dtype)) if plain_cls in (nn.LSTM, nn.LSTMCell) else h
 
 
@@ -150,7 +156,7 @@ def test_converting_a_torch_stack_keeps_its_outputs_and_folding_gives_it_back(
     )
     assert len(converted.cells) == layers * (2 if bidirectional else 1)
     x = _padded(batch_first)
-    hx = _state(plain_cls, (layers * (2 if bidirectional else 1), 4, 7))
+    hx = _state(plain_cls, (layers * (2 if bidirectional else 1), 4, 7), proj_size=plain.proj_size)
     _assert_same(converted(x, hx), plain(x, hx))
     _assert_same(converted(x), plain(x))
     unbatched = x[0] if batch_first else x[:, 0]
@@ -175,9 +181,10 @@ def test_packed_sequences_give_the_torch_outputs_and_final_states(
     torch.manual_seed(0)
     plain = plain_cls(5, 7, 2, batch_first=True, bidirectional=bidirectional, **kwargs).to(F64)
     converted = weight_norm(copy.deepcopy(plain))
+    assert type(converted) is wn_cls
     lengths = torch.tensor([6, 4, 3, 1]) if enforce_sorted else torch.tensor([3, 6, 1, 4])
     packed = pack_padded_sequence(_padded(True), lengths, batch_first=True, enforce_sorted=enforce_sorted)
-    hx = _state(plain_cls, (2 * (2 if bidirectional else 1), 4, 7))
+    hx = _state(plain_cls, (2 * (2 if bidirectional else 1), 4, 7), proj_size=plain.proj_size)
     for state in (hx, None):
         got, expected = converted(packed, state), plain(packed, state)
         assert torch.equal(got[0].batch_sizes, expected[0].batch_sizes)
@@ -189,14 +196,17 @@ def test_packed_sequences_give_the_torch_outputs_and_final_states(
 
 @pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), STACKS, ids=STACK_IDS)
 def test_a_fresh_stack_starts_from_the_torch_init_and_trains_every_cell(plain_cls, wn_cls, kwargs):
+    """torch's init, U(-1/sqrt(hidden), 1/sqrt(hidden)) for every weight and bias (a projection's too), drawn
+    in torch's order: the same seed gives the torch module's weights."""
     torch.manual_seed(0)
     stack = wn_cls(3, 4, 2, bidirectional=True, **kwargs)
+    torch.manual_seed(0)
     for name, param in plain_cls(3, 4, 2, bidirectional=True, **kwargs).named_parameters():
-        bound = 4**-0.5  # torch's init: U(-1/sqrt(hidden), 1/sqrt(hidden)) for every weight and bias
         assert getattr(stack, name).shape == param.shape
-        assert getattr(stack, name).abs().max() <= bound
+        assert getattr(stack, name).abs().max() <= 4**-0.5
+        torch.testing.assert_close(getattr(stack, name), param)
     out, _ = stack(torch.randn(5, 2, 3))
-    assert out.shape == (5, 2, 8)
+    assert out.shape == (5, 2, 2 * kwargs.get("proj_size", 4))
     out.square().sum().backward()
     for name, param in stack.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -280,8 +290,8 @@ def test_stack_inputs_are_checked_with_messages_that_say_what_fits():
         lstm(torch.randn(2, 0, 3))
     with pytest.raises(ValueError, match=r"c_0 has shape"):
         WNLSTM(3, 4)(torch.randn(5, 3), (torch.zeros(1, 4), torch.zeros(2, 4)))  # unbatched: (layers, hidden)
-    with pytest.raises(ValueError, match="proj_size"):
-        WNLSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match=r"h_0 has shape \(1, 2, 4\), expected \(1, 2, 2\)"):  # h is projected
+        WNLSTM(3, 4, proj_size=2)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
     with pytest.raises(ValueError, match="num_layers=0"):
         WNGRU(3, 4, 0)
     with pytest.raises(ValueError, match=r"dropout=1\.5"):
@@ -289,12 +299,98 @@ def test_stack_inputs_are_checked_with_messages_that_say_what_fits():
     assert weight_norm(nn.LSTM(3, 4, 2, dropout=1.0)).dropout == 1.0  # torch takes it, so the conversion does
 
 
-def test_projected_lstm_is_left_plain_with_a_warning_and_the_rest_converted():
-    model = nn.ModuleDict({"lstm": nn.LSTM(3, 6, proj_size=2), "gru": nn.GRU(3, 4), "cell": nn.GRUCell(3, 4)})
-    with pytest.warns(UserWarning, match=r"\['lstm \(LSTM\)'\] unchanged: an nn.LSTM with proj_size"):
-        weight_norm(model)
-    assert type(model["lstm"]) is nn.LSTM
-    assert type(model["gru"]) is WNGRU and type(model["cell"]) is WNGRUCell
+@pytest.mark.parametrize("proj_size", [4, 5, -1, 2.0, True])
+@pytest.mark.parametrize("build", [WNLSTM, WNLSTMCell], ids=["stack", "cell"])
+def test_a_bad_proj_size_is_refused_before_anything_is_built(build, proj_size):
+    """As nn.LSTM refuses proj_size >= hidden_size or < 0 (ValueError), and before a weight is drawn."""
+    rng = torch.get_rng_state()
+    with pytest.raises(
+        ValueError, match=rf"proj_size={proj_size!r} must be an integer with 0 <= proj_size < hidden_size=4"
+    ):
+        build(3, 4, proj_size=proj_size)
+    assert torch.equal(torch.get_rng_state(), rng)
+    if proj_size in (4, 5, -1):
+        with pytest.raises(ValueError, match="proj_size"):
+            nn.LSTM(3, 4, proj_size=proj_size)
+
+
+def _unfused_weights(stack):
+    """Every effective weight of ``stack`` under nn.LSTM's names, built by hand from v and g (eq. 2):
+    w = g v / ||v|| per row, with g = exp(s) for exp scale; the biases as they are."""
+    weights = {}
+    for layer in range(stack.num_layers):
+        for reverse in range(stack.num_directions):
+            cell, suffix = stack.cell(layer, bool(reverse)), f"_l{layer}{'_reverse' if reverse else ''}"
+            for part in cell.parts:
+                v = getattr(cell, f"v_{part}")
+                g = getattr(cell, f"g_{part}") if cell.scale == "linear" else getattr(cell, f"s_{part}").exp()
+                weights[f"weight_{part}{suffix}"] = g[:, None] * v / v.norm(dim=1, keepdim=True)
+            if cell.bias_ih is not None:
+                weights.update({f"bias_{part}{suffix}": getattr(cell, f"bias_{part}") for part in ("ih", "hh")})
+    return weights
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_projected_stack_gradients_equal_the_unfused_formula_in_float64(scale, bias):
+    """Gradients of v and g (s) through the fused kernel, the projection's included, equal those of nn.LSTM
+    run on weights built by hand from v and g."""
+    torch.manual_seed(0)
+    stack = WNLSTM(5, 7, 2, bias=bias, bidirectional=True, proj_size=3, dtype=F64, scale=scale)
+    with torch.no_grad():
+        for cell in stack.cells:
+            for p in cell.scale_parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    plain = nn.LSTM(5, 7, 2, bias=bias, bidirectional=True, proj_size=3, dtype=F64)
+    x, hx = _padded(False), _state(nn.LSTM, (4, 4, 7), proj_size=3)
+
+    def loss(out):
+        return sum((t * torch.linspace(-1, 2, t.numel(), dtype=F64).view_as(t)).sum() for t in _parts(out))
+
+    params = dict(stack.named_parameters())
+    got = torch.autograd.grad(loss(stack(x, hx)), list(params.values()))
+    reference = torch.func.functional_call(plain, _unfused_weights(stack), (x, hx))
+    _assert_same(stack(x, hx), reference)
+    expected = torch.autograd.grad(loss(reference), list(params.values()))
+    for name, a, b in zip(params, got, expected, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert {name.rsplit(".", 1)[1] for name in params} >= {"v_hr", f"{'g' if scale == 'linear' else 's'}_hr"}
+    assert all(a.abs().sum() > 0 for name, a in zip(params, got, strict=True) if "_hr" in name)
+
+
+def test_projected_stack_reads_like_nn_lstm_with_one_g_per_projected_unit():
+    torch.manual_seed(0)
+    stack = WNLSTM(3, 6, 2, bidirectional=True, proj_size=2)
+    with torch.no_grad():
+        stack.cell(1, True).g_hr.mul_(torch.tensor([0.5, 3.0]))
+    assert stack.proj_size == 2 and stack.cell(1).input_size == 4  # layer 1 reads both directions' projections
+    for layer, reverse in [(0, False), (0, True), (1, False), (1, True)]:
+        weight = getattr(stack, f"weight_hr_l{layer}{'_reverse' if reverse else ''}")
+        assert weight.shape == (2, 6)
+        torch.testing.assert_close(weight.norm(dim=1), stack.cell(layer, reverse).g_hr)
+    assert {"cells.0.v_hr", "cells.0.g_hr", "cells.3.v_hr", "cells.3.g_hr"} <= set(stack.state_dict())
+    assert "proj_size=2" in repr(stack) and "proj_size=2" in repr(stack.cells[0])
+    stack.flatten_parameters()
+    assert {"wn/cells.3.hr/g_mean", "wn/cells.0.ih/g_mean"} <= set(wn_rl.wn_stats(stack))
+    assert not hasattr(WNLSTM(3, 6), "weight_hr_l0") and WNLSTM(3, 6).proj_size == WNGRU(3, 6).proj_size == 0
+
+
+@pytest.mark.parametrize("scale", ["linear", "exp"])
+def test_a_projected_cell_is_one_step_of_nn_lstm_and_folds_only_in_a_stack(scale):
+    """torch has no projected LSTM cell: WNLSTMCell(proj_size=P) is one layer and step of nn.LSTM(proj_size=P),
+    so remove_weight_norm leaves it (named) on its own."""
+    torch.manual_seed(0)
+    plain = nn.LSTM(5, 7, proj_size=3, dtype=F64)
+    cell = weight_norm(copy.deepcopy(plain), scale=scale).cells[0]
+    x, (h, c) = torch.randn(4, 5, dtype=F64), _state(nn.LSTMCell, (4, 7), proj_size=3)
+    _, expected = plain(x[None], (h[None], c[None]))
+    _assert_same(cell(x, (h, c)), [s[0] for s in expected])
+    _assert_same(cell(x[0], [h[0], c[0]]), [s[0, 0] for s in expected])  # unbatched, (h, c) as a list
+    _assert_same(cell(x), [s[0] for s in plain(x[None])[1]])  # zero state: h of 3 features, c of 7
+    model = nn.ModuleDict({"cell": cell, "lstm": WNLSTM(3, 4, proj_size=2)})
+    with pytest.warns(UserWarning, match=r"\['cell \(WNLSTMCell\)'\] unchanged: they are LSTM cells with proj_size"):
+        remove_weight_norm(model)
+    assert model["cell"] is cell and type(model["lstm"]) is nn.LSTM and model["lstm"].proj_size == 2
 
 
 def test_folding_leaves_a_subclassed_stack_whole_with_its_cells():
@@ -324,9 +420,10 @@ def test_frozen_recurrent_weights_stay_frozen_through_conversion_and_folding():
 
 
 @pytest.mark.parametrize("scale", ["linear", "exp"])
-def test_stack_pickle_deepcopy_and_state_dict_round_trip(scale):
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_stack_pickle_deepcopy_and_state_dict_round_trip(scale, proj_size):
     torch.manual_seed(0)
-    stack = WNLSTM(3, 4, 2, bidirectional=True, scale=scale)
+    stack = WNLSTM(3, 4, 2, bidirectional=True, scale=scale, proj_size=proj_size)
     with torch.no_grad():
         for cell in stack.cells:
             for p in cell.scale_parameters():
@@ -336,7 +433,7 @@ def test_stack_pickle_deepcopy_and_state_dict_round_trip(scale):
     for clone in (pickle.loads(pickle.dumps(stack)), copy.deepcopy(stack)):
         _assert_same(clone(x), expected)
     torch.manual_seed(1)
-    fresh = WNLSTM(3, 4, 2, bidirectional=True, scale=scale)
+    fresh = WNLSTM(3, 4, 2, bidirectional=True, scale=scale, proj_size=proj_size)
     fresh.load_state_dict(stack.state_dict())
     _assert_same(fresh(x), expected, rtol=0, atol=0)
 
@@ -441,22 +538,31 @@ def test_parameterization_builds_recurrent_layers_with_weight_norm_or_plain(name
         "gru_cell": p.gru_cell(3, 4),
         "lstm": p.lstm(3, 4, 2, batch_first=True),
         "gru": p.gru(3, 4, 2, bidirectional=True),
+        "projected_lstm": p.lstm(3, 4, proj_size=2),
     }
-    wn = {"lstm_cell": WNLSTMCell, "gru_cell": WNGRUCell, "lstm": WNLSTM, "gru": WNGRU}
-    plain = {"lstm_cell": nn.LSTMCell, "gru_cell": nn.GRUCell, "lstm": nn.LSTM, "gru": nn.GRU}
+    wn = {"lstm_cell": WNLSTMCell, "gru_cell": WNGRUCell, "lstm": WNLSTM, "gru": WNGRU, "projected_lstm": WNLSTM}
+    plain = {
+        "lstm_cell": nn.LSTMCell,
+        "gru_cell": nn.GRUCell,
+        "lstm": nn.LSTM,
+        "gru": nn.GRU,
+        "projected_lstm": nn.LSTM,
+    }
     for kind, module in built.items():
         assert type(module) is (wn if p.weight_norm else plain)[kind], kind  # never a norm layer
     assert built["lstm"].batch_first and built["gru"].bidirectional and built["gru"].num_layers == 2
+    assert built["projected_lstm"].proj_size == 2
     if p.weight_norm:
         assert built["gru"].scale == p.scale
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_stack_runs_cudnn_with_the_effective_weights():
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_cuda_stack_runs_cudnn_with_the_effective_weights(proj_size):
     """On a GPU the kernel is cuDNN's: the converted LSTM matches nn.LSTM, trains, says nothing about copying
     its (computed) weights into cuDNN's buffer, and runs under autocast."""
     torch.manual_seed(0)
-    plain = nn.LSTM(5, 7, 2, batch_first=True, bidirectional=True).cuda()
+    plain = nn.LSTM(5, 7, 2, batch_first=True, bidirectional=True, proj_size=proj_size).cuda()
     converted = weight_norm(copy.deepcopy(plain))
     x = torch.randn(4, 6, 5, device="cuda")
     with warnings.catch_warnings():

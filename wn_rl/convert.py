@@ -3,15 +3,14 @@
 ``weight_norm`` writes each plain weight w as g = ||w||, v = w (per output unit), so the converted
 model computes exactly the same function; ``remove_weight_norm`` folds w = g v / ||v|| back into a plain
 torch layer with identical outputs, for deployment and export. Recurrent layers convert too: the cells
-(``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) and the multi-layer modules (``nn.LSTM``, ``nn.GRU``,
-``nn.RNN``, which become the drop-ins of :mod:`wn_rl.recurrent`).
+(``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) and the multi-layer modules (``nn.LSTM``, with or without
+``proj_size``, ``nn.GRU``, ``nn.RNN``, which become the drop-ins of :mod:`wn_rl.recurrent`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from wn_rl.recurrent import (
     WNRNNBase,
     WNRNNCell,
     WNRNNCellBase,
+    _layer_weights,
 )
 
 __all__ = ["remove_weight_norm", "weight_norm"]
@@ -66,19 +66,15 @@ _STACKS: dict[type[nn.Module], type[WNRNNBase]] = {nn.LSTM: WNLSTM, nn.GRU: WNGR
 _PLAIN_CELLS = {wn: plain for plain, wn in _CELLS.items()}
 _PLAIN_STACKS = {wn: plain for plain, wn in _STACKS.items()}
 _CONVERTIBLE = (*_TO_WN, *_CELLS, *_STACKS)
+_FOLDABLE = (*_TO_PLAIN, *_PLAIN_CELLS, *_PLAIN_STACKS)
 
 
-def _cell_parts(scale: str) -> dict[str, tuple[str, ...]]:
-    """A WN cell's parameter: the torch cell's parameters it is made from (g_ih or s_ih, ... per ``scale``)."""
-    name = _scale_name(scale)
-    return {
-        "v_ih": ("weight_ih",),
-        f"{name}_ih": ("weight_ih",),
-        "v_hh": ("weight_hh",),
-        f"{name}_hh": ("weight_hh",),
-        "bias_ih": ("bias_ih",),
-        "bias_hh": ("bias_hh",),
-    }
+def _cell_parts(cell: WNRNNCellBase) -> dict[str, tuple[str, ...]]:
+    """A WN cell's parameter: the torch cell's parameters it is made from (``v_ih``, ``g_ih`` or ``s_ih`` per
+    scale, ..., a projected LSTM's ``v_hr`` and ``g_hr``; the biases)."""
+    name = _scale_name(cell.scale)
+    parts = {f"{kind}_{part}": (f"weight_{part}",) for part in cell.parts for kind in ("v", name)}
+    return {**parts, "bias_ih": ("bias_ih",), "bias_hh": ("bias_hh",)}
 
 
 def _factory(tensor: torch.Tensor) -> dict[str, object]:
@@ -141,23 +137,18 @@ def _nonlinearity(module: nn.Module) -> dict[str, str]:
 
 
 def _stack_options(stack: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` or its WN drop-in, read off ``stack``."""
+    """The constructor arguments of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` or its WN drop-in, read off ``stack``
+    (``proj_size`` only where it is set: nn.GRU and nn.RNN have it as 0 but refuse it as an argument)."""
     names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
-    return {**{name: getattr(stack, name) for name in names}, **_nonlinearity(stack)}
-
-
-def _weights_of(stack: nn.Module, layer: int, reverse: bool) -> SimpleNamespace:
-    """One layer and direction of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` under a cell's parameter names."""
-    suffix = f"_l{layer}{'_reverse' if reverse else ''}"
-    names = [f"{kind}_{part}" for kind in ("weight", "bias") for part in ("ih", "hh")]
-    return SimpleNamespace(**{name: getattr(stack, name + suffix, None) for name in names})
+    projection = {"proj_size": stack.proj_size} if getattr(stack, "proj_size", 0) else {}
+    return {**{name: getattr(stack, name) for name in names}, **projection, **_nonlinearity(stack)}
 
 
 @torch.no_grad()
 def _to_wn_cell(plain: Any, cell: WNRNNCellBase, scale: str) -> WNRNNCellBase:
     """``cell`` holding ``plain``'s weights (a torch cell, or one layer of a torch stack) as g = ||w||, v = w."""
     cell._load_plain(plain)
-    _copy_requires_grad(cell, plain, _cell_parts(scale))
+    _copy_requires_grad(cell, plain, _cell_parts(cell))
     return cell
 
 
@@ -165,7 +156,7 @@ def _to_wn_stack(plain: nn.RNNBase, scale: str) -> WNRNNBase:
     stack = _STACKS[type(plain)](**_stack_options(plain), **_factory(plain.weight_ih_l0), scale=scale)
     for layer in range(plain.num_layers):
         for reverse in range(stack.num_directions):
-            _to_wn_cell(_weights_of(plain, layer, bool(reverse)), stack.cell(layer, bool(reverse)), scale)
+            _to_wn_cell(_layer_weights(plain, layer, bool(reverse)), stack.cell(layer, bool(reverse)), scale)
     return stack
 
 
@@ -183,7 +174,7 @@ def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module
             scale=scale,
         )
         return _to_wn_cell(module, empty, scale)
-    if kind in _STACKS and not getattr(module, "proj_size", 0):
+    if kind in _STACKS:
         return _to_wn_stack(module, scale)
     return None
 
@@ -249,11 +240,12 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     :class:`wn_rl.WNLSTM`, :class:`wn_rl.WNGRU` and :class:`wn_rl.WNRNN`, which run PyTorch's fused kernel with
     the effective weights.
 
-    Layers that are already weight-normalized are left alone. Left plain, each named in a warning: an
-    ``nn.LSTM`` with ``proj_size`` (its projection has no WN equivalent), subclasses of the layers above
-    (``nn.MultiheadAttention``'s ``out_proj``, users' own), layers with torch parametrizations and other
-    convolutions. An uninitialised lazy layer that would be converted (``nn.LazyLinear`` before its first
-    forward pass) is a ``ValueError``, with the model unchanged.
+    An ``nn.LSTM`` with ``proj_size`` becomes a :class:`wn_rl.WNLSTM` whose projection ``weight_hr`` is
+    weight-normalized too (one g per projected unit). Layers that are already weight-normalized are left
+    alone. Left plain, each named in a warning: subclasses of the layers above (``nn.MultiheadAttention``'s
+    ``out_proj``, users' own), layers with torch parametrizations and other convolutions. An uninitialised
+    lazy layer that would be converted (``nn.LazyLinear`` before its first forward pass) is a ``ValueError``,
+    with the model unchanged.
 
     ``init_scale`` becomes each new layer's data-dependent-init target std (a layer's own
     ``init_scale`` attribute wins); ``scale`` is ``"linear"`` or ``"exp"``.
@@ -271,19 +263,15 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
 
 def _left_plain(module: nn.Module) -> dict[str, list[str]]:
     """The layers with weights that ``weight_norm`` leaves as they are, by the reason it gives."""
-    projected, parametrized, subclasses, other_convs = [], [], [], []
+    parametrized, subclasses, other_convs = [], [], []
     for name, m in module.named_modules():
         if isinstance(m, _CONVERTIBLE) and parametrize.is_parametrized(m):
             parametrized.append(_label(name, m))
         elif isinstance(m, _CONVERTIBLE) and type(m) not in _CONVERTIBLE:
             subclasses.append(_label(name, m))
-        elif type(m) is nn.LSTM and m.proj_size:
-            projected.append(_label(name, m))
         elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, (*_TO_WN, WNLayer)):
             other_convs.append(_label(name, m))
     return {
-        "an nn.LSTM with proj_size > 0 has a projection weight that wn_rl's WNLSTM lacks; use proj_size=0 (or a "
-        "WNLinear after the LSTM) to weight-normalize it.": projected,
         "they carry torch parametrizations (such as torch.nn.utils.parametrizations.weight_norm); to use wn_rl's "
         "weight norm instead, remove them first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
         "'weight')) and convert again.": parametrized,
@@ -322,12 +310,12 @@ def _fold_cell(cell: WNRNNCellBase, plain: Any) -> None:
     torch stack under a cell's parameter names)."""
     for part, w in zip(cell.parts, cell.compute_weights(), strict=True):
         getattr(plain, f"weight_{part}").copy_(w)
-        if cell.bias_ih is not None:
-            getattr(plain, f"bias_{part}").copy_(getattr(cell, f"bias_{part}"))
     name = _scale_name(cell.scale)
     parts = {f"weight_{part}": (f"v_{part}", f"{name}_{part}") for part in cell.parts}
     if cell.bias_ih is not None:
-        parts.update({f"bias_{part}": (f"bias_{part}",) for part in cell.parts})
+        for part in ("ih", "hh"):  # a projection (weight_hr) has no bias
+            getattr(plain, f"bias_{part}").copy_(getattr(cell, f"bias_{part}"))
+            parts[f"bias_{part}"] = (f"bias_{part}",)
     _copy_requires_grad(plain, cell, parts)
 
 
@@ -335,7 +323,7 @@ def _fold_stack(stack: WNRNNBase) -> nn.RNNBase:
     plain = _PLAIN_STACKS[type(stack)](**_stack_options(stack), **_factory(stack.cells[0].v_ih))
     for layer in range(stack.num_layers):
         for reverse in range(stack.num_directions):
-            _fold_cell(stack.cell(layer, bool(reverse)), _weights_of(plain, layer, bool(reverse)))
+            _fold_cell(stack.cell(layer, bool(reverse)), _layer_weights(plain, layer, bool(reverse)))
     return plain
 
 
@@ -343,7 +331,7 @@ def _fold_leaf(module: nn.Module) -> nn.Module | None:
     kind = type(module)
     if kind in _TO_PLAIN:
         return _fold_layer(module)
-    if kind in _PLAIN_CELLS:
+    if kind in _PLAIN_CELLS and not getattr(module, "proj_size", 0):  # torch has no projected cell
         plain = _PLAIN_CELLS[kind](
             module.input_size,
             module.hidden_size,
@@ -360,23 +348,35 @@ def _fold_leaf(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _kept_by_folding(module: nn.Module) -> dict[str, list[str]]:
+    """The WN layers ``remove_weight_norm`` leaves as they are, by the reason it gives (a stack's cells go with
+    their stack)."""
+    in_stacks = {id(cell) for m in module.modules() if isinstance(m, WNRNNBase) for cell in m.cells}
+    subclasses, projected = [], []
+    for name, m in module.named_modules():
+        if isinstance(m, (WNLayer, WNRNNCellBase, WNRNNBase)) and type(m) not in _FOLDABLE:
+            subclasses.append(_label(name, m))
+        elif isinstance(m, WNRNNCellBase) and getattr(m, "proj_size", 0) and id(m) not in in_stacks:
+            projected.append(_label(name, m))
+    return {
+        "they subclass a wn_rl layer, and a plain torch layer would drop what the subclass adds. Fold them "
+        "yourself (the weight is a layer's compute_weight(), a cell's compute_weights(); a stack's cells are in "
+        ".cells).": subclasses,
+        "they are LSTM cells with proj_size, which torch has no cell for (in a WNLSTM they fold into nn.LSTM with "
+        "proj_size). Their effective weights are compute_weights().": projected,
+    }
+
+
 def remove_weight_norm(module: nn.Module) -> nn.Module:
     """Fold every WN layer of ``module`` back into the plain torch layer with the same outputs
-    (w = g v / ||v|| becomes ``.weight``). Returns ``module`` (modified in place) or, if ``module``
-    itself is a WN layer, its plain replacement. The ``initialized`` flag is kept. Subclasses of the WN
-    layers (whose forward may differ from the plain layer's) are left as they are, named in a warning."""
-    left = [
-        _label(name, m)
-        for name, m in module.named_modules()
-        if isinstance(m, (WNLayer, WNRNNCellBase, WNRNNBase))
-        and type(m) not in (*_TO_PLAIN, *_PLAIN_CELLS, *_PLAIN_STACKS)
-    ]
+    (w = g v / ||v|| becomes ``.weight``; a :class:`wn_rl.WNLSTM` with ``proj_size`` becomes
+    ``nn.LSTM(proj_size=...)``). Returns ``module`` (modified in place) or, if ``module`` itself is a WN
+    layer, its plain replacement. The ``initialized`` flag is kept. Left as they are, named in a warning:
+    subclasses of the WN layers (whose forward may differ from the plain layer's) and a
+    :class:`wn_rl.WNLSTMCell` with ``proj_size`` outside a stack."""
+    kept = _kept_by_folding(module)
     module = _replace_leaves(module, _fold_leaf, {})
-    if left:
-        warnings.warn(
-            f"remove_weight_norm left {left} unchanged: they subclass a wn_rl layer, and a plain torch layer "
-            "would drop what the subclass adds. Fold them yourself (the weight is a layer's compute_weight(), a "
-            "cell's compute_weights(); a stack's cells are in .cells).",
-            stacklevel=2,
-        )
+    for reason, names in kept.items():
+        if names:
+            warnings.warn(f"remove_weight_norm left {names} unchanged: {reason}", stacklevel=2)
     return module

@@ -7,8 +7,8 @@ direction here is a weight-normalized cell (:class:`wn_rl.WNLSTMCell`, :class:`w
 :class:`wn_rl.WNRNNCell`) holding g, v and the biases; a call computes every effective weight once and runs
 PyTorch's fused recurrent kernel with them (the CPU's, or cuDNN's), as ``nn.LSTM`` runs it with its own
 weights. So they take what the torch modules take (multiple layers, ``bias``, ``batch_first``,
-``dropout``, ``bidirectional``, unbatched input and ``PackedSequence``), except an LSTM's ``proj_size``,
-and return the same outputs from the same weights. :func:`wn_rl.weight_norm` converts the torch modules
+``dropout``, ``bidirectional``, an LSTM's ``proj_size``, unbatched input and ``PackedSequence``) and
+return the same outputs from the same weights. :func:`wn_rl.weight_norm` converts the torch modules
 into them and :func:`wn_rl.remove_weight_norm` folds them back.
 """
 
@@ -18,6 +18,7 @@ import numbers
 import re
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -46,10 +47,29 @@ __all__ = [
     "WNRNNCellBase",
 ]
 
-# nn.LSTM's parameter names (weight_ih_l0, bias_hh_l1_reverse, ...): read here as the cells' tensors
-_TORCH_NAME = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)(_reverse)?")
+# nn.LSTM's parameter names (weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...): read here as the cells' tensors
+_CELL_TENSORS = ("weight_ih", "weight_hh", "weight_hr", "bias_ih", "bias_hh")
+_TORCH_NAME = re.compile(rf"({'|'.join(_CELL_TENSORS)})_l(\d+)(_reverse)?")
 
-State = tuple[Tensor, ...]  # (h,) or an LSTM's (h, c), each (batch, hidden)
+State = tuple[Tensor, ...]  # (h,) or an LSTM's (h, c), each (batch, hidden) (h: (batch, proj_size) if projected)
+
+
+def _layer_weights(stack: nn.Module, layer: int, reverse: bool) -> SimpleNamespace:
+    """One layer and direction of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` under a cell's parameter names
+    (``weight_ih``, ..., ``weight_hr`` of a projected LSTM; None where the stack has no such tensor)."""
+    suffix = f"_l{layer}{'_reverse' if reverse else ''}"
+    return SimpleNamespace(**{name: getattr(stack, name + suffix, None) for name in _CELL_TENSORS})
+
+
+def _check_proj_size(owner: str, proj_size: Any, hidden_size: int) -> int:
+    """``proj_size`` as an int; refused, as ``nn.LSTM`` refuses it and before anything is allocated, unless
+    0 <= proj_size < hidden_size (the projection maps the hidden state to fewer features)."""
+    if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or not 0 <= proj_size < hidden_size:
+        raise ValueError(
+            f"{owner}: proj_size={proj_size!r} must be an integer with 0 <= proj_size < hidden_size={hidden_size} "
+            "(0 for no projection)"
+        )
+    return int(proj_size)
 
 
 class WNRNNCellBase(_CachedWeights):
@@ -81,50 +101,56 @@ class WNRNNCellBase(_CachedWeights):
     ) -> None:
         super().__init__()
         _check_scale(scale)
-        plain = self._plain_cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype, **plain_kwargs)
+        plain = self._fresh_plain(input_size, hidden_size, bias, device=device, dtype=dtype, **plain_kwargs)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.scale = scale
         self._cache_depth = 0
-        self._cached_weights: tuple[Tensor, Tensor] | None = None
+        self._cached_weights: tuple[Tensor, ...] | None = None
         self._load_plain(plain)
 
+    def _fresh_plain(self, input_size: int, hidden_size: int, bias: bool, **kwargs: Any) -> Any:
+        """The torch cell, in torch's initialization, that a fresh cell takes its weights from."""
+        return self._plain_cls(input_size, hidden_size, bias=bias, **kwargs)
+
     @torch.no_grad()
-    def _load_plain(self, plain: nn.RNNCellBase) -> None:
+    def _load_plain(self, plain: Any) -> None:
         """Take ``plain``'s weights as g = ||w|| (or s = log ||w||), v = w, and its biases as they are."""
         for part in self.parts:
             v, norm = _direction_and_norm(getattr(plain, f"weight_{part}").detach())
             setattr(self, f"v_{part}", nn.Parameter(v))
             setattr(self, f"{_scale_name(self.scale)}_{part}", nn.Parameter(_parameter_from_g(norm, self.scale)))
+        for part in ("ih", "hh"):  # an LSTM's projection has no bias, in torch as here
             b = getattr(plain, f"bias_{part}")
             if b is None:
                 self.register_parameter(f"bias_{part}", None)
             else:
                 setattr(self, f"bias_{part}", nn.Parameter(b.detach().clone()))
 
-    def scale_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
-        """The stored scales of (weight_ih, weight_hh): ``(g_ih, g_hh)``, or ``(s_ih, s_hh)`` for exp scale."""
+    def scale_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The stored scales in ``parts`` order: ``(g_ih, g_hh[, g_hr])``, or ``(s_ih, s_hh[, s_hr])`` for exp scale."""
         name = _scale_name(self.scale)
-        return getattr(self, f"{name}_ih"), getattr(self, f"{name}_hh")
+        return tuple(getattr(self, f"{name}_{part}") for part in self.parts)
 
     @property
-    def g_values(self) -> tuple[Tensor, Tensor]:
-        """The per-row scales g of (weight_ih, weight_hh) (``exp(s)`` for ``scale="exp"``)."""
-        ih, hh = (_g_from_parameter(p, self.scale) for p in self.scale_parameters())
-        return ih, hh
+    def g_values(self) -> tuple[Tensor, ...]:
+        """The per-row scales g of (weight_ih, weight_hh[, weight_hr]) (``exp(s)`` for ``scale="exp"``)."""
+        return tuple(_g_from_parameter(p, self.scale) for p in self.scale_parameters())
 
-    def compute_weights(self) -> tuple[Tensor, Tensor]:
-        """The effective (weight_ih, weight_hh), computed now."""
-        g_ih, g_hh = self.g_values
-        return _fp32_weight_norm(self.v_ih, g_ih.unsqueeze(1), 0), _fp32_weight_norm(self.v_hh, g_hh.unsqueeze(1), 0)
+    def _directions(self) -> tuple[nn.Parameter, ...]:
+        return tuple(getattr(self, f"v_{part}") for part in self.parts)
 
-    def _weights(self) -> tuple[Tensor, Tensor]:
+    def compute_weights(self) -> tuple[Tensor, ...]:
+        """The effective (weight_ih, weight_hh[, weight_hr]), computed now."""
+        return tuple(
+            _fp32_weight_norm(v, g.unsqueeze(1), 0) for v, g in zip(self._directions(), self.g_values, strict=True)
+        )
+
+    def _weights(self) -> tuple[Tensor, ...]:
         if self._cache_depth:
             if self._cached_weights is None or any(
                 _lacks_graph(w, v, scale)
-                for w, v, scale in zip(
-                    self._cached_weights, (self.v_ih, self.v_hh), self.scale_parameters(), strict=True
-                )
+                for w, v, scale in zip(self._cached_weights, self._directions(), self.scale_parameters(), strict=True)
             ):
                 self._cached_weights = self.compute_weights()
             return self._cached_weights
@@ -138,8 +164,8 @@ class WNRNNCellBase(_CachedWeights):
     def weight_hh(self) -> Tensor:
         return self._weights()[1]
 
-    def _step(self, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor) -> Any:
-        """One step of the torch cell with the effective weights; ``input`` and ``hx`` batched."""
+    def _step(self, input: Tensor, hx: Any, *weights: Tensor) -> Any:
+        """One step of the torch cell with the effective weights (``parts`` order); ``input``, ``hx`` batched."""
         raise NotImplementedError
 
     def _zero_state(self, input: Tensor) -> Any:
@@ -175,16 +201,64 @@ class WNLSTMCell(WNRNNCellBase):
     """``nn.LSTMCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
     :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.LSTMCell`` plus keyword-only
     ``scale`` (see :class:`WNLinear`); a fresh cell starts from ``nn.LSTMCell``'s init as g = ||w||, v = w.
+
+    Keyword-only ``proj_size`` P makes it a layer of ``nn.LSTM(proj_size=P)`` (torch has no such cell, so
+    :func:`wn_rl.remove_weight_norm` folds it only in a :class:`WNLSTM`): h = W_hr (o * tanh(c)) has P features,
+    and ``weight_hr`` (P, hidden) is weight-normalized too (``v_hr``, ``g_hr``: one g per projected unit).
     """
 
     _plain_cls = nn.LSTMCell
+    proj_size = 0  # the class default serves cells pickled before the option existed
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        scale: str = "linear",
+        proj_size: int = 0,
+    ) -> None:
+        proj_size = _check_proj_size(type(self).__name__, proj_size, hidden_size)
+        super().__init__(input_size, hidden_size, bias, device, dtype, scale=scale, proj_size=proj_size)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("ih", "hh", "hr") if self.proj_size else ("ih", "hh")
+
+    def _fresh_plain(self, input_size: int, hidden_size: int, bias: bool, proj_size: int = 0, **factory: Any) -> Any:
+        if not proj_size:
+            return super()._fresh_plain(input_size, hidden_size, bias, **factory)
+        return _layer_weights(nn.LSTM(input_size, hidden_size, bias=bias, proj_size=proj_size, **factory), 0, False)
+
+    def _load_plain(self, plain: Any) -> None:
+        """As :meth:`WNRNNCellBase._load_plain`; a ``weight_hr`` in ``plain`` makes this cell projected."""
+        w_hr = getattr(plain, "weight_hr", None)
+        self.proj_size = 0 if w_hr is None else int(w_hr.shape[0])
+        super()._load_plain(plain)
+
+    @property
+    def weight_hr(self) -> Tensor:
+        if not self.proj_size:
+            raise AttributeError("weight_hr: this WNLSTMCell has no projection (proj_size=0)")
+        return self._weights()[2]
 
     def _zero_state(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        zeros = super()._zero_state(input)
-        return zeros, zeros
+        c = super()._zero_state(input)
+        return (input.new_zeros(input.size(0), self.proj_size) if self.proj_size else c), c
 
-    def _step(self, input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-        return torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
+    def _step(self, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor, *w_hr: Tensor) -> tuple[Tensor, Tensor]:
+        if not w_hr:
+            return torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
+        # torch has no projected cell kernel: one step of its LSTM kernel (one layer, flat weights in its order)
+        flat = [w_ih, w_hh, *(() if self.bias_ih is None else (self.bias_ih, self.bias_hh)), *w_hr]
+        _, h, c = torch._VF.lstm(input[None], [s[None] for s in hx], flat, len(flat) == 5, 1, 0.0, False, False, False)
+        return h[0], c[0]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", proj_size={self.proj_size}" if self.proj_size else "")
 
 
 class WNGRUCell(WNRNNCellBase):
@@ -255,10 +329,10 @@ class WNRNNBase(nn.Module):
     direction``, the order of the torch module's ``h_n``).
 
     Same attributes as the torch modules: ``input_size``, ``hidden_size``, ``num_layers``, ``bias``,
-    ``batch_first``, ``dropout``, ``bidirectional``; ``weight_ih_l0``, ``bias_hh_l1_reverse``, ... read the
-    matching cell's effective weight (computed) and bias (the parameter itself, so in-place changes such
-    as a forget-gate bias of 1 take effect). Keyword-only ``scale``: the cells' ``"linear"`` g or ``"exp"``
-    g = exp(s).
+    ``batch_first``, ``dropout``, ``bidirectional``, ``proj_size`` (0 but for a projected LSTM);
+    ``weight_ih_l0``, ``bias_hh_l1_reverse``, ``weight_hr_l0``, ... read the matching cell's effective weight
+    (computed) and bias (the parameter itself, so in-place changes such as a forget-gate bias of 1 take
+    effect). Keyword-only ``scale``: the cells' ``"linear"`` g or ``"exp"`` g = exp(s).
 
     Each cell starts from the torch cell's initialization (g = ||w||, v = w): the paper keeps the standard
     initialization for recurrent weights and data-dependent init leaves cells alone.
@@ -268,6 +342,7 @@ class WNRNNBase(nn.Module):
     _has_cell_state = False  # an LSTM's state is (h, c)
     _kernel: str  # the torch._VF function that runs the whole stack
     bidirectional = False  # the class default serves WNLSTMs pickled before the option existed (one direction)
+    proj_size = 0  # h has hidden_size features, as in torch's GRU and RNN; and in WNLSTMs pickled before the option
 
     def __init__(
         self,
@@ -291,6 +366,8 @@ class WNRNNBase(nn.Module):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: {arg}={value!r} must be a positive integer")
         input_size, hidden_size, num_layers = (int(value) for value in sizes.values())
+        if "proj_size" in cell_kwargs:  # an LSTM's, checked before any cell is allocated
+            self.proj_size = cell_kwargs["proj_size"] = _check_proj_size(name, cell_kwargs["proj_size"], hidden_size)
         if not 0.0 <= dropout <= 1.0:  # as torch's: 1 drops every output between layers, and is allowed
             raise ValueError(f"{name}: dropout={dropout!r} must lie in [0, 1]")
         self.input_size = input_size
@@ -303,7 +380,7 @@ class WNRNNBase(nn.Module):
         directions = self.num_directions
         self.cells = nn.ModuleList(
             self._cell_cls(
-                input_size if layer == 0 else hidden_size * directions,
+                input_size if layer == 0 else self._h_size * directions,
                 hidden_size,
                 bias,
                 device=device,
@@ -323,6 +400,11 @@ class WNRNNBase(nn.Module):
     def scale(self) -> str:
         return self.cells[0].scale
 
+    @property
+    def _h_size(self) -> int:
+        """The features of h, and so of each direction's output: ``proj_size`` for a projected LSTM."""
+        return self.proj_size or self.hidden_size
+
     def cell(self, layer: int, reverse: bool = False) -> WNRNNCellBase:
         """The cell of ``layer`` (from 0) running forward in time, or backward with ``reverse``."""
         return self.cells[layer * self.num_directions + int(reverse)]
@@ -334,27 +416,28 @@ class WNRNNBase(nn.Module):
             match = _TORCH_NAME.fullmatch(name)
             if match is None:
                 raise
-            kind, part, layer, reverse = match.groups()
+            tensor, layer, reverse = match.groups()
             if int(layer) >= self.num_layers or (reverse and not self.bidirectional):
                 raise
-            return getattr(self.cell(int(layer), bool(reverse)), f"{kind}_{part}")
+            return getattr(self.cell(int(layer), bool(reverse)), tensor)
 
     def flatten_parameters(self) -> None:
         """Nothing to do: the cells' weights are computed per call, there is no flat cuDNN buffer. Here so
         that code written for the torch module (which calls it after ``.to()`` or in ``forward``) runs."""
 
     def _states(self, hx: Any, batch: int, unbatched: bool, reference: Tensor) -> State:
-        """``hx`` as a tuple of ``(num_layers * num_directions, batch, hidden)`` tensors (zeros if None)."""
-        shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
-        if hx is None:
-            zeros = reference.new_zeros(shape)
-            return (zeros, zeros) if self._has_cell_state else (zeros,)
-        states = tuple(hx) if self._has_cell_state else (hx,)
+        """``hx`` as a tuple of ``(num_layers * num_directions, batch, features)`` tensors (zeros if None):
+        h's features are ``proj_size`` for a projected LSTM, c's (and otherwise h's) ``hidden_size``."""
         names = ("h_0", "c_0") if self._has_cell_state else ("h_0",)
+        features = (self._h_size, self.hidden_size)[: len(names)]
+        shapes = [(self.num_layers * self.num_directions, batch, size) for size in features]
+        if hx is None:
+            return tuple(reference.new_zeros(shape) for shape in shapes)
+        states = tuple(hx) if self._has_cell_state else (hx,)
         if len(states) != len(names):
             raise ValueError(f"{type(self).__name__} expects hx = ({', '.join(names)}), got {len(states)} tensors")
-        expected = shape[::2] if unbatched else shape
-        for name, state in zip(names, states, strict=True):
+        for name, state, shape in zip(names, states, shapes, strict=True):
+            expected = shape[::2] if unbatched else shape
             if not isinstance(state, Tensor) or tuple(state.shape) != expected:
                 got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
                 raise ValueError(f"{type(self).__name__}: {name} has shape {got}, expected {expected}")
@@ -378,12 +461,14 @@ class WNRNNBase(nn.Module):
 
     def _flat_weights(self) -> list[Tensor]:
         """The effective weights and the biases in the torch module's ``_flat_weights`` order (per layer and
-        direction: ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``)."""
+        direction: ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``, then a projected LSTM's ``weight_hr``)."""
         flat = []
         for cell in self.cells:
-            flat.extend(cell._weights())
+            weights = cell._weights()
+            flat.extend(weights[:2])
             if self.bias:
                 flat.extend((cell.bias_ih, cell.bias_hh))
+            flat.extend(weights[2:])
         return flat
 
     def _fused(self, input: Tensor, batch_sizes: Tensor | None, states: State) -> tuple[Tensor, State]:
@@ -423,6 +508,8 @@ class WNRNNBase(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}"]
+        if self.proj_size:
+            parts.append(f"proj_size={self.proj_size}")
         if self.num_layers != 1:
             parts.append(f"num_layers={self.num_layers}")
         if not self.bias:
@@ -439,8 +526,10 @@ class WNRNNBase(nn.Module):
 
 class WNLSTM(WNRNNBase):
     """A drop-in ``nn.LSTM`` whose layers are :class:`wn_rl.WNLSTMCell` (see :class:`WNRNNBase`): same
-    arguments (``proj_size`` only as 0) plus keyword-only ``scale``, same call ``output, (h_n, c_n) =
-    lstm(input, (h_0, c_0))``, the same outputs from the same weights."""
+    arguments plus keyword-only ``scale``, same call ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``, the
+    same outputs from the same weights. With ``proj_size`` P (0 < P < hidden_size) each layer and direction
+    also has ``weight_hr_l{k}`` (P, hidden), weight-normalized like the others (one g per projected unit):
+    h_0, h_n and each direction's output have P features, c_0 and c_n hidden_size."""
 
     _cell_cls = WNLSTMCell
     _has_cell_state = True
@@ -461,14 +550,8 @@ class WNLSTM(WNRNNBase):
         *,
         scale: str = "linear",
     ) -> None:
-        if proj_size:
-            raise ValueError(
-                f"WNLSTM does not support proj_size>0 (got {proj_size}): the projection would be a third, "
-                "unnormalized weight. Use proj_size=0, or keep this LSTM a plain nn.LSTM."
-            )
-        super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype, scale=scale
-        )
+        options = (input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype)
+        super().__init__(*options, scale=scale, proj_size=proj_size)
 
 
 class WNGRU(WNRNNBase):
@@ -502,19 +585,8 @@ class WNRNN(WNRNNBase):
         *,
         scale: str = "linear",
     ) -> None:
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers,
-            bias,
-            batch_first,
-            dropout,
-            bidirectional,
-            device,
-            dtype,
-            scale=scale,
-            nonlinearity=nonlinearity,
-        )
+        options = (input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype)
+        super().__init__(*options, scale=scale, nonlinearity=nonlinearity)
 
     @property
     def nonlinearity(self) -> str:
