@@ -22,7 +22,9 @@ import yaml
 
 from agents.dqn.config import load_dqn_config, load_run_config
 from agents.dqn.learner import NonFiniteError
-from agents.dqn.runner import EnvNonFiniteError, Trainer, run_dir_for
+from agents.dqn.nonfinite import EnvNonFiniteError
+from agents.dqn.run_dir import run_dir_for
+from agents.dqn.runner import Trainer
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError, config_to_dict
 

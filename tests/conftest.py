@@ -6,14 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from agents.dqn.learner import COMPILED_UPDATE_TORCH
+from agents.dqn.update_mode import COMPILED_UPDATE_TORCH
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "compiled_functional_call: torch.compile of torch.func.functional_call (the compiled DQN update, "
-        "the whole-step benchmark); skipped on a torch older than agents.dqn.learner.COMPILED_UPDATE_TORCH",
+        "the whole-step benchmark); skipped on a torch older than agents.dqn.update_mode.COMPILED_UPDATE_TORCH",
     )
 
 

@@ -20,7 +20,8 @@ import torch
 
 from agents.dqn.config import load_dqn_config, load_run_config
 from agents.dqn.learner import NonFiniteError
-from agents.dqn.runner import EnvNonFiniteError, Trainer
+from agents.dqn.nonfinite import EnvNonFiniteError
+from agents.dqn.runner import Trainer
 from wn_rl import checkpoint as ck
 from wn_rl.checkpoint import CheckpointError, complete_checkpoints
 

@@ -23,9 +23,10 @@ from stable_baselines3 import DQN
 from wn_rl.analysis.runs import run_progress
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError
+from wn_rl.sb3.checkpoints import latest_model
 from wn_rl.sb3.config import load_sb3_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteGuard, NonFiniteTrainingError
-from wn_rl.sb3.runner import SB3Run, latest_model
+from wn_rl.sb3.runner import SB3Run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml")

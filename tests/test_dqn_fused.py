@@ -25,10 +25,11 @@ from agents.dqn.benchmark import random_batch
 from agents.dqn.config import AgentConfig, NetworkConfig, load_dqn_config
 from agents.dqn.envs import EnvSpec
 from agents.dqn.fused import fused_update
-from agents.dqn.learner import Learner, NonFiniteError, resolve_update_mode
+from agents.dqn.learner import Learner, NonFiniteError
 from agents.dqn.networks import build_q_network
 from agents.dqn.replay import ReplayBatch
 from agents.dqn.runner import Trainer
+from agents.dqn.update_mode import resolve_update_mode
 from wn_rl import data_dependent_init, mlp
 from wn_rl.config import ConfigError
 

@@ -158,7 +158,7 @@ def test_rewards_are_clipped_in_the_learner_only():
 def test_step_bound_bounds_every_parameter_change(optimizer, beta1, beta2):
     """The CPU guard skips its copy of the state when lr * K cannot overflow: K must really bound |dp| / lr,
     here under gradients that jump over 12 orders of magnitude and flip sign."""
-    from agents.dqn.learner import make_optimizer, step_bound
+    from agents.dqn.optimizer import make_optimizer, step_bound
 
     config = AgentConfig(optimizer=optimizer, lr=1.0, beta1=beta1, beta2=beta2)
     bound = step_bound(config)

@@ -14,9 +14,10 @@ import yaml
 from stable_baselines3 import DQN, HerReplayBuffer
 
 from wn_rl.config import ConfigError
+from wn_rl.sb3.checkpoints import latest_model
 from wn_rl.sb3.config import build_hyperparameters, build_policy_kwargs, load_sb3_config, resolve_policy
 from wn_rl.sb3.envs import make_env
-from wn_rl.sb3.runner import SB3Run, latest_model
+from wn_rl.sb3.runner import SB3Run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "sb3").glob("*.yaml"))

@@ -20,15 +20,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from agents.dqn.envs import VecEnv
+from agents.dqn.config import DQNConfig
+from agents.dqn.envs import VecEnv, make_env
 from wn_rl.checkpoint import atomic_write_bytes
 
 __all__ = [
     "best_epoch_mean",
     "evaluate",
+    "evaluation_epoch",
     "exploration_draws",
     "explores_everywhere",
     "game_quotas",
+    "make_eval_env",
     "select_actions",
     "write_results",
 ]
@@ -118,6 +121,24 @@ def evaluate(
         "returns": scores,
         "lengths": lengths,
     }
+
+
+def make_eval_env(config: DQNConfig) -> VecEnv:
+    """The evaluation envs of ``config.eval``; the play-time limit counts frames on Atari, agent steps elsewhere."""
+    v, e = config.eval, config.env
+    limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
+    return make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
+
+
+def evaluation_epoch(
+    q_network: nn.Module, eval_env: VecEnv, config: DQNConfig, epoch: int, agent_step: int, device: torch.device
+) -> dict[str, Any]:
+    """Evaluation epoch ``epoch`` at ``agent_step``: :func:`evaluate` with ``config.eval``'s games and epsilon,
+    seeded by the run's seed and the agent step, its result tagged with the epoch, agent step and frames."""
+    v = config.eval
+    result = evaluate(q_network, eval_env, v.games, v.epsilon, config.run.seed + 10**6 + agent_step, device)
+    result.update(epoch=epoch, agent_step=agent_step, frames=agent_step * config.frames_per_agent_step)
+    return result
 
 
 def best_epoch_mean(history: list[dict[str, Any]]) -> float:

@@ -27,7 +27,8 @@ from torch.func import functional_call, grad_and_value
 
 from agents.dqn.compile_backend import SmallConvolutionsAsMatmuls, inductor_options
 from agents.dqn.config import AgentConfig
-from agents.dqn.learner import RMSPROP_ALPHA, td_loss
+from agents.dqn.learner import td_loss
+from agents.dqn.optimizer import RMSPROP_ALPHA
 from agents.dqn.replay import ReplayBatch
 
 GUARD_CHECK_EVERY = 64  # calls between checks of the ahead-of-time graph's assumptions

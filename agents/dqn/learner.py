@@ -23,21 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.dqn.config import AgentConfig
+from agents.dqn.optimizer import make_optimizer, step_bound
 from agents.dqn.replay import ReplayBatch, ReplayMemory
+from agents.dqn.update_mode import keep_freed_memory, resolve_update_mode
 from wn_rl import WNLayer, WNRNNCellBase, remove_weight_norm
-from wn_rl.config import ConfigError
 
 __all__ = ["Learner", "NonFiniteError", "epsilon_at", "n_step_returns", "parameter_gap", "td_loss", "td_targets"]
 
 METRICS = ("loss", "td_error_abs", "q_mean", "grad_norm", "target_mean")
-COMPILE_PAYS_AFTER_UPDATES = 50_000  # CPU: below this, update_mode auto stays eager
-# The compiled update's forward is torch.func.functional_call, which Dynamo traces from torch 2.5 on;
-# torch 2.4's keeps it as one opaque call and cannot hand it the module ("call_function args: NNModuleVariable()")
-COMPILED_UPDATE_TORCH = (2, 5)
 NONFINITE_CHECK_EVERY = 16  # updates between host reads of the on-device non-finite flag
 GRADIENT_LIMIT = 1e18  # CPU guard: gradient norms below this keep Adam's g^2 finite
 PARAMETER_LIMIT = 1e37  # CPU guard: parameter norms below this (float32 max 3.4e38) are safely finite
-RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN's 0.95)
 # The first compiled update is checked against the eager one: a weight counts as moved differently when the
 # two differ by more than this fraction of lr (an optimizer step is ~lr), the graph as wrong when more than
 # COMPILED_CHECK_SHARE of the weights do. Correct graphs on a CPU (scripts/bench_compiled_check.py, three
@@ -45,7 +41,6 @@ RMSPROP_ALPHA = 0.95  # the squared-gradient average of RMSprop (the Nature DQN'
 # 0.0041% of its weights over 0.1 lr (near-zero gradients whose sign rounds differently).
 COMPILED_CHECK_STEP_FRACTION = 0.1
 COMPILED_CHECK_SHARE = 1e-3
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _WHAT = {1: "the loss", 2: "the gradients", 3: "the parameters after the optimizer step"}
 
 
@@ -139,93 +134,10 @@ def td_loss(
     return loss, (target - q_taken).detach(), q_taken.detach(), target
 
 
-def make_optimizer(params: list[nn.Parameter], config: AgentConfig) -> torch.optim.Optimizer:
-    if config.lr is None:
-        raise ValueError(
-            "agent.lr is None: the default learning rate depends on the parameterization and is filled in by "
-            "DQNConfig (load_dqn_config); an AgentConfig used on its own needs an explicit lr, e.g. "
-            "AgentConfig(lr=1e-4)."
-        )
-    betas = (config.beta1, config.beta2)
-    common = {"lr": config.lr, "eps": config.optimizer_eps, "foreach": True}  # one kernel per op for all tensors
-    if config.optimizer == "adamax":
-        return torch.optim.Adamax(params, betas=betas, **common)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, betas=betas, **common)
-    return torch.optim.RMSprop(params, alpha=RMSPROP_ALPHA, momentum=config.beta1, **common)
-
-
 def _norms(tensors: list[Tensor]) -> Tensor:
     """Per-tensor 2-norms as one tensor, outside autograd."""
     with torch.no_grad():
         return torch.stack(torch._foreach_norm(tensors))
-
-
-def step_bound(config: AgentConfig) -> float:
-    """K with |parameter change| <= lr * K for every step of ``config.optimizer`` (inf if unbounded).
-
-    Adam: |m_hat / sqrt(v_hat)| <= 1 / sqrt((1 - b2)(1 - b1^2 / b2)) when b1^2 < b2 (Cauchy-Schwarz
-    over the moments' sums). Adamax: |m_hat| / u <= 1 / (1 - b1 / b2) when b1 < b2 (u >= b2^j |g_{t-j}|).
-    RMSprop: |g| / sqrt(avg) <= 1 / sqrt(1 - alpha), and momentum sums that to 1 / (1 - momentum).
-    """
-    b1, b2 = config.beta1, config.beta2
-    if config.optimizer == "adam":
-        return 1.0 / math.sqrt((1 - b2) * (1 - b1 * b1 / b2)) if b1 * b1 < b2 else math.inf
-    if config.optimizer == "adamax":
-        return 1.0 / (1 - b1 / b2) if b1 < b2 else math.inf
-    return 1.0 / ((1 - b1) * math.sqrt(1 - RMSPROP_ALPHA))
-
-
-def keep_freed_memory() -> None:
-    """Make glibc keep freed blocks in the process instead of returning them to the OS.
-
-    An update allocates and frees temporaries of up to the parameters' size (gradients, moments'
-    updates, activations). glibc serves blocks above its mmap threshold with fresh ``mmap``s and trims
-    the heap top, so every update page-faults megabytes in again; on the 2-core KVM CPU this was ~25% of
-    an eager Nature-CNN update (docs/benchmarks.md). Raising both thresholds (to 32 MiB, glibc's maximum
-    mmap threshold, and 1 GiB) keeps them mapped. Process-wide; a no-op where glibc is not the C library.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)  # the running process: glibc's symbols included
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
-
-
-def resolve_update_mode(mode: str, device: torch.device, model: nn.Module, planned_updates: int | None = None) -> str:
-    """``agent.update_mode``. ``auto``: ``cudagraph`` on CUDA; on a CPU ``compiled`` when the run plans at
-    least ``COMPILE_PAYS_AFTER_UPDATES`` updates (compiling takes ~0.5-2 min there and saves ~1.5 ms per
-    MinAtar and ~10 ms per Nature-CNN update, docs/benchmarks.md), else ``eager``. Networks with batch
-    statistics always run eager (their forward changes buffers), and so does torch < 2.5
-    (:data:`COMPILED_UPDATE_TORCH`), where ``compiled`` and ``cudagraph`` raise :class:`ConfigError`."""
-    from agents.dqn.networks import has_batch_statistics
-
-    compiles = torch.__version__ >= COMPILED_UPDATE_TORCH
-    if mode == "auto":
-        if has_batch_statistics(model) or not compiles:
-            return "eager"
-        if device.type == "cuda":
-            return "cudagraph"
-        long_run = planned_updates is not None and planned_updates >= COMPILE_PAYS_AFTER_UPDATES
-        return "compiled" if device.type == "cpu" and long_run else "eager"
-    if mode != "eager" and has_batch_statistics(model):
-        raise ValueError(
-            f"agent.update_mode={mode!r} cannot run a network with batch statistics (batch norm, mean-only BN): "
-            "its forward changes buffers. Use agent.update_mode=eager (or auto)."
-        )
-    if mode == "cudagraph" and device.type != "cuda":
-        raise ValueError(f"agent.update_mode='cudagraph' needs a CUDA device, not {device}; use 'compiled' or 'auto'.")
-    if mode != "eager" and not compiles:
-        version = ".".join(map(str, COMPILED_UPDATE_TORCH))
-        raise ConfigError(
-            f"agent.update_mode={mode!r} needs torch >= {version} (torch.compile of the update's "
-            f"torch.func.functional_call); this is torch {torch.__version__}. Use agent.update_mode=eager "
-            "(or auto), or upgrade torch."
-        )
-    return mode
 
 
 class Learner:

@@ -21,30 +21,33 @@ import json
 import math
 import time
 import warnings
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 import wn_rl
-from agents.dqn.config import DQNConfig, config_dict, with_older_defaults
+from agents.dqn.config import DQNConfig, config_dict
 from agents.dqn.envs import EnvStateError, StepResult, VecEnv, make_env, protocol_settings
 from agents.dqn.evaluation import (
     best_epoch_mean,
-    evaluate,
+    evaluation_epoch,
     exploration_draws,
     explores_everywhere,
+    make_eval_env,
     select_actions,
     write_results,
 )
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
+from agents.dqn.logs import log_evaluation, log_hyperparameters, log_train
 from agents.dqn.networks import build_q_network, has_batch_statistics
+from agents.dqn.nonfinite import EnvNonFiniteError, check_env_step, with_context
 from agents.dqn.overlap import UpdateRunner, resolve_acting, resolve_overlap
+from agents.dqn.progress import Clock, EpisodeTracker, progress_bar
 from agents.dqn.replay import ReplayMemory
+from agents.dqn.run_dir import SAFE_TO_CHANGE, check_resume_config, run_dir_for, write_run_files
 from agents.dqn.run_state import (
     games_for_config,
     games_state,
@@ -56,90 +59,23 @@ from agents.dqn.run_state import (
 )
 from wn_rl.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     load_latest_checkpoint,
     prune_checkpoints,
     remove_incomplete,
     save_checkpoint,
     summary_writer,
 )
-from wn_rl.config import ConfigError, config_diff, flatten_config, resolve_device
-from wn_rl.provenance import provenance
+from wn_rl.config import resolve_device
 from wn_rl.signals import StopOnSignals
 
+# SAFE_TO_CHANGE and run_dir_for live in agents.dqn.run_dir, EnvNonFiniteError in agents.dqn.nonfinite; they stay
+# importable from here, their first home (wn_rl.analysis.study imports SAFE_TO_CHANGE from here).
 __all__ = ["SAFE_TO_CHANGE", "EnvNonFiniteError", "Trainer", "pick_device", "run_dir_for"]
-
-SAFE_TO_CHANGE = (
-    "run.total_agent_steps",
-    "run.log_every_agent_steps",
-    "run.wn_stats_every_agent_steps",
-    "run.checkpoint_every_agent_steps",
-    "run.keep_checkpoints",
-    "run.progress_bar",
-    "run.device",
-    "run.torch_threads",
-    "run.runs_dir",
-    "agent.update_mode",  # the same math (tests/test_dqn_fused.py), only how it runs
-    "run.overlap_updates",  # bit-identical either way (tests/test_dqn_overlap.py)
-    "run.acting",  # the same math (tests/test_dqn_overlap.py), only where it runs
-)
-
-
-class EnvNonFiniteError(FloatingPointError):
-    """The environment returned a NaN or inf reward or observation."""
-
-
-def _check_env_step(obs: np.ndarray, rewards: np.ndarray, actions: np.ndarray, env: str, agent_step: int) -> None:
-    """Raise :class:`EnvNonFiniteError` naming the env, its index and the last action (host data, cheap)."""
-    bad_reward = ~np.isfinite(rewards)
-    bad_obs = ~np.isfinite(obs).reshape(len(obs), -1).all(1) if obs.dtype.kind == "f" else np.zeros_like(bad_reward)
-    if not (bad_reward.any() or bad_obs.any()):
-        return
-    i = int(np.flatnonzero(bad_reward | bad_obs)[0])
-    what = "reward" if bad_reward[i] else "observation"
-    value = rewards[i] if bad_reward[i] else "non-finite entries"
-    raise EnvNonFiniteError(
-        f"the environment {env!r} (vector index {i}) returned a non-finite {what} ({value}) after action "
-        f"{int(actions[i])} at agent step {agent_step:,}. This comes from the environment, not the learner: "
-        "fix or wrap the env (e.g. a reward/observation check); nothing from this step was stored or learned."
-    )
 
 
 def pick_device(name: str) -> torch.device:
     """``run.device``: ``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
     return resolve_device(name, "run.device")
-
-
-def run_dir_for(config: DQNConfig, config_name: str) -> Path:
-    """``runs_dir/<config>__<suite>-<game>__<parameterization>__seed<seed>`` (or ``run.name``)."""
-    r, e = config.run, config.env
-    name = r.name or f"{config_name}__{e.suite}-{e.name}__{config.network.parameterization}__seed{r.seed}"
-    return Path(r.runs_dir) / name.replace("/", "_")
-
-
-class EpisodeTracker:
-    """Raw game scores and lengths per env; finished episodes are kept for logging."""
-
-    def __init__(self, num_envs: int) -> None:
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.finished: list[tuple[float, int]] = []
-        self.recent: deque[float] = deque(maxlen=100)
-        self.episodes = 0
-
-    def step(self, rewards: np.ndarray, done: np.ndarray, episode_start: np.ndarray) -> None:
-        self.returns += rewards
-        self.lengths += ~episode_start  # the autoreset step is not a move in the game
-        for i in np.flatnonzero(done):
-            self.finished.append((float(self.returns[i]), int(self.lengths[i])))
-            self.recent.append(float(self.returns[i]))
-            self.episodes += 1
-        self.returns[done] = 0.0
-        self.lengths[done] = 0
-
-    def drain(self) -> list[tuple[float, int]]:
-        out, self.finished = self.finished, []
-        return out
 
 
 class Trainer:
@@ -151,7 +87,7 @@ class Trainer:
         self.device = pick_device(config.run.device)
         if config.run.torch_threads is not None:
             torch.set_num_threads(config.run.torch_threads)
-        self._check_resume_config(force)
+        check_resume_config(self.run_dir, config, force)
         seed_everything(config.run.seed)
         self.env: VecEnv = make_env(config.env)
         self.spec = self.env.spec
@@ -190,43 +126,7 @@ class Trainer:
         self._initialized = False  # data-dependent init done (checked once, not per step)
         self._unstored: Any = None  # the last step's replay write, done beside the next env step
 
-    # ----- run directory, resume -------------------------------------------------------------------
-    def _check_resume_config(self, force: bool) -> None:
-        saved = self.run_dir / "config.yaml"
-        if not saved.exists():
-            return
-        old = with_older_defaults(yaml.safe_load(saved.read_text()))
-        diff = {k: v for k, v in config_diff(old, config_dict(self.config)).items() if k not in SAFE_TO_CHANGE}
-        if diff and not force:
-            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
-            raise ConfigError(
-                f"{self.run_dir} holds a run with a different config:\n{lines}\n"
-                "Resume with the saved config, start a new run (run.name=...), or pass --force to resume anyway."
-            )
-
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(config_dict(self.config)).encode())
-        atomic_write_bytes(self.run_dir / "provenance.json", json.dumps(provenance(), indent=1).encode())
-        env_info = {
-            "suite": self.spec.suite,
-            "name": self.spec.name,
-            "n_actions": self.spec.n_actions,
-            "obs_shape": list(self.spec.obs_shape),
-            "terminal_on_life_loss": self.terminal_on_life_loss,
-            **self.spec.settings,
-        }
-        atomic_write_bytes(self.run_dir / "env.json", json.dumps(env_info, indent=1).encode())
-
-    def _log_hparams(self) -> None:
-        rows = ["| key | value |", "| --- | --- |"]
-        flat = flatten_config(config_dict(self.config))
-        rows += [f"| {k} | {v} |" for k, v in flat.items()]
-        rows += [f"| env.resolved.{k} | {v} |" for k, v in self.spec.settings.items()]
-        rows.append(f"| device | {self.device} |")
-        self.writer.add_text("hyperparameters", "\n".join(rows), 0)
-
+    # ----- checkpoints, resume ----------------------------------------------------------------------
     def resume(self) -> bool:
         """Load the newest complete checkpoint of this run, if any. Returns whether one was loaded."""
         found = load_latest_checkpoint(self.run_dir / "checkpoints", map_location=self.device)
@@ -317,7 +217,7 @@ class Trainer:
         try:
             self.env.load_env_state(loop["games"])
             if "eval_games" in loop:
-                self.eval_env = self._make_eval_env()
+                self.eval_env = make_eval_env(self.config)
                 self.eval_env.load_env_state(loop["eval_games"])
         except EnvStateError as exc:
             if self.eval_env is not None:  # possibly half restored: evaluation builds a new one
@@ -390,7 +290,8 @@ class Trainer:
         if removed:
             print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
         resumed = self.resume()
-        self._write_run_files()  # after the checkpoint loaded: a resume that fails keeps the run's config.yaml
+        # after the checkpoint loaded: a resume that fails keeps the run's config.yaml
+        write_run_files(self.run_dir, self.config, self.spec, self.terminal_on_life_loss)
         # TensorBoard drops what an earlier process logged after the checkpoint (the steps redone now; all of
         # it when none was written); what it logged at the checkpoint's own step came before it and stays.
         purge_step = self.agent_step + 1 if resumed else 0
@@ -400,14 +301,14 @@ class Trainer:
         if resumed:
             self._announce_resume(why_fresh)
         else:
-            self._log_hparams()
+            log_hyperparameters(self.writer, self.config, self.spec, self.device)
         if why_fresh is not None:
             self.replay.end_games()  # a loaded replay's games in progress end here, not in the new games
             n = self.spec.num_envs
             self._obs = torch.from_numpy(self.env.reset(seed=self.config.run.seed + self.agent_step)).to(self.device)
             self._first = torch.ones(n, dtype=torch.bool)
             self._final = torch.zeros(n, dtype=torch.bool)
-        self._clock = _Clock(self.agent_step)
+        self._clock = Clock(self.agent_step)
 
     def _announce_resume(self, why_fresh: str | None) -> None:
         """Say where a resumed run continues (a warning and a TensorBoard text: the games, the replay), or,
@@ -443,14 +344,14 @@ class Trainer:
         parameter or environment value raises with the agent step and the last good checkpoint."""
         self.start()
         start_step, t0 = self.agent_step, time.perf_counter()
-        bar = _progress(self.config.run, self.agent_step)
+        bar = progress_bar(self.config.run, self.agent_step)
         try:
             with StopOnSignals(self, "the current step"):
                 self.advance(self.config.run.total_agent_steps, bar)
         except (NonFiniteError, EnvNonFiniteError) as exc:
             last = self.last_checkpoint or "none written yet"
             raise type(exc)(
-                *_with_context(exc, f"Agent step {self.agent_step:,}; last good checkpoint: {last}.")
+                *with_context(exc, f"Agent step {self.agent_step:,}; last good checkpoint: {last}.")
             ) from exc
         finally:
             self.update_runner.close()
@@ -497,7 +398,7 @@ class Trainer:
                     actions = self._act(self._obs, epsilon, draws)
                 actions_host = actions.cpu()  # read back before the updates' kernels are queued behind it
                 step = self._step_envs(actions_host.numpy())
-                _check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, before)
+                check_env_step(step.obs, step.rewards, actions_host.numpy(), self.spec.name, before)
                 done = step.terminated | step.truncated
                 self.tracker.step(step.rewards, done, step.episode_start)
                 self.update_runner.finish()
@@ -530,7 +431,7 @@ class Trainer:
             raise
         return self.env.recv()
 
-    def _periodic(self, before: int, epsilon: float, clock: _Clock, bar: Any) -> None:
+    def _periodic(self, before: int, epsilon: float, clock: Clock, bar: Any) -> None:
         r, step = self.config.run, self.agent_step
 
         def crossed(every: int) -> bool:
@@ -553,73 +454,20 @@ class Trainer:
             self.save()
 
     def _log_train(self, epsilon: float, sps: float) -> None:
-        step, w = self.agent_step, self.writer
-        for tag, value in self.learner.read_metrics().items():
-            w.add_scalar(f"train/{tag}", value, step)
-        finished = self.tracker.drain()
-        if finished:
-            w.add_scalar("train/episode_return", float(np.mean([f[0] for f in finished])), step)
-            w.add_scalar("train/episode_length", float(np.mean([f[1] for f in finished])), step)
-        w.add_scalar("train/epsilon", epsilon, step)
-        w.add_scalar("train/updates", self.learner.updates, step)
-        w.add_scalar("perf/sps", sps, step)
-        w.add_scalar("perf/frames", step * self.config.frames_per_agent_step, step)
+        step, frames = self.agent_step, self.agent_step * self.config.frames_per_agent_step
+        metrics, finished = self.learner.read_metrics(), self.tracker.drain()
+        log_train(self.writer, step, metrics, finished, epsilon, self.learner.updates, sps, frames)
         check = self.learner.compiled_check  # the first compiled update against the eager one
         if check is not None and not self._compiled_check_logged:
-            w.add_text("compiled_check", json.dumps(check), step)
+            self.writer.add_text("compiled_check", json.dumps(check), step)
             self._compiled_check_logged = True
 
-    def _make_eval_env(self) -> VecEnv:
-        v, e = self.config.eval, self.config.env
-        limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
-        return make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
-
     def _evaluate(self) -> dict[str, Any]:
-        v = self.config.eval
         if self.eval_env is None:
-            self.eval_env = self._make_eval_env()
-        result = evaluate(
-            self.learner.q_network,
-            self.eval_env,
-            v.games,
-            v.epsilon,
-            self.config.run.seed + 10**6 + self.agent_step,
-            self.device,
-        )
-        epoch = len(self.history) + 1
-        result.update(
-            epoch=epoch, agent_step=self.agent_step, frames=self.agent_step * self.config.frames_per_agent_step
-        )
+            self.eval_env = make_eval_env(self.config)
+        q, epoch = self.learner.q_network, len(self.history) + 1
+        result = evaluation_epoch(q, self.eval_env, self.config, epoch, self.agent_step, self.device)
         self.history.append(result)
-        for key in ("return_mean", "return_std", "return_max", "length_mean"):
-            self.writer.add_scalar(f"eval/{key}", result[key], self.agent_step)
-        self.writer.add_scalar("eval/best_epoch_mean", best_epoch_mean(self.history), self.agent_step)
+        log_evaluation(self.writer, result, self.history, self.agent_step)
         write_results(self.run_dir, self.history)
         return result
-
-
-def _with_context(exc: Exception, context: str) -> tuple:
-    if isinstance(exc, NonFiniteError):
-        return (f"{exc} {context}", exc.update, exc.tensor)
-    return (f"{exc} {context}",)
-
-
-class _Clock:
-    """Agent steps per second since the previous reading."""
-
-    def __init__(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
-
-    def sps(self, step: int) -> float:
-        now = time.perf_counter()
-        value = (step - self.step) / max(now - self.time, 1e-9)
-        self.step, self.time = step, now
-        return value
-
-
-def _progress(run: Any, start: int) -> Any:
-    if not run.progress_bar:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=run.total_agent_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
