@@ -9,10 +9,12 @@ with 1, each with one line naming the cause.
 
 from pathlib import Path
 
+from wn_rl.cli import brief_warnings
 from wn_rl.models.cli import exit_on_error, parse_config
 from wn_rl.models.comparison import CompareConfig, run_comparison
 
 if __name__ == "__main__":
+    brief_warnings()
     config = parse_config(
         CompareConfig,
         "configs/paper/compare_parameterizations.yaml",

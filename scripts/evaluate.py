@@ -26,6 +26,7 @@ from agents.dqn.evaluation import evaluate, select_actions
 from agents.dqn.networks import build_q_network
 from agents.dqn.runner import pick_device
 from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, load_latest_checkpoint
+from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError
 
 
@@ -150,4 +151,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    brief_warnings()
     sys.exit(main())

@@ -39,6 +39,7 @@ from wn_rl.analysis.curves import (
 from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
 from wn_rl.analysis.runs import EVAL_RETURN, TRAIN_RETURN, find_run_dirs, load_run
 from wn_rl.checkpoint import atomic_write_bytes
+from wn_rl.cli import brief_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,4 +94,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    brief_warnings()
     sys.exit(main())

@@ -32,6 +32,7 @@ from wn_rl.analysis.study import (
     plan_runs,
     replace_runs,
 )
+from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError
 
 
@@ -155,4 +156,5 @@ def _execute(study, todo, args) -> int:
 
 
 if __name__ == "__main__":
+    brief_warnings()
     sys.exit(main())

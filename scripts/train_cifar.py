@@ -8,10 +8,12 @@ cannot be written (a full disk) exits with 1 and a message naming the file; the 
 A bad config or a missing dataset exits with 2 and one line saying what to fix.
 """
 
+from wn_rl.cli import brief_warnings
 from wn_rl.models.cifar_experiment import CifarConfig, train_cifar
 from wn_rl.models.cli import exit_on_error, parse_training_command
 
 if __name__ == "__main__":
+    brief_warnings()
     config, force = parse_training_command(CifarConfig, "configs/paper/cifar10.yaml", __doc__)
     with exit_on_error():
         result = train_cifar(config, force=force)

@@ -26,6 +26,7 @@ from agents.dqn.nonfinite import EnvNonFiniteError
 from agents.dqn.run_dir import run_dir_for
 from agents.dqn.runner import Trainer
 from wn_rl.checkpoint import CheckpointError
+from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
 
 
@@ -75,4 +76,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    brief_warnings()
     sys.exit(main())

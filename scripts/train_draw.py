@@ -8,11 +8,13 @@ cannot be written (a full disk) exits with 1 and a message naming the file; the 
 A bad config or a missing dataset exits with 2 and one line saying what to fix.
 """
 
+from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError
 from wn_rl.models.cli import exit_on_error, parse_training_command
 from wn_rl.models.generative_experiment import GenerativeConfig, train_generative
 
 if __name__ == "__main__":
+    brief_warnings()
     config, force = parse_training_command(GenerativeConfig, "configs/paper/draw_mnist.yaml", __doc__)
     with exit_on_error():
         if config.model != "draw":

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from wn_rl.checkpoint import CheckpointError
+from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
 from wn_rl.sb3.config import load_sb3_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteTrainingError
@@ -72,4 +73,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    brief_warnings()
     sys.exit(main())
