@@ -2,6 +2,7 @@
 ``cached``, pickling, deep copies and ``torch.compile``."""
 
 import copy
+import importlib
 import pickle
 
 import pytest
@@ -338,6 +339,68 @@ def test_lstm_cell_pickle_deepcopy_and_state_dict_round_trip(scale):
     other = "exp" if scale == "linear" else "linear"
     with pytest.raises(RuntimeError, match="Missing key"):  # a scale mismatch is refused, not misread
         WNLSTMCell(3, 4, scale=other).load_state_dict(cell.state_dict())
+
+
+# every name that moved out of wn_rl.layers, by its new module: the old path must still resolve each, since
+# pickles and saved models name classes by module path (models pickled before name wn_rl.layers.WNConv2d)
+MOVED_FROM_LAYERS = {
+    "wn_rl.conv": [
+        "WNConv1d",
+        "WNConv2d",
+        "WNConv3d",
+        "WNConvTranspose1d",
+        "WNConvTranspose2d",
+        "WNConvTranspose3d",
+        "_CONV_HYPERPARAMETERS",
+        "_CONV_TRANSPOSE",
+        "_WNConvNd",
+        "_WNConvTransposeNd",
+    ],
+    "wn_rl.mean_only_batch_norm": ["MeanOnlyBatchNorm", "_MeanOnlyBatchNormFn"],
+    "wn_rl.recurrent_cells": ["WNGRUCell", "WNLSTMCell", "WNRNNCell", "WNRNNCellBase"],
+}
+# (class, its arguments, an input shape) for every module class that moved out of wn_rl.layers
+MOVED_LAYER_CASES = [
+    (WNConv1d, (2, 3, 3), (4, 2, 7)),
+    (WNConv2d, (2, 3, 3), (4, 2, 5, 5)),
+    (WNConv3d, (2, 3, 3), (2, 2, 4, 4, 3)),
+    (WNConvTranspose1d, (2, 3, 3), (4, 2, 5)),
+    (WNConvTranspose2d, (2, 3, 3), (4, 2, 4, 4)),
+    (WNConvTranspose3d, (2, 3, 2), (2, 2, 3, 2, 3)),
+    (MeanOnlyBatchNorm, (3,), (4, 3, 5)),
+]
+
+
+@pytest.mark.parametrize(("module", "name"), [(m, n) for m, names in MOVED_FROM_LAYERS.items() for n in names])
+def test_names_moved_out_of_wn_rl_layers_still_resolve_there(module, name):
+    moved = getattr(importlib.import_module(module), name)
+    assert getattr(importlib.import_module("wn_rl.layers"), name) is moved
+    if isinstance(moved, type):
+        assert moved.__module__ == module  # it does live in its new home
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+@pytest.mark.parametrize(("cls", "args", "shape"), MOVED_LAYER_CASES, ids=[c[0].__name__ for c in MOVED_LAYER_CASES])
+def test_layers_pickled_when_they_lived_in_wn_rl_layers_still_load(monkeypatch, protocol, cls, args, shape):
+    """A model pickled before the convolutions and mean-only BN left wn_rl.layers names them there (protocol 2
+    as the text ``wn_rl.layers\\nWNConv2d``, protocol 4 as two short strings); it loads to the same module."""
+    torch.manual_seed(0)
+    layer = cls(*args)
+    with torch.no_grad():
+        for tensor in [*layer.parameters(), *layer.buffers()]:
+            if tensor.is_floating_point():
+                tensor.add_(0.3 * torch.randn_like(tensor))
+    new_module = cls.__module__
+    monkeypatch.setattr(cls, "__module__", "wn_rl.layers")  # what an old pickle names
+    data = pickle.dumps(layer, protocol=protocol)
+    monkeypatch.undo()
+    assert b"wn_rl.layers" in data and new_module.encode() not in data
+    old = pickle.loads(data)
+    assert type(old) is cls
+    assert old.state_dict().keys() == layer.state_dict().keys()
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in layer.state_dict().items())
+    x = torch.randn(shape)
+    assert torch.equal(old(x), layer(x))
 
 
 def test_lstm_cell_pickled_before_the_scale_option_loads_as_linear():

@@ -2,6 +2,7 @@
 nn.RNN (wn_rl.recurrent) with what weight_norm / remove_weight_norm do to them."""
 
 import copy
+import importlib
 import pickle
 import warnings
 
@@ -452,6 +453,45 @@ def test_cells_pickled_when_they_lived_in_wn_rl_layers_still_load(monkeypatch):
     x = torch.randn(2, 3)
     torch.testing.assert_close(old(x), cell(x))
     assert wn_rl.layers.WNLSTMCell is WNLSTMCell  # and imports of the old path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "WNGRUCell",
+        "WNLSTMCell",
+        "WNRNNCell",
+        "WNRNNCellBase",
+        "_CELL_TENSORS",
+        "_check_proj_size",
+        "_layer_weights",
+        "_map_state",
+    ],
+)
+def test_names_moved_to_wn_rl_recurrent_cells_still_resolve_from_wn_rl_recurrent(name):
+    moved = getattr(importlib.import_module("wn_rl.recurrent_cells"), name)
+    assert getattr(importlib.import_module("wn_rl.recurrent"), name) is moved
+
+
+@pytest.mark.parametrize("old_module", ["wn_rl.layers", "wn_rl.recurrent"])
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+@pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), CELLS, ids=CELL_IDS)
+def test_cells_pickled_under_their_old_module_paths_still_load(
+    monkeypatch, old_module, protocol, plain_cls, wn_cls, kwargs
+):
+    """The cells lived in wn_rl.layers, then in wn_rl.recurrent, now in wn_rl.recurrent_cells; pickles made
+    under either old path (protocol 2: ``module\\nname`` text, protocol 4: two short strings) load."""
+    torch.manual_seed(0)
+    cell = wn_cls(3, 4, **kwargs)
+    monkeypatch.setattr(wn_cls, "__module__", old_module)  # what an old pickle names
+    data = pickle.dumps(cell, protocol=protocol)
+    monkeypatch.undo()
+    assert old_module.encode() in data and b"wn_rl.recurrent_cells" not in data
+    old = pickle.loads(data)
+    assert type(old) is wn_cls
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in cell.state_dict().items())
+    x, hx = torch.randn(2, 3), _state(plain_cls, (2, 4), dtype=torch.float32)
+    _assert_same(old(x, hx), cell(x, hx), rtol=0, atol=0)
 
 
 def test_wn_lstm_pickled_before_bidirectional_existed_still_runs():

@@ -5,31 +5,21 @@ initialization, mean-only batch normalization, the paper's parameterizations as 
 per-layer statistics for monitoring.
 """
 
-from wn_rl.convert import remove_weight_norm, weight_norm
-from wn_rl.init import InitReport, LayerInit, add_init_flags, data_dependent_init, is_initialized
-from wn_rl.layers import (
-    MeanOnlyBatchNorm,
+from wn_rl.conv import (
     WNConv1d,
     WNConv2d,
     WNConv3d,
     WNConvTranspose1d,
     WNConvTranspose2d,
     WNConvTranspose3d,
-    WNLayer,
-    WNLinear,
-    cached,
 )
+from wn_rl.convert import remove_weight_norm, weight_norm
+from wn_rl.init import InitReport, LayerInit, add_init_flags, data_dependent_init, is_initialized
+from wn_rl.layers import WNLayer, WNLinear, cached
+from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 from wn_rl.parameterization import PARAMETERIZATIONS, Parameterization, mlp, register_parameterization
-from wn_rl.recurrent import (
-    WNGRU,
-    WNLSTM,
-    WNRNN,
-    WNGRUCell,
-    WNLSTMCell,
-    WNRNNBase,
-    WNRNNCell,
-    WNRNNCellBase,
-)
+from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
+from wn_rl.recurrent_cells import WNGRUCell, WNLSTMCell, WNRNNCell, WNRNNCellBase
 from wn_rl.stats import wn_histograms, wn_stats
 
 __version__ = "0.1.0"

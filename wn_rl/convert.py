@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from wn_rl.layers import (
+from wn_rl.conv import (
     _CONV_HYPERPARAMETERS,
     WNConv1d,
     WNConv2d,
@@ -25,6 +25,8 @@ from wn_rl.layers import (
     WNConvTranspose1d,
     WNConvTranspose2d,
     WNConvTranspose3d,
+)
+from wn_rl.layers import (
     WNLayer,
     WNLinear,
     _check_init_scale,
@@ -33,17 +35,8 @@ from wn_rl.layers import (
     _parameter_from_g,
     _scale_name,
 )
-from wn_rl.recurrent import (
-    WNGRU,
-    WNLSTM,
-    WNRNN,
-    WNGRUCell,
-    WNLSTMCell,
-    WNRNNBase,
-    WNRNNCell,
-    WNRNNCellBase,
-    _layer_weights,
-)
+from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
+from wn_rl.recurrent_cells import WNGRUCell, WNLSTMCell, WNRNNCell, WNRNNCellBase, _layer_weights
 
 __all__ = ["remove_weight_norm", "weight_norm"]
 

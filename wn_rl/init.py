@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wn_rl.layers import MeanOnlyBatchNorm, WNLayer, WNLinear, mark_initializable
+from wn_rl.layers import WNLayer, WNLinear, mark_initializable
+from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 
 __all__ = [
     "InitReport",

@@ -1,6 +1,7 @@
-"""Weight-normalized layers (Salimans & Kingma 2016, section 2) and mean-only batch norm (section 4).
+"""Weight-normalized layers (Salimans & Kingma 2016, section 2): the shared machinery (:class:`WNLayer`, the
+reparameterization's helpers, :func:`cached`) and :class:`WNLinear`.
 
-Every layer here replaces one weight tensor ``w`` by the reparameterization (eq. 2)
+Every WN layer replaces one weight tensor ``w`` by the reparameterization (eq. 2)
 
     w = g * v / ||v||          (``scale="linear"``)
     w = exp(s) * v / ||v||     (``scale="exp"``, the log-scale variant of section 2)
@@ -13,14 +14,17 @@ with PyTorch's fused ``torch._weight_norm`` kernel, in fp32 whatever the paramet
 The layers are plain ``nn.Module`` subclasses (not subclasses of ``nn.Linear``/``nn.Conv2d``) so that
 code written for plain layers cannot write to ``.weight`` and silently change nothing: ``.weight`` is a
 read-only property returning the effective weight.
+
+The convolutions are in :mod:`wn_rl.conv`, mean-only batch norm (section 4) in :mod:`wn_rl.mean_only_batch_norm`
+and the recurrent cells in :mod:`wn_rl.recurrent_cells`; their names still resolve here (see ``__getattr__``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
-import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,17 +34,19 @@ from torch import Tensor, nn
 
 __all__ = [
     "SCALES",
-    "MeanOnlyBatchNorm",
-    "WNConv1d",
-    "WNConv2d",
-    "WNConv3d",
-    "WNConvTranspose1d",
-    "WNConvTranspose2d",
-    "WNConvTranspose3d",
     "WNLayer",
     "WNLinear",
     "cached",
     "mark_initializable",
+    # moved to wn_rl.conv and wn_rl.mean_only_batch_norm: resolved by __getattr__ below, since wn_rl.conv
+    # imports this module
+    "MeanOnlyBatchNorm",  # noqa: F822
+    "WNConv1d",  # noqa: F822
+    "WNConv2d",  # noqa: F822
+    "WNConv3d",  # noqa: F822
+    "WNConvTranspose1d",  # noqa: F822
+    "WNConvTranspose2d",  # noqa: F822
+    "WNConvTranspose3d",  # noqa: F822
 ]
 
 SCALES = ("linear", "exp")
@@ -247,7 +253,7 @@ class _WNLinearFn(torch.autograd.Function):
 
 class _CachedWeights(nn.Module):
     """A module whose effective weights :func:`cached` can keep for a whole block: the WN layers and the WN
-    recurrent cells (:mod:`wn_rl.recurrent`). Its ``_cache_depth`` counts the open blocks around it."""
+    recurrent cells (:mod:`wn_rl.recurrent_cells`). Its ``_cache_depth`` counts the open blocks around it."""
 
     _cache_depth = 0
 
@@ -392,122 +398,6 @@ class WNLinear(WNLayer):
         )
 
 
-_CONV_HYPERPARAMETERS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "transposed",
-    "output_padding",
-    "groups",
-    "padding_mode",
-    "_reversed_padding_repeated_twice",
-)
-
-
-class _WNConvNd(WNLayer):
-    """Shared constructor of the WN convolutions: torch's own conv class parses and checks the
-    arguments on the meta device (no allocation), and its hyperparameters are copied over."""
-
-    _torch_cls: type[nn.modules.conv._ConvNd]
-
-    def __init__(self, *args: Any, init_scale: float = 1.0, scale: str = "linear", **kwargs: Any) -> None:
-        super().__init__()
-        device = kwargs.pop("device", None)
-        dtype = kwargs.pop("dtype", None)
-        template = self._torch_cls(*args, device="meta", **kwargs)
-        for name in _CONV_HYPERPARAMETERS:
-            setattr(self, name, getattr(template, name))
-        if self.transposed and self.groups != 1:
-            raise ValueError(
-                f"{type(self).__name__} does not support groups={self.groups}: with groups the per-output "
-                "norm over dim 1 of a [in, out/groups, ...] weight would mix channels of different groups. "
-                "Use groups=1, or a grouped WNConv2d followed by upsampling."
-            )
-        self._setup_wn(
-            tuple(template.weight.shape),
-            self.out_channels if template.bias is not None else None,
-            init_scale=init_scale,
-            scale=scale,
-            factory={"device": device, "dtype": dtype},
-        )
-
-    def extra_repr(self) -> str:
-        return self._torch_cls.extra_repr(self) + f", scale={self.scale!r}, init_scale={self.init_scale}"
-
-
-class WNConv1d(_WNConvNd):
-    """Weight-normalized ``nn.Conv1d``: one (g, v) per output channel (eq. 2). Args as ``nn.Conv1d``
-    plus keyword-only ``init_scale`` and ``scale`` (see :class:`WNLinear`)."""
-
-    _torch_cls = nn.Conv1d
-
-    def forward(self, input: Tensor) -> Tensor:
-        return nn.Conv1d._conv_forward(self, input, self.weight, self.bias)
-
-
-class WNConv2d(_WNConvNd):
-    """Weight-normalized ``nn.Conv2d``: one (g, v) per output channel (eq. 2). Args as ``nn.Conv2d``
-    plus keyword-only ``init_scale`` and ``scale`` (see :class:`WNLinear`)."""
-
-    _torch_cls = nn.Conv2d
-
-    def forward(self, input: Tensor) -> Tensor:
-        return nn.Conv2d._conv_forward(self, input, self.weight, self.bias)
-
-
-class WNConv3d(_WNConvNd):
-    """Weight-normalized ``nn.Conv3d``: one (g, v) per output channel (eq. 2). Args as ``nn.Conv3d``
-    plus keyword-only ``init_scale`` and ``scale`` (see :class:`WNLinear`)."""
-
-    _torch_cls = nn.Conv3d
-
-    def forward(self, input: Tensor) -> Tensor:
-        return nn.Conv3d._conv_forward(self, input, self.weight, self.bias)
-
-
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-class _WNConvTransposeNd(_WNConvNd):
-    """Weight-normalized transposed convolutions: one (g, v) per output channel, i.e. the norm is taken
-    per index of ``v``'s dim 1 (the weight is ``[in, out, ...]``). ``groups`` must be 1."""
-
-    norm_dim = 1
-
-    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if self.padding_mode != "zeros":
-            raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
-        dims = len(self.kernel_size)
-        output_padding = self._torch_cls._output_padding(
-            self, input, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation
-        )
-        return _CONV_TRANSPOSE[dims](
-            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
-        )
-
-
-class WNConvTranspose1d(_WNConvTransposeNd):
-    """Weight-normalized ``nn.ConvTranspose1d`` (see :class:`WNConvTranspose2d`)."""
-
-    _torch_cls = nn.ConvTranspose1d
-
-
-class WNConvTranspose2d(_WNConvTransposeNd):
-    """Weight-normalized ``nn.ConvTranspose2d``: one (g, v) per output channel, i.e. the norm is taken
-    per index of ``v``'s dim 1 (the weight is ``[in, out, kh, kw]``). ``groups`` must be 1."""
-
-    _torch_cls = nn.ConvTranspose2d
-
-
-class WNConvTranspose3d(_WNConvTransposeNd):
-    """Weight-normalized ``nn.ConvTranspose3d`` (see :class:`WNConvTranspose2d`)."""
-
-    _torch_cls = nn.ConvTranspose3d
-
-
 def _cacheable(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _CachedWeights)]
 
@@ -535,77 +425,37 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
                 _clear_cache(module)
 
 
-class _MeanOnlyBatchNormFn(torch.autograd.Function):
-    """t~ = t - mu[t] + b with the gradient of eq. (8), grad_t = grad_t~ - mu[grad_t~], computed from one
-    reduction that also gives grad_b (autograd would reduce twice and add a full-size tensor). The backward
-    is linear in the incoming gradient and made of differentiable ops, so double backward (gradient
-    penalties) works: the second derivative of this linear map is zero."""
-
-    @staticmethod
-    def forward(ctx: Any, input: Tensor, bias: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        dims = [0, *range(2, input.dim())]
-        mean = input.mean(dim=dims)
-        ctx.dims, ctx.shape, ctx.count = dims, shape, input.numel() // input.shape[1]
-        ctx.mark_non_differentiable(mean)
-        return input - (mean - bias).view(shape), mean
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor, _grad_mean: Tensor | None) -> tuple[Tensor, Tensor, None]:
-        total = grad_output.sum(dim=ctx.dims)
-        return grad_output - (total / ctx.count).view(ctx.shape), total, None
-
-
-class MeanOnlyBatchNorm(nn.Module):
-    """Mean-only batch normalization (section 4, eq. 7-8): t~ = t - mu[t] + b.
-
-    In training the minibatch mean over every dim but the channel dim (1) is subtracted and a running
-    average kept (``running_mean <- (1 - momentum) running_mean + momentum mu``); in eval the running
-    mean is subtracted. Autograd through the batch mean gives eq. (8): the backpropagated gradient is
-    centred. Inputs are ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``. The buffer is named
-    ``running_mean`` so stable-baselines3 copies it to target networks.
-    """
-
-    def __init__(self, num_features: int, momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
-        super().__init__()
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"momentum={momentum!r} must be a number in [0, 1] (weight of the new batch mean); a cumulative "
-                "average (nn.BatchNorm's momentum=None) is not supported"
-            )
-        self.num_features = num_features
-        self.momentum = momentum
-        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
-        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
-
-    def _shape(self, input: Tensor) -> tuple[int, ...]:
-        if input.dim() < 2 or input.shape[1] != self.num_features:
-            raise ValueError(
-                f"MeanOnlyBatchNorm({self.num_features}) expects input of shape (N, {self.num_features}, ...), "
-                f"got {tuple(input.shape)}"
-            )
-        return (1, self.num_features) + (1,) * (input.dim() - 2)
-
-    def forward(self, input: Tensor) -> Tensor:
-        shape = self._shape(input)
-        if not self.training:
-            return input - (self.running_mean - self.bias).view(shape)
-        output, mean = _MeanOnlyBatchNormFn.apply(input, self.bias, shape)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        return output
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, momentum={self.momentum}"
-
-
-_MOVED_TO_RECURRENT = ("WNGRUCell", "WNLSTMCell", "WNRNNCell", "WNRNNCellBase")
+# Names that moved out of this module, by their new home. Pickle looks a class up by the module path it was
+# saved with, so models pickled before the moves name e.g. ``wn_rl.layers.WNConv2d``.
+_MOVED = {
+    **dict.fromkeys(
+        (
+            "WNConv1d",
+            "WNConv2d",
+            "WNConv3d",
+            "WNConvTranspose1d",
+            "WNConvTranspose2d",
+            "WNConvTranspose3d",
+            "_CONV_HYPERPARAMETERS",
+            "_CONV_TRANSPOSE",
+            "_WNConvNd",
+            "_WNConvTransposeNd",
+        ),
+        "wn_rl.conv",
+    ),
+    **dict.fromkeys(("MeanOnlyBatchNorm", "_MeanOnlyBatchNormFn"), "wn_rl.mean_only_batch_norm"),
+    **dict.fromkeys(("WNGRUCell", "WNLSTMCell", "WNRNNCell", "WNRNNCellBase"), "wn_rl.recurrent_cells"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    """The recurrent cells live in :mod:`wn_rl.recurrent` since 2026-11-24; ``wn_rl.layers.WNLSTMCell`` still
-    resolves there, for imports and for models pickled before (pickle looks classes up by module path)."""
-    if name in _MOVED_TO_RECURRENT:
-        from wn_rl import recurrent
-
-        return getattr(recurrent, name)
+    """A name that moved out (see ``_MOVED``) from its new home, so that ``wn_rl.layers.WNConv2d`` or
+    ``wn_rl.layers.WNLSTMCell`` still resolves, for imports and for models pickled before (pickle looks classes
+    up by module path). Looked up lazily: :mod:`wn_rl.conv` and :mod:`wn_rl.recurrent_cells` import this module."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MOVED})

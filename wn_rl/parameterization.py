@@ -32,17 +32,11 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from wn_rl.layers import (
-    V_INIT_STD,
-    MeanOnlyBatchNorm,
-    WNConv1d,
-    WNConv2d,
-    WNConvTranspose2d,
-    WNLinear,
-    _check_scale,
-    mark_initializable,
-)
-from wn_rl.recurrent import WNGRU, WNLSTM, WNGRUCell, WNLSTMCell
+from wn_rl.conv import WNConv1d, WNConv2d, WNConvTranspose2d
+from wn_rl.layers import V_INIT_STD, WNLinear, _check_scale, mark_initializable
+from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
+from wn_rl.recurrent import WNGRU, WNLSTM
+from wn_rl.recurrent_cells import WNGRUCell, WNLSTMCell
 
 __all__ = ["PARAMETERIZATIONS", "NORMS", "Parameterization", "mlp", "register_parameterization"]
 

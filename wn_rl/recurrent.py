@@ -1,5 +1,5 @@
-"""Weight-normalized recurrent layers: the cells (:class:`WNLSTMCell`, :class:`WNGRUCell`,
-:class:`WNRNNCell`) and drop-ins for ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` built from them.
+"""Weight-normalized recurrent layers: drop-ins for ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` built from the
+cells (:class:`WNLSTMCell`, :class:`WNGRUCell`, :class:`WNRNNCell`).
 
 The paper's point is that weight normalization, unlike batch normalization, works in recurrent
 networks (sections 1 and 5.3): it adds no dependence between examples or time steps. Each layer and
@@ -10,6 +10,8 @@ weights. So they take what the torch modules take (multiple layers, ``bias``, ``
 ``dropout``, ``bidirectional``, an LSTM's ``proj_size``, unbatched input and ``PackedSequence``) and
 return the same outputs from the same weights. :func:`wn_rl.weight_norm` converts the torch modules
 into them and :func:`wn_rl.remove_weight_norm` folds them back.
+
+The cells are in :mod:`wn_rl.recurrent_cells`; their names still resolve here, for imports and old pickles.
 """
 
 from __future__ import annotations
@@ -17,24 +19,24 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
-from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from wn_rl.layers import (
-    _CachedWeights,
-    _check_scale,
-    _direction_and_norm,
-    _fp32_weight_norm,
-    _g_from_parameter,
-    _lacks_graph,
-    _parameter_from_g,
-    _scale_name,
+# the cells moved to wn_rl.recurrent_cells: imported here for the stacks, and so that their names (and the
+# helpers that moved with them) still resolve from wn_rl.recurrent, for imports and old pickles
+from wn_rl.recurrent_cells import (
+    _CELL_TENSORS,
+    WNGRUCell,
+    WNLSTMCell,
+    WNRNNCell,
+    WNRNNCellBase,
+    _check_proj_size,
 )
+from wn_rl.recurrent_cells import _layer_weights as _layer_weights
+from wn_rl.recurrent_cells import _map_state as _map_state
 
 __all__ = [
     "WNGRU",
@@ -47,263 +49,9 @@ __all__ = [
     "WNRNNCellBase",
 ]
 
-# nn.LSTM's parameter names (weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...): read here as the cells' tensors
-_CELL_TENSORS = ("weight_ih", "weight_hh", "weight_hr", "bias_ih", "bias_hh")
 _TORCH_NAME = re.compile(rf"({'|'.join(_CELL_TENSORS)})_l(\d+)(_reverse)?")
 
 State = tuple[Tensor, ...]  # (h,) or an LSTM's (h, c), each (batch, hidden) (h: (batch, proj_size) if projected)
-
-
-def _layer_weights(stack: nn.Module, layer: int, reverse: bool) -> SimpleNamespace:
-    """One layer and direction of an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` under a cell's parameter names
-    (``weight_ih``, ..., ``weight_hr`` of a projected LSTM; None where the stack has no such tensor)."""
-    suffix = f"_l{layer}{'_reverse' if reverse else ''}"
-    return SimpleNamespace(**{name: getattr(stack, name + suffix, None) for name in _CELL_TENSORS})
-
-
-def _check_proj_size(owner: str, proj_size: Any, hidden_size: int) -> int:
-    """``proj_size`` as an int; refused, as ``nn.LSTM`` refuses it and before anything is allocated, unless
-    0 <= proj_size < hidden_size (the projection maps the hidden state to fewer features)."""
-    if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or not 0 <= proj_size < hidden_size:
-        raise ValueError(
-            f"{owner}: proj_size={proj_size!r} must be an integer with 0 <= proj_size < hidden_size={hidden_size} "
-            "(0 for no projection)"
-        )
-    return int(proj_size)
-
-
-class WNRNNCellBase(_CachedWeights):
-    """What the weight-normalized recurrent cells share: ``weight_ih`` and ``weight_hh`` each
-    reparameterized with one g per row (eq. 2), parameters ``v_ih``, ``g_ih``, ``v_hh``, ``g_hh``,
-    ``bias_ih``, ``bias_hh``; with ``scale="exp"`` ``s_ih`` and ``s_hh`` replace ``g_ih`` and ``g_hh``,
-    with g = exp(s) (section 2).
-
-    A fresh cell starts from its torch cell's own initialization written as g = ||w||, v = w (s = log ||w||
-    with ``scale="exp"``): the paper keeps the standard initialization for recurrent weights (section 3) and
-    data-dependent init leaves the cell alone. ``.weight_ih`` and ``.weight_hh`` are the effective weights;
-    inside :func:`cached` both are computed once for a whole time loop.
-    """
-
-    parts = ("ih", "hh")
-    scale: str = "linear"  # the class default serves cells pickled before the option existed (all linear)
-    _plain_cls: type[nn.RNNCellBase]
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        scale: str = "linear",
-        **plain_kwargs: Any,
-    ) -> None:
-        super().__init__()
-        _check_scale(scale)
-        plain = self._fresh_plain(input_size, hidden_size, bias, device=device, dtype=dtype, **plain_kwargs)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.scale = scale
-        self._cache_depth = 0
-        self._cached_weights: tuple[Tensor, ...] | None = None
-        self._load_plain(plain)
-
-    def _fresh_plain(self, input_size: int, hidden_size: int, bias: bool, **kwargs: Any) -> Any:
-        """The torch cell, in torch's initialization, that a fresh cell takes its weights from."""
-        return self._plain_cls(input_size, hidden_size, bias=bias, **kwargs)
-
-    @torch.no_grad()
-    def _load_plain(self, plain: Any) -> None:
-        """Take ``plain``'s weights as g = ||w|| (or s = log ||w||), v = w, and its biases as they are."""
-        for part in self.parts:
-            v, norm = _direction_and_norm(getattr(plain, f"weight_{part}").detach())
-            setattr(self, f"v_{part}", nn.Parameter(v))
-            setattr(self, f"{_scale_name(self.scale)}_{part}", nn.Parameter(_parameter_from_g(norm, self.scale)))
-        for part in ("ih", "hh"):  # an LSTM's projection has no bias, in torch as here
-            b = getattr(plain, f"bias_{part}")
-            if b is None:
-                self.register_parameter(f"bias_{part}", None)
-            else:
-                setattr(self, f"bias_{part}", nn.Parameter(b.detach().clone()))
-
-    def scale_parameters(self) -> tuple[nn.Parameter, ...]:
-        """The stored scales in ``parts`` order: ``(g_ih, g_hh[, g_hr])``, or ``(s_ih, s_hh[, s_hr])`` for exp scale."""
-        name = _scale_name(self.scale)
-        return tuple(getattr(self, f"{name}_{part}") for part in self.parts)
-
-    @property
-    def g_values(self) -> tuple[Tensor, ...]:
-        """The per-row scales g of (weight_ih, weight_hh[, weight_hr]) (``exp(s)`` for ``scale="exp"``)."""
-        return tuple(_g_from_parameter(p, self.scale) for p in self.scale_parameters())
-
-    def _directions(self) -> tuple[nn.Parameter, ...]:
-        return tuple(getattr(self, f"v_{part}") for part in self.parts)
-
-    def compute_weights(self) -> tuple[Tensor, ...]:
-        """The effective (weight_ih, weight_hh[, weight_hr]), computed now."""
-        return tuple(
-            _fp32_weight_norm(v, g.unsqueeze(1), 0) for v, g in zip(self._directions(), self.g_values, strict=True)
-        )
-
-    def _weights(self) -> tuple[Tensor, ...]:
-        if self._cache_depth:
-            if self._cached_weights is None or any(
-                _lacks_graph(w, v, scale)
-                for w, v, scale in zip(self._cached_weights, self._directions(), self.scale_parameters(), strict=True)
-            ):
-                self._cached_weights = self.compute_weights()
-            return self._cached_weights
-        return self.compute_weights()
-
-    @property
-    def weight_ih(self) -> Tensor:
-        return self._weights()[0]
-
-    @property
-    def weight_hh(self) -> Tensor:
-        return self._weights()[1]
-
-    def _step(self, input: Tensor, hx: Any, *weights: Tensor) -> Any:
-        """One step of the torch cell with the effective weights (``parts`` order); ``input``, ``hx`` batched."""
-        raise NotImplementedError
-
-    def _zero_state(self, input: Tensor) -> Any:
-        return input.new_zeros(input.size(0), self.hidden_size)
-
-    def forward(self, input: Tensor, hx: Any = None) -> Any:
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{type(self).__name__} expects a 1D or 2D input, got shape {tuple(input.shape)}")
-        batched = input.dim() == 2
-        if not batched:
-            input = input.unsqueeze(0)
-            if hx is not None:
-                hx = _map_state(hx, lambda state: state.unsqueeze(0))
-        if hx is None:
-            hx = self._zero_state(input)
-        out = self._step(input, hx, *self._weights())
-        return out if batched else _map_state(out, lambda state: state.squeeze(0))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached_weights": None, "_cache_depth": 0}
-
-    def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, scale={self.scale!r}"
-
-
-def _map_state(state: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``fn`` applied to a recurrent state: one tensor, or an LSTM's ``(h, c)`` (a tuple, or a list as
-    ``nn.LSTMCell`` also takes)."""
-    return tuple(fn(part) for part in state) if isinstance(state, (tuple, list)) else fn(state)
-
-
-class WNLSTMCell(WNRNNCellBase):
-    """``nn.LSTMCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
-    :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.LSTMCell`` plus keyword-only
-    ``scale`` (see :class:`WNLinear`); a fresh cell starts from ``nn.LSTMCell``'s init as g = ||w||, v = w.
-
-    Keyword-only ``proj_size`` P makes it a layer of ``nn.LSTM(proj_size=P)`` (torch has no such cell, so
-    :func:`wn_rl.remove_weight_norm` folds it only in a :class:`WNLSTM`): h = W_hr (o * tanh(c)) has P features,
-    and ``weight_hr`` (P, hidden) is weight-normalized too (``v_hr``, ``g_hr``: one g per projected unit).
-    """
-
-    _plain_cls = nn.LSTMCell
-    proj_size = 0  # the class default serves cells pickled before the option existed
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        scale: str = "linear",
-        proj_size: int = 0,
-    ) -> None:
-        proj_size = _check_proj_size(type(self).__name__, proj_size, hidden_size)
-        super().__init__(input_size, hidden_size, bias, device, dtype, scale=scale, proj_size=proj_size)
-
-    @property
-    def parts(self) -> tuple[str, ...]:
-        return ("ih", "hh", "hr") if self.proj_size else ("ih", "hh")
-
-    def _fresh_plain(self, input_size: int, hidden_size: int, bias: bool, proj_size: int = 0, **factory: Any) -> Any:
-        if not proj_size:
-            return super()._fresh_plain(input_size, hidden_size, bias, **factory)
-        return _layer_weights(nn.LSTM(input_size, hidden_size, bias=bias, proj_size=proj_size, **factory), 0, False)
-
-    def _load_plain(self, plain: Any) -> None:
-        """As :meth:`WNRNNCellBase._load_plain`; a ``weight_hr`` in ``plain`` makes this cell projected."""
-        w_hr = getattr(plain, "weight_hr", None)
-        self.proj_size = 0 if w_hr is None else int(w_hr.shape[0])
-        super()._load_plain(plain)
-
-    @property
-    def weight_hr(self) -> Tensor:
-        if not self.proj_size:
-            raise AttributeError("weight_hr: this WNLSTMCell has no projection (proj_size=0)")
-        return self._weights()[2]
-
-    def _zero_state(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        c = super()._zero_state(input)
-        return (input.new_zeros(input.size(0), self.proj_size) if self.proj_size else c), c
-
-    def _step(self, input: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor, *w_hr: Tensor) -> tuple[Tensor, Tensor]:
-        if not w_hr:
-            return torch._VF.lstm_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-        # torch has no projected cell kernel: one step of its LSTM kernel (one layer, flat weights in its order)
-        flat = [w_ih, w_hh, *(() if self.bias_ih is None else (self.bias_ih, self.bias_hh)), *w_hr]
-        _, h, c = torch._VF.lstm(input[None], [s[None] for s in hx], flat, len(flat) == 5, 1, 0.0, False, False, False)
-        return h[0], c[0]
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (f", proj_size={self.proj_size}" if self.proj_size else "")
-
-
-class WNGRUCell(WNRNNCellBase):
-    """``nn.GRUCell`` with weight-normalized ``weight_ih`` and ``weight_hh``, one g per row (see
-    :class:`WNRNNCellBase`). Args and inputs/outputs are those of ``nn.GRUCell`` plus keyword-only
-    ``scale``; a fresh cell starts from ``nn.GRUCell``'s init as g = ||w||, v = w.
-    """
-
-    _plain_cls = nn.GRUCell
-
-    def _step(self, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> Tensor:
-        return torch._VF.gru_cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-
-
-class WNRNNCell(WNRNNCellBase):
-    """``nn.RNNCell`` (``nonlinearity`` ``"tanh"`` or ``"relu"``) with weight-normalized ``weight_ih`` and
-    ``weight_hh``, one g per row (see :class:`WNRNNCellBase`). Args and inputs/outputs are those of
-    ``nn.RNNCell`` plus keyword-only ``scale``; a fresh cell starts from ``nn.RNNCell``'s init as g = ||w||, v = w.
-    """
-
-    _plain_cls = nn.RNNCell
-    nonlinearity: str = "tanh"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        nonlinearity: str = "tanh",
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        scale: str = "linear",
-    ) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"WNRNNCell: nonlinearity={nonlinearity!r} is not supported; use 'tanh' or 'relu'")
-        super().__init__(input_size, hidden_size, bias, device, dtype, scale=scale, nonlinearity=nonlinearity)
-        self.nonlinearity = nonlinearity
-
-    def _step(self, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> Tensor:
-        cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
-        return cell(input, hx, w_ih, w_hh, self.bias_ih, self.bias_hh)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"
 
 
 def _run_kernel(name: str, *args: Any) -> tuple[Tensor, ...]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from wn_rl.layers import WNLayer
-from wn_rl.recurrent import WNRNNCellBase
+from wn_rl.recurrent_cells import WNRNNCellBase
 
 __all__ = ["wn_histograms", "wn_stats"]
 

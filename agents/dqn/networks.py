@@ -99,7 +99,7 @@ def build_q_network(config: NetworkConfig, spec: EnvSpec) -> QNetwork:
 
 def has_batch_statistics(model: nn.Module) -> bool:
     """Whether ``model`` behaves differently in train and eval mode (batch norm, mean-only BN, dropout)."""
-    from wn_rl.layers import MeanOnlyBatchNorm
+    from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 
     kinds = (MeanOnlyBatchNorm, nn.modules.batchnorm._BatchNorm, nn.Dropout)
     return any(isinstance(m, kinds) for m in model.modules())

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wn_rl.layers import V_INIT_STD, WNConv2d, WNLinear, mark_initializable
+from wn_rl.conv import WNConv2d
+from wn_rl.layers import V_INIT_STD, WNLinear, mark_initializable
 from wn_rl.parameterization import Parameterization, ParameterizationLike
 
 __all__ = [

@@ -32,7 +32,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
-from wn_rl.layers import MeanOnlyBatchNorm
+from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
 from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnMlpExtractor, WnNatureCNN
 
