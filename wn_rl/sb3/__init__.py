@@ -6,6 +6,7 @@ Pass the policy classes to SB3 exactly as SB3's own::
     PPO(WnActorCriticCnnPolicy, env, policy_kwargs=dict(parameterization="weight_norm+mean_only_bn"))
     SAC(WnSACMultiInputPolicy, goal_env, replay_buffer_class=HerReplayBuffer)   # Dict observations
     TQC(WnTQCPolicy, env); MaskablePPO(WnMaskableActorCriticPolicy, env_with_action_masks)  # sb3-contrib
+    TRPO(WnActorCriticPolicy, env)  # sb3-contrib: PPO's policies
 
 and add :class:`DataDependentInitCallback` (section 3 of the paper) and :class:`WnStatsCallback`
 to ``learn`` (and :class:`NonFiniteGuardCallback`, which keeps NaN/inf steps out of the model).

@@ -132,7 +132,7 @@ class DataDependentInitCallback(BaseCallback):
     """Data-dependent initialization (Salimans & Kingma 2016, section 3) of an SB3 model's online
     networks from real observations, then a sync of every target network.
 
-    - On-policy (PPO, A2C, RecurrentPPO, MaskablePPO): before the first rollout, a warm-up collection of
+    - On-policy (PPO, A2C, TRPO, RecurrentPPO, MaskablePPO): before the first rollout, a warm-up collection of
       ``n_samples`` observations with uniformly random actions (``model._last_obs`` holds only one
       observation per env), the init, then a reset of the envs so the first rollout starts fresh and
       its stored log-probabilities come from the initialised network. Warm-up steps are not counted

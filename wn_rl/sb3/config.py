@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch as th
-from sb3_contrib import QRDQN, TQC, MaskablePPO, RecurrentPPO
+from sb3_contrib import QRDQN, TQC, TRPO, MaskablePPO, RecurrentPPO
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3, HerReplayBuffer
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
@@ -53,6 +53,7 @@ ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "sac": SAC,
     "td3": TD3,
     "tqc": TQC,
+    "trpo": TRPO,
 }
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -112,7 +113,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SB3Config:
-    algo: Literal["a2c", "dqn", "maskable_ppo", "ppo", "qrdqn", "recurrent_ppo", "sac", "td3", "tqc"]
+    algo: Literal["a2c", "dqn", "maskable_ppo", "ppo", "qrdqn", "recurrent_ppo", "sac", "td3", "tqc", "trpo"]
     "the SB3 / sb3-contrib algorithm"
     env_id: str
     "gymnasium id; Atari as <Game>NoFrameskip-v4 (AtariWrapper + frame stack), e.g. BreakoutNoFrameskip-v4"

@@ -44,7 +44,7 @@ def online_networks(policy: BasePolicy) -> dict[str, nn.Module]:
     if isinstance(policy, (*_SQUASHED_GAUSSIAN, TD3Policy)):
         return {"actor": policy.actor, "critic": policy.critic}
     raise TypeError(
-        f"{type(policy).__name__} is not supported: expected a policy of PPO/A2C/RecurrentPPO "
+        f"{type(policy).__name__} is not supported: expected a policy of PPO/A2C/TRPO/RecurrentPPO "
         f"(ActorCriticPolicy), MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC, e.g. wn_rl.sb3.WnCnnPolicy"
     )
 
@@ -151,7 +151,7 @@ def initialize_policy(
     (raw, as the env returns them; the policy preprocesses), then sync every target network.
 
     Args:
-        policy: a PPO/A2C/RecurrentPPO, MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC policy.
+        policy: a PPO/A2C/TRPO/RecurrentPPO, MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC policy.
         observations: a batch of observations as a tensor (or dict of tensors) on the policy's device.
         actions: the batch's actions, required for SAC, TD3 and TQC critics (replay-buffer actions).
         episode_starts: for a recurrent policy, ``(n_sequences, steps)`` flags of the observations taken as

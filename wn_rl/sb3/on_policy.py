@@ -1,4 +1,4 @@
-"""Weight-normalized actor-critic policies for SB3's PPO and A2C and sb3-contrib's MaskablePPO.
+"""Weight-normalized actor-critic policies for SB3's PPO and A2C and sb3-contrib's MaskablePPO and TRPO.
 
 SB3 collects rollouts with the policy in eval mode and trains it in train mode. With batch
 statistics (mean-only batch norm, section 4, or full batch norm) the policy that acted would then
@@ -10,6 +10,9 @@ well-defined point, when the policy goes from training back to acting (SB3's
 batch-statistics mode over observations kept from the training phase (a random sample of the last
 rollout), with the final parameters of that phase. The price is eq. (8)'s gradient centring within
 a minibatch; what remains is the data-dependent centring of section 4, refreshed every iteration.
+The observations are kept where the algorithm's training reads the policy: ``evaluate_actions`` (PPO,
+A2C, MaskablePPO, RecurrentPPO) or ``get_distribution`` (sb3-contrib's TRPO, which never calls
+``evaluate_actions``: without it the statistics would stay those of the data-dependent init).
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class _WnActorCriticMixin(WnPolicyOptions):
     (:class:`WnMaskableActorCriticPolicy`), which take the same constructor arguments and build steps."""
 
     init_parts = ("features", "hidden", "action", "value")
+    # whether observations given to get_distribution while training refresh the norm statistics (TRPO's);
+    # off where the layers before the norms need more than the observation (an LSTM's states)
+    refresh_from_distributions = True
 
     def __init__(
         self,
@@ -100,7 +106,8 @@ class _WnActorCriticMixin(WnPolicyOptions):
         )
         self.freeze_norm_statistics = freeze_norm_statistics
         self.norm_refresh_samples = norm_refresh_samples
-        self._norm_batches: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+        # (obs, args, kwargs) of an evaluate_actions call, or (obs, None, None): observations alone
+        self._norm_batches: list[tuple[Any, tuple[Any, ...] | None, dict[str, Any] | None]] = []
         self._norm_batch_samples = 0
         super().__init__(
             observation_space,
@@ -179,14 +186,28 @@ class _WnActorCriticMixin(WnPolicyOptions):
             self.refresh_norm_statistics()
         super().set_training_mode(mode)
 
+    def _keeps_norm_batch(self) -> bool:
+        """Whether a call now should keep its observations for the next refresh of the norm statistics."""
+        wanted = self.training and self.freeze_norm_statistics and self._norm_batch_samples < self.norm_refresh_samples
+        return wanted and bool(running_norms(self))
+
     def evaluate_actions(self, obs: Any, *args: Any, **kwargs: Any) -> Any:
         """SB3's ``evaluate_actions``; while training, also keeps a sample of the observations for the
         next refresh of the norm statistics (references only, up to ``norm_refresh_samples``)."""
-        keep = self.training and self.freeze_norm_statistics and self._norm_batch_samples < self.norm_refresh_samples
-        if keep and running_norms(self):
+        if self._keeps_norm_batch():
             self._norm_batches.append((obs, args, kwargs))
             self._norm_batch_samples += _batch_len(obs)
         return super().evaluate_actions(obs, *args, **kwargs)
+
+    def get_distribution(self, obs: Any, *args: Any, **kwargs: Any) -> Any:
+        """SB3's ``get_distribution``; while training, also keeps up to ``norm_refresh_samples`` of the
+        observations for the next refresh of the norm statistics. TRPO trains through this method alone, on
+        the whole (shuffled) rollout at once, so the first rows are a random sample of it."""
+        if self.refresh_from_distributions and self._keeps_norm_batch():
+            kept = _first_rows(obs, self.norm_refresh_samples - self._norm_batch_samples)
+            self._norm_batches.append((kept, None, None))
+            self._norm_batch_samples += _batch_len(kept)
+        return super().get_distribution(obs, *args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``nn.Module.state_dict`` after any pending refresh of the norm statistics: ``learn`` ends with a
@@ -209,14 +230,28 @@ class _WnActorCriticMixin(WnPolicyOptions):
             norm.train(True)
         try:
             for obs, args, kwargs in batches:
-                super().evaluate_actions(obs, *args, **kwargs)
+                if args is None:
+                    self._latents(obs)
+                else:
+                    super().evaluate_actions(obs, *args, **kwargs)
         finally:
             self.train(self.training)
         return used
 
+    def _latents(self, obs: Any) -> None:
+        """The part of ``evaluate_actions`` that holds norm layers (features extractors and both MLPs; the
+        heads have none), without actions."""
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            self.mlp_extractor.forward_actor(pi_features)
+            self.mlp_extractor.forward_critic(vf_features)
+
 
 class WnActorCriticPolicy(_WnActorCriticMixin, ActorCriticPolicy):
-    """SB3's ``ActorCriticPolicy`` (PPO, A2C) with every layer in a chosen parameterization.
+    """SB3's ``ActorCriticPolicy`` (PPO, A2C, sb3-contrib's TRPO) with every layer in a chosen parameterization.
 
     The features extractor (if it is :class:`WnNatureCNN`), the policy and value MLPs and both heads
     are built by :class:`wn_rl.Parameterization`; the heads never get a normalisation layer.
@@ -228,8 +263,8 @@ class WnActorCriticPolicy(_WnActorCriticMixin, ActorCriticPolicy):
 
     Normalisation statistics (``weight_norm+mean_only_bn``, ``mean_only_bn``, ``batch_norm``): see the
     module docstring. With ``freeze_norm_statistics=True`` (default) the policy that acted is exactly
-    the policy being trained, so PPO's first-epoch ratio is 1; ``False`` gives SB3's usual
-    train/eval behaviour.
+    the policy being trained, so PPO's first-epoch ratio is 1 and TRPO's KL divergence is measured from
+    the policy that acted; ``False`` gives SB3's usual train/eval behaviour.
 
     Args:
         observation_space, action_space, lr_schedule: as SB3's ``ActorCriticPolicy``.
@@ -252,6 +287,13 @@ def _batch_len(obs: Any) -> int:
     if isinstance(obs, Mapping):
         obs = next(iter(obs.values()))
     return int(obs.shape[0])
+
+
+def _first_rows(obs: Any, n: int) -> Any:
+    """The first ``n`` observations of a batch (a tensor, or a dict of tensors)."""
+    if isinstance(obs, Mapping):
+        return {key: value[:n] for key, value in obs.items()}
+    return obs[:n]
 
 
 class WnActorCriticCnnPolicy(WnActorCriticPolicy):

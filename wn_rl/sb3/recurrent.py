@@ -48,6 +48,7 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
     vector_policy = "WnRecurrentActorCriticPolicy"
     image_policy = "WnRecurrentActorCriticCnnPolicy"
     multi_input_policy = "WnRecurrentMultiInputActorCriticPolicy"
+    refresh_from_distributions = False  # its norm layers follow the LSTMs; RecurrentPPO trains by evaluate_actions
 
     def __init__(
         self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule: Schedule, **kwargs: Any
