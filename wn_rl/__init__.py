@@ -15,7 +15,7 @@ from wn_rl.conv import (
 )
 from wn_rl.convert import remove_weight_norm, weight_norm
 from wn_rl.init import InitReport, LayerInit, add_init_flags, data_dependent_init, is_initialized
-from wn_rl.layers import WNLayer, WNLinear, cached
+from wn_rl.layers import WNLayer, WNLinear, cached, exact_second_derivatives
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 from wn_rl.parameterization import PARAMETERIZATIONS, Parameterization, mlp, register_parameterization
 from wn_rl.recurrent import WNGRU, WNLSTM, WNRNN, WNRNNBase
@@ -49,6 +49,7 @@ __all__ = [
     "add_init_flags",
     "cached",
     "data_dependent_init",
+    "exact_second_derivatives",
     "is_initialized",
     "mlp",
     "register_parameterization",

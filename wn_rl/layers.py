@@ -37,6 +37,7 @@ __all__ = [
     "WNLayer",
     "WNLinear",
     "cached",
+    "exact_second_derivatives",
     "mark_initializable",
     # moved to wn_rl.conv and wn_rl.mean_only_batch_norm: resolved by __getattr__ below, since wn_rl.conv
     # imports this module
@@ -129,12 +130,38 @@ _FUSED_WEIGHT_NORM_COMPILES = torch.__version__ >= (2, 10)
 _FUNCTION_COMPILES_UNDER_FUNC = torch.__version__ >= (2, 11)
 
 
+_exact_second_derivatives_depth = 0  # open exact_second_derivatives() blocks (process-wide)
+
+
 def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
-    if _FUSED_WEIGHT_NORM_COMPILES or not torch.compiler.is_compiling():
+    if not _exact_second_derivatives_depth and (_FUSED_WEIGHT_NORM_COMPILES or not torch.compiler.is_compiling()):
         return torch._weight_norm(v, g, dim)
-    # the fused kernel's own formula (its decomposition's), in ops the compiler differentiates
+    # the fused kernel's own formula (its decomposition's), in ops the compiler differentiates and whose
+    # second derivatives autograd gets right (see exact_second_derivatives)
     norm = torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != dim], keepdim=True)
     return v * (g / norm)
+
+
+@contextlib.contextmanager
+def exact_second_derivatives() -> Iterator[None]:
+    """Inside this block the WN layers compute ``w = g v / ||v||`` from plain tensor ops instead of PyTorch's
+    fused ``torch._weight_norm`` kernel, so second derivatives with respect to ``v`` are right.
+
+    The fused kernel's first derivatives are right, but its derivative of the backward with respect to ``v``
+    is not (``torch.autograd.gradgradcheck`` fails on ``torch._weight_norm`` for linear and conv shapes,
+    torch 2.4-2.13; PyTorch's own ``parametrizations.weight_norm`` uses the same kernel). That matters for
+    parameter-space second derivatives taken where the gradient reaching the weight is not zero:
+    meta-gradients (MAML, meta-learned discounts), Hessian-vector products for curvature or sharpness,
+    Newton-type steps. TRPO's Fisher-vector products are taken where the KL's gradient is zero, and
+    gradient penalties differentiate the input gradient, so neither is affected. Run the forward passes
+    whose graph is differentiated twice inside the block; the plain ops cost a few more passes over each
+    weight. Nestable; process-wide (not per thread)."""
+    global _exact_second_derivatives_depth
+    _exact_second_derivatives_depth += 1
+    try:
+        yield
+    finally:
+        _exact_second_derivatives_depth -= 1
 
 
 def _fp32_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
