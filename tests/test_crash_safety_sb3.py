@@ -110,6 +110,20 @@ def test_a_resumed_run_removes_temporary_files_of_killed_writes(trained, tmp_pat
     assert summary["num_timesteps"] == 400 and not any(path.exists() for path in left)
 
 
+@pytest.mark.parametrize("verbose", [0, 1])
+def test_a_resumed_run_takes_the_verbosity_it_is_given(trained, tmp_path, verbose):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained / "run"), str(run_dir)], check=True)
+    run = SB3Run(
+        load_sb3_config(CONFIG, _overrides(tmp_path, total_timesteps=600, verbose=verbose)), run_dir, resume=True
+    )
+    env, model = run._build()
+    try:
+        assert model.verbose == verbose  # the trained run was saved with verbose=0
+    finally:
+        env.close()
+
+
 def test_a_resumed_run_keeps_its_checkpoint_interval(trained, tmp_path):
     run_dir = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained / "run"), str(run_dir)], check=True)

@@ -267,8 +267,14 @@ class SB3Run:
         if self.resume_from is not None:
             # the run directory, not the one saved in the model (a run that was moved or copied, a relative
             # runs_dir resumed from another working directory): SB3 would log, and purge, there
+            # verbose is safe to change on resume (SAFE_TO_CHANGE), and load would keep the saved model's
             model = algo_class.load(
-                self.resume_from, env=env, device=config.device, tensorboard_log=str(self.run_dir), **kwargs
+                self.resume_from,
+                env=env,
+                device=config.device,
+                tensorboard_log=str(self.run_dir),
+                verbose=config.verbose,
+                **kwargs,
             )
             buffer_path = replay_buffer_path(self.resume_from)
             if buffer_path.is_file() and isinstance(model, OffPolicyAlgorithm):
