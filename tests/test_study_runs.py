@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -173,7 +174,12 @@ def test_ctrl_c_starts_no_further_run(tmp_path: Path, capsys: pytest.CaptureFixt
         "time.sleep(1)\n"
     )
     args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", f"train_script={script}", TINY]
-    assert study_script.main([*args, "--jobs", "1"]) == 130
+    # Ctrl-C as in a terminal: a suite started in the background (nohup pytest &) inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert study_script.main([*args, "--jobs", "1"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(ran.read_text().splitlines()) == 1
     assert "run the same command again" in capsys.readouterr().err
 
