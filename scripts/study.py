@@ -36,7 +36,7 @@ from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="study config (configs/studies/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="study key=value overrides (e.g. max_parallel=4)")
@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also aggregate runs short of their budget (crashed, killed, running); default: complete runs only",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: expected at least 1")
@@ -84,24 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     if todo and not args.analyze_only:
-        stop = {"signal": signal.SIGINT}
-
-        def terminate(signum: int, frame: object) -> None:  # a kill or a job scheduler: stop like Ctrl-C
-            stop["signal"] = signum
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, terminate)
-        try:
-            failed = _execute(study, todo, args)
-        except KeyboardInterrupt:
-            print(
-                f"\n{signal.Signals(stop['signal']).name}: no further run was started and the running ones saved a "
-                "checkpoint; run the same command again to continue",
-                file=sys.stderr,
-            )
-            return 128 + stop["signal"]
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        failed, stopped_by = _execute_until_stopped(study, todo, args)
+        if stopped_by is not None:
+            return 128 + stopped_by
     try:
         paths = analyze_study(study, specs, include_incomplete=args.include_incomplete)
     except FileNotFoundError as exc:
@@ -110,6 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 1 if failed else 0
+
+
+def _execute_until_stopped(study, todo, args) -> tuple[int, int | None]:
+    """Run ``todo``: (failed runs, None), or (0, the signal) after Ctrl-C or a SIGTERM (a kill or a job
+    scheduler, handled like Ctrl-C), having said that no further run was started and how to continue."""
+    stop = {"signal": signal.SIGINT}
+
+    def terminate(signum: int, frame: object) -> None:
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return _execute(study, todo, args), None
+    except KeyboardInterrupt:
+        print(
+            f"\n{signal.Signals(stop['signal']).name}: no further run was started and the running ones saved a "
+            "checkpoint; run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 0, stop["signal"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_plan(study, specs, replaced: set[str]) -> None:
