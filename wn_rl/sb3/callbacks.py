@@ -20,6 +20,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.utils import obs_as_tensor
 
 from wn_rl.init import InitReport
+from wn_rl.sb3.common import first_rows
 from wn_rl.sb3.init import has_init_flags, initialize_policy, online_networks, policy_is_initialized
 from wn_rl.stats import wn_histograms, wn_stats
 
@@ -44,12 +45,6 @@ def _sequences(batches: list[Any]) -> Any:
     if isinstance(batches[0], dict):
         return {key: stack([b[key] for b in batches]) for key in batches[0]}
     return stack(batches)
-
-
-def _truncate(obs: Any, n: int) -> Any:
-    if isinstance(obs, dict):
-        return {key: value[:n] for key, value in obs.items()}
-    return obs[:n]
 
 
 def _select(obs: Any, *index: np.ndarray) -> Any:
@@ -223,7 +218,7 @@ class DataDependentInitCallback(BaseCallback):
             starts.append(np.asarray(dones, dtype=bool))  # the next observation starts an episode
         if isinstance(self.model.policy, RecurrentActorCriticPolicy):  # whole sequences, none cut short
             return _sequences(batches), th.as_tensor(np.stack(starts, axis=1))
-        return _truncate(_stack_observations(batches), self.n_samples), None
+        return first_rows(_stack_observations(batches), self.n_samples), None
 
     def _check_off_policy_warm_up(self) -> None:
         model = self.model

@@ -169,3 +169,10 @@ class InferenceWeightCache:
         state["_weight_cache"] = None
         state["_weight_cache_key"] = None
         return state
+
+
+def first_rows(obs: Any, n: int) -> Any:
+    """The first ``n`` observations of a batch: an array or tensor, or a mapping of them (Dict spaces)."""
+    if isinstance(obs, Mapping):
+        return {key: value[:n] for key, value in obs.items()}
+    return obs[:n]

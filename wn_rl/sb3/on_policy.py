@@ -36,7 +36,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
-from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
+from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch, first_rows
 from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnMlpExtractor, WnNatureCNN
 
 __all__ = [
@@ -204,7 +204,7 @@ class _WnActorCriticMixin(WnPolicyOptions):
         observations for the next refresh of the norm statistics. TRPO trains through this method alone, on
         the whole (shuffled) rollout at once, so the first rows are a random sample of it."""
         if self.refresh_from_distributions and self._keeps_norm_batch():
-            kept = _first_rows(obs, self.norm_refresh_samples - self._norm_batch_samples)
+            kept = first_rows(obs, self.norm_refresh_samples - self._norm_batch_samples)
             self._norm_batches.append((kept, None, None))
             self._norm_batch_samples += _batch_len(kept)
         return super().get_distribution(obs, *args, **kwargs)
@@ -287,13 +287,6 @@ def _batch_len(obs: Any) -> int:
     if isinstance(obs, Mapping):
         obs = next(iter(obs.values()))
     return int(obs.shape[0])
-
-
-def _first_rows(obs: Any, n: int) -> Any:
-    """The first ``n`` observations of a batch (a tensor, or a dict of tensors)."""
-    if isinstance(obs, Mapping):
-        return {key: value[:n] for key, value in obs.items()}
-    return obs[:n]
 
 
 class WnActorCriticCnnPolicy(WnActorCriticPolicy):
