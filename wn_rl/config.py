@@ -33,7 +33,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,71 +138,117 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch per supported type form
+def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples, ints to floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}{_hint(value)}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{_hint(value)}")
-        return value
-    if origin in (tuple, list, Sequence) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: a type per position
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-        item = args[0] if args else Any
-        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}{_hint(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}{_hint(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}{_hint(value)}")
-        return value
+    handler = _handler(tp)
+    if handler is not None:
+        return handler(tp, value, where)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _handler(tp: Any) -> Callable[[Any, Any, str], Any] | None:
+    """The function that checks and converts a value of type form ``tp`` (``None``: an isinstance check)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union
+    if origin is typing.Literal:
+        return _coerce_literal
+    if origin in (tuple, list, Sequence) or tp in (tuple, list):
+        return _coerce_sequence
+    if origin in (dict, Mapping) or tp is dict:
+        return _coerce_mapping
+    if dataclasses.is_dataclass(tp):
+        return _coerce_dataclass
+    return _SCALARS.get(tp)
+
+
+def _coerce_union(tp: Any, value: Any, where: str) -> Any:
+    """The first member of the union that ``value`` converts to (``None`` where the union admits it)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(option, value, where)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}{_hint(value)}")
+
+
+def _coerce_literal(tp: Any, value: Any, where: str) -> Any:
+    if value not in typing.get_args(tp):
+        raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}{_hint(value)}")
+    return value
+
+
+def _coerce_sequence(tp: Any, value: Any, where: str) -> tuple:
+    """A list or tuple as a tuple, each item checked (``tuple[int, str]``: a type per position)."""
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    item = args[0] if args else Any
+    return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _coerce_mapping(tp: Any, value: Any, where: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _coerce_dataclass(tp: Any, value: Any, where: str) -> Any:
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+    return _build(tp, value, where)
+
+
+def _coerce_bool(tp: Any, value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _coerce_int(tp: Any, value: Any, where: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}{_hint(value)}")
+    return value
+
+
+def _coerce_float(tp: Any, value: Any, where: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}{_hint(value)}")
+    return float(value)
+
+
+def _coerce_str(tp: Any, value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}{_hint(value)}")
+    return value
+
+
+_SCALARS: dict[type, Callable[[Any, Any, str], Any]] = {
+    bool: _coerce_bool,
+    int: _coerce_int,
+    float: _coerce_float,
+    str: _coerce_str,
+}
 
 
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
