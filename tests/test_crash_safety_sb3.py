@@ -203,6 +203,25 @@ def test_a_nan_gradient_step_is_not_applied(sync_free):
     assert guard.steps == 3
 
 
+def test_a_second_guard_replaces_the_first_instead_of_wrapping_it():
+    # a second learn() with the callback (or a new callback) builds a new guard: it must guard the optimizer's
+    # own step, not the first guard's wrapper (a step would be checked and copied twice, and the first guard's
+    # records would be read by nobody)
+    net = th.nn.Linear(3, 2)
+    optimizer = th.optim.SGD(net.parameters(), lr=0.1)
+    real_step = optimizer.step
+    first, second = NonFiniteGuard({}), NonFiniteGuard({})
+    first.wrap(optimizer, "opt")
+    second.wrap(optimizer, "opt")
+    assert optimizer.step.__self__.unguarded == real_step
+    net(th.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    optimizer.step()
+    assert (first.steps, second.steps) == (0, 1)
+    with pytest.raises(NonFiniteTrainingError, match="at gradient step 1"):
+        second.check()
+    first.check()  # the replaced guard saw nothing
+
+
 class _NanRewardAfter(gym.Wrapper):
     def __init__(self, env: gym.Env, steps: int) -> None:
         super().__init__(env)

@@ -31,6 +31,7 @@ from wn_rl.sb3 import (
     WnStatsCallback,
 )
 from wn_rl.sb3.config import load_sb3_config, resolve_policy
+from wn_rl.sb3.guard import NonFiniteGuardCallback, NonFiniteTrainingError
 from wn_rl.sb3.init import initialize_policy
 from wn_rl.sb3.on_policy import running_norms
 
@@ -285,6 +286,99 @@ def test_trpo_model_and_policy_save_load_round_trip_every_tensor_exactly(tmp_pat
     ddi = DataDependentInitCallback(n_samples=64)
     loaded.learn(64, callback=ddi, reset_num_timesteps=False)
     assert ddi.skipped and ddi.reports == {}
+
+
+# -- the NaN guard: TRPO moves its actor without an optimizer ---------------------------------------------------
+
+
+def _nan_gradient(module: torch.nn.Module, inputs, output: torch.Tensor) -> None:
+    """A forward hook: the output unchanged, its gradient NaN (only where autograd records: in ``train``)."""
+    if output.requires_grad:
+        output.register_hook(lambda grad: grad * float("nan"))
+
+
+class _BeforeUpdate(BaseCallback):
+    """The policy's parameters before each update; with ``nan_advantages`` one advantage of the rollout made NaN
+    (as a critic whose values overflow would make it), the returns left finite so the critic's update stays sound."""
+
+    def __init__(self, nan_advantages: bool = False) -> None:
+        super().__init__()
+        self.nan_advantages = nan_advantages
+        self.params: dict[str, torch.Tensor] = {}
+
+    def _on_rollout_end(self) -> None:
+        self.params = {k: v.detach().clone() for k, v in self.model.policy.named_parameters()}
+        if self.nan_advantages:
+            self.model.rollout_buffer.advantages[0] = np.nan
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def _tiny_trpo() -> TRPO:
+    kwargs = dict(n_steps=64, batch_size=32, n_critic_updates=2, seed=0)
+    return TRPO(WnActorCriticPolicy, "CartPole-v1", policy_kwargs=dict(net_arch=[16]), **kwargs)
+
+
+@pytest.fixture(params=[True, False], ids=["validated", "unvalidated"])
+def distribution_checks(request):
+    """torch.distributions' argument checks on (the default) and off (as under ``python -O``)."""
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(request.param)
+    yield request.param
+    torch.distributions.Distribution.set_default_validate_args(default)
+
+
+@pytest.mark.parametrize("fault", ["nan_advantages", "nan_actor_gradient", "negative_curvature"])
+def test_guard_stops_trpo_when_its_actor_update_is_not_finite_and_the_actor_stays_finite(
+    fault, distribution_checks, tmp_path
+):
+    """TRPO's actor step is a line search writing ``param.data``, out of the optimizer guard's reach. A NaN
+    objective (``nan_advantages``), a NaN search direction under a finite objective (``nan_actor_gradient``) or a
+    NaN step size from finite gradients (``negative_curvature``: s^T H s < 0) makes every trial NaN: unguarded,
+    TRPO then fails in a torch.distributions argument check with the NaN left in the actor or, with the checks off,
+    rejects every trial (comparisons with NaN are false) and goes on, never learning. The guard stops the run at
+    the first trial with its own error and puts the actor back."""
+    model = _tiny_trpo()
+    if fault == "nan_actor_gradient":
+        model.policy.action_net.register_forward_hook(_nan_gradient)
+    if fault == "negative_curvature":
+        model.cg_damping = -1e3  # H - 1000 I: s^T H s < 0, so TRPO's step size sqrt(2 target_kl / s^T H s) is NaN
+    checkpoint = tmp_path / "model_0_steps.zip"
+    before, guard = _BeforeUpdate(nan_advantages=fault == "nan_advantages"), NonFiniteGuardCallback(lambda: checkpoint)
+    with pytest.raises(NonFiniteTrainingError) as info, np.errstate(invalid="ignore"):
+        model.learn(256, callback=[DataDependentInitCallback(n_samples=64), before, guard])
+    message = str(info.value)
+    assert "at TRPO update 1;" in message and info.value.step == 1
+    if fault == "negative_curvature":  # the gradients were finite: the step was not
+        assert "in the line-search step (search direction x step size) of policy.mlp_extractor" in message
+    else:
+        assert "in the gradients of TRPO's actor (" in message and "policy.action_net.v" in message
+    assert info.value.tensor.startswith("policy.mlp_extractor.policy_net.0.")
+    assert f"environment step 64; last good checkpoint: {checkpoint}" in message
+    assert model.num_timesteps == 64 and model._n_updates == 0  # stopped inside the first update
+    for name, param in model.policy.named_parameters():
+        if "value" not in name:  # TRPO's actor: put back as it was before the update, finite
+            assert torch.equal(param, before.params[name]), name
+    assert all(not param._backward_hooks for param in model.policy.parameters())  # nothing left on the policy
+    assert not model.policy.action_net._forward_pre_hooks
+    with pytest.raises(NonFiniteTrainingError, match="at TRPO update 1;"):  # a checkpoint would not be written
+        guard.check()
+
+
+def test_guard_leaves_a_healthy_trpo_run_alone_and_guards_its_critic_as_before():
+    model, after_init = _tiny_trpo(), _AfterInit()
+    model.learn(128, callback=[DataDependentInitCallback(n_samples=64), after_init, NonFiniteGuardCallback()])
+    assert model._n_updates == 2
+    assert not torch.equal(model.policy.action_net.v, after_init.params["action_net.v"])  # the actor learned
+    assert all(not param._backward_hooks for param in model.policy.parameters())
+    model.policy.value_net.register_forward_hook(_nan_gradient)
+    with pytest.raises(NonFiniteTrainingError) as info:
+        model.learn(128, callback=NonFiniteGuardCallback(), reset_num_timesteps=False)
+    message = str(info.value)
+    assert "in the gradient of policy.optimizer: " in message and "policy.optimizer: policy.value_net.v" in message
+    assert "TRPO" not in message and "policy.action_net" not in message
+    assert all(torch.isfinite(param).all() for param in model.policy.parameters())
 
 
 # -- configs and train_sb3.py ------------------------------------------------------------------------------------

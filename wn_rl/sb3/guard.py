@@ -10,6 +10,10 @@ synchronisation per gradient step. A non-finite loss shows up as non-finite grad
 every ``check_every`` gradient steps (so a run stops within a few updates even when one ``train()`` call
 makes hundreds), at every rollout start, before every checkpoint and before the final save.
 
+sb3-contrib's TRPO moves its actor without an optimizer (conjugate gradient, then a line search that writes
+``param.data``), so under TRPO the callback also watches that update (:class:`_TrpoActorCheck`): its first
+line-search trial is checked before it is evaluated, and a non-finite one is undone and stops the run.
+
 Non-finite rewards or float observations from the environment are caught on the host in ``_on_step``,
 before SB3 stores them, and reported as coming from the environment with the vector index and the action.
 """
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from sb3_contrib import TRPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -67,7 +72,8 @@ class _GuardedOptimizer:
 
     def __init__(self, guard: NonFiniteGuard, optimizer: th.optim.Optimizer, params: list, offset: int) -> None:
         self.guard, self.optimizer, self.params, self.offset = guard, optimizer, params, offset
-        self.unguarded = optimizer.step
+        # the optimizer's own step, also where an earlier guard (an earlier learn()) had wrapped it
+        self.unguarded = getattr(optimizer, "_wn_rl_unguarded_step", None) or optimizer.step
         self.saved: list[th.Tensor] = []
 
     def live(self) -> list[th.Tensor]:
@@ -166,7 +172,8 @@ class NonFiniteGuard:
         self._bad_mask: th.Tensor | None = None
 
     def wrap(self, optimizer: th.optim.Optimizer, label: str) -> None:
-        """Guard ``optimizer.step`` (idempotent); ``label`` names the optimizer in errors."""
+        """Guard ``optimizer.step`` (idempotent; replaces another guard's wrapper); ``label`` names the optimizer
+        in errors."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if getattr(optimizer, "_wn_rl_guard", None) is self or not params:
             return
@@ -180,7 +187,8 @@ class NonFiniteGuard:
         offset = len(self._tensor_names)
         self._tensor_names += [f"{label}: {self.names.get(id(p), f'parameter {i}')}" for i, p in enumerate(params)]
         self._bad_mask = th.cat([self._bad_mask, th.zeros(len(params), dtype=th.bool, device=device)])
-        optimizer.step = _GuardedOptimizer(self, optimizer, params, offset).step
+        guarded = _GuardedOptimizer(self, optimizer, params, offset)
+        optimizer.step, optimizer._wn_rl_unguarded_step = guarded.step, guarded.unguarded
         optimizer._wn_rl_guard = self
 
     def record_host(self, code: int, mask: th.Tensor, offset: int) -> None:
@@ -239,6 +247,90 @@ def model_optimizers(model: BaseAlgorithm) -> dict[str, th.optim.Optimizer]:
     return found
 
 
+class _TrpoActorCheck:
+    """Watches one ``TRPO.train()`` actor update, which no optimizer makes: TRPO takes the gradients of the policy
+    objective and of the KL divergence with ``torch.autograd.grad``, solves for the search direction by conjugate
+    gradient, then tries ``theta_old + step * direction`` by writing ``param.data`` (Schulman et al. 2015, appendix
+    C). A NaN objective, KL or direction makes every trial NaN; comparisons with NaN are false, so TRPO would reject
+    every update and go on never learning (or, with torch.distributions' argument checks on, stop with a
+    ``ValueError`` and the NaN left in the actor).
+
+    Installed at a rollout's end, removed at the next rollout's start (``train()`` runs in between): gradient hooks
+    note non-finite actor gradients on the device, and a forward pre-hook on ``action_net`` checks the first
+    trial, the first forward without autograd after one with it, with one host read per update. A non-finite trial
+    or gradient puts the actor back to the copy taken at the rollout's end and raises before the trial is used.
+    Later trials need no check: they are the same step, shrunk.
+    """
+
+    def __init__(self, model: TRPO, names: dict[int, str], context: Callable[[], str]) -> None:
+        self.model, self.context = model, context
+        # TRPO's own rule for its actor (``TRPO._compute_actor_grad``): every parameter not named "value"
+        self.params = [p for n, p in model.policy.named_parameters() if "value" not in n]
+        self.names = [names.get(id(p), f"actor parameter {i}") for i, p in enumerate(self.params)]
+        self.saved: list[th.Tensor] = []
+        self.grad_bad = th.zeros(len(self.params), dtype=th.bool, device=self.params[0].device)
+        self.handles: list[th.utils.hooks.RemovableHandle] = []
+        self.trial_next = False  # a forward with autograd was seen: the next one without it is the first trial
+        self.error: NonFiniteTrainingError | None = None
+
+    def install(self) -> None:
+        """Copy the actor and hook it for the coming ``train()``."""
+        self.remove()
+        live = [p.detach() for p in self.params]
+        if [t.shape for t in self.saved] == [t.shape for t in live]:
+            th._foreach_copy_(self.saved, live)
+        else:
+            self.saved = [t.clone() for t in live]
+        self.grad_bad.zero_()
+        self.trial_next = False
+        self.handles = [p.register_hook(self._gradient_hook(i)) for i, p in enumerate(self.params)]
+        self.handles.append(self.model.policy.action_net.register_forward_pre_hook(self._before_action_net))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _gradient_hook(self, i: int) -> Callable[[th.Tensor], None]:
+        def hook(grad: th.Tensor) -> None:
+            with th.no_grad():
+                self.grad_bad[i].logical_or_(~th.isfinite(grad).all())
+
+        return hook
+
+    def _before_action_net(self, module: th.nn.Module, args: tuple) -> None:
+        if th.is_grad_enabled():
+            self.trial_next = True
+            return
+        if not self.trial_next:
+            return
+        self.trial_next = False
+        trial_bad = _nonfinite_mask([p.data for p in self.params])
+        grad_bad, trial_bad = th.stack([self.grad_bad, trial_bad]).tolist()  # the one host read of this update
+        if any(grad_bad) or any(trial_bad):
+            with th.no_grad():
+                th._foreach_copy_([p.data for p in self.params], self.saved)
+            self.remove()
+            self.error = self._error(grad_bad if any(grad_bad) else trial_bad, any(grad_bad))
+            raise self.error
+
+    def _error(self, mask: list[bool], in_gradients: bool) -> NonFiniteTrainingError:
+        names = [n for n, is_bad in zip(self.names, mask, strict=True) if is_bad]
+        what = (
+            "the gradients of TRPO's actor (of the policy objective, the KL divergence or a Fisher-vector product)"
+            if in_gradients
+            else "the line-search step (search direction x step size)"
+        )
+        update = self.model._n_updates + 1
+        return NonFiniteTrainingError(
+            f"non-finite value (NaN or inf) in {what} of {', '.join(names)} at TRPO update {update:,}; that update "
+            "was not applied (the actor is back to its parameters before it). Normalize the observations and "
+            "rewards, raise cg_damping, or check the rewards and observations." + self.context(),
+            update,
+            names[0],
+        )
+
+
 def _parameter_names(model: BaseAlgorithm) -> dict[int, str]:
     names = {id(p): f"policy.{n}" for n, p in model.policy.named_parameters()}
     for name, value in vars(model).items():
@@ -249,7 +341,8 @@ def _parameter_names(model: BaseAlgorithm) -> dict[int, str]:
 
 class NonFiniteGuardCallback(BaseCallback):
     """Installs a :class:`NonFiniteGuard` on every optimizer of the model, checks it at each rollout start
-    and at the end of training, and checks rewards and float observations at every environment step.
+    and at the end of training, and checks rewards and float observations at every environment step. Under
+    TRPO it also checks each actor update (:class:`_TrpoActorCheck`), which makes no optimizer step.
 
     Args:
         last_checkpoint: returns the newest checkpoint written (or resumed from), named in the error.
@@ -259,11 +352,15 @@ class NonFiniteGuardCallback(BaseCallback):
         super().__init__(verbose)
         self.last_checkpoint = last_checkpoint
         self.guard: NonFiniteGuard | None = None
+        self.trpo_actor: _TrpoActorCheck | None = None
 
     def _init_callback(self) -> None:
-        self.guard = NonFiniteGuard(_parameter_names(self.model), context=self._context)
+        names = _parameter_names(self.model)
+        self.guard = NonFiniteGuard(names, context=self._context)
         for label, optimizer in model_optimizers(self.model).items():
             self.guard.wrap(optimizer, label)
+        if isinstance(self.model, TRPO):  # its actor update makes no optimizer step
+            self.trpo_actor = _TrpoActorCheck(self.model, names, self._context)
 
     def _context(self) -> str:
         last = self.last_checkpoint() or "none written yet"
@@ -272,11 +369,21 @@ class NonFiniteGuardCallback(BaseCallback):
     def check(self) -> None:
         """Raise :class:`NonFiniteTrainingError` naming the step, the tensor and the last good checkpoint."""
         self.guard.check()
+        if self.trpo_actor is not None and self.trpo_actor.error is not None:
+            raise self.trpo_actor.error
 
     def _on_rollout_start(self) -> None:
+        if self.trpo_actor is not None:
+            self.trpo_actor.remove()
         self.check()
 
+    def _on_rollout_end(self) -> None:
+        if self.trpo_actor is not None:
+            self.trpo_actor.install()
+
     def _on_training_end(self) -> None:
+        if self.trpo_actor is not None:
+            self.trpo_actor.remove()
         self.check()
 
     def _on_step(self) -> bool:
