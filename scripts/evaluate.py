@@ -94,6 +94,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--epsilon {args.epsilon}: expected a probability in [0, 1] (the paper evaluates at 0.05)")
     if args.video_steps < 1:
         parser.error(f"--video-steps {args.video_steps}: expected at least 1 agent step")
+    if args.video is not None and args.video.suffix.lower() not in (".gif", ".mp4"):
+        parser.error(f"--video {args.video}: expected a .gif or .mp4 file name (the format follows the extension)")
     return args
 
 

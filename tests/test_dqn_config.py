@@ -1,5 +1,6 @@
 """Every DQN config loads; bad configs fail before any env or tensor exists, naming file, key, value."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,14 @@ def test_default_learning_rate_follows_the_parameterization():
 def test_bad_values_fail_naming_file_key_and_value(override, pattern):
     with pytest.raises(ConfigError, match=r"configs/dqn/smoke\.yaml: .*" + pattern):
         load_dqn_config("configs/dqn/smoke.yaml", [override])
+
+
+def test_an_override_without_equals_sign_is_refused_with_examples_that_work():
+    with pytest.raises(ConfigError, match=r"'agent\.lr' is not of the form key=value") as error:
+        load_dqn_config("configs/dqn/smoke.yaml", ["agent.lr"])
+    examples = re.findall(r"\b([a-z_.]+=[^\s)]+)", str(error.value).split("e.g.")[1])
+    config = load_dqn_config("configs/dqn/smoke.yaml", examples)  # the message's own examples are valid
+    assert config.agent.lr == 3e-4 and config.env.num_envs == 8
 
 
 def test_bad_yaml_file_names_the_file(tmp_path):

@@ -3,6 +3,8 @@ save/load round trips and the errors for observation spaces they cannot handle."
 
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -203,8 +205,10 @@ def test_init_scale_per_part_and_its_errors():
     model = DQN(WnMlpPolicy, "CartPole-v1", policy_kwargs=dict(init_scale=dict(q=0.5, hidden=2.0)))
     q_layers = [m for m in model.policy.q_net.q_net if isinstance(m, wn_rl.WNLinear)]
     assert [m.init_scale for m in q_layers] == [2.0, 2.0, 0.5]
-    with pytest.raises(ValueError, match=r"unknown part\(s\) \['action'\].*'features', 'hidden', 'q'"):
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['action'\].*'features', 'hidden', 'q'") as error:
         DQN(WnMlpPolicy, "CartPole-v1", policy_kwargs=dict(init_scale=dict(action=0.1)))
+    example = re.search(r"e\.g\. init_scale=(dict\(.*?\))\)", str(error.value)).group(1)
+    DQN(WnMlpPolicy, "CartPole-v1", policy_kwargs=dict(init_scale=eval(example)))  # the suggested fix works
     with pytest.raises(ValueError, match=r"ortho_init=True is not supported.*section 3"):
         PPO(WnActorCriticPolicy, "CartPole-v1", policy_kwargs=dict(ortho_init=True))
     with pytest.raises(ValueError, match="unknown parameterization 'wn'"):

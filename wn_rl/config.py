@@ -276,7 +276,10 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lr=3e-4 or env.num_envs=8)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value: a key of the config file, a nested one written "
+                "with dots (e.g. agent.lr=3e-4 or env.num_envs=8 for train_dqn.py)"
+            )
         try:
             value = load_yaml(raw) if raw.strip() else ""
         except _AmbiguousNumber as exc:

@@ -65,9 +65,10 @@ def resolve_init_scales(parts: Sequence[str], init_scale: float | Mapping[str, f
         raise TypeError(f"init_scale={init_scale!r}: expected None, a number or a mapping {{part: number}}")
     unknown = sorted(set(init_scale) - set(parts))
     if unknown:
+        head = "action" if "action" in parts else parts[-1]  # the usual override: a small output layer
         raise ValueError(
             f"init_scale has unknown part(s) {unknown}; this policy's parts are {list(parts)} "
-            "(e.g. init_scale=dict(action=0.01, value=1.0))"
+            f"(e.g. init_scale=dict({head}=0.01))"
         )
     for part, value in init_scale.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
