@@ -39,6 +39,13 @@ def test_a_config_for_the_other_script_is_one_error_line_and_exit_code_2(tmp_pat
     assert "Traceback" not in done.stderr and "train_vae.py" in done.stderr
 
 
+@pytest.mark.parametrize("script", ["train_cifar.py", "train_vae.py", "train_draw.py"])
+def test_a_missing_dataset_leaves_no_run_folder_behind(tmp_path, script):
+    done = _script(script, f"data_dir={tmp_path / 'no_data'}", f"checkpoint_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "--download" in done.stderr, done.stderr[-3000:]
+    assert not list((tmp_path / "runs").rglob("*")), "a run folder was created for a run that never started"
+
+
 def test_help_keeps_the_example_commands_on_their_own_lines():
     for script, example in [
         ("train_cifar.py", "python scripts/train_cifar.py --config configs/paper/cifar10.yaml parameterization="),

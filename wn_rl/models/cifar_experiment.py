@@ -271,6 +271,7 @@ def train_cifar(
     run = ResumableRun(config, experiment, SAFE_TO_CHANGE, force=force)
     torch.manual_seed(config.seed)
     data = data if data is not None else prepare_cifar(config, device)
+    run.begin()
     if len(data.train_y) < config.batch_size:
         raise ValueError(f"{len(data.train_y)} training images are fewer than batch_size={config.batch_size}")
     model = build_cifar_model(config, device, reference)

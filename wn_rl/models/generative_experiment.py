@@ -376,6 +376,7 @@ def train_generative(
     run = ResumableRun(config, f"{config.model}_{config.dataset}", SAFE_TO_CHANGE, force=force)
     torch.manual_seed(config.seed)
     train, test = data if data is not None else load_generative_data(config)
+    run.begin()
     if len(train) < config.batch_size:
         raise ValueError(f"{len(train)} training images are fewer than batch_size={config.batch_size}")
     model = build_generative_model(config, tuple(train.shape[1:])).to(device)

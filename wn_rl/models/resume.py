@@ -162,9 +162,13 @@ class ResumableRun:
         else:
             self.name = run_name(experiment, config.parameterization, config.seed)
             self.folder = Path(config.checkpoint_dir) / self.name if config.checkpoint_dir else None
+
+    def begin(self) -> None:
+        """Create the run folder and write its ``config.yaml``: once the run can start (its data loaded), so
+        that a run stopped by a missing dataset leaves nothing behind."""
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()
+            config_yaml = yaml.safe_dump(config_to_dict(self.config), sort_keys=False).encode()
             checkpoint.atomic_write_bytes(self.folder / "config.yaml", config_yaml)
 
     @property
