@@ -24,10 +24,9 @@ from agents.dqn.config import load_run_config
 from agents.dqn.envs import make_env
 from agents.dqn.evaluation import evaluate, select_actions
 from agents.dqn.networks import build_q_network
-from agents.dqn.runner import pick_device
 from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 from wn_rl.cli import brief_warnings
-from wn_rl.config import ConfigError
+from wn_rl.config import ConfigError, resolve_device
 
 
 def _frame_image(obs: np.ndarray, suite: str) -> np.ndarray:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_run_config(run_dir)  # the env settings the agent was trained with
-        device = pick_device(args.device)
+        device = resolve_device(args.device, "--device")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -80,6 +80,7 @@ def test_epsilon_greedy_actions():
         (["--epsilon", "2"], "--epsilon 2.0: expected a probability in [0, 1]"),
         (["--video", "cartpole.gif"], "--video needs image observations (Atari or MinAtar), not env.suite='gym'"),
         (["--video", "agent.avi"], "--video agent.avi: expected a .gif or .mp4 file name"),
+        (["--device", "gpu"], "--device='gpu' is not a device"),
     ],
 )
 def test_evaluate_script_refuses_bad_arguments_before_playing(tmp_path, args, message):

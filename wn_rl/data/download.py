@@ -51,7 +51,8 @@ def download_file(urls: str | Sequence[str], destination: str | Path, md5: str, 
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for url in [urls] if isinstance(urls, str) else list(urls):
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    for url in urls:
         fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
         tmp = Path(tmp_name)
         try:
@@ -70,6 +71,6 @@ def download_file(urls: str | Sequence[str], destination: str | Path, md5: str, 
         finally:
             tmp.unlink(missing_ok=True)
     raise DatasetError(
-        f"could not download {destination.name}: " + "; ".join(errors) + ". Download it by hand from one of these "
-        f"addresses into {destination.parent} (its MD5 must be {md5})."
+        f"could not download {destination.name}: " + "; ".join(errors) + ". Download it by hand from one of "
+        f"{', '.join(urls)} into {destination.parent} (its MD5 must be {md5})."
     )

@@ -70,10 +70,11 @@ def _find(root: Path, stem: str) -> Path:
         for name in (stem, f"{stem}.gz"):
             if (folder / name).is_file():
                 return folder / name
+    files = ", ".join(f"{name}.gz" for name in MNIST_FILES)
     raise DatasetNotFoundError(
         f"MNIST file {stem}[.gz] not found in {root} (also looked in {root / 'MNIST' / 'raw'}). Get the four "
-        f"official files from {MNIST_MIRRORS[0]} into {root}, or pass --download to the training script "
-        "(download=True) to fetch and checksum-verify them."
+        f"official files ({files}) from {MNIST_MIRRORS[0]} into {root}, or pass --download to the training "
+        "script (download=True) to fetch and checksum-verify them."
     )
 
 

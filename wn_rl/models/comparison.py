@@ -94,9 +94,9 @@ def run_comparison(config: CompareConfig, *, quiet: bool = False) -> dict[str, C
 
 def table2_markdown(results: dict[str, CifarResult], config: CompareConfig) -> str:
     """Table 2 as markdown: our final test error next to the paper's (which is after 200 epochs)."""
-    epochs = config.cifar.epochs
+    epochs = f"{config.cifar.epochs} epoch" + ("s" if config.cifar.epochs != 1 else "")
     lines = [
-        f"| parameterization | lr | test error after {epochs} epochs | paper (200 epochs) | ms per step |",
+        f"| parameterization | lr | test error after {epochs} | paper (200 epochs) | ms per step |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, result in results.items():
