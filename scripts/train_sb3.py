@@ -27,7 +27,7 @@ import yaml
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
-from wn_rl.sb3.config import load_sb3_config
+from wn_rl.sb3.config import load_sb3_config, load_sb3_run_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteTrainingError
 from wn_rl.sb3.runner import SB3Run, run_dir_for
 
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            config = load_sb3_config(args.config or run_dir / "config.yaml", args.overrides)
+            if args.config:
+                config = load_sb3_config(args.config, args.overrides)
+            else:
+                config = load_sb3_run_config(run_dir, args.overrides)
         else:
             config = load_sb3_config(args.config, args.overrides)
             run_dir = run_dir_for(config)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from stable_baselines3 import DQN, HerReplayBuffer
 
@@ -180,7 +181,41 @@ def test_script_rejects_bad_input_before_training(tmp_path):
     assert wrong_space.returncode == 2 and "Use WnMlpPolicy" in wrong_space.stderr
     assert not any(tmp_path.iterdir())
     missing = run_script("--resume", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert missing.returncode == 2
+    assert f"--resume {tmp_path / 'nothing'}: the directory does not exist" in missing.stderr
+    assert "expected a YAML file" not in missing.stderr
+    (tmp_path / "empty").mkdir()
+    not_a_run = run_script("--resume", str(tmp_path / "empty"))
+    assert not_a_run.returncode == 2
+    assert "holds no config.yaml: not a run directory of scripts/train_sb3.py" in not_a_run.stderr
+    bad_device = run_script("--config", "configs/sb3/dqn_cartpole_wn.yaml", "device=gpu", f"runs_dir={tmp_path}")
+    assert bad_device.returncode == 2 and "Traceback" not in bad_device.stderr
+    assert "device='gpu' is not a device" in bad_device.stderr and "run.device" not in bad_device.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_device_is_checked_when_the_config_loads(monkeypatch):
+    path = ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml"
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device .*; use auto, cpu, cuda or cuda:N"):
+        load_sb3_config(path, ["device=gpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda' but no CUDA device is available here; use device=auto or"):
+        load_sb3_config(path, ["device=cuda"])
+    assert load_sb3_config(path, ["device=cpu"]).device == "cpu"
+    assert load_sb3_config(path).device == "auto"
+
+
+def test_resuming_a_complete_run_says_there_is_nothing_to_train(tmp_path, capsys):
+    overrides = [f"runs_dir={tmp_path}", "progress_bar=false", "verbose=0", "eval.freq=0", "init.enabled=false"]
+    overrides += ["hyperparameters.train_freq=1", "hyperparameters.gradient_steps=1"]  # exactly 100 steps
+    path = ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml"
+    SB3Run(load_sb3_config(path, [*overrides, "total_timesteps=100"]), tmp_path / "run").train()
+    capsys.readouterr()
+    again = load_sb3_config(path, [*overrides, "total_timesteps=80"])
+    summary = SB3Run(again, tmp_path / "run", resume=True).train()
+    assert summary["num_timesteps"] == 100
+    out = capsys.readouterr().out
+    assert "at step 100; the run is complete (total_timesteps=80): nothing to train; raise total_timesteps" in out
 
 
 def test_her_config_trains_checkpoints_its_her_buffer_and_resumes(tmp_path):

@@ -29,7 +29,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
 import wn_rl.sb3 as wn_sb3
-from wn_rl.config import ConfigError, check, load_config
+from wn_rl.config import ConfigError, check, load_config, resolve_device
 from wn_rl.sb3.envs import check_env_id
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "build_hyperparameters",
     "build_policy_kwargs",
     "load_sb3_config",
+    "load_sb3_run_config",
     "resolve_policy",
 ]
 
@@ -154,7 +155,7 @@ class SB3Config:
     run_name: str = ""
     "run directory name; default <env>__<algo>__<policy>__<seed>__<unix time>"
     device: str = "auto"
-    "torch device"
+    "torch device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; checked to exist when loaded"
     torch_threads: int = 0
     "torch.set_num_threads; 0 keeps torch's default (1 is often faster for small nets on a busy CPU)"
     progress_bar: bool = True
@@ -173,6 +174,7 @@ class SB3Config:
         check(self.checkpoint_freq >= 0, "checkpoint_freq", self.checkpoint_freq, "a number of steps >= 0")
         check(self.torch_threads >= 0, "torch_threads", self.torch_threads, "a thread count >= 0")
         check(self.log_interval >= 0, "log_interval", self.log_interval, "an interval >= 0")
+        resolve_device(self.device, "device")  # SB3 would fall back to the CPU for a missing cuda
         try:
             check_env_id(self.env_id)
         except ValueError as exc:
@@ -292,6 +294,17 @@ def _check_init_batch(algo: str, hyperparameters: dict[str, Any], n_samples: int
 def load_sb3_config(path: str | Path | None, overrides: list[str] = ()) -> SB3Config:
     """Load and validate a config (every error a :class:`wn_rl.config.ConfigError` naming file and key)."""
     return load_config(SB3Config, path, list(overrides))
+
+
+def load_sb3_run_config(run_dir: str | Path, overrides: list[str] = ()) -> SB3Config:
+    """The config a run directory was made with (its ``config.yaml``), plus overrides; a path that is not a
+    run directory is a :class:`ConfigError` saying so."""
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).exists():
+        raise ConfigError(f"--resume {run_dir}: the directory does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.yaml: not a run directory of scripts/train_sb3.py")
+    return load_sb3_config(path, overrides)
 
 
 def _by_name(table: dict[str, Any], value: Any, key: str) -> Any:

@@ -389,6 +389,11 @@ class SB3Run:
             self.guard.check()  # never save a model after a non-finite step
         else:
             seconds = 0.0
+            print(
+                f"resumed from {self.resume_from} at step {start_steps:,}; the run is complete (total_timesteps="
+                f"{config.total_timesteps:,}): nothing to train; raise total_timesteps to continue",
+                flush=True,
+            )
         buffer_sha256 = None  # recorded, so a resume can tell a buffer from an unfinished later save (above)
         if config.save_replay_buffer and isinstance(model, OffPolicyAlgorithm):
             buffer_sha256 = save_replay_buffer_atomically(model, replay_buffer_path(self.run_dir / "final_model.zip"))
