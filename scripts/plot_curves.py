@@ -37,9 +37,10 @@ from wn_rl.analysis.curves import (
     write_curves_csv,
 )
 from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
-from wn_rl.analysis.runs import EVAL_RETURN, TRAIN_RETURN, find_run_dirs, load_run
+from wn_rl.analysis.runs import EVAL_RETURN, TRAIN_RETURN, check_config_key, find_run_dirs, load_run
 from wn_rl.checkpoint import atomic_write_bytes
 from wn_rl.cli import brief_warnings
+from wn_rl.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="figure path (.png); the CSV and table go beside it")
     parser.add_argument("--group-by", nargs="+", default=None, help="config keys (default: each run's kind's)")
     parser.add_argument(
-        "--panel-by", default="task", help="config key with one panel per value ('' for one; default: the task)"
+        "--panel-by", default=None, help="config key with one panel per value ('' for one; default: the task)"
     )
     parser.add_argument(
         "--tags", nargs="+", default=[TRAIN_RETURN, EVAL_RETURN], help="TensorBoard tags (default: both returns)"
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pyplot()  # matplotlib is an optional extra
         runs = [load_run(d) for d in find_run_dirs(args.runs)]
-    except (FileNotFoundError, MissingExtraError) as exc:
+        _check_keys(runs, args)
+    except (FileNotFoundError, MissingExtraError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summaries = [summarize_run(r, args.group_by, args.panel_by or "task") for r in runs]
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not used:
         print(f"error: none of the {len(runs)} runs is complete; --include-incomplete draws them", file=sys.stderr)
         return 2
-    grouped = group_runs(used, args.group_by, args.panel_by or None)
+    grouped = group_runs(used, args.group_by, "task" if args.panel_by is None else args.panel_by or None)
     smoothing = dict.fromkeys(TRAINING_RETURN_TAGS, args.smoothing)
     curves = collect_curves(grouped, args.tags, spread=args.spread, smoothing=smoothing)
     if not any(c.steps.size for c in curves):
@@ -91,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_bytes(out.with_suffix(".md"), table.encode())
     print(f"{len(used)} of {len(runs)} runs -> {figure}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
     return 0
+
+
+def _check_keys(runs, args: argparse.Namespace) -> None:
+    """A --group-by or --panel-by key that no run has is an error: it would put every run under '?'."""
+    for key in args.group_by or ():
+        check_config_key(runs, key, "--group-by")
+    if args.panel_by:
+        check_config_key(runs, args.panel_by, "--panel-by")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Expands the study's grid into DQN runs, skips runs that are already complete, ru
 the per-run and aggregate tables (markdown + CSV) to the study's report folder. Running the same
 command again resumes an interrupted study. ``--set KEY=VALUE`` adds a DQN override to every run
 (e.g. a larger budget, which extends finished runs; their replay memory restarts empty unless the runs
-set ``run.save_replay=true``); ``--dry-run`` prints the plan; ``--analyze-only``
+set ``run.save_replay=true``); ``--set`` of a grid key or of one the study sets in each run
+(``run.runs_dir``, ``run.name``, ``run.torch_threads``, ``run.progress_bar``) is an error saying where to
+change it instead (the grid: ``grid={run.seed: [3]}``). ``--dry-run`` prints the plan; ``--analyze-only``
 only rebuilds the figure and tables from what the runs have written so far.
 
 A run on disk made with other settings than the study now gives it (another override, grid value or
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from dataclasses import replace
 
 from wn_rl.analysis.curves import MissingExtraError, pyplot
 from wn_rl.analysis.study import (
@@ -31,6 +32,7 @@ from wn_rl.analysis.study import (
     load_study_config,
     plan_runs,
     replace_runs,
+    with_run_overrides,
 )
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError
@@ -46,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="DQN override added to every run after the study's own (e.g. --set run.total_agent_steps=200000)",
+        help="DQN override added to every run after the study's fixed overrides (e.g. --set "
+        "run.total_agent_steps=200000); not of a grid key or one the study sets (run.runs_dir, run.name, ...)",
     )
     parser.add_argument("--jobs", type=int, help="runs at once with the local backend (default: max_parallel)")
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
@@ -68,15 +71,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides on both sides of a flag
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: expected at least 1")
     if args.replace_changed and args.analyze_only:
         parser.error("--replace-changed trains runs again; --analyze-only runs nothing")
     try:
         pyplot()  # the report's figures need matplotlib (an optional extra): say so before any run starts
-        study = load_study_config(args.config, args.overrides)
-        study = replace(study, overrides=(*study.overrides, *args.run_overrides))
+        study = with_run_overrides(load_study_config(args.config, args.overrides), args.run_overrides)
         specs = plan_runs(study)
         replaced = _replace_changed(study, specs, args)
     except (ConfigError, MissingExtraError) as exc:

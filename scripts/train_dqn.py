@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory (uses its config.yaml)")
     parser.add_argument("--force", action="store_true", help="resume even if the config changed")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides on both sides of a flag
     if not args.config and not args.resume:
         parser.error("give --config CONFIG.yaml or --resume RUN_DIR")
     try:

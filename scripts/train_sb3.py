@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its newest model")
     parser.add_argument("--force", action="store_true", help="resume even if the config changed")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if not args.config and not args.resume:
         parser.error("give --config CONFIG.yaml or --resume RUN_DIR")
     try:

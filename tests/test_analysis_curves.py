@@ -6,6 +6,7 @@ import builtins
 import csv
 import importlib.util
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -208,6 +209,27 @@ def test_plot_curves_script_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     write_run(tmp_path / "runs", "a", "normal", 0, "breakout", {500: 1.0})
     assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "x.png"), "--tags", "nope"]) == 2
     assert "none of the 1 runs logged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        (["--group-by", "network.parametrization"], r"network\.parametrization: .*'network\.parameterization'"),
+        (["--group-by", "seed", "agent.lrr"], r"--group-by agent\.lrr: .*did you mean 'agent\.lr'"),
+        (["--panel-by", "env.nme"], r"--panel-by env\.nme: .*did you mean 'env\.name'"),
+    ],
+)
+def test_a_group_or_panel_key_no_run_has_is_an_error(
+    study_dir: Path, tmp_path: Path, option: list[str], match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt key would group every run under '?': refused, with the nearest key the runs have."""
+    out = tmp_path / "fig.png"
+    assert plot_curves.main([str(study_dir), "--out", str(out), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(match, err), err
+    assert not out.exists()
+    # a key some run has, or a common name (seed: run.seed), is fine
+    assert plot_curves.main([str(study_dir), "--out", str(out), "--group-by", "seed", "--panel-by", "env.suite"]) == 0
 
 
 def test_without_matplotlib_scripts_say_which_extra_before_any_work(

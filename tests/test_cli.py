@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,39 @@ def test_every_user_script_turns_brief_warnings_on_first_in_its_main_block(name)
     assert len(main_blocks) == 1
     first = main_blocks[0].body[0]
     assert ast.unparse(first) == "brief_warnings()"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"wn_rl_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_dqn_overrides_may_sit_on_both_sides_of_a_flag(monkeypatch, capsys):
+    """``run.seed=1 --force agent.lrr=1`` reads both overrides (the misspelt one is the config's error,
+    not argparse's ``unrecognized arguments``); nothing is built past the config."""
+    monkeypatch.chdir(ROOT)
+    train_dqn = _load_script("train_dqn")
+    assert train_dqn.main(["--config", "configs/dqn/cartpole.yaml", "run.seed=1", "--force", "agent.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'lr'" in err and "unrecognized" not in err
+
+
+def test_train_sb3_overrides_may_sit_on_both_sides_of_a_flag(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    train_sb3 = _load_script("train_sb3")
+    argv = ["--config", "configs/sb3/dqn_cartpole_wn.yaml", "seed=1", "--force", "total_timestep=1"]
+    assert train_sb3.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'total_timesteps'" in err and "unrecognized" not in err
+
+
+def test_paper_script_overrides_may_sit_on_both_sides_of_a_flag(monkeypatch):
+    from wn_rl.models.cifar_experiment import CifarConfig
+    from wn_rl.models.cli import parse_training_command
+
+    monkeypatch.chdir(ROOT)
+    argv = ["epochs=2", "--force", "decay_start=1", "--download"]
+    config, force = parse_training_command(CifarConfig, "configs/paper/cifar10.yaml", "", argv)
+    assert (config.epochs, config.decay_start, config.download, force) == (2, 1, True, True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,6 +136,33 @@ def test_set_adds_a_run_override_after_the_study_ones(tmp_path: Path, capsys: py
     assert study_script.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("run.total_agent_steps=99000") == 40 and "of 99,000 steps" in out
+
+
+@pytest.mark.parametrize(
+    ("run_override", "match"),
+    [
+        ("run.seed=3", r"run\.seed is a grid key .*'grid=\{run\.seed: \[3\]\}'"),
+        ("network.parameterization=weightnorm", r"network\.parameterization is a grid key"),
+        ("run.runs_dir=elsewhere", r"run\.runs_dir is set by the study .*runs_dir="),
+        ("run.name=mine", r"run\.name is set by the study"),
+        ("run.torch_threads=4", r"run\.torch_threads is set by the study .*torch_threads=4"),
+        ("run.progress_bar=true", r"run\.progress_bar is set by the study"),
+    ],
+)
+def test_set_of_a_key_the_study_sets_per_run_is_an_error(
+    run_override: str, match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The grid's and the study's own per-run overrides come after --set's: instead of losing silently,
+    such a --set is refused with where to change the key."""
+    assert study_script.main(["configs/studies/smoke_cartpole.yaml", "--set", run_override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(match, err), err
+
+
+def test_study_overrides_may_follow_a_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["configs/studies/smoke_cartpole.yaml", f"runs_dir={tmp_path}", "--dry-run", "name=other", "--jobs", "1"]
+    assert study_script.main(args) == 0
+    assert "study other: 4 runs" in capsys.readouterr().out
 
 
 def test_run_lock_keeps_two_drivers_off_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,12 +13,13 @@ writes a second event file, and points logged twice at the same step keep the ne
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
 import warnings
 import zipfile
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 import yaml
 
 from wn_rl.checkpoint import CheckpointError, latest_checkpoint, read_marker
+from wn_rl.config import ConfigError, flatten_config
 
 __all__ = [
     "EVAL_RETURN",
@@ -37,6 +39,7 @@ __all__ = [
     "TRAIN_RETURN",
     "RunData",
     "RunKind",
+    "check_config_key",
     "config_value",
     "find_run_dirs",
     "load_run",
@@ -136,6 +139,19 @@ def config_value(config: dict[str, Any], key: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+def check_config_key(runs: Sequence[RunData], key: str, option: str) -> None:
+    """Raise :class:`ConfigError` when none of ``runs`` has ``key`` (a dotted config key or a common name,
+    :meth:`RunData.value`), naming ``option`` (``--group-by``) and the nearest keys the runs do have: a
+    misspelt key would otherwise put every run under ``?``."""
+    missing = object()
+    if any(run.value(key, missing) is not missing for run in runs):
+        return
+    known = sorted({name for run in runs for name in (*flatten_config(run.config), *run.kind.keys)})
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "the keys are those of a run's config.yaml"
+    raise ConfigError(f"{option} {key}: none of the {len(runs)} runs' configs has this key; {hint}")
 
 
 def _event_dirs(run_dir: Path) -> list[Path]:

@@ -65,6 +65,7 @@ __all__ = [
     "load_study_config",
     "plan_runs",
     "replace_runs",
+    "with_run_overrides",
 ]
 
 
@@ -230,6 +231,52 @@ def expand_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def _study_set(study: StudyConfig, name: str) -> dict[str, Any]:
+    """The DQN keys the study sets in every run (``name``), after its overrides and grid values."""
+    return {
+        "run.runs_dir": study.study_dir,
+        "run.name": name,
+        "run.torch_threads": study.torch_threads,
+        "run.progress_bar": "false",
+    }
+
+
+_STUDY_SET_HINTS = {
+    "run.runs_dir": "every run goes to <runs_dir>/<study name>/<run name>: set the study's runs_dir=... or name=...",
+    "run.name": "each run is named from its grid values: change the grid, or the study's name=...",
+    "run.torch_threads": "set the study's torch_threads={value}",
+    "run.progress_bar": "the runs write log files, where a progress bar does not belong",
+}
+
+
+def _overlaps(key: str, other: str) -> bool:
+    """Whether setting ``key`` and ``other`` touches the same value (one is the other or holds it)."""
+    return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
+
+
+def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str, ...]) -> StudyConfig:
+    """``study`` with ``run_overrides`` (``--set KEY=VALUE``) added after its own fixed overrides.
+
+    A key of the grid or one the study sets itself (:func:`_study_set`) is a :class:`ConfigError`: those
+    come after the fixed overrides in every run's command, so the ``--set`` would lose silently; the
+    message says where to change the key instead."""
+    for item in run_overrides:
+        key, _, value = (part.strip() for part in item.partition("="))
+        grid_key = next((k for k in study.grid if _overlaps(key, k)), None)
+        if grid_key is not None:
+            raise ConfigError(
+                f"--set {item}: {grid_key} is a grid key of study {study.name!r} (values "
+                f"{list(study.grid[grid_key])}), and each run's grid value comes after --set and wins; change the "
+                f"grid instead: in the study file, or with the study override 'grid={{{grid_key}: [{value}]}}' "
+                "(a key=value after the study file)"
+            )
+        set_key = next((k for k in _study_set(study, "") if _overlaps(key, k)), None)
+        if set_key is not None:
+            hint = _STUDY_SET_HINTS[set_key].format(value=value)
+            raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
+    return replace(study, overrides=(*study.overrides, *run_overrides))
+
+
 def plan_runs(study: StudyConfig) -> list[RunSpec]:
     """Every run of the study with its resolved DQN config checked (errors come before any run starts)."""
     from agents.dqn.config import load_dqn_config  # the study drives the native DQN
@@ -251,10 +298,7 @@ def plan_runs(study: StudyConfig) -> list[RunSpec]:
         overrides = (
             *study.overrides,
             *(f"{k}={_override_value(v)}" for k, v in point.items()),
-            f"run.runs_dir={study.study_dir}",
-            f"run.name={name}",
-            f"run.torch_threads={study.torch_threads}",
-            "run.progress_bar=false",
+            *(f"{k}={v}" for k, v in _study_set(study, name).items()),
         )
         try:
             config = load_dqn_config(study.base_config, overrides)

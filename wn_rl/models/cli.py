@@ -61,7 +61,7 @@ def _parse(cls, default_config, description, argv, download_key: str, example: s
             "--force", action="store_true", help="resume the unfinished run even if its saved config differs"
         )
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides on both sides of a flag
     overrides = [*args.overrides, *([f"{download_key}=true"] if args.download else [])]
     with exit_on_error():
         config = load_config(cls, args.config, overrides)
