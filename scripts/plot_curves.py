@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, MissingExtraError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summaries = [summarize_run(r, args.group_by, args.panel_by or "task") for r in runs]
+    panel_by = "task" if args.panel_by is None else args.panel_by  # '' for one panel
+    summaries = [summarize_run(r, args.group_by, panel_by or "task") for r in runs]
     used = [r for r, s in zip(runs, summaries, strict=True) if s.complete or args.include_incomplete]
     for run, summary in zip(runs, summaries, strict=True):
         if not args.include_incomplete and (reason := left_out_reason(summary)):
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not used:
         print(f"error: none of the {len(runs)} runs is complete; --include-incomplete draws them", file=sys.stderr)
         return 2
-    grouped = group_runs(used, args.group_by, "task" if args.panel_by is None else args.panel_by or None)
+    grouped = group_runs(used, args.group_by, panel_by or None)
     smoothing = dict.fromkeys(TRAINING_RETURN_TAGS, args.smoothing)
     curves = collect_curves(grouped, args.tags, spread=args.spread, smoothing=smoothing)
     if not any(c.steps.size for c in curves):
