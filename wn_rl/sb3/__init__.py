@@ -9,10 +9,12 @@ Pass the policy classes to SB3 exactly as SB3's own::
     TRPO(WnActorCriticPolicy, env)  # sb3-contrib: PPO's policies
 
 and add :class:`DataDependentInitCallback` (section 3 of the paper) and :class:`WnStatsCallback`
-to ``learn`` (and :class:`NonFiniteGuardCallback`, which keeps NaN/inf steps out of the model).
+to ``learn`` (and :class:`NonFiniteGuardCallback`, which keeps NaN/inf steps out of the model). A policy that
+starts training without the init warns once (:class:`UninitializedPolicyWarning`).
 """
 
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
+from wn_rl.sb3.common import UninitializedPolicyWarning
 from wn_rl.sb3.continuous import (
     WnContinuousCritic,
     WnSACActor,
@@ -63,6 +65,7 @@ __all__ = [
     "WNLSTM",
     "DataDependentInitCallback",
     "NonFiniteGuardCallback",
+    "UninitializedPolicyWarning",
     "WnStatsCallback",
     "initialize_policy",
     "online_networks",

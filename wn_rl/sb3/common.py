@@ -10,14 +10,20 @@ recomputed from g and v on every forward pass.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
+import sb3_contrib
+import stable_baselines3
 import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
 
-from wn_rl.layers import cached
+from wn_rl.layers import WNLayer, cached
+from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 from wn_rl.parameterization import Parameterization
 from wn_rl.sb3.torch_layers import (
     WnCombinedExtractor,
@@ -29,9 +35,57 @@ from wn_rl.sb3.torch_layers import (
     uses_nature_layout,
 )
 
-__all__ = ["InferenceWeightCache", "WnPolicyOptions", "default_net_arch"]
+__all__ = ["InferenceWeightCache", "UninitializedPolicyWarning", "WnPolicyOptions", "default_net_arch"]
 
 ParameterizationLike = str | Parameterization
+
+
+class UninitializedPolicyWarning(UserWarning):
+    """A WN policy started training without data-dependent init (section 3 of the paper).
+
+    Issued once per policy object, at the first SB3 ``train()``, when the policy has weight-normalized
+    or mean-only batch-norm layers and none of them was initialised (by
+    :class:`wn_rl.sb3.DataDependentInitCallback`, by hand, or in the model it was loaded from). If the
+    fresh init is intended, silence it with
+    ``warnings.filterwarnings("ignore", category=wn_rl.sb3.UninitializedPolicyWarning)``.
+    """
+
+
+_UNINITIALIZED_MESSAGE = (
+    "{name} starts training from its fresh initialization (weights ~ N(0, 0.05), g = 1, b = 0): none of its "
+    "weight-normalized or mean-only batch-norm layers has been data-dependent initialised (Salimans & Kingma "
+    "2016, section 3), so init_scale (e.g. the action head's 0.01) has no effect. Fix: "
+    "model.learn(..., callback=wn_rl.sb3.DataDependentInitCallback()) (off-policy: with learning_starts >= its "
+    "n_samples), or initialise by hand before learning with wn_rl.sb3.initialize_policy(model.policy, "
+    "observations[, actions]) (wn_rl.data_dependent_init(network, batch) for one network). If the fresh init "
+    'is intended: warnings.filterwarnings("ignore", category=wn_rl.sb3.UninitializedPolicyWarning).'
+)
+
+
+# Frames in these packages are skipped when a warning names its caller: the user's learn() is the place to fix.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (os.path.dirname(__file__), stable_baselines3.__file__, sb3_contrib.__file__)
+)
+
+
+def _caller_outside_libraries() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the calling function) of the first frame outside
+    wn_rl, SB3 and sb3-contrib."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def lacks_data_dependent_init(policy: torch.nn.Module) -> bool:
+    """True when ``policy`` has WN or mean-only batch-norm layers and none of its layers' ``initialized``
+    flags is set (one host-device sync, for all the flags at once)."""
+    modules = list(policy.modules())
+    if not any(isinstance(m, (WNLayer, MeanOnlyBatchNorm)) for m in modules):
+        return False  # normal, batch_norm, layer_norm: SB3's usual init story, nothing to warn about
+    flags = [m.initialized for m in modules if "initialized" in m._buffers]
+    return bool(flags) and not bool(torch.stack([f.to(flags[0].device) for f in flags]).any())
 
 
 class WnPolicyOptions:
@@ -49,6 +103,7 @@ class WnPolicyOptions:
 
     parameterization: Parameterization
     init_scales: dict[str, float]
+    _init_checked: bool = False  # whether set_training_mode(True) has looked at the init flags yet
 
     def _wn_prepare(
         self,
@@ -117,6 +172,23 @@ class WnPolicyOptions:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
         data.update(parameterization=self._parameterization_arg, init_scale=self._init_scale_arg)
         return data
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's switch between acting and training, which every algorithm's ``train()`` opens with
+        ``set_training_mode(True)``. The first such call warns (:class:`UninitializedPolicyWarning`) if
+        data-dependent init never ran; later calls cost one attribute lookup."""
+        if mode and not self._init_checked:
+            self._init_checked = True
+            if lacks_data_dependent_init(self):  # type: ignore[arg-type]
+                message = _UNINITIALIZED_MESSAGE.format(name=type(self).__name__)
+                warnings.warn(message, UninitializedPolicyWarning, stacklevel=_caller_outside_libraries())
+        super().set_training_mode(mode)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (pickle, deepcopy) decides afresh, from the ``initialized`` flags it carries."""
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_init_checked", None)
+        return state
 
 
 def default_net_arch(
