@@ -21,6 +21,7 @@ only unless asked otherwise, and lists the runs it left out and why.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import shutil
@@ -49,9 +50,9 @@ from wn_rl.analysis.report import (
     summarize_run,
     write_csv,
 )
-from wn_rl.analysis.runs import STUDY_LOCK, RunData, config_value, load_run, run_progress
+from wn_rl.analysis.runs import NATIVE_DQN, STUDY_LOCK, RunData, config_value, load_run, run_progress
 from wn_rl.checkpoint import atomic_write_bytes
-from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config
+from wn_rl.config import ConfigError, check, config_diff, config_to_dict, flatten_config, load_config, parse_overrides
 
 __all__ = [
     "ABSENT",
@@ -154,8 +155,84 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Load a study config strictly (unknown keys, wrong types and empty grids are ``ConfigError``)."""
-    return load_config(StudyConfig, path, list(overrides))
+    """Load a study config strictly: unknown keys, wrong types, empty grids, fixed overrides that would
+    lose silently (:func:`_check_overrides`) and report keys that no DQN config has
+    (:func:`_check_report_keys`) are a ``ConfigError`` naming the file, before any run is planned."""
+    study = load_config(StudyConfig, path, list(overrides))
+    try:
+        _check_overrides(study)
+        _check_report_keys(study)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}{' with ' + ' '.join(overrides) if overrides else ''}: {exc}") from None
+    return study
+
+
+def _check_overrides(study: StudyConfig) -> None:
+    """Every fixed override is the last to set its keys in a run's command: the grid's values and the
+    study's own (:func:`_study_set`) come after it and would win, as would a later override of the same
+    key (``a.b=1`` then ``a={c: 2}`` loses ``a.b`` too: a mapping replaces the whole section)."""
+    seen: list[tuple[str, str, list[str]]] = []  # (override, its key, the dotted keys it sets)
+    for item in study.overrides:
+        key, _, value = (part.strip() for part in item.partition("="))
+        leaves = list(flatten_config(parse_overrides([item])))
+        for leaf in leaves:
+            if (grid_key := _grid_key(study, leaf)) is not None:
+                raise ConfigError(
+                    f"overrides: {item!r} sets {grid_key}, a grid key (values {list(study.grid[grid_key])}), and each "
+                    f"run's grid value comes after the overrides and wins: remove {item!r} from overrides, or "
+                    f"{grid_key} from grid"
+                )
+            if (set_key := _study_set_key(study, leaf)) is not None:
+                hint = _STUDY_SET_HINTS[set_key].format(value=value)
+                raise ConfigError(
+                    f"overrides: {item!r}: {set_key} is set by the study for every run, after the overrides: remove "
+                    f"it from overrides ({hint})"
+                )
+        for earlier, earlier_key, earlier_leaves in seen:
+            shared = next((a for a in earlier_leaves for b in leaves if _overlaps(a, b)), None)
+            if shared is not None or earlier_key.startswith(f"{key}."):
+                how = f"both set {shared}" if shared else f"the latter replaces all of {key}, {earlier_key} included"
+                raise ConfigError(
+                    f"overrides: {earlier!r} and then {item!r}: {how}, and the later one wins silently; keep one "
+                    "(or set each key with its own dotted override)"
+                )
+        seen.append((item, key, leaves))
+
+
+def _check_report_keys(study: StudyConfig) -> None:
+    """``group_by``, ``task_key`` and ``sweep_key`` are DQN config keys (dotted, as the grid's, or a common
+    name such as ``seed``: :data:`wn_rl.analysis.runs.NATIVE_DQN`): a misspelt one would put every run
+    under ``?`` in the report at the end of the study. The swept key is a grid key whose values sort."""
+    from agents.dqn.config import DQNConfig  # the study drives the native DQN
+
+    known = set(flatten_config(config_to_dict(DQNConfig()))) | set(NATIVE_DQN.keys)
+    keys = [
+        *(("group_by", key) for key in study.group_by),
+        ("task_key", study.task_key),
+        ("sweep_key", study.sweep_key),
+    ]
+    for option, key in keys:
+        if key is not None and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "expected a dotted DQN config key"
+            raise ConfigError(
+                f"{option}: {key!r} is not a key of the DQN config, so the report would put every run under '?'; "
+                f"{hint} (or a common name: {', '.join(NATIVE_DQN.keys)})"
+            )
+    sweep = NATIVE_DQN.keys.get(study.sweep_key, study.sweep_key)
+    if sweep is not None and sweep not in study.grid:
+        raise ConfigError(
+            f"sweep_key: {study.sweep_key!r} is not a grid key, so every run has the same value and sweep.png one "
+            f"point; expected one of the grid keys {list(study.grid)}: add {sweep} to the grid, or leave sweep_key out"
+        )
+    try:
+        sorted(study.grid.get(sweep, ()))  # sweep.png orders the values on its x axis
+    except TypeError:
+        raise ConfigError(
+            f"sweep_key: the grid values of {sweep}, {list(study.grid[sweep])}, cannot be ordered on sweep.png's "
+            "x axis; expected values of one kind (all numbers: no null among learning rates); sweep another "
+            "key, or run the odd value as a study of its own"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -254,6 +331,16 @@ def _overlaps(key: str, other: str) -> bool:
     return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
 
 
+def _grid_key(study: StudyConfig, key: str) -> str | None:
+    """The grid key whose value setting ``key`` touches, if any."""
+    return next((k for k in study.grid if _overlaps(key, k)), None)
+
+
+def _study_set_key(study: StudyConfig, key: str) -> str | None:
+    """The key the study sets in every run (:func:`_study_set`) that setting ``key`` touches, if any."""
+    return next((k for k in _study_set(study, "") if _overlaps(key, k)), None)
+
+
 def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str, ...]) -> StudyConfig:
     """``study`` with ``run_overrides`` (``--set KEY=VALUE``) added after its own fixed overrides.
 
@@ -262,16 +349,14 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
     message says where to change the key instead."""
     for item in run_overrides:
         key, _, value = (part.strip() for part in item.partition("="))
-        grid_key = next((k for k in study.grid if _overlaps(key, k)), None)
-        if grid_key is not None:
+        if (grid_key := _grid_key(study, key)) is not None:
             raise ConfigError(
                 f"--set {item}: {grid_key} is a grid key of study {study.name!r} (values "
                 f"{list(study.grid[grid_key])}), and each run's grid value comes after --set and wins; change the "
                 f"grid instead: in the study file, or with the study override 'grid={{{grid_key}: [{value}]}}' "
                 "(a key=value after the study file)"
             )
-        set_key = next((k for k in _study_set(study, "") if _overlaps(key, k)), None)
-        if set_key is not None:
+        if (set_key := _study_set_key(study, key)) is not None:
             hint = _STUDY_SET_HINTS[set_key].format(value=value)
             raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
     return replace(study, overrides=(*study.overrides, *run_overrides))
