@@ -5,7 +5,8 @@
   human-normalised scores.
 - :mod:`wn_rl.analysis.curves`: grouping by config keys, mean and spread across seeds, figure, CSV.
 - :mod:`wn_rl.analysis.report`: per-run and aggregate tables (markdown, CSV).
-- :mod:`wn_rl.analysis.study`: study configs, grid expansion, resumable plans, the final report;
+- :mod:`wn_rl.analysis.study_config`: study configs, loaded strictly (overrides that would lose, report keys).
+- :mod:`wn_rl.analysis.study`: grid expansion, resumable plans, the final report;
   :mod:`wn_rl.analysis.backends` runs them locally or on Ray.
 """
 
