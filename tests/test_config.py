@@ -4,8 +4,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import torch
 
-from wn_rl.config import ConfigError, check, config_diff, config_to_dict, load_config, parse_overrides, read_yaml
+from wn_rl.config import (
+    ConfigError,
+    check,
+    config_diff,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    resolve_device,
+)
 
 
 @dataclass(frozen=True)
@@ -135,3 +145,53 @@ def test_yaml_1_1_quirks_are_refused_or_read_as_meant(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=rf"{message}.*yes/no/on/off.*quote it"):
             load_config(Switches, overrides=[override])
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    """Pretend ``count`` CUDA devices exist; initialising CUDA would fail the test (the check must not touch it)."""
+
+    def no_cuda_init() -> None:
+        raise AssertionError("resolve_device initialised CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda_init)
+
+
+def test_a_cuda_index_past_the_device_count_is_refused_with_the_valid_range(monkeypatch):
+    _fake_gpus(monkeypatch, 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda:1", "run.device")
+    message = str(info.value)
+    assert message.startswith("run.device='cuda:1' but this machine has 1 CUDA device(s)")
+    assert "the valid ones are cuda:0;" in message and "use run.device=cuda:0 or auto" in message
+    _fake_gpus(monkeypatch, 4)
+    assert resolve_device("cuda:3") == torch.device("cuda:3")
+    with pytest.raises(ConfigError, match=r"'cuda:5' but .* 4 CUDA device\(s\).* valid ones are cuda:0\.\.cuda:3"):
+        resolve_device("cuda:5")
+
+
+def test_a_missing_cuda_or_mps_backend_is_refused(monkeypatch):
+    _fake_gpus(monkeypatch, 0)
+    with pytest.raises(ConfigError, match=r"--device='cuda:0' but no CUDA device is available here; use --device=auto"):
+        resolve_device("cuda:0", "--device")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("mps", "mps:0"):
+        with pytest.raises(ConfigError, match=rf"device='{name}' but MPS \(Apple GPU\) is not available here"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == torch.device("mps")
+
+
+@pytest.mark.parametrize("name", ["cuda:x", "gpu", "cuda:-1", "CUDA", "cuda:1:2", " cuda", "", "xpu", "meta", "0"])
+def test_malformed_or_unsupported_device_names_are_config_errors(monkeypatch, name):
+    _fake_gpus(monkeypatch, 8)
+    with pytest.raises(ConfigError) as info:
+        resolve_device(name, "run.device")
+    assert str(info.value) == (
+        f"run.device={name!r} is not a device: expected auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
+    )

@@ -4,7 +4,9 @@ evaluation and a final model, then resumes with its step counter continued."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from wn_rl.sb3.runner import SB3Run
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "sb3").glob("*.yaml"))
 SCRIPT = ROOT / "scripts" / "train_sb3.py"
+CARTPOLE = ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml"
 
 
 def test_configs_cover_the_issue():
@@ -196,7 +199,7 @@ def test_script_rejects_bad_input_before_training(tmp_path):
 
 def test_device_is_checked_when_the_config_loads(monkeypatch):
     path = ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml"
-    with pytest.raises(ConfigError, match=r"device='gpu' is not a device .*; use auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a device: expected auto, cpu, cuda, cuda:N .* or mps"):
         load_sb3_config(path, ["device=gpu"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"device='cuda' but no CUDA device is available here; use device=auto or"):
@@ -205,17 +208,81 @@ def test_device_is_checked_when_the_config_loads(monkeypatch):
     assert load_sb3_config(path).device == "auto"
 
 
-def test_resuming_a_complete_run_says_there_is_nothing_to_train(tmp_path, capsys):
-    overrides = [f"runs_dir={tmp_path}", "progress_bar=false", "verbose=0", "eval.freq=0", "init.enabled=false"]
-    overrides += ["hyperparameters.train_freq=1", "hyperparameters.gradient_steps=1"]  # exactly 100 steps
-    path = ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml"
-    SB3Run(load_sb3_config(path, [*overrides, "total_timesteps=100"]), tmp_path / "run").train()
+def _complete_run_overrides(runs_dir: Path, total_timesteps: int) -> list[str]:
+    """Exactly ``total_timesteps`` steps, with checkpoints, a replay buffer, evaluations and WN statistics."""
+    overrides = [f"runs_dir={runs_dir}", "run_name=run", "progress_bar=false", "torch_threads=1", "verbose=0"]
+    overrides += ["hyperparameters.train_freq=1", "hyperparameters.gradient_steps=1", "init.n_samples=32"]
+    overrides += ["hyperparameters.learning_starts=50", "hyperparameters.buffer_size=1000", "save_replay_buffer=true"]
+    overrides += ["checkpoint_freq=50", "eval.freq=50", "eval.episodes=1", "wn_stats_freq=25"]
+    return [*overrides, f"total_timesteps={total_timesteps}"]
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory) -> Path:
+    """A run trained to its total_timesteps=100; tests copy it."""
+    runs_dir = tmp_path_factory.mktemp("complete")
+    SB3Run(load_sb3_config(CARTPOLE, _complete_run_overrides(runs_dir, 100)), runs_dir / "run").train()
+    return runs_dir / "run"
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int, str | None]]:
+    """Every file and folder under ``run_dir``: size, mtime in ns and (files) SHA-256."""
+    snapshot = {}
+    for path in sorted([run_dir, *run_dir.rglob("*")]):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        snapshot[str(path.relative_to(run_dir))] = (path.stat().st_size, path.stat().st_mtime_ns, digest)
+    return snapshot
+
+
+@pytest.mark.parametrize("total_timesteps", [100, 80])
+def test_resuming_a_complete_run_leaves_its_directory_unchanged(complete_run, tmp_path, capsys, total_timesteps):
+    run_dir = shutil.copytree(complete_run, tmp_path / "run")
+    before = _snapshot(run_dir)
+    assert any(name.startswith("tb_1/events.") for name in before) and "final_replay_buffer.pkl" in before
     capsys.readouterr()
-    again = load_sb3_config(path, [*overrides, "total_timesteps=80"])
-    summary = SB3Run(again, tmp_path / "run", resume=True).train()
-    assert summary["num_timesteps"] == 100
+    again = load_sb3_config(CARTPOLE, _complete_run_overrides(tmp_path, total_timesteps))
+    summary = SB3Run(again, run_dir, resume=True).train()
+    assert summary["start_timesteps"] == summary["num_timesteps"] == 100 and summary["interrupted"] is None
     out = capsys.readouterr().out
-    assert "at step 100; the run is complete (total_timesteps=80): nothing to train; raise total_timesteps" in out
+    assert f"at step 100; the run is complete (total_timesteps={total_timesteps}): nothing to train; raise" in out
+    assert "(the run directory is left unchanged)" in out
+    assert _snapshot(run_dir) == before  # config.yaml keeps total_timesteps=100, no new model or events file
+
+
+def test_script_resume_of_a_complete_run_exits_0_and_changes_nothing(complete_run, tmp_path):
+    run_dir = shutil.copytree(complete_run, tmp_path / "run")
+    before = _snapshot(run_dir)
+    resumed = run_script("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "the run is complete (total_timesteps=100): nothing to train" in resumed.stdout
+    assert json.loads(resumed.stdout[resumed.stdout.rindex("\n{\n") :])["num_timesteps"] == 100
+    assert _snapshot(run_dir) == before
+
+
+def test_resuming_a_complete_run_with_a_larger_budget_trains_on(complete_run, tmp_path, capsys):
+    run_dir = shutil.copytree(complete_run, tmp_path / "run")
+    events_before = set(run_dir.glob("tb_1/events.*"))
+    longer = load_sb3_config(CARTPOLE, _complete_run_overrides(tmp_path, 150))
+    summary = SB3Run(longer, run_dir, resume=True).train()
+    assert summary["start_timesteps"] == 100 and summary["num_timesteps"] == 150
+    assert "nothing to train" not in capsys.readouterr().out
+    assert json.loads((run_dir / "final_steps.json").read_text())["num_timesteps"] == 150
+    assert DQN.load(run_dir / "final_model.zip").num_timesteps == 150
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["total_timesteps"] == 150
+    assert len(set(run_dir.glob("tb_1/events.*")) - events_before) == 1
+
+
+def test_a_run_stopped_at_its_budget_before_its_final_save_writes_it_on_resume(complete_run, tmp_path, capsys):
+    run_dir = shutil.copytree(complete_run, tmp_path / "run")
+    for name in ("final_model.zip", "final_steps.json", "final_replay_buffer.pkl"):
+        (run_dir / name).unlink()  # killed after the step-100 checkpoint, before the final save
+    again = load_sb3_config(CARTPOLE, _complete_run_overrides(tmp_path, 100))
+    summary = SB3Run(again, run_dir, resume=True).train()
+    assert summary["resumed_from"].endswith("model_100_steps.zip") and summary["num_timesteps"] == 100
+    out = capsys.readouterr().out
+    assert "the run is complete (total_timesteps=100): nothing to train" in out and "left unchanged" not in out
+    assert json.loads((run_dir / "final_steps.json").read_text())["num_timesteps"] == 100
+    assert DQN.load(run_dir / "final_model.zip").num_timesteps == 100
 
 
 def test_her_config_trains_checkpoints_its_her_buffer_and_resumes(tmp_path):

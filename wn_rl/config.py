@@ -385,14 +385,28 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
-    """A config's device value: ``"auto"`` is CUDA when available, else the CPU; an explicit device is
-    checked to exist, with an error naming the config ``key``."""
+    """A config's device value: ``"auto"`` is CUDA when available, else the CPU; an explicit ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps`` is checked to exist here, before any env or model is built, with an
+    error naming the config ``key`` (a missing ``cuda:N`` would otherwise fail deep in the run)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"{key}={name!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    except (RuntimeError, TypeError):
+        device = None  # torch's own message lists a dozen backends wn_rl never runs on
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{key}={name!r} is not a device: expected auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={name!r} but MPS (Apple GPU) is not available here; use {key}=auto or cpu")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"{key}={name!r} but no CUDA device is available here; use {key}=auto or cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        valid = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
+        raise ConfigError(
+            f"{key}={name!r} but this machine has {count} CUDA device(s), so the valid ones are {valid}; "
+            f"use {key}=cuda:0 or auto (CUDA_VISIBLE_DEVICES renumbers the GPUs it shows from cuda:0)"
+        )
     return device

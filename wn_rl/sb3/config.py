@@ -155,7 +155,7 @@ class SB3Config:
     run_name: str = ""
     "run directory name; default <env>__<algo>__<policy>__<seed>__<unix time>"
     device: str = "auto"
-    "torch device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; checked to exist when loaded"
+    "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; checked to exist when loaded"
     torch_threads: int = 0
     "torch.set_num_threads; 0 keeps torch's default (1 is often faster for small nets on a busy CPU)"
     progress_bar: bool = True

@@ -26,6 +26,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
+from wn_rl.analysis.runs import sb3_saved_models
 from wn_rl.checkpoint import atomic_write_bytes, name_write_errors, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
@@ -358,8 +359,71 @@ class SB3Run:
             )
         return callbacks
 
+    def _complete_at(self) -> int | None:
+        """The step count of the resumed run when its final save completed (``final_steps.json`` written after
+        ``final_model.zip``) at or past ``total_timesteps``, else ``None``. A run stopped at its budget before the
+        final save resumes from a checkpoint instead, and is loaded to write the final model it lacks."""
+        if self.resume_from is None or self.resume_from.name != "final_model.zip":
+            return None
+        steps = next((steps for steps, path in sb3_saved_models(self.run_dir) if path == self.resume_from), None)
+        return steps if steps is not None and steps >= self.config.total_timesteps else None
+
+    def _say_complete(self, steps: int, unchanged: bool) -> None:
+        note = " (the run directory is left unchanged)" if unchanged else ""
+        print(
+            f"resumed from {self.resume_from} at step {steps:,}; the run is complete (total_timesteps="
+            f"{self.config.total_timesteps:,}): nothing to train; raise total_timesteps to continue{note}",
+            flush=True,
+        )
+
+    def _learn(self, model: BaseAlgorithm, steps: int) -> float:
+        """``model.learn`` for ``steps`` more environment steps with the run's callbacks; the seconds it took."""
+        config = self.config
+        learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
+        started = time.perf_counter()
+        try:
+            model.learn(
+                steps,
+                callback=CallbackList(self._callbacks(model)),
+                tb_log_name=TB_LOG_NAME,
+                reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
+                progress_bar=config.progress_bar,
+                **learn_kwargs,
+            )
+        finally:
+            self.stop._on_training_end()  # restore the signal handlers when learn raised
+        seconds = time.perf_counter() - started
+        self.guard.check()  # never save a model after a non-finite step
+        return seconds
+
+    def _save_final(self, model: BaseAlgorithm) -> None:
+        """The replay buffer (if asked), ``final_model.zip``, then ``final_steps.json``, each atomically."""
+        buffer_sha256 = None  # recorded, so a resume can tell a buffer from an unfinished later save
+        if self.config.save_replay_buffer and isinstance(model, OffPolicyAlgorithm):
+            buffer_sha256 = save_replay_buffer_atomically(model, replay_buffer_path(self.run_dir / "final_model.zip"))
+        save_model_atomically(model, self.run_dir / "final_model.zip")
+        steps = {"num_timesteps": model.num_timesteps, "replay_buffer_sha256": buffer_sha256}
+        atomic_write_bytes(self.run_dir / "final_steps.json", json.dumps(steps).encode())
+
+    def _summary(self, start_steps: int, num_timesteps: int, seconds: float) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "start_timesteps": start_steps,
+            "num_timesteps": num_timesteps,
+            "seconds": round(seconds, 2),
+            "steps_per_second": round((num_timesteps - start_steps) / seconds, 1) if seconds else None,
+            "interrupted": self.stop.stop_signal,
+        }
+
     def train(self) -> dict[str, Any]:
-        """Train to ``total_timesteps`` (counting the resumed model's steps); returns a summary."""
+        """Train to ``total_timesteps`` (counting the resumed model's steps); returns a summary. Resuming a run
+        whose final model is complete at that budget reads nothing but the step count and writes nothing: no
+        model, config, provenance or TensorBoard file changes (a lower total_timesteps is not recorded)."""
+        complete_at = self._complete_at()
+        if complete_at is not None:
+            self._say_complete(complete_at, unchanged=True)
+            return self._summary(complete_at, complete_at, 0.0)
         config = self.config
         if config.torch_threads:
             th.set_num_threads(config.torch_threads)
@@ -371,42 +435,9 @@ class SB3Run:
             remove_temporaries(directory)  # left by a process killed while writing
         start_steps = model.num_timesteps
         remaining = config.total_timesteps - start_steps
-        if remaining > 0:
-            learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
-            started = time.perf_counter()
-            try:
-                model.learn(
-                    remaining,
-                    callback=CallbackList(self._callbacks(model)),
-                    tb_log_name=TB_LOG_NAME,
-                    reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
-                    progress_bar=config.progress_bar,
-                    **learn_kwargs,
-                )
-            finally:
-                self.stop._on_training_end()  # restore the signal handlers when learn raised
-            seconds = time.perf_counter() - started
-            self.guard.check()  # never save a model after a non-finite step
-        else:
-            seconds = 0.0
-            print(
-                f"resumed from {self.resume_from} at step {start_steps:,}; the run is complete (total_timesteps="
-                f"{config.total_timesteps:,}): nothing to train; raise total_timesteps to continue",
-                flush=True,
-            )
-        buffer_sha256 = None  # recorded, so a resume can tell a buffer from an unfinished later save (above)
-        if config.save_replay_buffer and isinstance(model, OffPolicyAlgorithm):
-            buffer_sha256 = save_replay_buffer_atomically(model, replay_buffer_path(self.run_dir / "final_model.zip"))
-        save_model_atomically(model, self.run_dir / "final_model.zip")
-        steps = {"num_timesteps": model.num_timesteps, "replay_buffer_sha256": buffer_sha256}
-        atomic_write_bytes(self.run_dir / "final_steps.json", json.dumps(steps).encode())
+        seconds = self._learn(model, remaining) if remaining > 0 else 0.0
+        if remaining <= 0:  # a checkpoint at the budget without the final save: written now
+            self._say_complete(start_steps, unchanged=False)
+        self._save_final(model)
         env.close()
-        return {
-            "run_dir": str(self.run_dir),
-            "resumed_from": str(self.resume_from) if self.resume_from else None,
-            "start_timesteps": start_steps,
-            "num_timesteps": model.num_timesteps,
-            "seconds": round(seconds, 2),
-            "steps_per_second": round((model.num_timesteps - start_steps) / seconds, 1) if seconds else None,
-            "interrupted": self.stop.stop_signal,
-        }
+        return self._summary(start_steps, model.num_timesteps, seconds)
