@@ -9,6 +9,7 @@ import pickle
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +26,13 @@ from wn_rl.sb3 import (
     WnSACPolicy,
     initialize_policy,
 )
+from wn_rl.sb3.config import load_sb3_config
 from wn_rl.sb3.init import policy_is_initialized
+from wn_rl.sb3.runner import SB3Run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
+ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES = 32  # the init batch: small, so the off-policy warm-up (learning_starts) stays short
 
 
@@ -189,3 +193,25 @@ def test_copies_pickle_and_decide_from_their_own_flags(tmp_path):
         with recorded() as found:
             clone.set_training_mode(True)
         assert found == [], type(clone).__name__
+
+
+@pytest.mark.parametrize("init_enabled", [True, False])
+def test_train_sb3_runs_do_not_warn(tmp_path, init_enabled):
+    """scripts/train_sb3.py adds the callback, or (init.enabled=false) trains from the fresh init on purpose."""
+    overrides = [
+        f"runs_dir={tmp_path}",
+        "progress_bar=false",
+        "total_timesteps=128",
+        f"init.enabled={str(init_enabled).lower()}",
+        f"init.n_samples={N_SAMPLES}",
+        f"hyperparameters.learning_starts={N_SAMPLES}",
+        "hyperparameters.train_freq=16",
+        "hyperparameters.gradient_steps=1",
+        "policy_kwargs.net_arch=[16]",
+        "eval.freq=1000",
+        "eval.episodes=1",
+    ]
+    config = load_sb3_config(ROOT / "configs" / "sb3" / "dqn_cartpole_wn.yaml", overrides)
+    with recorded() as found:
+        SB3Run(config, tmp_path / "run").train()
+    assert not found

@@ -38,6 +38,7 @@ from wn_rl.sb3.checkpoints import (
     save_model_atomically,
     save_replay_buffer_atomically,
 )
+from wn_rl.sb3.common import UninitializedPolicyWarning
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
 from wn_rl.sb3.envs import make_env
 from wn_rl.sb3.guard import NonFiniteGuardCallback
@@ -382,14 +383,17 @@ class SB3Run:
         learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
         started = time.perf_counter()
         try:
-            model.learn(
-                steps,
-                callback=CallbackList(self._callbacks(model)),
-                tb_log_name=TB_LOG_NAME,
-                reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
-                progress_bar=config.progress_bar,
-                **learn_kwargs,
-            )
+            with warnings.catch_warnings():
+                if not config.init.enabled:  # the fresh init on purpose: the policy's reminder has nothing to say
+                    warnings.filterwarnings("ignore", category=UninitializedPolicyWarning)
+                model.learn(
+                    steps,
+                    callback=CallbackList(self._callbacks(model)),
+                    tb_log_name=TB_LOG_NAME,
+                    reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
+                    progress_bar=config.progress_bar,
+                    **learn_kwargs,
+                )
         finally:
             self.stop._on_training_end()  # restore the signal handlers when learn raised
         seconds = time.perf_counter() - started
