@@ -66,7 +66,7 @@ case $part in
           python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; date -u; } \
             > "$out/hardware.txt" 2>&1
         python3 -m pytest -q -p no:cacheprovider tests/test_dqn_gpu.py \
-            tests/test_recurrent.py::test_cuda_stack_runs_cudnn_with_the_effective_weights 2>&1 | tee "$out/tests_gpu.txt"
+            tests/test_recurrent_stacks.py::test_cuda_stack_runs_cudnn_with_the_effective_weights 2>&1 | tee "$out/tests_gpu.txt"
         ;;
     atari)
         bench atari16 --games atari:breakout --num-envs 16 --batch-size 64 --update-mode eager compiled cudagraph \

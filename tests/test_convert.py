@@ -148,7 +148,7 @@ def test_single_layers_are_replaced_and_zero_rows_survive():
 
 
 def test_recurrent_stacks_are_converted_without_a_warning():
-    """nn.LSTM/GRU/RNN become wn_rl's time loops (tests/test_recurrent.py has their outputs); they were left
+    """nn.LSTM/GRU/RNN become wn_rl's time loops (tests/test_recurrent_stacks.py has their outputs); they were left
     plain with a warning."""
     model = nn.Sequential(nn.Linear(3, 3))
     model.add_module("rnn", nn.LSTM(3, 3))

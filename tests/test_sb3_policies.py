@@ -179,7 +179,7 @@ def test_recurrent_policy_computes_lstm_weights_once_per_sequence_and_trains_g_a
 
 @pytest.mark.parametrize("lstm_kwargs", [dict(bidirectional=True), dict(proj_size=4)])
 def test_recurrent_policy_refuses_lstm_kwargs_that_change_its_output_width(lstm_kwargs):
-    """wn_rl.WNLSTM runs both directions (tests/test_recurrent.py), but a policy acts forward in time and its
+    """wn_rl.WNLSTM runs both directions (tests/test_recurrent_stacks.py), but a policy acts forward in time and its
     heads take lstm_hidden_size features."""
     with pytest.raises(ValueError, match="neither bidirectional=True nor proj_size>0 in lstm_kwargs"):
         RecurrentPPO(

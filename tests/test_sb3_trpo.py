@@ -15,9 +15,9 @@ import pytest
 import stable_baselines3.common.policies as sb3_policies
 import torch
 from sb3_contrib import TRPO
+from sb3_contrib_helpers import DICT, IMAGE, RandomObservations, plain_layers  # tests/sb3_contrib_helpers.py
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution, kl_divergence
-from test_sb3_contrib_policies import DICT, IMAGE, RandomObservations, plain_layers  # a tiny image / Dict env
 from test_sb3_train import run_script  # scripts/train_sb3.py as a subprocess
 
 import wn_rl
@@ -70,7 +70,8 @@ def _float64_model(monkeypatch, distribution: str, parameterization: str, net_ar
 
 def _kl_gradient(policy: WnActorCriticPolicy, obs: torch.Tensor, old, params: list[torch.Tensor]) -> torch.Tensor:
     """d KL(pi_theta || pi_old) / d theta, flattened: a first derivative only (the reference trusts first
-    derivatives, which tests/test_layers.py checks against the materialised weight; second ones are in question)."""
+    derivatives, which tests/test_layers_math.py and tests/test_layers_fast_paths.py check against the
+    materialised weight; second ones are in question)."""
     kl = kl_divergence(policy.get_distribution(obs), old).mean()
     return torch.cat([grad.reshape(-1) for grad in torch.autograd.grad(kl, params)])
 

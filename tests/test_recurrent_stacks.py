@@ -1,14 +1,18 @@
-"""Weight-normalized recurrent layers: the GRU and Elman cells, and the drop-ins for nn.LSTM, nn.GRU and
-nn.RNN (wn_rl.recurrent) with what weight_norm / remove_weight_norm do to them."""
+"""The drop-ins for nn.LSTM, nn.GRU and nn.RNN (wn_rl.recurrent): what weight_norm / remove_weight_norm do to
+a torch stack, packed sequences, torch's init, dropout, input checks, pickling, ``cached``, ``torch.compile``,
+models that hold a stack, the Parameterization builders and cuDNN."""
 
 import copy
-import importlib
 import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from recurrent_helpers import F64  # tests/recurrent_helpers.py
+from recurrent_helpers import assert_same as _assert_same
+from recurrent_helpers import padded as _padded
+from recurrent_helpers import state as _state
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -19,21 +23,12 @@ from wn_rl import (
     WNRNN,
     WNGRUCell,
     WNLSTMCell,
-    WNRNNCell,
     WNRNNCellBase,
     cached,
     remove_weight_norm,
     weight_norm,
 )
 
-F64 = torch.float64
-CELLS = [
-    (nn.LSTMCell, WNLSTMCell, {}),
-    (nn.GRUCell, WNGRUCell, {}),
-    (nn.RNNCell, WNRNNCell, {"nonlinearity": "tanh"}),
-    (nn.RNNCell, WNRNNCell, {"nonlinearity": "relu"}),
-]
-CELL_IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 STACKS = [
     (nn.LSTM, WNLSTM, {}),
     (nn.LSTM, WNLSTM, {"proj_size": 3}),  # h = W_hr (o * tanh(c)): a third weight, (3, hidden)
@@ -43,99 +38,6 @@ STACKS = [
 STACK_IDS = ["lstm", "lstm_proj", "gru", "rnn_relu"]
 # (num_layers, bidirectional, batch_first, bias)
 SHAPES = [(1, False, False, True), (2, True, True, True), (3, False, True, False), (2, True, False, False)]
-
-
-def _state(plain_cls, shape, dtype=F64, proj_size=0):
-    """A random h (or an LSTM's (h, c)) of ``shape``; h has ``proj_size`` features where that is set."""
-    h = torch.randn((*shape[:-1], proj_size or shape[-1]), dtype=dtype)
-    return (h, torch.randn(shape, dtype=dtype)) if plain_cls in (nn.LSTM, nn.LSTMCell) else h
-
-
-def _parts(out):
-    """Every tensor of an RNN's or cell's output, flattened into one list."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for part in out for t in _parts(part.data if hasattr(part, "batch_sizes") else part)]
-
-
-def _assert_same(got, expected, **tolerance):
-    got, expected = _parts(got), _parts(expected)
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, **tolerance)
-
-
-@pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), CELLS, ids=CELL_IDS)
-@pytest.mark.parametrize("scale", ["linear", "exp"])
-def test_cell_starts_from_the_torch_init_and_computes_the_torch_cell(plain_cls, wn_cls, kwargs, scale):
-    torch.manual_seed(0)
-    cell = wn_cls(5, 7, **kwargs, scale=scale)
-    torch.manual_seed(0)
-    plain = plain_cls(5, 7, **kwargs)
-    torch.testing.assert_close(cell.weight_ih, plain.weight_ih)
-    torch.testing.assert_close(cell.weight_hh, plain.weight_hh)
-    g_ih, _ = cell.g_values
-    torch.testing.assert_close(g_ih, plain.weight_ih.norm(dim=1))
-    names = {"v_ih", "v_hh", "bias_ih", "bias_hh", *(f"{'g' if scale == 'linear' else 's'}_{p}" for p in ("ih", "hh"))}
-    assert set(dict(cell.named_parameters())) == names
-    x, hx = torch.randn(3, 5), _state(plain_cls, (3, 7), torch.float32)
-    _assert_same(cell(x, hx), plain(x, hx))
-    _assert_same(cell(x), plain(x))
-    _assert_same(cell(x[0]), plain(x[0]))  # unbatched
-    assert f"scale={scale!r}" in repr(cell)
-
-
-@pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), CELLS, ids=CELL_IDS)
-def test_cell_takes_an_unbatched_state_as_the_torch_cell_does(plain_cls, wn_cls, kwargs):
-    """An unbatched input with its state; an LSTM cell's (h, c) may be a list, as nn.LSTMCell takes it
-    (a list crashed with AttributeError: 'list' object has no attribute 'unsqueeze')."""
-    torch.manual_seed(0)
-    plain = plain_cls(5, 7, **kwargs)
-    cell = weight_norm(copy.deepcopy(plain))
-    x, hx = torch.randn(5), _state(plain_cls, (7,), torch.float32)
-    _assert_same(cell(x, hx), plain(x, hx))
-    if plain_cls is nn.LSTMCell:
-        _assert_same(cell(x, list(hx)), plain(x, list(hx)))
-        _assert_same(cell(x[None], list(h[None] for h in hx)), plain(x[None], list(h[None] for h in hx)))
-
-
-def test_rnn_cell_refuses_an_unknown_nonlinearity():
-    with pytest.raises(ValueError, match=r"nonlinearity='gelu'.*'tanh' or 'relu'"):
-        WNRNNCell(3, 4, nonlinearity="gelu")
-
-
-@pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), CELLS, ids=CELL_IDS)
-def test_cell_gradients_follow_equation_3_in_float64(plain_cls, wn_cls, kwargs):
-    """grad_g = grad_w . v / ||v|| and grad_v = g/||v|| (grad_w - grad_g v/||v||) per row (eq. 3)."""
-    torch.manual_seed(0)
-    cell = wn_cls(4, 3, **kwargs, dtype=F64)
-    with torch.no_grad():
-        cell.g_ih.uniform_(0.5, 2.0)
-        cell.g_hh.uniform_(0.5, 2.0)
-    x, hx = torch.randn(5, 4, dtype=F64), _state(plain_cls, (5, 3))
-    loss = sum((t**2).sum() for t in _parts(cell(x, hx)))
-    grads = torch.autograd.grad(loss, [cell.g_ih, cell.g_hh, cell.v_ih, cell.v_hh])
-
-    plain = plain_cls(4, 3, **kwargs, dtype=F64)
-    with torch.no_grad():
-        plain.weight_ih.copy_(cell.weight_ih)
-        plain.weight_hh.copy_(cell.weight_hh)
-        plain.bias_ih.copy_(cell.bias_ih)
-        plain.bias_hh.copy_(cell.bias_hh)
-    grad_w = torch.autograd.grad(sum((t**2).sum() for t in _parts(plain(x, hx))), [plain.weight_ih, plain.weight_hh])
-    for grad_g, grad_v, gw, v, g in zip(
-        grads[:2], grads[2:], grad_w, (cell.v_ih, cell.v_hh), cell.g_values, strict=True
-    ):
-        v, g = v.detach(), g.detach()
-        norm = v.norm(dim=1, keepdim=True)
-        expected_g = (gw * v).sum(1) / norm.squeeze(1)
-        torch.testing.assert_close(grad_g, expected_g)
-        torch.testing.assert_close(grad_v, g[:, None] / norm * (gw - expected_g[:, None] * v / norm))
-
-
-def _padded(batch_first, steps=6, batch=4, features=5):
-    shape = (batch, steps, features) if batch_first else (steps, batch, features)
-    return torch.randn(shape, dtype=F64)
 
 
 @pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), STACKS, ids=STACK_IDS)
@@ -300,100 +202,6 @@ def test_stack_inputs_are_checked_with_messages_that_say_what_fits():
     assert weight_norm(nn.LSTM(3, 4, 2, dropout=1.0)).dropout == 1.0  # torch takes it, so the conversion does
 
 
-@pytest.mark.parametrize("proj_size", [4, 5, -1, 2.0, True])
-@pytest.mark.parametrize("build", [WNLSTM, WNLSTMCell], ids=["stack", "cell"])
-def test_a_bad_proj_size_is_refused_before_anything_is_built(build, proj_size):
-    """As nn.LSTM refuses proj_size >= hidden_size or < 0 (ValueError), and before a weight is drawn."""
-    rng = torch.get_rng_state()
-    with pytest.raises(
-        ValueError, match=rf"proj_size={proj_size!r} must be an integer with 0 <= proj_size < hidden_size=4"
-    ):
-        build(3, 4, proj_size=proj_size)
-    assert torch.equal(torch.get_rng_state(), rng)
-    if proj_size in (4, 5, -1):
-        with pytest.raises(ValueError, match="proj_size"):
-            nn.LSTM(3, 4, proj_size=proj_size)
-
-
-def _unfused_weights(stack):
-    """Every effective weight of ``stack`` under nn.LSTM's names, built by hand from v and g (eq. 2):
-    w = g v / ||v|| per row, with g = exp(s) for exp scale; the biases as they are."""
-    weights = {}
-    for layer in range(stack.num_layers):
-        for reverse in range(stack.num_directions):
-            cell, suffix = stack.cell(layer, bool(reverse)), f"_l{layer}{'_reverse' if reverse else ''}"
-            for part in cell.parts:
-                v = getattr(cell, f"v_{part}")
-                g = getattr(cell, f"g_{part}") if cell.scale == "linear" else getattr(cell, f"s_{part}").exp()
-                weights[f"weight_{part}{suffix}"] = g[:, None] * v / v.norm(dim=1, keepdim=True)
-            if cell.bias_ih is not None:
-                weights.update({f"bias_{part}{suffix}": getattr(cell, f"bias_{part}") for part in ("ih", "hh")})
-    return weights
-
-
-@pytest.mark.parametrize("scale", ["linear", "exp"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_projected_stack_gradients_equal_the_unfused_formula_in_float64(scale, bias):
-    """Gradients of v and g (s) through the fused kernel, the projection's included, equal those of nn.LSTM
-    run on weights built by hand from v and g."""
-    torch.manual_seed(0)
-    stack = WNLSTM(5, 7, 2, bias=bias, bidirectional=True, proj_size=3, dtype=F64, scale=scale)
-    with torch.no_grad():
-        for cell in stack.cells:
-            for p in cell.scale_parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    plain = nn.LSTM(5, 7, 2, bias=bias, bidirectional=True, proj_size=3, dtype=F64)
-    x, hx = _padded(False), _state(nn.LSTM, (4, 4, 7), proj_size=3)
-
-    def loss(out):
-        return sum((t * torch.linspace(-1, 2, t.numel(), dtype=F64).view_as(t)).sum() for t in _parts(out))
-
-    params = dict(stack.named_parameters())
-    got = torch.autograd.grad(loss(stack(x, hx)), list(params.values()))
-    reference = torch.func.functional_call(plain, _unfused_weights(stack), (x, hx))
-    _assert_same(stack(x, hx), reference)
-    expected = torch.autograd.grad(loss(reference), list(params.values()))
-    for name, a, b in zip(params, got, expected, strict=True):
-        torch.testing.assert_close(a, b, msg=name)
-    assert {name.rsplit(".", 1)[1] for name in params} >= {"v_hr", f"{'g' if scale == 'linear' else 's'}_hr"}
-    assert all(a.abs().sum() > 0 for name, a in zip(params, got, strict=True) if "_hr" in name)
-
-
-def test_projected_stack_reads_like_nn_lstm_with_one_g_per_projected_unit():
-    torch.manual_seed(0)
-    stack = WNLSTM(3, 6, 2, bidirectional=True, proj_size=2)
-    with torch.no_grad():
-        stack.cell(1, True).g_hr.mul_(torch.tensor([0.5, 3.0]))
-    assert stack.proj_size == 2 and stack.cell(1).input_size == 4  # layer 1 reads both directions' projections
-    for layer, reverse in [(0, False), (0, True), (1, False), (1, True)]:
-        weight = getattr(stack, f"weight_hr_l{layer}{'_reverse' if reverse else ''}")
-        assert weight.shape == (2, 6)
-        torch.testing.assert_close(weight.norm(dim=1), stack.cell(layer, reverse).g_hr)
-    assert {"cells.0.v_hr", "cells.0.g_hr", "cells.3.v_hr", "cells.3.g_hr"} <= set(stack.state_dict())
-    assert "proj_size=2" in repr(stack) and "proj_size=2" in repr(stack.cells[0])
-    stack.flatten_parameters()
-    assert {"wn/cells.3.hr/g_mean", "wn/cells.0.ih/g_mean"} <= set(wn_rl.wn_stats(stack))
-    assert not hasattr(WNLSTM(3, 6), "weight_hr_l0") and WNLSTM(3, 6).proj_size == WNGRU(3, 6).proj_size == 0
-
-
-@pytest.mark.parametrize("scale", ["linear", "exp"])
-def test_a_projected_cell_is_one_step_of_nn_lstm_and_folds_only_in_a_stack(scale):
-    """torch has no projected LSTM cell: WNLSTMCell(proj_size=P) is one layer and step of nn.LSTM(proj_size=P),
-    so remove_weight_norm leaves it (named) on its own."""
-    torch.manual_seed(0)
-    plain = nn.LSTM(5, 7, proj_size=3, dtype=F64)
-    cell = weight_norm(copy.deepcopy(plain), scale=scale).cells[0]
-    x, (h, c) = torch.randn(4, 5, dtype=F64), _state(nn.LSTMCell, (4, 7), proj_size=3)
-    _, expected = plain(x[None], (h[None], c[None]))
-    _assert_same(cell(x, (h, c)), [s[0] for s in expected])
-    _assert_same(cell(x[0], [h[0], c[0]]), [s[0, 0] for s in expected])  # unbatched, (h, c) as a list
-    _assert_same(cell(x), [s[0] for s in plain(x[None])[1]])  # zero state: h of 3 features, c of 7
-    model = nn.ModuleDict({"cell": cell, "lstm": WNLSTM(3, 4, proj_size=2)})
-    with pytest.warns(UserWarning, match=r"\['cell \(WNLSTMCell\)'\] unchanged: they are LSTM cells with proj_size"):
-        remove_weight_norm(model)
-    assert model["cell"] is cell and type(model["lstm"]) is nn.LSTM and model["lstm"].proj_size == 2
-
-
 def test_folding_leaves_a_subclassed_stack_whole_with_its_cells():
     class Peephole(WNLSTM):  # a user's variant whose forward relies on its WN cells
         pass
@@ -437,61 +245,6 @@ def test_stack_pickle_deepcopy_and_state_dict_round_trip(scale, proj_size):
     fresh = WNLSTM(3, 4, 2, bidirectional=True, scale=scale, proj_size=proj_size)
     fresh.load_state_dict(stack.state_dict())
     _assert_same(fresh(x), expected, rtol=0, atol=0)
-
-
-def test_cells_pickled_when_they_lived_in_wn_rl_layers_still_load(monkeypatch):
-    """The cells moved from wn_rl.layers to wn_rl.recurrent; pickle looks a class up by the module path it
-    was saved with, and wn_rl.layers still answers for them."""
-    torch.manual_seed(0)
-    cell = WNGRUCell(3, 4)
-    monkeypatch.setattr(WNGRUCell, "__module__", "wn_rl.layers")  # what an old pickle names
-    data = pickle.dumps(cell)
-    monkeypatch.undo()
-    assert b"wn_rl.layers" in data and b"wn_rl.recurrent" not in data
-    old = pickle.loads(data)
-    assert type(old) is WNGRUCell
-    x = torch.randn(2, 3)
-    torch.testing.assert_close(old(x), cell(x))
-    assert wn_rl.layers.WNLSTMCell is WNLSTMCell  # and imports of the old path
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "WNGRUCell",
-        "WNLSTMCell",
-        "WNRNNCell",
-        "WNRNNCellBase",
-        "_CELL_TENSORS",
-        "_check_proj_size",
-        "_layer_weights",
-        "_map_state",
-    ],
-)
-def test_names_moved_to_wn_rl_recurrent_cells_still_resolve_from_wn_rl_recurrent(name):
-    moved = getattr(importlib.import_module("wn_rl.recurrent_cells"), name)
-    assert getattr(importlib.import_module("wn_rl.recurrent"), name) is moved
-
-
-@pytest.mark.parametrize("old_module", ["wn_rl.layers", "wn_rl.recurrent"])
-@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
-@pytest.mark.parametrize(("plain_cls", "wn_cls", "kwargs"), CELLS, ids=CELL_IDS)
-def test_cells_pickled_under_their_old_module_paths_still_load(
-    monkeypatch, old_module, protocol, plain_cls, wn_cls, kwargs
-):
-    """The cells lived in wn_rl.layers, then in wn_rl.recurrent, now in wn_rl.recurrent_cells; pickles made
-    under either old path (protocol 2: ``module\\nname`` text, protocol 4: two short strings) load."""
-    torch.manual_seed(0)
-    cell = wn_cls(3, 4, **kwargs)
-    monkeypatch.setattr(wn_cls, "__module__", old_module)  # what an old pickle names
-    data = pickle.dumps(cell, protocol=protocol)
-    monkeypatch.undo()
-    assert old_module.encode() in data and b"wn_rl.recurrent_cells" not in data
-    old = pickle.loads(data)
-    assert type(old) is wn_cls
-    assert all(torch.equal(old.state_dict()[k], v) for k, v in cell.state_dict().items())
-    x, hx = torch.randn(2, 3), _state(plain_cls, (2, 4), dtype=torch.float32)
-    _assert_same(old(x, hx), cell(x, hx), rtol=0, atol=0)
 
 
 def test_wn_lstm_pickled_before_bidirectional_existed_still_runs():
