@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from wn_rl.conv import (
     _CONV_HYPERPARAMETERS,
@@ -120,6 +122,9 @@ def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
         layer.bias.copy_(plain.bias)
     _copy_requires_grad(layer, plain, {"v": ("weight",), _scale_name(scale): ("weight",), "bias": ("bias",)})
     _copy_flag(plain, layer)
+    # folding back gives the flag only to layers that had one or were initialised since, so that an
+    # uninitialised round trip keeps the plain model's state_dict keys
+    layer._plain_had_flag = "initialized" in plain._buffers
     layer.init_scale = float(getattr(plain, "init_scale", init_scale))
     return layer
 
@@ -205,6 +210,27 @@ def _check_convertible(module: nn.Module) -> None:
         )
 
 
+# The hooks a user registers on a layer (register_forward_hook and the like), carried to its replacement. The
+# dicts themselves move, so the handles that registered them still remove them. State-dict hooks stay behind:
+# they are written for the old parameter names.
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def _carry_hooks(source: nn.Module, target: nn.Module) -> None:
+    for name in _HOOK_DICTS:
+        if name in source.__dict__:
+            target.__dict__[name] = source.__dict__[name]
+
+
 def _replace_leaves(
     module: nn.Module, replace: Callable[[nn.Module], nn.Module | None], done: dict[int, nn.Module]
 ) -> nn.Module:
@@ -215,6 +241,8 @@ def _replace_leaves(
         return done[id(module)]
     replacement = replace(module)
     if replacement is not None:
+        if replacement is not module:
+            _carry_hooks(module, replacement)
         done[id(module)] = replacement.train(module.training)
         return replacement
     done[id(module)] = module
@@ -236,7 +264,9 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     An ``nn.LSTM`` with ``proj_size`` becomes a :class:`wn_rl.WNLSTM` whose projection ``weight_hr`` is
     weight-normalized too (one g per projected unit). Layers that are already weight-normalized are left
     alone. Left plain, each named in a warning: subclasses of the layers above (``nn.MultiheadAttention``'s
-    ``out_proj``, users' own), layers with torch parametrizations and other convolutions. An uninitialised
+    ``out_proj``, users' own), layers with torch parametrizations or the deprecated torch weight/spectral norm
+    hooks, layers whose weight is tied to another module's, and other convolutions. A layer's forward and
+    backward hooks move to its replacement. Build the optimizer after converting. An uninitialised
     lazy layer that would be converted (``nn.LazyLinear`` before its first forward pass) is a ``ValueError``,
     with the model unchanged.
 
@@ -247,33 +277,72 @@ def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "lin
     init_scale = _check_init_scale(init_scale)
     _check_convertible(module)
     skipped = _left_plain(module)
-    module = _replace_leaves(module, lambda leaf: _convert_leaf(leaf, init_scale, scale), {})
-    for reason, names in skipped.items():
-        if names:
-            warnings.warn(f"weight_norm left {names} unchanged: {reason}", stacklevel=2)
+    kept = {id(m) for found in skipped.values() for _, m in found}
+    convert = lambda leaf: leaf if id(leaf) in kept else _convert_leaf(leaf, init_scale, scale)  # noqa: E731
+    module = _replace_leaves(module, convert, {})
+    _warn_left("weight_norm", skipped)
     return module
 
 
-def _left_plain(module: nn.Module) -> dict[str, list[str]]:
+def _warn_left(caller: str, left: dict[str, list[tuple[str, nn.Module]]]) -> None:
+    for reason, found in left.items():
+        if found:
+            warnings.warn(f"{caller} left {[_label(n, m) for n, m in found]} unchanged: {reason}", stacklevel=3)
+
+
+def _tied(module: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The ``candidates`` that share a parameter with a module outside themselves (``head.weight =
+    embedding.weight``): replacing one would untie it, and training would then move the copies apart. A layer
+    reached twice (one module in two places) shares nothing and is not listed."""
+    owners: dict[int, set[int]] = {}
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    tied = []
+    for name, candidate in candidates:
+        inside = {id(m) for m in candidate.modules()}
+        if any(owners.get(id(p), set()) - inside for p in candidate.parameters()):
+            tied.append((name, candidate))
+    return tied
+
+
+def _old_style_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` carries a hook of ``torch.nn.utils.weight_norm`` or ``torch.nn.utils.spectral_norm``
+    (the deprecated APIs, which recompute ``.weight`` before each forward)."""
+    return any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in module._forward_pre_hooks.values())
+
+
+def _left_plain(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The layers with weights that ``weight_norm`` leaves as they are, by the reason it gives."""
-    parametrized, subclasses, other_convs = [], [], []
+    parametrized, hooked, subclasses, other_convs, candidates = [], [], [], [], []
     for name, m in module.named_modules():
         if isinstance(m, _CONVERTIBLE) and parametrize.is_parametrized(m):
-            parametrized.append(_label(name, m))
+            parametrized.append((name, m))
+        elif isinstance(m, _CONVERTIBLE) and _old_style_hooks(m):
+            hooked.append((name, m))
         elif isinstance(m, _CONVERTIBLE) and type(m) not in _CONVERTIBLE:
-            subclasses.append(_label(name, m))
+            subclasses.append((name, m))
         elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, (*_TO_WN, WNLayer)):
-            other_convs.append(_label(name, m))
+            other_convs.append((name, m))
+        elif type(m) in _CONVERTIBLE:
+            candidates.append((name, m))
     return {
         "they carry torch parametrizations (such as torch.nn.utils.parametrizations.weight_norm); to use wn_rl's "
         "weight norm instead, remove them first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
         "'weight')) and convert again.": parametrized,
+        "they carry a hook of the deprecated torch.nn.utils.weight_norm or torch.nn.utils.spectral_norm, which "
+        "converting would drop (a spectral norm silently); remove it first (torch.nn.utils.remove_weight_norm(layer) "
+        "or torch.nn.utils.remove_spectral_norm(layer)) and convert again.": hooked,
         "they subclass a convertible layer, and a subclass (or the module that owns it, as nn.MultiheadAttention "
         "owns its out_proj) may use .weight in its own way. Replace them with wn_rl layers where that is safe.": (
             subclasses
         ),
         "they are convolutions of a kind wn_rl has no weight-normalized equivalent for (it has Conv1d/2d/3d and "
         "ConvTranspose1d/2d/3d).": other_convs,
+        "they share a parameter with another module (tied weights, such as head.weight = embedding.weight); a "
+        "converted layer would get its own copy and training would untie them. Tie the WN layers' v and g "
+        "yourself, or untie the weights first.": _tied(module, candidates),
     }
 
 
@@ -288,12 +357,13 @@ def _fold_layer(layer: WNLayer) -> nn.Module:
         nn.Module.__init__(plain)
         for name in _CONV_HYPERPARAMETERS:
             setattr(plain, name, getattr(layer, name))
-        plain.register_parameter("bias", None)
-    plain.weight = nn.Parameter(w.clone())
-    plain.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+    plain.weight = nn.Parameter(w.clone())  # before the bias: the order of torch's own layers' parameters
+    plain.register_parameter("bias", None if layer.bias is None else nn.Parameter(layer.bias.detach().clone()))
     plain.init_scale = layer.init_scale
     _copy_requires_grad(plain, layer, {"weight": ("v", "g" if layer.scale == "linear" else "s"), "bias": ("bias",)})
-    _copy_flag(layer, plain)
+    flag = layer.initialized
+    if getattr(layer, "_plain_had_flag", True) or (not flag.is_meta and bool(flag)):
+        _copy_flag(layer, plain)
     return plain
 
 
@@ -341,22 +411,28 @@ def _fold_leaf(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _kept_by_folding(module: nn.Module) -> dict[str, list[str]]:
+def _kept_by_folding(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The WN layers ``remove_weight_norm`` leaves as they are, by the reason it gives (a stack's cells go with
     their stack)."""
     in_stacks = {id(cell) for m in module.modules() if isinstance(m, WNRNNBase) for cell in m.cells}
-    subclasses, projected = [], []
+    subclasses, projected, candidates = [], [], []
     for name, m in module.named_modules():
         if isinstance(m, (WNLayer, WNRNNCellBase, WNRNNBase)) and type(m) not in _FOLDABLE:
-            subclasses.append(_label(name, m))
+            subclasses.append((name, m))
         elif isinstance(m, WNRNNCellBase) and getattr(m, "proj_size", 0) and id(m) not in in_stacks:
-            projected.append(_label(name, m))
+            projected.append((name, m))
+        elif type(m) in _FOLDABLE and id(m) not in in_stacks:
+            candidates.append((name, m))
     return {
         "they subclass a wn_rl layer, and a plain torch layer would drop what the subclass adds. Fold them "
         "yourself (the weight is a layer's compute_weight(), a cell's compute_weights(); a stack's cells are in "
         ".cells).": subclasses,
         "they are LSTM cells with proj_size, which torch has no cell for (in a WNLSTM they fold into nn.LSTM with "
         "proj_size). Their effective weights are compute_weights().": projected,
+        "they share a parameter (v, g or bias) with another module; each folded layer would get its own weight "
+        "and training would untie them. Fold them yourself (the weight is compute_weight()).": _tied(
+            module, candidates
+        ),
     }
 
 
@@ -364,12 +440,13 @@ def remove_weight_norm(module: nn.Module) -> nn.Module:
     """Fold every WN layer of ``module`` back into the plain torch layer with the same outputs
     (w = g v / ||v|| becomes ``.weight``; a :class:`wn_rl.WNLSTM` with ``proj_size`` becomes
     ``nn.LSTM(proj_size=...)``). Returns ``module`` (modified in place) or, if ``module`` itself is a WN
-    layer, its plain replacement. The ``initialized`` flag is kept. Left as they are, named in a warning:
-    subclasses of the WN layers (whose forward may differ from the plain layer's) and a
-    :class:`wn_rl.WNLSTMCell` with ``proj_size`` outside a stack."""
+    layer, its plain replacement. The ``initialized`` flag is kept, except on a layer converted from one
+    without it and never initialised (so a round trip gives back the original ``state_dict`` keys). Left as
+    they are, named in a warning: subclasses of the WN layers (whose forward may differ from the plain
+    layer's), a :class:`wn_rl.WNLSTMCell` with ``proj_size`` outside a stack and layers sharing a parameter
+    with another module."""
     kept = _kept_by_folding(module)
-    module = _replace_leaves(module, _fold_leaf, {})
-    for reason, names in kept.items():
-        if names:
-            warnings.warn(f"remove_weight_norm left {names} unchanged: {reason}", stacklevel=2)
+    ids = {id(m) for found in kept.values() for _, m in found}
+    module = _replace_leaves(module, lambda leaf: leaf if id(leaf) in ids else _fold_leaf(leaf), {})
+    _warn_left("remove_weight_norm", kept)
     return module

@@ -20,6 +20,7 @@ passes that normalised output on, so deeper layers initialise on already-initial
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -258,6 +259,30 @@ def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any]
         model(batch)
 
 
+def _check_call(model: nn.Module, batch: Any) -> None:
+    """Refuse, before anything runs, a batch the model's forward cannot take as :func:`_call` passes it (a dict
+    as keyword arguments, a tuple or list as positional ones, anything else as the one argument)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to check
+        return
+    if isinstance(batch, dict):
+        how, bind = "model(**batch), its keys as keyword arguments", lambda: signature.bind(**batch)
+    elif isinstance(batch, (tuple, list)):
+        how, bind = f"model(*batch), its {len(batch)} items as positional arguments", lambda: signature.bind(*batch)
+    else:
+        how, bind = "model(batch), as the one argument", lambda: signature.bind(batch)
+    try:
+        bind()
+    except TypeError as error:
+        raise TypeError(
+            f"data_dependent_init passes a {type(batch).__name__} batch as {how}, but "
+            f"{type(model).__name__}.forward{signature} does not take it ({error}). For a forward that takes the "
+            "dict or tuple itself (a Dict observation), pass (batch,); for any other call, pass "
+            "forward=lambda model, batch: model(...)."
+        ) from None
+
+
 def _batch_size(batch: Any) -> int | None:
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.dim() else 0
@@ -297,7 +322,9 @@ def data_dependent_init(
         An :class:`InitReport` with per-layer statistics, dead units and layers the pass never reached.
 
     The model runs in eval mode during the pass (no dropout or noise; batch norms see the statistics
-    this pass sets) and its training mode is restored afterwards.
+    this pass sets) and every module's training mode is restored afterwards. A dict batch whose keys the
+    forward does not take, or a batch on another device or of another dtype than the model's parameters,
+    is an error that says so, with the model unchanged.
     """
     size = _batch_size(batch)
     if size is not None and size < 2:
@@ -305,6 +332,8 @@ def data_dependent_init(
             f"data-dependent init needs a batch of at least 2 examples to estimate per-unit mean and std, "
             f"got {size}; pass a few hundred real inputs (the paper used a minibatch)."
         )
+    if forward is None:
+        _check_call(model, batch)
     layers = initializable_layers(model)
     if not layers:
         raise ValueError(
@@ -326,24 +355,63 @@ def data_dependent_init(
     handles += [m.register_forward_pre_hook(init_pass.norm_pre_hook) for m in norms.values()]
     affine = [m for m in model.modules() if isinstance(m, _AFFINE_NORM_TYPES)]
     handles += [m.register_forward_hook(init_pass.affine_norm_hook) for m in affine]
-    was_training = model.training
+    _run_pass(model, batch, forward, handles)
+    not_reached = [n for n, m in targets.items() if id(m) not in init_pass.done]
+    if not_reached:
+        warnings.warn(f"data-dependent init never reached these layers (left unchanged): {not_reached}", stacklevel=2)
+    return InitReport(layers=init_pass.records, not_reached=not_reached)
+
+
+def _run_pass(model: nn.Module, batch: Any, forward: Callable | None, handles: list[Any]) -> None:
+    """The init's forward pass in eval mode, without gradients; every module's own mode is restored after it
+    (a submodule the user keeps in eval mode, such as a frozen batch norm, stays so) and the hooks removed. A
+    failing pass leaves the model as it was."""
+    modes = [(m, m.training) for m in model.modules()]
     before = {k: t.detach().clone() if isinstance(t, Tensor) else t for k, t in model.state_dict().items()}
     model.eval()
     try:
         with torch.no_grad():
             _call(model, batch, forward)
         _check_finite(model)
-    except BaseException:
+    except BaseException as error:
         model.load_state_dict(before)  # in place (optimizers keep their references): no half-initialised model
+        mismatch = _batch_mismatch(model, batch) if isinstance(error, RuntimeError) else None
+        if mismatch:
+            raise RuntimeError(
+                f"data-dependent init's forward pass failed: {error}\n{mismatch}. The model is unchanged; pass the "
+                "batch as the model takes it in training (batch.to(device, dtype); Atari frames as the model expects "
+                "them: uint8 if it converts them itself, else batch.float() / 255)."
+            ) from error
         raise
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-    not_reached = [n for n, m in targets.items() if id(m) not in init_pass.done]
-    if not_reached:
-        warnings.warn(f"data-dependent init never reached these layers (left unchanged): {not_reached}", stacklevel=2)
-    return InitReport(layers=init_pass.records, not_reached=not_reached)
+        for module, training in modes:
+            module.training = training
+
+
+def _batch_tensors(batch: Any) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        return [t for item in batch for t in _batch_tensors(item)]
+    return []
+
+
+def _batch_mismatch(model: nn.Module, batch: Any) -> str | None:
+    """Where the batch's tensors sit on another device than the model's parameters, or hold another dtype
+    (integers included), a sentence saying so; None where they match (the failure has another cause)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    devices = {str(p.device) for p in params}
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in params}
+    found = {(str(t.device), str(t.dtype).removeprefix("torch.")) for t in _batch_tensors(batch)}
+    if not params or all(device in devices and dtype in dtypes for device, dtype in found):
+        return None
+    batch_text = ", ".join(f"{dtype} on {device}" for device, dtype in sorted(found))
+    model_text = f"{', '.join(sorted(dtypes))} on {', '.join(sorted(devices))}"
+    return f"the batch holds {batch_text}; the model's parameters are {model_text}"
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -1,5 +1,5 @@
 """Weight-normalized layers (Salimans & Kingma 2016, section 2): the shared machinery (:class:`WNLayer`, the
-reparameterization's helpers, :func:`cached`) and :class:`WNLinear`.
+reparameterization's helpers) and :class:`WNLinear`; :func:`cached` is in :mod:`wn_rl.caching`.
 
 Every WN layer replaces one weight tensor ``w`` by the reparameterization (eq. 2)
 
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from wn_rl.caching import _CachedWeights, _reuse, cached
 
 __all__ = [
     "SCALES",
@@ -202,12 +204,6 @@ def _scale_outputs(input: Tensor, v: Tensor) -> bool:
     )
 
 
-def _lacks_graph(cached: Tensor, *params: Tensor) -> bool:
-    """Whether a weight cached by :func:`cached` was computed without autograd history (under
-    ``no_grad``, e.g. while acting) although gradients should now reach ``params``: it is recomputed."""
-    return torch.is_grad_enabled() and not cached.requires_grad and any(p.requires_grad for p in params)
-
-
 def _needs_input_grad(ctx: Any) -> tuple[bool, bool, bool, bool]:
     """``ctx.needs_input_grad`` of :class:`_WNLinearFn` (x, v, g, bias), but all True (bias's where there
     is one) while ``torch.compile`` traces. There Dynamo answered False for v, g and bias when
@@ -276,13 +272,6 @@ class _WNLinearFn(torch.autograd.Function):
         if needs_input_grad[3] and grad_y is not None:
             grad_bias = grad_y.reshape(-1, out_features).sum(0)
         return grad_x, grad_v, grad_g, grad_bias
-
-
-class _CachedWeights(nn.Module):
-    """A module whose effective weights :func:`cached` can keep for a whole block: the WN layers and the WN
-    recurrent cells (:mod:`wn_rl.recurrent_cells`). Its ``_cache_depth`` counts the open blocks around it."""
-
-    _cache_depth = 0
 
 
 class WNLayer(_CachedWeights):
@@ -356,9 +345,7 @@ class WNLayer(_CachedWeights):
     def weight(self) -> Tensor:
         """The effective weight; inside :func:`cached` it is computed once and reused."""
         if self._cache_depth:
-            if self._cached_weight is None or _lacks_graph(self._cached_weight, self.v, self._scale_parameter):
-                self._cached_weight = self.compute_weight()
-            return self._cached_weight
+            return _reuse(self, "_cached_weight", ((self.v, self._scale_parameter),), self.compute_weight)
         return self.compute_weight()
 
     @torch.no_grad()
@@ -413,43 +400,19 @@ class WNLinear(WNLayer):
             return _WNLinearFn.apply(input, self.v, self.g_value, self.bias)[0]
         if torch.is_grad_enabled():  # a time loop with gradients: one shared w, as `cached` promises
             return F.linear(input, self.weight, self.bias)
-        if self._cached_scale is None:  # acting: keep only g / ||v|| and never materialise w
-            self._cached_scale = self.g_value / self.v_norm().to(self.v.dtype)
+        # acting: keep only g / ||v|| and never materialise w
+        scale = _reuse(self, "_cached_scale", ((self.v, self._scale_parameter),), self._output_scale)
         z = input.matmul(self.v.t())
-        return z * self._cached_scale if self.bias is None else torch.addcmul(self.bias, z, self._cached_scale)
+        return z * scale if self.bias is None else torch.addcmul(self.bias, z, scale)
+
+    def _output_scale(self) -> Tensor:
+        return self.g_value / self.v_norm().to(self.v.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, scale={self.scale!r}, init_scale={self.init_scale}"
         )
-
-
-def _cacheable(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _CachedWeights)]
-
-
-def _clear_cache(module: nn.Module) -> None:
-    module._cached_weight = None
-    module._cached_weights = None
-    module._cached_scale = None
-
-
-@contextlib.contextmanager
-def cached(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside this context every WN layer of ``model`` computes its effective weight once and reuses
-    it (like ``torch.nn.utils.parametrize.cached``), for time loops such as DRAW or a recurrent
-    policy's rollout. Gradients still flow to g and v through the one shared weight. Nestable."""
-    modules = _cacheable(model)
-    for module in modules:
-        module._cache_depth += 1
-    try:
-        yield model
-    finally:
-        for module in modules:
-            module._cache_depth -= 1
-            if module._cache_depth == 0:
-                _clear_cache(module)
 
 
 # Names that moved out of this module, by their new home. Pickle looks a class up by the module path it was

@@ -13,13 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wn_rl.caching import _CachedWeights, _reuse
 from wn_rl.layers import (
-    _CachedWeights,
     _check_scale,
     _direction_and_norm,
     _fp32_weight_norm,
     _g_from_parameter,
-    _lacks_graph,
     _parameter_from_g,
     _scale_name,
 )
@@ -124,12 +123,8 @@ class WNRNNCellBase(_CachedWeights):
 
     def _weights(self) -> tuple[Tensor, ...]:
         if self._cache_depth:
-            if self._cached_weights is None or any(
-                _lacks_graph(w, v, scale)
-                for w, v, scale in zip(self._cached_weights, self._directions(), self.scale_parameters(), strict=True)
-            ):
-                self._cached_weights = self.compute_weights()
-            return self._cached_weights
+            params = tuple(zip(self._directions(), self.scale_parameters(), strict=True))
+            return _reuse(self, "_cached_weights", params, self.compute_weights)
         return self.compute_weights()
 
     @property
