@@ -14,6 +14,7 @@ from wn_rl.conv import (
     WNConvTranspose3d,
 )
 from wn_rl.convert import remove_weight_norm, weight_norm
+from wn_rl.dormant import dormant_units
 from wn_rl.init import InitReport, LayerInit, add_init_flags, data_dependent_init, is_initialized
 from wn_rl.layers import WNLayer, WNLinear, cached, exact_second_derivatives
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
@@ -49,6 +50,7 @@ __all__ = [
     "add_init_flags",
     "cached",
     "data_dependent_init",
+    "dormant_units",
     "exact_second_derivatives",
     "is_initialized",
     "mlp",

@@ -248,7 +248,9 @@ class _InitPass:
         return (output - _unit_view(mean, output, channel_dim)) * _unit_view(factor, output, channel_dim)
 
 
-def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None) -> None:
+def call_with_batch(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None) -> None:
+    """``forward(model, batch)``, else ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list,
+    ``model(batch)`` otherwise: how :func:`data_dependent_init` and :func:`wn_rl.dormant_units` pass a batch."""
     if forward is not None:
         forward(model, batch)
     elif isinstance(batch, dict):
@@ -260,8 +262,8 @@ def _call(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any]
 
 
 def _check_call(model: nn.Module, batch: Any) -> None:
-    """Refuse, before anything runs, a batch the model's forward cannot take as :func:`_call` passes it (a dict
-    as keyword arguments, a tuple or list as positional ones, anything else as the one argument)."""
+    """Refuse, before anything runs, a batch the model's forward cannot take as :func:`call_with_batch` passes it
+    (a dict as keyword arguments, a tuple or list as positional ones, anything else as the one argument)."""
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):  # a builtin or C forward: nothing to check
@@ -283,14 +285,15 @@ def _check_call(model: nn.Module, batch: Any) -> None:
         ) from None
 
 
-def _batch_size(batch: Any) -> int | None:
+def batch_size(batch: Any) -> int | None:
+    """The leading size of the first tensor in ``batch`` (a tensor, or a dict, tuple or list holding some)."""
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.dim() else 0
     if isinstance(batch, dict):
         batch = list(batch.values())
     if isinstance(batch, (tuple, list)):
         for item in batch:
-            size = _batch_size(item)
+            size = batch_size(item)
             if size is not None:
                 return size
     return None
@@ -326,7 +329,7 @@ def data_dependent_init(
     forward does not take, or a batch on another device or of another dtype than the model's parameters,
     is an error that says so, with the model unchanged.
     """
-    size = _batch_size(batch)
+    size = batch_size(batch)
     if size is not None and size < 2:
         raise ValueError(
             f"data-dependent init needs a batch of at least 2 examples to estimate per-unit mean and std, "
@@ -371,7 +374,7 @@ def _run_pass(model: nn.Module, batch: Any, forward: Callable | None, handles: l
     model.eval()
     try:
         with torch.no_grad():
-            _call(model, batch, forward)
+            call_with_batch(model, batch, forward)
         _check_finite(model)
     except BaseException as error:
         model.load_state_dict(before)  # in place (optimizers keep their references): no half-initialised model

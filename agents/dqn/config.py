@@ -168,7 +168,7 @@ class RunConfig:
     log_every_agent_steps: int = 10_000
     "TensorBoard scalars every this many agent steps."
     wn_stats_every_agent_steps: int = 50_000
-    "WN statistics (g, ||v||, g/||v||) every this many agent steps."
+    "WN statistics (g, ||v||, g/||v||) and dormant-unit fractions every this many agent steps."
     checkpoint_every_agent_steps: int = 1_000_000
     "checkpoint every this many agent steps (0: only at the end)."
     keep_checkpoints: int = 2

@@ -1,6 +1,7 @@
 """What a DQN run writes to TensorBoard: the hyperparameter table at the start, the training scalars
-(``train/*``, ``perf/*``) every ``run.log_every_agent_steps`` and the evaluation scalars (``eval/*``) every
-epoch. The loop (:mod:`agents.dqn.runner`) decides when; these functions only write."""
+(``train/*``, ``perf/*``) every ``run.log_every_agent_steps``, the dormant units (``dormant/*``) beside the WN
+statistics every ``run.wn_stats_every_agent_steps`` and the evaluation scalars (``eval/*``) every epoch. The
+loop (:mod:`agents.dqn.runner`) decides when; these functions only write."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from torch.utils.tensorboard import SummaryWriter
 from agents.dqn.config import DQNConfig, config_dict
 from agents.dqn.envs import EnvSpec
 from agents.dqn.evaluation import best_epoch_mean
+from agents.dqn.replay import ReplayMemory
 from wn_rl.config import flatten_config
+from wn_rl.dormant import dormant_scalars
 
-__all__ = ["log_evaluation", "log_hyperparameters", "log_train"]
+__all__ = ["DORMANT_STATES", "log_dormant", "log_evaluation", "log_hyperparameters", "log_train"]
+
+DORMANT_STATES = 256  # replay states per dormant-unit measurement
 
 
 def log_hyperparameters(writer: SummaryWriter, config: DQNConfig, spec: EnvSpec, device: torch.device) -> None:
@@ -56,3 +61,16 @@ def log_evaluation(writer: SummaryWriter, result: dict[str, Any], history: list[
     for key in ("return_mean", "return_std", "return_max", "length_mean"):
         writer.add_scalar(f"eval/{key}", result[key], step)
     writer.add_scalar("eval/best_epoch_mean", best_epoch_mean(history), step)
+
+
+def log_dormant(writer: SummaryWriter, q_network: torch.nn.Module, replay: ReplayMemory, step: int) -> None:
+    """The share of the Q-network's activation units never active (``dormant/<layer>/fraction``, and
+    ``dormant/total_fraction`` over all of them; Sokar et al. 2023, tau = 0) on up to :data:`DORMANT_STATES`
+    states spread over the replay memory; nothing while it holds fewer than two. One eager forward of the online
+    network in eval mode, outside any compiled graph: it draws no random number and changes no state, so a run
+    is the same with it or without it."""
+    if int(replay.valid_mask().sum()) < 2:
+        return
+    obs = replay.recent_observations(DORMANT_STATES)
+    for tag, value in dormant_scalars(q_network, obs).items():
+        writer.add_scalar(tag, value, step)

@@ -41,7 +41,7 @@ from agents.dqn.evaluation import (
     write_results,
 )
 from agents.dqn.learner import Learner, NonFiniteError, epsilon_at
-from agents.dqn.logs import log_evaluation, log_hyperparameters, log_train
+from agents.dqn.logs import log_dormant, log_evaluation, log_hyperparameters, log_train
 from agents.dqn.networks import build_q_network, has_batch_statistics
 from agents.dqn.nonfinite import EnvNonFiniteError, check_env_step, with_context
 from agents.dqn.overlap import UpdateRunner, resolve_acting, resolve_overlap
@@ -448,6 +448,7 @@ class Trainer:
         if crossed(r.wn_stats_every_agent_steps):
             for tag, value in wn_rl.wn_stats(self.learner.q_network).items():
                 self.writer.add_scalar(tag, value, step)
+            log_dormant(self.writer, self.learner.q_network, self.replay, step)
         if crossed(self.config.eval.every_agent_steps):
             self._evaluate()
         if crossed(r.checkpoint_every_agent_steps) and step < r.total_agent_steps:

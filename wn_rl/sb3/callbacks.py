@@ -1,5 +1,5 @@
 """SB3 callbacks: the paper's data-dependent initialization from real observations, and per-layer
-weight-norm statistics in SB3's logger (so they appear in TensorBoard next to SB3's curves).
+weight-norm statistics and dormant units in SB3's logger (so they appear in TensorBoard next to SB3's curves).
 """
 
 from __future__ import annotations
@@ -13,18 +13,25 @@ from gymnasium import spaces
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
-from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.buffers import BaseBuffer, ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.utils import obs_as_tensor
 
+from wn_rl.dormant import dormant_scalars
 from wn_rl.init import InitReport
 from wn_rl.sb3.common import first_rows
-from wn_rl.sb3.init import has_init_flags, initialize_policy, online_networks, policy_is_initialized
+from wn_rl.sb3.init import (
+    has_init_flags,
+    initialize_policy,
+    network_passes,
+    online_networks,
+    policy_is_initialized,
+)
 from wn_rl.stats import wn_histograms, wn_stats
 
-__all__ = ["DataDependentInitCallback", "WnStatsCallback", "sample_valid_actions"]
+__all__ = ["DataDependentInitCallback", "WnStatsCallback", "recent_buffer_batch", "sample_valid_actions"]
 
 _TENSORBOARD_ONLY = ("stdout", "log", "json", "csv")
 
@@ -267,22 +274,65 @@ class DataDependentInitCallback(BaseCallback):
         return True
 
 
+def recent_buffer_batch(buffer: BaseBuffer, n_samples: int) -> tuple[Any, np.ndarray] | None:
+    """Up to ``n_samples`` observations and their actions from the newest steps of ``buffer`` (every env's,
+    newest step first), as the buffer stores them; ``None`` while it holds fewer than 2. A ``RolloutBuffer``
+    that training has flattened (``generator_ready``) gives observations spread over its whole rollout."""
+    if getattr(buffer, "generator_ready", False):  # (steps * envs, ...), env by env
+        total = buffer.buffer_size * buffer.n_envs
+        pick = np.linspace(0, total - 1, min(n_samples, total)).astype(np.int64)
+        return _select(buffer.observations, pick), buffer.actions[pick]
+    stored = buffer.buffer_size - 1 if buffer.full else buffer.pos  # full: the slot at pos may be half written
+    rows = (buffer.pos - 1 - np.arange(min(stored, math.ceil(n_samples / buffer.n_envs)))) % buffer.buffer_size
+    if len(rows) * buffer.n_envs < 2:
+        return None
+
+    def flat(values: np.ndarray) -> np.ndarray:
+        return values[rows].reshape(-1, *values.shape[2:])[:n_samples]
+
+    obs = buffer.observations
+    observations = {key: flat(value) for key, value in obs.items()} if isinstance(obs, dict) else flat(obs)
+    return observations, flat(buffer.actions)
+
+
 class WnStatsCallback(BaseCallback):
     """Log g, ||v|| and g/||v|| (the effective gradient scale of section 2.1) of every WN layer of the
     online networks into SB3's logger every ``log_freq`` environment steps, as
-    ``wn/<network>/<layer>/<stat>`` (TensorBoard only), with per-unit histograms if asked.
+    ``wn/<network>/<layer>/<stat>`` (TensorBoard only), with per-unit histograms if asked, and, with
+    ``dormant=True``, the share of each activation layer's units that are dormant (never active; Sokar et al.
+    2023, :func:`wn_rl.dormant_units`) as ``dormant/<network>/<layer>/fraction`` and
+    ``dormant/<network>/total_fraction``.
+
+    The dormant units are measured on up to ``dormant_samples`` observations of the newest steps in the replay
+    buffer (off-policy; its actions for SAC's, TD3's and TQC's critics) or in the current rollout buffer
+    (on-policy), one forward pass per online network in eval mode, without gradients or random draws; nothing
+    is logged while the buffer holds fewer than 2 (at training start; the first step of each rollout).
 
     Args:
         log_freq: environment steps (summed over envs) between two logs; also logs at training start.
         histograms: also log per-unit histograms of g, ||v|| and g/||v||.
+        dormant: also log the dormant-unit fractions (off by default: a forward pass on a batch per log).
+        dormant_samples: observations per dormant-unit measurement, at least 2.
     """
 
-    def __init__(self, log_freq: int = 10_000, histograms: bool = False, verbose: int = 0) -> None:
+    def __init__(
+        self,
+        log_freq: int = 10_000,
+        histograms: bool = False,
+        verbose: int = 0,
+        *,
+        dormant: bool = False,
+        dormant_samples: int = 256,
+    ) -> None:
         super().__init__(verbose)
         if isinstance(log_freq, bool) or not isinstance(log_freq, int) or log_freq < 1:
             raise ValueError(f"log_freq={log_freq!r} must be a positive number of environment steps")
+        if isinstance(dormant_samples, bool) or not isinstance(dormant_samples, int) or dormant_samples < 2:
+            raise ValueError(f"dormant_samples={dormant_samples!r} must be an integer >= 2 (observations per measure)")
         self.log_freq = log_freq
         self.histograms = histograms
+        self.dormant = dormant
+        self.dormant_samples = dormant_samples
         self._last_logged: int | None = None
         self.last_stats: dict[str, float] = {}
 
@@ -307,7 +357,27 @@ class WnStatsCallback(BaseCallback):
             if self.histograms:
                 for key, values in wn_histograms(net, prefix=f"wn/{name}").items():
                     self.logger.record(key, values, exclude=_TENSORBOARD_ONLY)
+        if self.dormant:
+            stats.update(self.dormant_stats())
         for key, value in stats.items():
             self.logger.record(key, value, exclude=_TENSORBOARD_ONLY)
         self.last_stats = stats
+        return stats
+
+    def dormant_stats(self) -> dict[str, float]:
+        """``dormant/<network>/...`` scalars on the newest buffered observations; empty while too few are stored."""
+        model = self.model
+        off_policy = isinstance(model, OffPolicyAlgorithm)
+        buffer = model.replay_buffer if off_policy else getattr(model, "rollout_buffer", None)
+        batch = None if buffer is None else recent_buffer_batch(buffer, self.dormant_samples)
+        if batch is None:
+            return {}
+        observations, actions = batch
+        if off_policy and model._vec_normalize_env is not None:  # the replay stores raw observations
+            observations = model._vec_normalize_env.normalize_obs(observations)
+        policy = model.policy
+        obs = obs_as_tensor(observations, policy.device)
+        stats: dict[str, float] = {}
+        for name, net, forward in network_passes(policy, th.as_tensor(actions, device=policy.device)):
+            stats.update(dormant_scalars(net, obs, forward=forward, prefix=f"dormant/{name}"))
         return stats

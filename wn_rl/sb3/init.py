@@ -24,7 +24,7 @@ from torch import nn
 
 from wn_rl.init import InitReport, data_dependent_init, initializable_layers, is_initialized
 
-__all__ = ["initialize_policy", "online_networks", "policy_is_initialized", "sync_target_networks"]
+__all__ = ["initialize_policy", "network_passes", "online_networks", "policy_is_initialized", "sync_target_networks"]
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -122,6 +122,13 @@ def _init_passes(
     else:
         actor = lambda net, obs: net(obs)  # noqa: E731
     return [("actor", policy.actor, actor), ("critic", policy.critic, lambda net, obs: _q_values(net, obs, actions))]
+
+
+def network_passes(policy: BasePolicy, actions: th.Tensor | None = None) -> list[tuple[str, nn.Module, Forward]]:
+    """``(name, network, forward(network, observations))`` per online network of ``policy``: how the init runs each
+    one on a batch, without sampling (a recurrent policy: each observation alone, from a zero state). SAC's, TD3's
+    and TQC's critics need the batch's ``actions``."""
+    return _init_passes(policy, actions)
 
 
 def _q_values(critic: ContinuousCritic | TQCCritic, obs: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:

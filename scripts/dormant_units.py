@@ -1,0 +1,64 @@
+"""Dormant units of saved DQN agents: ``python scripts/dormant_units.py RUN_DIR [RUN_DIR ...] [--json out.json]``.
+
+For each run directory of ``scripts/train_dqn.py``: its newest complete checkpoint's Q-network on the states of
+a uniformly random policy in the run's own env (``--envs`` x ``--steps``, reset with ``--seed``), and a table of
+the tau-dormant units per activation layer (Sokar et al. 2023; ``--tau 0``: never active), their share over all
+layers, the std of the Q-values over the states and the share of the most frequent greedy action (a collapsed
+network: Q std 0, share 1.00). The logic is in :mod:`agents.dqn.dormant`.
+
+Exit codes: 0 done; 2 bad input, a directory that is not a run, or a run without a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from agents.dqn.dormant import format_table, run_dormant_report
+from wn_rl.checkpoint import CheckpointError, atomic_write_bytes
+from wn_rl.cli import brief_warnings
+from wn_rl.config import ConfigError, resolve_device
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by train_dqn.py")
+    parser.add_argument("--steps", type=int, default=250, help="random-policy steps per env (default 250)")
+    parser.add_argument("--envs", type=int, default=8, help="parallel envs (default 8: 2000 states)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the env reset and the random actions")
+    parser.add_argument("--tau", type=float, default=0.0, help="dormancy threshold on the unit score (default 0)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.envs < 1 or args.steps * args.envs < 2:
+        parser.error(f"--steps {args.steps} --envs {args.envs}: need at least 2 states (the default gives 2000)")
+    if not (math.isfinite(args.tau) and args.tau >= 0):
+        parser.error(f"--tau {args.tau}: expected a threshold >= 0 (0: never active; Sokar et al. use up to 0.1)")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: expected a non-negative integer (envs refuse negative seeds)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        device = resolve_device(args.device, "--device")
+        reports = [
+            run_dormant_report(run, num_envs=args.envs, steps=args.steps, seed=args.seed, tau=args.tau, device=device)
+            for run in args.run_dirs
+        ]
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(reports))
+    if args.json is not None:
+        atomic_write_bytes(args.json, json.dumps(reports, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    brief_warnings()
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Dormant units in native DQN: a real MinAtar run writes ``dormant/*`` to TensorBoard, measuring changes neither
+the network nor the random stream, and scripts/dormant_units.py reports a saved run (a collapsed one: every
+fc unit dead, Q std 0, one action everywhere)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents.dqn.config import NetworkConfig, load_dqn_config
+from agents.dqn.dormant import _q_summary, run_dormant_report
+from agents.dqn.envs import EnvSpec
+from agents.dqn.logs import log_dormant
+from agents.dqn.networks import build_q_network
+from agents.dqn.replay import ReplayMemory
+from agents.dqn.runner import Trainer
+from wn_rl.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "dormant_units.py"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars[tag] = value
+
+
+def _script_main():
+    spec = importlib.util.spec_from_file_location("wn_rl_script_dormant_units", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_log_dormant_changes_no_state_or_random_stream_and_waits_for_two_states():
+    spec = EnvSpec("minatar", "breakout", 2, (4, 10, 10), 1, np.dtype(np.uint8), 3, {})
+    q_network = build_q_network(NetworkConfig(parameterization="weight_norm+mean_only_bn"), spec)
+    replay = ReplayMemory(100, 2, spec.frame_shape, spec.frame_dtype, 1, 1, "cpu")
+    writer = _Writer()
+    log_dormant(writer, q_network, replay, 0)
+    assert writer.scalars == {}  # an empty memory: nothing to measure yet
+    flags = {name: torch.zeros(2, dtype=torch.bool) for name in ("terminated", "truncated", "life_loss")}
+    for _ in range(12):
+        obs = torch.randint(0, 2, (2, 4, 10, 10), dtype=torch.uint8)
+        replay.add(
+            obs,
+            torch.zeros(2, dtype=torch.bool),
+            torch.zeros(2, dtype=torch.bool),
+            torch.zeros(2),
+            torch.zeros(2),
+            **flags,
+        )
+    before = {k: v.clone() for k, v in q_network.state_dict().items()}
+    rng = torch.get_rng_state()
+    log_dormant(writer, q_network, replay, 100)
+    assert set(writer.scalars) == {"dormant/body.1/fraction", "dormant/body.4/fraction", "dormant/total_fraction"}
+    assert all(0.0 <= v <= 1.0 for v in writer.scalars.values())
+    assert torch.equal(torch.get_rng_state(), rng) and q_network.training
+    assert all(torch.equal(v, q_network.state_dict()[k]) for k, v in before.items())  # running means untouched
+
+
+def _tiny_config(runs, parameterization="normal", total=600, stats_every=200):
+    overrides = [
+        f"run.total_agent_steps={total}",
+        "agent.replay_capacity_transitions=2000",
+        "agent.learning_starts_agent_steps=200",
+        "network.ddi_batch_size=64",
+        f"network.parameterization={parameterization}",
+        "eval.every_agent_steps=0",
+        "run.log_every_agent_steps=200",
+        f"run.wn_stats_every_agent_steps={stats_every}",
+        "run.checkpoint_every_agent_steps=300",
+        "run.torch_threads=1",
+        f"run.runs_dir={runs}",
+        "run.progress_bar=false",
+    ]
+    return load_dqn_config("configs/dqn/minatar_breakout.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    Trainer(_tiny_config(runs), runs / "normal").run()
+    return runs / "normal"
+
+
+def test_measuring_dormant_units_leaves_the_run_bit_identical(tmp_path):
+    weights = []
+    for stats_every in (100, 10_000):  # measured at every 100 agent steps, or never
+        trainer = Trainer(
+            _tiny_config(tmp_path, "weight_norm+mean_only_bn", 400, stats_every), tmp_path / str(stats_every)
+        )
+        trainer.run()
+        weights.append(trainer.learner.q_network.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_minatar_run_logs_dormant_fractions_with_the_wn_statistics(tiny_run):
+    acc = EventAccumulator(str(tiny_run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("dormant/body.1/fraction", "dormant/body.4/fraction", "dormant/total_fraction"):
+        assert tag in tags, tag
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [200, 400, 600]
+        assert all(0.0 <= e.value <= 1.0 for e in events)
+
+
+def test_the_script_prints_a_table_and_writes_json(tiny_run, tmp_path):
+    out = tmp_path / "dormant.json"
+    args = [str(tiny_run), "--envs", "2", "--steps", "30", "--device", "cpu", "--json", str(out)]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "| run | agent step | body.1 | body.4 | dormant total | Q std | greedy action share |"
+    assert lines[2].startswith("| normal | 600 | ") and "/16 | " in lines[2] and "/128 | " in lines[2]
+    (report,) = json.loads(out.read_text())
+    assert report["agent_step"] == 600 and report["states"] == 60
+    assert report["layers"]["body.4"]["units"] == 128 and report["q_std"] > 0
+
+
+def test_a_collapsed_network_is_reported_all_dormant_with_one_action(tiny_run, tmp_path):
+    collapsed = tmp_path / "collapsed"
+    (collapsed / "checkpoints").mkdir(parents=True)
+    (collapsed / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    state = load_checkpoint(complete_checkpoints(tiny_run / "checkpoints")[-1])
+    state["learner"]["q_network"]["body.3.bias"].fill_(-1e4)  # the fc layer's ReLUs never open
+    save_checkpoint(collapsed / "checkpoints" / "checkpoint_000000000600.pt", state)
+    report = run_dormant_report(collapsed, num_envs=2, steps=20)
+    assert report["layers"]["body.4"] == {"dormant": 128, "units": 128, "fraction": 1.0}
+    assert report["q_std"] == 0.0 and report["greedy_action_share"] == 1.0
+    assert _q_summary(torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 5.0]])) == pytest.approx(
+        {"q_std": (2 / 3**0.5 + 4 / 3**0.5) / 2, "greedy_action_share": 2 / 3}  # sample stds over states
+    )
+
+
+def test_the_script_refuses_a_directory_that_is_no_run_or_has_no_checkpoint(tiny_run, tmp_path, capsys):
+    main = _script_main()
+    assert main([str(tmp_path)]) == 2
+    assert "holds no config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    assert main([str(tmp_path), "--device", "cpu"]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tiny_run), "--tau", "-1"])
+    assert "--tau -1.0" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""Dormant units: how many hidden units of a network have (almost) stopped responding to its inputs.
+
+Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep Reinforcement Learning" (ICML), section 3: for a
+layer of H units with outputs h_i(x), unit i's score is its mean absolute activation relative to the layer's
+
+    s_i = E_x |h_i(x)| / ((1/H) sum_k E_x |h_k(x)|),
+
+the expectation taken over a batch of inputs (and, for a convolution's channel, over its spatial positions
+too). Unit i is tau-dormant when s_i <= tau; with tau = 0 that means never active on the batch (a ReLU unit
+whose pre-activation is negative for every input). A layer whose units are all silent has every score 0.
+DQN networks trained with large learning rates can lose all of a layer's units this way: the Q-values
+become constant and the agent always takes the same action.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wn_rl.init import batch_size, call_with_batch
+
+__all__ = ["ACTIVATIONS", "DormantStats", "dormant_scalars", "dormant_units", "total_fraction"]
+
+# The hidden-layer nonlinearities looked at by default (nn.ReLU6 is an nn.Hardtanh). Output squashers such as
+# nn.Sigmoid and nn.Softmax are left out: they end heads, not hidden layers.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Tanh,
+)
+
+
+@dataclass(frozen=True)
+class DormantStats:
+    """One layer's dormant units: ``scores`` are the per-unit s_i (a CPU tensor of ``units`` values), ``dormant``
+    how many have s_i <= ``tau``."""
+
+    units: int
+    dormant: int
+    tau: float
+    scores: Tensor
+
+    @property
+    def fraction(self) -> float:
+        """The share of the layer's units that are dormant, in [0, 1]."""
+        return self.dormant / self.units
+
+
+def _pick_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
+    """``{name: module}``: the named modules, or every activation module of :data:`ACTIVATIONS`."""
+    named = dict(model.named_modules())
+    if layers is not None:
+        names = [layers] if isinstance(layers, str) else list(layers)
+        missing = [n for n in names if n not in named]
+        if missing or not names:
+            known = [n for n, m in named.items() if isinstance(m, ACTIVATIONS)] or [n for n in named if n][:20]
+            raise ValueError(
+                f"layers={names!r}: {type(model).__name__} has no module named {missing or 'at all'}; "
+                f"give names from model.named_modules(), e.g. {known}"
+            )
+        return {n: named[n] for n in names}
+    found = {(n or type(m).__name__): m for n, m in named.items() if isinstance(m, ACTIVATIONS)}
+    if not found:
+        kinds = ", ".join(k.__name__ for k in ACTIVATIONS)
+        raise ValueError(
+            f"{type(model).__name__} has no activation module ({kinds}); activations applied as functions "
+            "(F.relu, torch.tanh) cannot be seen. Build the model with activation modules (nn.ReLU()), or pass "
+            "layers=[...] naming the modules whose outputs are the units (names from model.named_modules())."
+        )
+    return found
+
+
+def _unit_means(name: str, output: Any) -> Tensor:
+    """E|h_i| per unit of one call's ``output``: features of ``(batch, H)``, channels of ``(batch, C, ...)``."""
+    if not isinstance(output, Tensor) or output.dim() < 2:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(
+            f"layer {name!r} returned {shape}; dormant units need a (batch, units) or (batch, channels, ...) "
+            "tensor: pick activation modules with layers=[...]"
+        )
+    magnitude = output.detach().abs().to(torch.promote_types(output.dtype, torch.float32))
+    return magnitude.mean(dim=[0, *range(2, output.dim())])
+
+
+def _scores(name: str, calls: list[Tensor]) -> Tensor:
+    """s_i from the per-call unit means of one layer (a module called twice counts both calls)."""
+    if len({c.shape for c in calls}) > 1:
+        raise ValueError(
+            f"layer {name!r} was called {len(calls)} times with different numbers of units "
+            f"{[c.numel() for c in calls]}; give each layer its own activation module"
+        )
+    mean_abs = torch.stack(calls).mean(0)
+    layer_mean = mean_abs.mean()
+    return torch.where(layer_mean > 0, mean_abs / layer_mean.clamp_min(torch.finfo(mean_abs.dtype).tiny), 0.0)
+
+
+@torch.no_grad()
+def dormant_units(
+    model: nn.Module,
+    batch: Any,
+    *,
+    tau: float = 0.0,
+    layers: Iterable[str] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, DormantStats]:
+    """The tau-dormant units of each activation layer of ``model`` on ``batch`` (Sokar et al. 2023, section 3).
+
+    Unit i of a layer is dormant when s_i = E_x|h_i(x)| / ((1/H) sum_k E_x|h_k(x)|) <= ``tau`` (see the module
+    docstring); units are the features of a 2-d output and the channels of a convolution's output (averaged
+    over positions too).
+
+    Args:
+        model: any ``nn.Module``. By default every module of :data:`ACTIVATIONS` (``nn.ReLU``, ``nn.Tanh``, ...) is
+            a layer; activations applied as functions (``F.relu``) have no module and are not seen.
+        batch: the inputs, at least 2, passed as ``model(batch)`` (``model(*batch)`` for a tuple or list,
+            ``model(**batch)`` for a dict), as :func:`wn_rl.data_dependent_init` does. A few hundred states.
+        tau: the dormancy threshold, >= 0 (0: never active; Sokar et al. use 0 to 0.1).
+        layers: names of the modules to look at (from ``model.named_modules()``) instead of every activation.
+        forward: optional ``forward(model, batch)`` for models whose forward takes something else.
+
+    Returns:
+        ``{layer name: DormantStats}`` in module order, for the layers the forward pass reached.
+
+    One forward pass without gradients, in eval mode (norm layers on their running statistics, which it does
+    not update; no dropout): the network as it acts. Every module's training mode is restored and the hooks are
+    removed afterwards, also when the pass fails. One host synchronisation.
+    """
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau={tau!r}: expected a finite threshold >= 0 (0: units never active on the batch)")
+    size = batch_size(batch)
+    if size is not None and size < 2:
+        raise ValueError(f"dormant units need a batch of at least 2 inputs, got {size}; pass a few hundred states")
+    picked = _pick_layers(model, layers)
+    calls: dict[str, list[Tensor]] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        return lambda module, inputs, output: calls.setdefault(name, []).append(_unit_means(name, output))
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in picked.items()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        call_with_batch(model, batch, forward)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    if not calls:
+        raise ValueError(f"the forward pass of {type(model).__name__} reached none of the layers {list(picked)}")
+    scores = {name: _scores(name, calls[name]) for name in picked if name in calls}
+    flat = torch.cat([s.flatten() for s in scores.values()]).cpu()  # the one host synchronisation
+    out, start = {}, 0
+    for name, s in scores.items():
+        host = flat[start : start + s.numel()]
+        out[name] = DormantStats(units=s.numel(), dormant=int((host <= tau).sum()), tau=float(tau), scores=host)
+        start += s.numel()
+    return out
+
+
+def total_fraction(stats: Mapping[str, DormantStats]) -> float:
+    """The share of dormant units over all the layers of ``stats`` together (each unit counts once)."""
+    units = sum(s.units for s in stats.values())
+    return sum(s.dormant for s in stats.values()) / units if units else math.nan
+
+
+def dormant_scalars(
+    model: nn.Module,
+    batch: Any,
+    *,
+    tau: float = 0.0,
+    layers: Iterable[str] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    prefix: str = "dormant",
+) -> dict[str, float]:
+    """:func:`dormant_units` as scalars ready for ``SummaryWriter.add_scalar`` or SB3's ``logger.record``:
+    ``{f"{prefix}/{layer}/fraction": ..., f"{prefix}/total_fraction": ...}`` (the total over every unit)."""
+    stats = dormant_units(model, batch, tau=tau, layers=layers, forward=forward)
+    scalars = {f"{prefix}/{layer}/fraction": s.fraction for layer, s in stats.items()}
+    scalars[f"{prefix}/total_fraction"] = total_fraction(stats)
+    return scalars
