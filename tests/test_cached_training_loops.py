@@ -84,3 +84,50 @@ def test_a_compiled_model_trains_inside_a_block():
     (2 * model(x).sum()).backward()
     for p, grad in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, grad)
+
+
+def _swap_in_fresh_parameters(how: str, layer: nn.Module, source: nn.Module) -> None:
+    if how == "assign":
+        layer.load_state_dict(source.state_dict(), assign=True)
+    elif how == "setattr":
+        layer.v, layer.g = source.v, source.g
+    else:
+        layer.v.data = source.v.detach().clone()
+
+
+@pytest.mark.parametrize("how", ["assign", "setattr", "data"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_parameters_replaced_inside_the_block_are_seen_by_the_next_forward(how, grad):
+    torch.manual_seed(0)
+    layer, source, x = WNLinear(4, 3), WNLinear(4, 3), torch.randn(5, 4)
+    # source's parameters have the same in-place versions as layer's: only identity or storage tells them apart
+    with cached(layer), torch.set_grad_enabled(grad):
+        layer(x)
+        _swap_in_fresh_parameters(how, layer, source)
+        inside = layer(x)
+    torch.testing.assert_close(inside, layer(x))
+
+
+def test_a_cell_whose_parameters_are_inference_tensors_is_not_cached():
+    with torch.inference_mode():
+        cell, x = WNLSTMCell(3, 4), torch.randn(2, 3)
+        with cached(cell):
+            cell(x)
+            cell.g_ih.mul_(2.0)  # inference tensors count no in-place version
+            inside = cell(x)[0]
+        torch.testing.assert_close(inside, cell(x)[0])
+
+
+def test_a_torch_func_transform_of_a_layer_inside_the_block_gets_its_gradient():
+    layer, x = WNLinear(4, 3), torch.randn(5, 4)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(params):
+        return torch.func.functional_call(layer, params, (x,)).pow(2).sum()
+
+    with cached(layer):
+        with torch.no_grad():
+            layer(x)
+        inside = torch.func.grad(loss)(params)  # its wrapped parameters have no storage to key a cache by
+    for name, grad in torch.func.grad(loss)(params).items():
+        torch.testing.assert_close(inside[name], grad)

@@ -69,6 +69,28 @@ def test_layers_under_the_deprecated_torch_hooks_are_left_plain(deprecated):
     torch.testing.assert_close(model(x), expected)
 
 
+def test_pruned_layers_are_left_plain_and_keep_their_mask():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"\['0 \(Linear\)'\] unchanged: .*torch.nn.utils.prune"):
+        weight_norm(model)  # its pruning hook, carried over, would look for weight_orig and weight_mask
+    assert type(model[0]) is nn.Linear and type(model[2]) is WNLinear
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_a_pruned_wn_layer_is_not_folded():
+    model = nn.Sequential(WNLinear(4, 4), nn.Tanh(), WNLinear(4, 2))
+    torch.nn.utils.prune.l1_unstructured(model[0], "v", amount=0.5)
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"\['0 \(WNLinear\)'\] unchanged: .*prune"):
+        remove_weight_norm(model)
+    assert type(model[0]) is WNLinear and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), expected)
+
+
 def test_user_hooks_move_to_the_converted_and_the_folded_layer():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     seen = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wn_rl.analysis.study import load_study_config, plan_runs
+from wn_rl.analysis.study import load_study_config, plan_runs, with_run_overrides
 from wn_rl.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +81,17 @@ def test_overrides_of_different_keys_of_one_section_stay_allowed(tmp_path: Path)
     study = load_study_config(_study_file(tmp_path, overrides=["eval={games: 2}", "eval.every_agent_steps=600"]))
     config = plan_runs(study)[0].config
     assert (config["eval"]["games"], config["eval"]["every_agent_steps"]) == (2, 600)
+
+
+def test_a_set_mapping_beside_a_grid_key_is_allowed_and_one_over_it_refused() -> None:
+    """``--set`` is checked by the keys its value sets, as the study's own overrides are: a mapping over the
+    section of a grid key is refused only where it names that key."""
+    study = with_run_overrides(load_study_config(SMOKE), ["network={hidden_sizes: [32]}"])
+    configs = [run.config["network"] for run in plan_runs(study)]
+    assert [c["hidden_sizes"] for c in configs] == [[32]] * 4
+    assert {c["parameterization"] for c in configs} == {"normal", "weight_norm"}
+    with pytest.raises(ConfigError, match=r"--set run=\{seed: 3\}: run\.seed is a grid key"):
+        with_run_overrides(load_study_config(SMOKE), ["run={seed: 3}"])
 
 
 @pytest.mark.parametrize(

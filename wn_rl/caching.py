@@ -1,11 +1,14 @@
 """The effective-weight cache behind :func:`cached`: inside it a WN layer or recurrent cell computes
 w = g v / ||v|| (eq. 2) once and reuses it, for time loops such as DRAW or a recurrent policy's rollout.
 
-A cached weight is recomputed where reusing it would be wrong: after one of its parameters changed in place
-(an optimizer step, ``load_state_dict``, data-dependent init; PyTorch counts those in ``_version``), after a
-backward pass went through it (that pass freed its graph, so truncated backpropagation through time and
-gradient accumulation inside one block work), and where it was computed without a graph that gradients now
-need (acting under ``no_grad``, then training). ``wn_rl.layers`` still resolves these names.
+A cached weight is recomputed where reusing it would be wrong: after one of the module's parameters changed
+in place (an optimizer step, ``load_state_dict``, data-dependent init; PyTorch counts those in ``_version``),
+was replaced (``layer.v = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``) or given new storage
+(``v.data = ...``), after a backward pass went through it (that pass freed its graph, so truncated
+backpropagation through time and gradient accumulation inside one block work), and where it was computed
+without a graph that gradients now need (acting under ``no_grad``, then training). A module with inference
+tensors as parameters (built under ``torch.inference_mode``) is never cached: their in-place changes are not
+counted. ``wn_rl.layers`` still resolves these names.
 """
 
 from __future__ import annotations
@@ -37,9 +40,20 @@ def _lacks_graph(cached: Tensor, *params: Tensor) -> bool:
     return torch.is_grad_enabled() and not cached.requires_grad and any(p.requires_grad for p in params)
 
 
-def _versions(params: tuple[Tensor, ...]) -> tuple[int, ...]:
-    """The in-place version counters of ``params`` (inference tensors have none, and never change)."""
-    return tuple(0 if p.is_inference() else p._version for p in params)
+def _parameter_state(module: nn.Module) -> tuple[tuple[int, int, int], ...] | None:
+    """Identity, storage and in-place version of each of ``module``'s own parameters: what its cached weights
+    are valid for. ``None`` (not cached) where a parameter is an inference tensor, whose in-place changes are not
+    counted, or has no storage of its own (a ``torch.func`` transform's wrapper)."""
+    state = []
+    try:
+        for p in module._parameters.values():
+            if p is not None:
+                if p.is_inference():
+                    return None
+                state.append((id(p), p.data_ptr(), p._version))
+    except RuntimeError:
+        return None
+    return tuple(state)
 
 
 def _release(module_ref: weakref.ref, attr: str, cached_id: int, _grad: Tensor) -> None:
@@ -59,28 +73,42 @@ def _release_after_backward(module: nn.Module, attr: str, value: Tensor | tuple[
 
 
 def _reuse(
-    module: nn.Module, attr: str, params: tuple[tuple[Tensor, ...], ...], compute: Callable[[], _Cached]
+    module: nn.Module,
+    attr: str,
+    params: Callable[[], tuple[tuple[Tensor, ...], ...]],
+    compute: Callable[[], _Cached],
 ) -> _Cached:
-    """``module``'s cached ``attr`` (a tensor, or a tuple of tensors aligned with ``params``: the parameters
+    """``module``'s cached ``attr`` (a tensor, or a tuple of tensors aligned with ``params()``: the parameters
     each is computed from) where it is still valid, else ``compute()``, stored there (see the module doc).
 
     While ``torch.compile`` traces, nothing is stored: a tensor kept from one compiled call would enter the next
     as a constant with a freed graph, and the compiler merges the repeated computations of one graph itself."""
     if torch.compiler.is_compiling():
         return compute()
-    value = getattr(module, attr, None)
-    versions = _versions(tuple(p for group in params for p in group))
-    tensors = value if isinstance(value, tuple) else (value,)
+    state = _parameter_state(module)
+    if state is None:
+        return compute()
+    value = module.__dict__.get(attr)
+    kept = module.__dict__.get(f"{attr}_state")
     if (
         value is None
-        or getattr(module, f"{attr}_versions", None) != versions
-        or any(_lacks_graph(t, *group) for t, group in zip(tensors, params, strict=True))
+        or kept is None
+        or kept[0] != state
+        or (
+            torch.is_grad_enabled()
+            and any(_lacks_graph(t, *group) for t, group in zip(_as_tuple(value), params(), strict=True))
+        )
     ):
         value = compute()
         setattr(module, attr, value)
-        setattr(module, f"{attr}_versions", versions)
+        # the parameters themselves are kept beside their ids, so that no id is reused while it is compared
+        setattr(module, f"{attr}_state", (state, tuple(module._parameters.values())))
         _release_after_backward(module, attr, value)
     return value
+
+
+def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _cacheable(model: nn.Module) -> list[nn.Module]:
@@ -88,9 +116,9 @@ def _cacheable(model: nn.Module) -> list[nn.Module]:
 
 
 def _clear_cache(module: nn.Module) -> None:
-    module._cached_weight = None
-    module._cached_weights = None
-    module._cached_scale = None
+    for attr in ("_cached_weight", "_cached_weights", "_cached_scale"):
+        setattr(module, attr, None)
+        setattr(module, f"{attr}_state", None)
 
 
 @contextlib.contextmanager
@@ -98,8 +126,8 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this context every WN layer of ``model`` computes its effective weight once and reuses
     it (like ``torch.nn.utils.parametrize.cached``), for time loops such as DRAW or a recurrent
     policy's rollout. Gradients still flow to g and v through the one shared weight. A weight is
-    recomputed after its parameters change in place (an optimizer step) and after a backward pass
-    through it, so a block may hold several training steps. Nestable; released when the block exits,
+    recomputed after its parameters change in place (an optimizer step) or are replaced, and after a
+    backward pass through it, so a block may hold several training steps. Nestable; released when the block exits,
     by an exception too."""
     modules = _cacheable(model)
     for module in modules:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -308,9 +309,11 @@ def _tied(module: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tu
 
 
 def _old_style_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` carries a hook of ``torch.nn.utils.weight_norm`` or ``torch.nn.utils.spectral_norm``
-    (the deprecated APIs, which recompute ``.weight`` before each forward)."""
-    return any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in module._forward_pre_hooks.values())
+    """Whether ``module`` carries a hook of ``torch.nn.utils.weight_norm``, ``torch.nn.utils.spectral_norm`` (the
+    deprecated APIs) or ``torch.nn.utils.prune``: each recomputes a parameter by name before every forward (from
+    ``weight_g``/``weight_v``, ``weight_orig``, ``weight_mask``), so on a replacement it would fail or be lost."""
+    kinds = (WeightNorm, SpectralNorm, BasePruningMethod)
+    return any(isinstance(hook, kinds) for hook in module._forward_pre_hooks.values())
 
 
 def _left_plain(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -331,9 +334,10 @@ def _left_plain(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
         "they carry torch parametrizations (such as torch.nn.utils.parametrizations.weight_norm); to use wn_rl's "
         "weight norm instead, remove them first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
         "'weight')) and convert again.": parametrized,
-        "they carry a hook of the deprecated torch.nn.utils.weight_norm or torch.nn.utils.spectral_norm, which "
-        "converting would drop (a spectral norm silently); remove it first (torch.nn.utils.remove_weight_norm(layer) "
-        "or torch.nn.utils.remove_spectral_norm(layer)) and convert again.": hooked,
+        "they carry a hook of the deprecated torch.nn.utils.weight_norm or torch.nn.utils.spectral_norm, or of "
+        "torch.nn.utils.prune, which converting would drop (a spectral norm silently) or break (a pruning mask); "
+        "remove it first (torch.nn.utils.remove_weight_norm(layer), torch.nn.utils.remove_spectral_norm(layer) or "
+        "torch.nn.utils.prune.remove(layer, 'weight')) and convert again.": hooked,
         "they subclass a convertible layer, and a subclass (or the module that owns it, as nn.MultiheadAttention "
         "owns its out_proj) may use .weight in its own way. Replace them with wn_rl layers where that is safe.": (
             subclasses
@@ -415,10 +419,12 @@ def _kept_by_folding(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]
     """The WN layers ``remove_weight_norm`` leaves as they are, by the reason it gives (a stack's cells go with
     their stack)."""
     in_stacks = {id(cell) for m in module.modules() if isinstance(m, WNRNNBase) for cell in m.cells}
-    subclasses, projected, candidates = [], [], []
+    subclasses, projected, pruned, candidates = [], [], [], []
     for name, m in module.named_modules():
         if isinstance(m, (WNLayer, WNRNNCellBase, WNRNNBase)) and type(m) not in _FOLDABLE:
             subclasses.append((name, m))
+        elif type(m) in _FOLDABLE and _old_style_hooks(m):
+            pruned.append((name, m))
         elif isinstance(m, WNRNNCellBase) and getattr(m, "proj_size", 0) and id(m) not in in_stacks:
             projected.append((name, m))
         elif type(m) in _FOLDABLE and id(m) not in in_stacks:
@@ -429,6 +435,9 @@ def _kept_by_folding(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]
         ".cells).": subclasses,
         "they are LSTM cells with proj_size, which torch has no cell for (in a WNLSTM they fold into nn.LSTM with "
         "proj_size). Their effective weights are compute_weights().": projected,
+        "they carry a torch.nn.utils.prune (or weight/spectral norm) hook, which recomputes a parameter of theirs by "
+        "name and would fail on the plain layer; remove it first (torch.nn.utils.prune.remove(layer, 'v')) and fold "
+        "again.": pruned,
         "they share a parameter (v, g or bias) with another module; each folded layer would get its own weight "
         "and training would untie them. Fold them yourself (the weight is compute_weight()).": _tied(
             module, candidates

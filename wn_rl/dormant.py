@@ -134,7 +134,9 @@ def dormant_units(
         forward: optional ``forward(model, batch)`` for models whose forward takes something else.
 
     Returns:
-        ``{layer name: DormantStats}`` in module order, for the layers the forward pass reached.
+        ``{layer name: DormantStats}`` in module order, for the layers the forward pass reached. A module called
+        more than once (a time loop, or one ``nn.ReLU`` shared by several layers of the same width) is one layer
+        whose scores average all its calls: give each layer its own activation module to count them apart.
 
     One forward pass without gradients, in eval mode (norm layers on their running statistics, which it does
     not update; no dropout): the network as it acts. Every module's training mode is restored and the hooks are

@@ -328,6 +328,9 @@ class WNLayer(_CachedWeights):
     def _scale_parameter(self) -> nn.Parameter:
         return getattr(self, _scale_name(self.scale))
 
+    def _weight_parameters(self) -> tuple[tuple[Tensor, ...]]:
+        return ((self.v, self._scale_parameter),)
+
     @property
     def g_value(self) -> Tensor:
         """The per-unit scale g (``exp(s)`` for ``scale="exp"``), shape ``(units,)``."""
@@ -345,7 +348,7 @@ class WNLayer(_CachedWeights):
     def weight(self) -> Tensor:
         """The effective weight; inside :func:`cached` it is computed once and reused."""
         if self._cache_depth:
-            return _reuse(self, "_cached_weight", ((self.v, self._scale_parameter),), self.compute_weight)
+            return _reuse(self, "_cached_weight", self._weight_parameters, self.compute_weight)
         return self.compute_weight()
 
     @torch.no_grad()
@@ -359,7 +362,11 @@ class WNLayer(_CachedWeights):
 
     def __getstate__(self) -> dict[str, Any]:
         # a weight cached inside `cached()` is a non-leaf tensor: it must not be pickled or deep-copied
-        return {**self.__dict__, "_cached_weight": None, "_cached_scale": None, "_cache_depth": 0}
+        return {
+            **self.__dict__,
+            **dict.fromkeys(("_cached_weight", "_cached_weight_state", "_cached_scale", "_cached_scale_state")),
+            "_cache_depth": 0,
+        }
 
 
 class WNLinear(WNLayer):
@@ -401,7 +408,7 @@ class WNLinear(WNLayer):
         if torch.is_grad_enabled():  # a time loop with gradients: one shared w, as `cached` promises
             return F.linear(input, self.weight, self.bias)
         # acting: keep only g / ||v|| and never materialise w
-        scale = _reuse(self, "_cached_scale", ((self.v, self._scale_parameter),), self._output_scale)
+        scale = _reuse(self, "_cached_scale", self._weight_parameters, self._output_scale)
         z = input.matmul(self.v.t())
         return z * scale if self.bias is None else torch.addcmul(self.bias, z, scale)
 

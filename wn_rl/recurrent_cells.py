@@ -112,6 +112,9 @@ class WNRNNCellBase(_CachedWeights):
         """The per-row scales g of (weight_ih, weight_hh[, weight_hr]) (``exp(s)`` for ``scale="exp"``)."""
         return tuple(_g_from_parameter(p, self.scale) for p in self.scale_parameters())
 
+    def _weight_parameters(self) -> tuple[tuple[Tensor, ...], ...]:
+        return tuple(zip(self._directions(), self.scale_parameters(), strict=True))
+
     def _directions(self) -> tuple[nn.Parameter, ...]:
         return tuple(getattr(self, f"v_{part}") for part in self.parts)
 
@@ -123,8 +126,7 @@ class WNRNNCellBase(_CachedWeights):
 
     def _weights(self) -> tuple[Tensor, ...]:
         if self._cache_depth:
-            params = tuple(zip(self._directions(), self.scale_parameters(), strict=True))
-            return _reuse(self, "_cached_weights", params, self.compute_weights)
+            return _reuse(self, "_cached_weights", self._weight_parameters, self.compute_weights)
         return self.compute_weights()
 
     @property
@@ -156,7 +158,7 @@ class WNRNNCellBase(_CachedWeights):
         return out if batched else _map_state(out, lambda state: state.squeeze(0))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached_weights": None, "_cache_depth": 0}
+        return {**self.__dict__, "_cached_weights": None, "_cached_weights_state": None, "_cache_depth": 0}
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, scale={self.scale!r}"

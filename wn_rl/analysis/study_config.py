@@ -217,15 +217,18 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
     come after the fixed overrides in every run's command, so the ``--set`` would lose silently; the
     message says where to change the key instead."""
     for item in run_overrides:
-        key, _, value = (part.strip() for part in item.partition("="))
-        if (grid_key := _grid_key(study, key)) is not None:
-            raise ConfigError(
-                f"--set {item}: {grid_key} is a grid key of study {study.name!r} (values "
-                f"{list(study.grid[grid_key])}), and each run's grid value comes after --set and wins; change the "
-                f"grid instead: in the study file, or with the study override 'grid={{{grid_key}: [{value}]}}' "
-                "(a key=value after the study file)"
-            )
-        if (set_key := _study_set_key(study, key)) is not None:
-            hint = _STUDY_SET_HINTS[set_key].format(value=value)
-            raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
+        _, _, value = (part.strip() for part in item.partition("="))
+        # the keys the value sets, as in _check_overrides: `network={hidden_sizes: [32]}` leaves a grid key
+        # network.parameterization to the grid
+        for key in flatten_config(parse_overrides([item])):
+            if (grid_key := _grid_key(study, key)) is not None:
+                raise ConfigError(
+                    f"--set {item}: {grid_key} is a grid key of study {study.name!r} (values "
+                    f"{list(study.grid[grid_key])}), and each run's grid value comes after --set and wins; change the "
+                    f"grid instead: in the study file, or with the study override 'grid={{{grid_key}: [{value}]}}' "
+                    "(a key=value after the study file)"
+                )
+            if (set_key := _study_set_key(study, key)) is not None:
+                hint = _STUDY_SET_HINTS[set_key].format(value=value)
+                raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
     return replace(study, overrides=(*study.overrides, *run_overrides))
