@@ -139,3 +139,46 @@ def test_total_fraction_counts_every_unit_once():
         "b": DormantStats(units=12, dormant=12, tau=0.0, scores=torch.zeros(12)),
     }
     assert total_fraction(stats) == 13 / 16
+
+
+class _NanToZero(nn.Module):
+    def forward(self, x):
+        return x.nan_to_num(0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_layer_with_non_finite_activations_is_nan_not_all_dormant(bad):
+    """A diverging network's layer was reported as entirely dormant (its NaN or inf layer mean made every score 0
+    or NaN): it is now NaN, counted in ``non_finite``, and the other layers are measured as before."""
+    x = torch.tensor([[1.0, -1.0, 2.0], [3.0, -2.0, 0.5]])
+    x[0, 2] = bad
+    model = nn.Sequential(nn.ReLU(), _NanToZero(), nn.Tanh())
+    stats = dormant_units(model, x)
+    relu, tanh = stats["0"], stats["2"]
+    assert (relu.units, relu.dormant, relu.non_finite) == (3, 0, 1)
+    assert torch.isnan(relu.scores).all() and math.isnan(relu.fraction)
+    assert (tanh.non_finite, tanh.dormant, tanh.fraction) == (0, 1, 1 / 3)  # unit 1 never active after the ReLU
+    assert math.isnan(total_fraction(stats))
+    scalars = dormant_scalars(model, x)
+    assert math.isnan(scalars["dormant/0/fraction"]) and math.isnan(scalars["dormant/total_fraction"])
+    assert scalars["dormant/2/fraction"] == 1 / 3
+
+
+class _TwoDevices(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.ReLU(), nn.Tanh()
+
+    def forward(self, x):
+        return self.second(self.first(x).to("cuda").double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
+def test_layers_on_different_devices_are_combined_on_the_cpu():
+    """``torch.cat`` of the per-layer scores failed when the layers sat on different devices."""
+    x = torch.tensor([[1.0, -1.0, 2.0, 0.5], [3.0, -2.0, 0.0, 0.0]])
+    stats = dormant_units(_TwoDevices(), x)
+    assert [s.scores.device.type for s in stats.values()] == ["cpu", "cpu"]
+    assert stats["first"].scores.dtype == torch.float64  # one dtype for all, as before
+    assert (stats["first"].dormant, stats["second"].dormant) == (1, 1)
+    torch.testing.assert_close(stats["first"].scores, torch.tensor([2.0, 0.0, 1.0, 0.25], dtype=torch.float64) / 0.8125)

@@ -11,16 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agents.dqn.config import NetworkConfig, load_dqn_config
+from agents.dqn.config import NetworkConfig, config_dict, load_dqn_config, load_run_config, with_older_defaults
 from agents.dqn.dormant import _q_summary, run_dormant_report
 from agents.dqn.envs import EnvSpec
 from agents.dqn.logs import log_dormant
 from agents.dqn.networks import build_q_network
 from agents.dqn.replay import ReplayMemory
-from agents.dqn.runner import Trainer
+from agents.dqn.run_dir import check_resume_config
+from agents.dqn.runner import SAFE_TO_CHANGE, Trainer
 from wn_rl.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from wn_rl.config import ConfigError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "dormant_units.py"
 
@@ -67,8 +70,9 @@ def test_log_dormant_changes_no_state_or_random_stream_and_waits_for_two_states(
     assert all(torch.equal(v, q_network.state_dict()[k]) for k, v in before.items())  # running means untouched
 
 
-def _tiny_config(runs, parameterization="normal", total=600, stats_every=200):
+def _tiny_config(runs, parameterization="normal", total=600, stats_every=200, extra=()):
     overrides = [
+        *extra,
         f"run.total_agent_steps={total}",
         "agent.replay_capacity_transitions=2000",
         "agent.learning_starts_agent_steps=200",
@@ -152,3 +156,32 @@ def test_the_script_refuses_a_directory_that_is_no_run_or_has_no_checkpoint(tiny
     with pytest.raises(SystemExit):
         main([str(tiny_run), "--tau", "-1"])
     assert "--tau -1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tau", ["-0.1", ".nan", ".inf"])
+def test_a_bad_dormant_tau_fails_naming_the_key(tau):
+    with pytest.raises(ConfigError, match=r"run\.dormant_tau=.* is invalid: expected a finite threshold >= 0"):
+        load_dqn_config("configs/dqn/smoke.yaml", [f"run.dormant_tau={tau}"])
+
+
+def test_run_dormant_tau_reaches_the_logged_fractions(tmp_path):
+    """A tau above every score counts every unit dormant: total_fraction 1 (tau 0 gave less in the same run)."""
+    Trainer(_tiny_config(tmp_path, total=300, stats_every=100, extra=["run.dormant_tau=1e9"]), tmp_path / "r").run()
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("dormant/total_fraction")
+    assert [e.step for e in events] == [100, 200, 300] and all(e.value == 1.0 for e in events)
+
+
+def test_a_run_from_before_dormant_tau_resumes_with_tau_0_or_a_new_tau(tmp_path):
+    """``run.dormant_tau`` only changes what is logged: absent from an older run's config.yaml it reads 0.0 (what
+    the run logged), and a resume may change it."""
+    config = _tiny_config(tmp_path)
+    saved = config_dict(config)
+    del saved["run"]["dormant_tau"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert with_older_defaults(saved)["run"]["dormant_tau"] == 0.0
+    assert load_run_config(tmp_path).run.dormant_tau == 0.0
+    assert "run.dormant_tau" in SAFE_TO_CHANGE
+    check_resume_config(tmp_path, config, force=False)
+    check_resume_config(tmp_path, _tiny_config(tmp_path, extra=["run.dormant_tau=0.1"]), force=False)

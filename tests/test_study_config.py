@@ -69,6 +69,7 @@ def test_an_override_the_study_would_override_is_an_error(override: str, match: 
         (["eval.games=2", "eval.games=3"], r"'eval\.games=2' and then 'eval\.games=3': both set eval\.games"),
         (["eval={games: 2}", "eval.games=3"], r"both set eval\.games"),
         (["eval.games=2", "eval={every_agent_steps: 10}"], r"replaces all of eval, eval\.games included"),
+        (["eval={games: 2}", "eval={every_agent_steps: 10}"], r"replaces all of eval, eval\.games included"),
     ],
 )
 def test_an_override_set_twice_is_an_error(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -92,6 +93,22 @@ def test_a_set_mapping_beside_a_grid_key_is_allowed_and_one_over_it_refused() ->
     assert {c["parameterization"] for c in configs} == {"normal", "weight_norm"}
     with pytest.raises(ConfigError, match=r"--set run=\{seed: 3\}: run\.seed is a grid key"):
         with_run_overrides(load_study_config(SMOKE), ["run={seed: 3}"])
+
+
+def test_a_set_mapping_that_drops_an_earlier_override_is_refused(tmp_path: Path) -> None:
+    """``--set agent={...}`` replaced the whole agent section, dropping the study's ``agent.lr=null`` silently."""
+    study = load_study_config(_study_file(tmp_path, overrides=["agent.lr=null"]))
+    with pytest.raises(
+        ConfigError,
+        match=r"--set agent=\{epsilon_end: 0\.1\}: its value replaces all of agent, so agent\.lr, set by the "
+        r"study's override 'agent\.lr=null', would be dropped silently; set each key with its own dotted override "
+        r"instead: --set agent\.epsilon_end=0\.1$",
+    ):
+        with_run_overrides(study, ["agent={epsilon_end: 0.1}"])
+    with pytest.raises(ConfigError, match=r"eval\.games, set by the earlier '--set eval\.games=2'"):
+        with_run_overrides(study, ["eval.games=2", "eval={every_agent_steps: 10}"])
+    allowed = with_run_overrides(study, ["agent.lr=0.001", "agent={lr: 0.002, epsilon_end: 0.1}"])
+    assert plan_runs(allowed)[0].config["agent"]["lr"] == 0.002  # setting a key again is what --set is for
 
 
 @pytest.mark.parametrize(

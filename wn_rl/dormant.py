@@ -7,13 +7,16 @@ layer of H units with outputs h_i(x), unit i's score is its mean absolute activa
 
 the expectation taken over a batch of inputs (and, for a convolution's channel, over its spatial positions
 too). Unit i is tau-dormant when s_i <= tau; with tau = 0 that means never active on the batch (a ReLU unit
-whose pre-activation is negative for every input). A layer whose units are all silent has every score 0.
+whose pre-activation is negative for every input). A layer whose units are all silent has every score 0. A layer
+with a non-finite activation (NaN or inf: a diverging network) has no layer mean: its scores are NaN, no unit of it
+counts dormant, and its fraction is NaN (a gap in TensorBoard) rather than a misleading 1.
 DQN networks trained with large learning rates can lose all of a layer's units this way: the Q-values
 become constant and the agent always takes the same action.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -48,17 +51,19 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 @dataclass(frozen=True)
 class DormantStats:
     """One layer's dormant units: ``scores`` are the per-unit s_i (a CPU tensor of ``units`` values), ``dormant``
-    how many have s_i <= ``tau``."""
+    how many have s_i <= ``tau``, ``non_finite`` how many had a NaN or inf mean activation (then every score of the
+    layer is NaN and ``dormant`` is 0)."""
 
     units: int
     dormant: int
     tau: float
     scores: Tensor
+    non_finite: int = 0
 
     @property
     def fraction(self) -> float:
-        """The share of the layer's units that are dormant, in [0, 1]."""
-        return self.dormant / self.units
+        """The share of the layer's units that are dormant, in [0, 1]; NaN when its activations were not finite."""
+        return math.nan if self.non_finite else self.dormant / self.units
 
 
 def _pick_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
@@ -97,16 +102,32 @@ def _unit_means(name: str, output: Any) -> Tensor:
     return magnitude.mean(dim=[0, *range(2, output.dim())])
 
 
-def _scores(name: str, calls: list[Tensor]) -> Tensor:
-    """s_i from the per-call unit means of one layer (a module called twice counts both calls)."""
+def _scores(name: str, calls: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """s_i from the per-call unit means of one layer (a module called twice counts both calls), and how many units
+    had a non-finite mean: with any, the layer mean is undefined and every s_i is NaN."""
     if len({c.shape for c in calls}) > 1:
         raise ValueError(
             f"layer {name!r} was called {len(calls)} times with different numbers of units "
             f"{[c.numel() for c in calls]}; give each layer its own activation module"
         )
     mean_abs = torch.stack(calls).mean(0)
+    non_finite = (~mean_abs.isfinite()).sum()
     layer_mean = mean_abs.mean()
-    return torch.where(layer_mean > 0, mean_abs / layer_mean.clamp_min(torch.finfo(mean_abs.dtype).tiny), 0.0)
+    scores = torch.where(layer_mean > 0, mean_abs / layer_mean.clamp_min(torch.finfo(mean_abs.dtype).tiny), 0.0)
+    return torch.where(non_finite > 0, math.nan, scores), non_finite
+
+
+def _to_host(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` flattened on the CPU in one dtype (their promoted one), copied with one ``cat`` per device (one
+    host synchronisation each): a model whose layers sit on several devices cannot ``cat`` them in place."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    host: list[Tensor] = list(tensors)
+    for device in dict.fromkeys(t.device for t in tensors):
+        index = [i for i, t in enumerate(tensors) if t.device == device]
+        flat = torch.cat([tensors[i].flatten().to(dtype) for i in index]).cpu()
+        for i, part in zip(index, flat.split([tensors[i].numel() for i in index]), strict=True):
+            host[i] = part
+    return host
 
 
 @torch.no_grad()
@@ -140,7 +161,9 @@ def dormant_units(
 
     One forward pass without gradients, in eval mode (norm layers on their running statistics, which it does
     not update; no dropout): the network as it acts. Every module's training mode is restored and the hooks are
-    removed afterwards, also when the pass fails. One host synchronisation.
+    removed afterwards, also when the pass fails. One host synchronisation per device holding a layer. A layer
+    with NaN or inf activations gets NaN scores and fraction, ``non_finite`` counting its non-finite units: measuring a
+    diverging network does not raise.
     """
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau={tau!r}: expected a finite threshold >= 0 (0: units never active on the batch)")
@@ -165,20 +188,22 @@ def dormant_units(
             module.training = training
     if not calls:
         raise ValueError(f"the forward pass of {type(model).__name__} reached none of the layers {list(picked)}")
-    scores = {name: _scores(name, calls[name]) for name in picked if name in calls}
-    flat = torch.cat([s.flatten() for s in scores.values()]).cpu()  # the one host synchronisation
-    out, start = {}, 0
-    for name, s in scores.items():
-        host = flat[start : start + s.numel()]
-        out[name] = DormantStats(units=s.numel(), dormant=int((host <= tau).sum()), tau=float(tau), scores=host)
-        start += s.numel()
+    names = [name for name in picked if name in calls]
+    host = _to_host([t for name in names for t in _scores(name, calls[name])])
+    out = {}
+    for name, scores, non_finite in zip(names, host[::2], host[1::2], strict=True):
+        dormant = int((scores <= tau).sum())  # NaN scores are never <= tau
+        out[name] = DormantStats(scores.numel(), dormant, float(tau), scores, non_finite=int(non_finite))
     return out
 
 
 def total_fraction(stats: Mapping[str, DormantStats]) -> float:
-    """The share of dormant units over all the layers of ``stats`` together (each unit counts once)."""
+    """The share of dormant units over all the layers of ``stats`` together (each unit counts once); NaN when a
+    layer's activations were not finite (:attr:`DormantStats.non_finite`)."""
     units = sum(s.units for s in stats.values())
-    return sum(s.dormant for s in stats.values()) / units if units else math.nan
+    if not units or any(s.non_finite for s in stats.values()):
+        return math.nan
+    return sum(s.dormant for s in stats.values()) / units
 
 
 def dormant_scalars(

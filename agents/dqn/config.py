@@ -169,6 +169,9 @@ class RunConfig:
     "TensorBoard scalars every this many agent steps."
     wn_stats_every_agent_steps: int = 50_000
     "WN statistics (g, ||v||, g/||v||) and dormant-unit fractions every this many agent steps."
+    dormant_tau: float = 0.0
+    "tau of the dormant-unit statistics (Sokar et al. 2023): a unit is dormant when its normalised score is <= tau; "
+    "0 counts units never active."
     checkpoint_every_agent_steps: int = 1_000_000
     "checkpoint every this many agent steps (0: only at the end)."
     keep_checkpoints: int = 2
@@ -310,6 +313,8 @@ def _check_run(r: RunConfig) -> None:
     check(ok_device, "run.device", r.device, "auto, cpu, cuda, cuda:N or mps")
     for key in ("log_every_agent_steps", "wn_stats_every_agent_steps"):
         check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "at least 1")
+    tau = r.dormant_tau
+    check(math.isfinite(tau) and tau >= 0, "run.dormant_tau", tau, "a finite threshold >= 0 (0: units never active)")
     c = r.checkpoint_every_agent_steps
     check(c >= 0, "run.checkpoint_every_agent_steps", c, ">= 0 (0: only at the end)")
     check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "at least 1")
@@ -344,10 +349,11 @@ def with_older_defaults(saved: dict) -> dict:
     with the value that does what the code did before the key existed, so that comparing it with a config
     of today (a resume, a study) finds the differences in behaviour and only those."""
     saved = {section: dict(values) for section, values in saved.items()}
-    env, agent = saved.setdefault("env", {}), saved.setdefault("agent", {})
+    env, agent, run = (saved.setdefault(section, {}) for section in ("env", "agent", "run"))
     # ale-py presses FIRE at every game start unless told not to; only Atari has it
     env.setdefault("fire_reset", True if env.get("suite", "atari") == "atari" else None)
     agent.setdefault("epsilon_decay_after_learning_starts", False)  # the decay counted from agent step 0
+    run.setdefault("dormant_tau", 0.0)  # units never active
     return saved
 
 

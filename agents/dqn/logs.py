@@ -63,14 +63,17 @@ def log_evaluation(writer: SummaryWriter, result: dict[str, Any], history: list[
     writer.add_scalar("eval/best_epoch_mean", best_epoch_mean(history), step)
 
 
-def log_dormant(writer: SummaryWriter, q_network: torch.nn.Module, replay: ReplayMemory, step: int) -> None:
-    """The share of the Q-network's activation units never active (``dormant/<layer>/fraction``, and
-    ``dormant/total_fraction`` over all of them; Sokar et al. 2023, tau = 0) on up to :data:`DORMANT_STATES`
-    states spread over the replay memory; nothing while it holds fewer than two. One eager forward of the online
-    network in eval mode, outside any compiled graph: it draws no random number and changes no state, so a run
-    is the same with it or without it."""
+def log_dormant(
+    writer: SummaryWriter, q_network: torch.nn.Module, replay: ReplayMemory, step: int, tau: float = 0.0
+) -> None:
+    """The share of the Q-network's activation units that are tau-dormant (``dormant/<layer>/fraction``, and
+    ``dormant/total_fraction`` over all of them; Sokar et al. 2023; tau = 0: never active, ``run.dormant_tau``)
+    on up to :data:`DORMANT_STATES` states spread over the replay memory; nothing while it holds fewer than two.
+    A layer with NaN or inf activations logs NaN (a gap in TensorBoard), never an error: the run's own
+    non-finite checks report the divergence. One eager forward of the online network in eval mode, outside any
+    compiled graph: it draws no random number and changes no state, so a run is the same with it or without it."""
     if int(replay.valid_mask().sum()) < 2:
         return
     obs = replay.recent_observations(DORMANT_STATES)
-    for tag, value in dormant_scalars(q_network, obs).items():
+    for tag, value in dormant_scalars(q_network, obs, tau=tau).items():
         writer.add_scalar(tag, value, step)

@@ -20,6 +20,7 @@ SAFE_TO_CHANGE = (
     "run.total_agent_steps",
     "run.log_every_agent_steps",
     "run.wn_stats_every_agent_steps",
+    "run.dormant_tau",  # only what is logged
     "run.checkpoint_every_agent_steps",
     "run.keep_checkpoints",
     "run.progress_bar",

@@ -448,7 +448,7 @@ class Trainer:
         if crossed(r.wn_stats_every_agent_steps):
             for tag, value in wn_rl.wn_stats(self.learner.q_network).items():
                 self.writer.add_scalar(tag, value, step)
-            log_dormant(self.writer, self.learner.q_network, self.replay, step)
+            log_dormant(self.writer, self.learner.q_network, self.replay, step, tau=r.dormant_tau)
         if crossed(self.config.eval.every_agent_steps):
             self._evaluate()
         if crossed(r.checkpoint_every_agent_steps) and step < r.total_agent_steps:

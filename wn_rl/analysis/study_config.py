@@ -11,6 +11,7 @@ overrides under the same rules. The runs themselves are planned and reported in
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -132,8 +133,13 @@ def _check_overrides(study: StudyConfig) -> None:
                 )
         for earlier, earlier_key, earlier_leaves in seen:
             shared = next((a for a in earlier_leaves for b in leaves if _overlaps(a, b)), None)
-            if shared is not None or earlier_key.startswith(f"{key}."):
-                how = f"both set {shared}" if shared else f"the latter replaces all of {key}, {earlier_key} included"
+            dropped = _dropped(earlier_leaves, key, leaves)
+            if shared is not None or dropped is not None or earlier_key.startswith(f"{key}."):
+                how = (
+                    f"both set {shared}"
+                    if shared
+                    else f"the latter replaces all of {key}, {dropped or earlier_key} included"
+                )
                 raise ConfigError(
                     f"overrides: {earlier!r} and then {item!r}: {how}, and the later one wins silently; keep one "
                     "(or set each key with its own dotted override)"
@@ -200,6 +206,19 @@ def _overlaps(key: str, other: str) -> bool:
     return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
 
 
+def _dropped(earlier_leaves: list[str], key: str, leaves: list[str]) -> str | None:
+    """The key set by an earlier override that a later ``key=value`` setting ``leaves`` drops: a mapping value
+    replaces all of ``key``, so an earlier key under it is lost unless the later one sets it again."""
+    under = (a for a in earlier_leaves if a.startswith(f"{key}."))
+    return next((a for a in under if not any(_overlaps(a, b) for b in leaves)), None)
+
+
+def _dotted(item: str) -> str:
+    """``item`` as one dotted ``--set`` per key it sets (``agent={lr: null}`` -> ``--set agent.lr=null``)."""
+    values = flatten_config(parse_overrides([item]))
+    return " ".join(f"--set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
+
+
 def _grid_key(study: StudyConfig, key: str) -> str | None:
     """The grid key whose value setting ``key`` touches, if any."""
     return next((k for k in study.grid if _overlaps(key, k)), None)
@@ -215,7 +234,9 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
 
     A key of the grid or one the study sets itself (:func:`study_settings`) is a :class:`ConfigError`: those
     come after the fixed overrides in every run's command, so the ``--set`` would lose silently; the
-    message says where to change the key instead."""
+    message says where to change the key instead. So is a mapping that would drop a key set by the study
+    file's overrides or an earlier ``--set`` (``--set agent={epsilon_end: 0.1}`` after ``agent.lr=null``: a
+    mapping replaces the whole section); setting the same key again is what ``--set`` is for."""
     for item in run_overrides:
         _, _, value = (part.strip() for part in item.partition("="))
         # the keys the value sets, as in _check_overrides: `network={hidden_sizes: [32]}` leaves a grid key
@@ -231,4 +252,21 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
             if (set_key := _study_set_key(study, key)) is not None:
                 hint = _STUDY_SET_HINTS[set_key].format(value=value)
                 raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
+    _check_set_drops(study, run_overrides)
     return replace(study, overrides=(*study.overrides, *run_overrides))
+
+
+def _check_set_drops(study: StudyConfig, run_overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse a ``--set`` whose mapping value would drop a key set by the study's overrides or an earlier
+    ``--set`` (a mapping replaces the whole section, as in :func:`_check_overrides`)."""
+    earlier = [(f"the study's override {o!r}", list(flatten_config(parse_overrides([o])))) for o in study.overrides]
+    for item in run_overrides:
+        key = item.partition("=")[0].strip()
+        leaves = list(flatten_config(parse_overrides([item])))
+        for source, earlier_leaves in earlier:
+            if (dropped := _dropped(earlier_leaves, key, leaves)) is not None:
+                raise ConfigError(
+                    f"--set {item}: its value replaces all of {key}, so {dropped}, set by {source}, would be "
+                    f"dropped silently; set each key with its own dotted override instead: {_dotted(item)}"
+                )
+        earlier.append((f"the earlier '--set {item}'", leaves))
