@@ -91,10 +91,13 @@ def _zero_states(policy: RecurrentActorCriticPolicy, n: int) -> tuple[th.Tensor,
     return zeros, zeros.clone()
 
 
-def _init_passes(
-    policy: BasePolicy, actions: th.Tensor | None, episode_starts: th.Tensor | None = None
+def network_passes(
+    policy: BasePolicy, actions: th.Tensor | None = None, episode_starts: th.Tensor | None = None
 ) -> list[tuple[str, nn.Module, Forward]]:
-    """``(name, network, forward(network, observations))`` for each online network, in init order."""
+    """``(name, network, forward(network, observations))`` per online network of ``policy``, in init order: how
+    the init (and :class:`wn_rl.sb3.WnStatsCallback`'s dormant units) run each one on a batch, without sampling
+    (a recurrent policy: each observation alone from a zero state, or one sequence per row of
+    ``episode_starts``). SAC's, TD3's and TQC's critics need the batch's ``actions``."""
     if isinstance(policy, RecurrentActorCriticPolicy):
 
         def recurrent(net: nn.Module, obs: Any) -> Any:
@@ -122,13 +125,6 @@ def _init_passes(
     else:
         actor = lambda net, obs: net(obs)  # noqa: E731
     return [("actor", policy.actor, actor), ("critic", policy.critic, lambda net, obs: _q_values(net, obs, actions))]
-
-
-def network_passes(policy: BasePolicy, actions: th.Tensor | None = None) -> list[tuple[str, nn.Module, Forward]]:
-    """``(name, network, forward(network, observations))`` per online network of ``policy``: how the init runs each
-    one on a batch, without sampling (a recurrent policy: each observation alone, from a zero state). SAC's, TD3's
-    and TQC's critics need the batch's ``actions``."""
-    return _init_passes(policy, actions)
 
 
 def _q_values(critic: ContinuousCritic | TQCCritic, obs: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
@@ -172,7 +168,7 @@ def initialize_policy(
     """
     reports = {
         name: data_dependent_init(net, observations, force=force, forward=forward)
-        for name, net, forward in _init_passes(policy, actions, episode_starts)
+        for name, net, forward in network_passes(policy, actions, episode_starts)
     }
     sync_target_networks(policy)
     return reports
