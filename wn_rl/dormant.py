@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wn_rl.init import batch_size, call_with_batch
+from wn_rl.init import batch_size, call_with_batch, eval_pass
 
 __all__ = ["ACTIVATIONS", "DormantStats", "dormant_scalars", "dormant_units", "total_fraction"]
 
@@ -118,16 +118,9 @@ def _scores(name: str, calls: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def _to_host(tensors: list[Tensor]) -> list[Tensor]:
-    """``tensors`` flattened on the CPU in one dtype (their promoted one), copied with one ``cat`` per device (one
-    host synchronisation each): a model whose layers sit on several devices cannot ``cat`` them in place."""
+    """``tensors`` on the CPU in one dtype (their promoted one); a model's layers may sit on several devices."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    host: list[Tensor] = list(tensors)
-    for device in dict.fromkeys(t.device for t in tensors):
-        index = [i for i, t in enumerate(tensors) if t.device == device]
-        flat = torch.cat([tensors[i].flatten().to(dtype) for i in index]).cpu()
-        for i, part in zip(index, flat.split([tensors[i].numel() for i in index]), strict=True):
-            host[i] = part
-    return host
+    return [t.to("cpu", dtype) for t in tensors]
 
 
 @torch.no_grad()
@@ -161,7 +154,7 @@ def dormant_units(
 
     One forward pass without gradients, in eval mode (norm layers on their running statistics, which it does
     not update; no dropout): the network as it acts. Every module's training mode is restored and the hooks are
-    removed afterwards, also when the pass fails. One host synchronisation per device holding a layer. A layer
+    removed afterwards, also when the pass fails. Two host copies per layer. A layer
     with NaN or inf activations gets NaN scores and fraction, ``non_finite`` counting its non-finite units: measuring a
     diverging network does not raise.
     """
@@ -177,15 +170,8 @@ def dormant_units(
         return lambda module, inputs, output: calls.setdefault(name, []).append(_unit_means(name, output))
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in picked.items()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with eval_pass(model, handles):
         call_with_batch(model, batch, forward)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
     if not calls:
         raise ValueError(f"the forward pass of {type(model).__name__} reached none of the layers {list(picked)}")
     names = [name for name in picked if name in calls]

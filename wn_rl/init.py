@@ -20,9 +20,10 @@ passes that normalised output on, so deeper layers initialise on already-initial
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +249,22 @@ class _InitPass:
         return (output - _unit_view(mean, output, channel_dim)) * _unit_view(factor, output, channel_dim)
 
 
+@contextlib.contextmanager
+def eval_pass(model: nn.Module, handles: Iterable[Any] = ()) -> Iterator[None]:
+    """``model`` in eval mode for a measuring forward pass; afterwards, also when the pass fails, the hooks
+    behind ``handles`` are removed and every module's own training mode is restored (a submodule the user keeps
+    in eval mode, such as a frozen batch norm, stays so)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+
+
 def call_with_batch(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None) -> None:
     """``forward(model, batch)``, else ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list,
     ``model(batch)`` otherwise: how :func:`data_dependent_init` and :func:`wn_rl.dormant_units` pass a batch."""
@@ -369,28 +386,22 @@ def _run_pass(model: nn.Module, batch: Any, forward: Callable | None, handles: l
     """The init's forward pass in eval mode, without gradients; every module's own mode is restored after it
     (a submodule the user keeps in eval mode, such as a frozen batch norm, stays so) and the hooks removed. A
     failing pass leaves the model as it was."""
-    modes = [(m, m.training) for m in model.modules()]
     before = {k: t.detach().clone() if isinstance(t, Tensor) else t for k, t in model.state_dict().items()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_with_batch(model, batch, forward)
-        _check_finite(model)
-    except BaseException as error:
-        model.load_state_dict(before)  # in place (optimizers keep their references): no half-initialised model
-        mismatch = _batch_mismatch(model, batch) if isinstance(error, RuntimeError) else None
-        if mismatch:
-            raise RuntimeError(
-                f"data-dependent init's forward pass failed: {error}\n{mismatch}. The model is unchanged; pass the "
-                "batch as the model takes it in training (batch.to(device, dtype); Atari frames as the model expects "
-                "them: uint8 if it converts them itself, else batch.float() / 255)."
-            ) from error
-        raise
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
+    with eval_pass(model, handles):
+        try:
+            with torch.no_grad():
+                call_with_batch(model, batch, forward)
+            _check_finite(model)
+        except BaseException as error:
+            model.load_state_dict(before)  # in place (optimizers keep their references): no half-initialised model
+            mismatch = _batch_mismatch(model, batch) if isinstance(error, RuntimeError) else None
+            if mismatch:
+                raise RuntimeError(
+                    f"data-dependent init's forward pass failed: {error}\n{mismatch}. The model is unchanged; pass "
+                    "the batch as the model takes it in training (batch.to(device, dtype); Atari frames as the model "
+                    "expects them: uint8 if it converts them itself, else batch.float() / 255)."
+                ) from error
+            raise
 
 
 def _batch_tensors(batch: Any) -> list[Tensor]:
