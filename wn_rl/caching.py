@@ -17,7 +17,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +27,21 @@ __all__ = ["cached"]
 _Cached = TypeVar("_Cached", Tensor, tuple[Tensor, ...])
 
 
+# What a module keeps inside `cached`: a layer's weight (or, acting, its output scale), a cell's weights; each
+# beside the parameter state it is valid for (``<attr>_state``).
+_CACHE_ATTRS = ("_cached_weight", "_cached_weights", "_cached_scale")
+
+
 class _CachedWeights(nn.Module):
     """A module whose effective weights :func:`cached` can keep for a whole block: the WN layers and the WN
     recurrent cells (:mod:`wn_rl.recurrent_cells`). Its ``_cache_depth`` counts the open blocks around it."""
 
     _cache_depth = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a weight cached inside `cached()` is a non-leaf tensor: it must not be pickled or deep-copied
+        cleared = dict.fromkeys(name for attr in _CACHE_ATTRS for name in (attr, f"{attr}_state"))
+        return {**self.__dict__, **cleared, "_cache_depth": 0}
 
 
 def _lacks_graph(cached: Tensor, *params: Tensor) -> bool:
@@ -116,7 +126,7 @@ def _cacheable(model: nn.Module) -> list[nn.Module]:
 
 
 def _clear_cache(module: nn.Module) -> None:
-    for attr in ("_cached_weight", "_cached_weights", "_cached_scale"):
+    for attr in _CACHE_ATTRS:
         setattr(module, attr, None)
         setattr(module, f"{attr}_state", None)
 

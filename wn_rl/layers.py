@@ -360,14 +360,6 @@ class WNLayer(_CachedWeights):
         else:
             self.s.add_(factor.log())
 
-    def __getstate__(self) -> dict[str, Any]:
-        # a weight cached inside `cached()` is a non-leaf tensor: it must not be pickled or deep-copied
-        return {
-            **self.__dict__,
-            **dict.fromkeys(("_cached_weight", "_cached_weight_state", "_cached_scale", "_cached_scale_state")),
-            "_cache_depth": 0,
-        }
-
 
 class WNLinear(WNLayer):
     """Weight-normalized ``nn.Linear``: y = x w^T + b with w = g v / ||v|| per output row (eq. 2).

@@ -157,9 +157,6 @@ class WNRNNCellBase(_CachedWeights):
         out = self._step(input, hx, *self._weights())
         return out if batched else _map_state(out, lambda state: state.squeeze(0))
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached_weights": None, "_cached_weights_state": None, "_cache_depth": 0}
-
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}, scale={self.scale!r}"
 
