@@ -118,14 +118,14 @@ def _check_overrides(study: StudyConfig) -> None:
     for item in study.overrides:
         key, _, value = (part.strip() for part in item.partition("="))
         leaves = list(flatten_config(parse_overrides([item])))
-        for leaf in leaves:
-            if (grid_key := _grid_key(study, leaf)) is not None:
+        match _set_later(study, item):
+            case ("grid", grid_key):
                 raise ConfigError(
                     f"overrides: {item!r} sets {grid_key}, a grid key (values {list(study.grid[grid_key])}), and each "
                     f"run's grid value comes after the overrides and wins: remove {item!r} from overrides, or "
                     f"{grid_key} from grid"
                 )
-            if (set_key := _study_set_key(study, leaf)) is not None:
+            case ("study", set_key):
                 hint = _STUDY_SET_HINTS[set_key].format(value=value)
                 raise ConfigError(
                     f"overrides: {item!r}: {set_key} is set by the study for every run, after the overrides: remove "
@@ -219,14 +219,17 @@ def _dotted(item: str) -> str:
     return " ".join(f"--set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
 
 
-def _grid_key(study: StudyConfig, key: str) -> str | None:
-    """The grid key whose value setting ``key`` touches, if any."""
-    return next((k for k in study.grid if _overlaps(key, k)), None)
-
-
-def _study_set_key(study: StudyConfig, key: str) -> str | None:
-    """The key the study sets in every run (:func:`study_settings`) that setting ``key`` touches, if any."""
-    return next((k for k in study_settings(study, "") if _overlaps(key, k)), None)
+def _set_later(study: StudyConfig, item: str) -> tuple[str, str] | None:
+    """The first key that the override ``item`` touches and that every run's command sets again after the
+    overrides, so ``item`` would lose silently: ``("grid", key)`` for a grid key, ``("study", key)`` for one the
+    study sets itself (:func:`study_settings`). Judged on the dotted keys the value sets:
+    ``network={hidden_sizes: [32]}`` leaves a grid key ``network.parameterization`` to the grid."""
+    for leaf in flatten_config(parse_overrides([item])):
+        if (key := next((k for k in study.grid if _overlaps(leaf, k)), None)) is not None:
+            return "grid", key
+        if (key := next((k for k in study_settings(study, "") if _overlaps(leaf, k)), None)) is not None:
+            return "study", key
+    return None
 
 
 def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str, ...]) -> StudyConfig:
@@ -239,17 +242,15 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
     mapping replaces the whole section); setting the same key again is what ``--set`` is for."""
     for item in run_overrides:
         _, _, value = (part.strip() for part in item.partition("="))
-        # the keys the value sets, as in _check_overrides: `network={hidden_sizes: [32]}` leaves a grid key
-        # network.parameterization to the grid
-        for key in flatten_config(parse_overrides([item])):
-            if (grid_key := _grid_key(study, key)) is not None:
+        match _set_later(study, item):
+            case ("grid", grid_key):
                 raise ConfigError(
                     f"--set {item}: {grid_key} is a grid key of study {study.name!r} (values "
                     f"{list(study.grid[grid_key])}), and each run's grid value comes after --set and wins; change the "
                     f"grid instead: in the study file, or with the study override 'grid={{{grid_key}: [{value}]}}' "
                     "(a key=value after the study file)"
                 )
-            if (set_key := _study_set_key(study, key)) is not None:
+            case ("study", set_key):
                 hint = _STUDY_SET_HINTS[set_key].format(value=value)
                 raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
     _check_set_drops(study, run_overrides)
