@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from stable_baselines3 import PPO, SAC
+from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from wn_rl.sb3 import DataDependentInitCallback, WnActorCriticPolicy, WnSACPolicy, WnStatsCallback
+from wn_rl.sb3 import DataDependentInitCallback, WnActorCriticPolicy, WnMlpPolicy, WnSACPolicy, WnStatsCallback
 from wn_rl.sb3.callbacks import recent_buffer_batch
 
 
@@ -60,3 +60,25 @@ def test_recent_buffer_batch_takes_the_newest_steps_of_every_env():
 def test_dormant_samples_must_be_a_batch():
     with pytest.raises(ValueError, match="dormant_samples"):
         WnStatsCallback(dormant=True, dormant_samples=1)
+
+
+def test_dormant_tau_counts_units_with_a_small_mean_activation():
+    """Two hidden units whose outputs are their biases, 1.0 and 0.1: scores 1.82 and 0.18 (the layer mean is
+    0.55), so neither is dormant at tau = 0 and the quiet one is at tau = 0.5."""
+    model = DQN(WnMlpPolicy, "CartPole-v1", learning_starts=1_000, seed=0, policy_kwargs=dict(net_arch=[2]))
+    by_tau = {
+        tau: WnStatsCallback(log_freq=1_000, dormant=True, dormant_samples=8, dormant_tau=tau) for tau in (0, 0.5)
+    }
+    model.learn(16, callback=list(by_tau.values()))  # fills the replay buffer, no update
+    hidden = model.policy.q_net.q_net[0]
+    with torch.no_grad():
+        hidden.g.zero_()  # w = g v / ||v|| = 0: each unit outputs its bias
+        hidden.bias.copy_(torch.tensor([1.0, 0.1]))
+    fractions = {tau: stats.dormant_stats()["dormant/q_net/q_net.1/fraction"] for tau, stats in by_tau.items()}
+    assert fractions == {0: 0.0, 0.5: 0.5}
+
+
+@pytest.mark.parametrize("tau", [-0.1, float("nan"), float("inf"), True, "0.1", None])
+def test_dormant_tau_must_be_a_finite_threshold(tau):
+    with pytest.raises(ValueError, match=r"dormant_tau=.* must be a finite threshold >= 0"):
+        WnStatsCallback(dormant=True, dormant_tau=tau)

@@ -215,3 +215,19 @@ def test_train_sb3_runs_do_not_warn(tmp_path, init_enabled):
     with recorded() as found:
         SB3Run(config, tmp_path / "run").train()
     assert not found
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_allow_fresh_init_silences_that_policy_object_only(name):
+    """The fresh init on purpose, told to the policy (SAC: its actor and critics train through it), not to the
+    process's warning filters; a copy decides afresh from its flags."""
+    make, steps = MODELS[name]
+    model = make()
+    model.policy.allow_fresh_init()
+    clone = copy.deepcopy(model.policy)
+    with recorded() as found:
+        model.learn(steps)
+    assert train_calls(model) >= 2 and found == []
+    with recorded() as found:
+        clone.set_training_mode(True)
+    assert len(found) == 1

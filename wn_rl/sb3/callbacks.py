@@ -299,8 +299,8 @@ class WnStatsCallback(BaseCallback):
     """Log g, ||v|| and g/||v|| (the effective gradient scale of section 2.1) of every WN layer of the
     online networks into SB3's logger every ``log_freq`` environment steps, as
     ``wn/<network>/<layer>/<stat>`` (TensorBoard only), with per-unit histograms if asked, and, with
-    ``dormant=True``, the share of each activation layer's units that are dormant (never active; Sokar et al.
-    2023, :func:`wn_rl.dormant_units`) as ``dormant/<network>/<layer>/fraction`` and
+    ``dormant=True``, the share of each activation layer's units that are tau-dormant (score s_i <= tau; tau = 0:
+    never active; Sokar et al. 2023, :func:`wn_rl.dormant_units`) as ``dormant/<network>/<layer>/fraction`` and
     ``dormant/<network>/total_fraction``.
 
     The dormant units are measured on up to ``dormant_samples`` observations of the newest steps in the replay
@@ -313,6 +313,8 @@ class WnStatsCallback(BaseCallback):
         histograms: also log per-unit histograms of g, ||v|| and g/||v||.
         dormant: also log the dormant-unit fractions (off by default: a forward pass on a batch per log).
         dormant_samples: observations per dormant-unit measurement, at least 2.
+        dormant_tau: the dormancy threshold tau, finite and >= 0 (0: units never active on the batch; Sokar et
+            al. use 0 to 0.1), as the native DQN's ``run.dormant_tau``.
     """
 
     def __init__(
@@ -323,16 +325,24 @@ class WnStatsCallback(BaseCallback):
         *,
         dormant: bool = False,
         dormant_samples: int = 256,
+        dormant_tau: float = 0.0,
     ) -> None:
         super().__init__(verbose)
         if isinstance(log_freq, bool) or not isinstance(log_freq, int) or log_freq < 1:
             raise ValueError(f"log_freq={log_freq!r} must be a positive number of environment steps")
         if isinstance(dormant_samples, bool) or not isinstance(dormant_samples, int) or dormant_samples < 2:
             raise ValueError(f"dormant_samples={dormant_samples!r} must be an integer >= 2 (observations per measure)")
+        number = isinstance(dormant_tau, (int, float)) and not isinstance(dormant_tau, bool)
+        if not (number and math.isfinite(dormant_tau) and dormant_tau >= 0):
+            raise ValueError(
+                f"dormant_tau={dormant_tau!r} must be a finite threshold >= 0 (0: units never active on the batch; "
+                "Sokar et al. use 0 to 0.1)"
+            )
         self.log_freq = log_freq
         self.histograms = histograms
         self.dormant = dormant
         self.dormant_samples = dormant_samples
+        self.dormant_tau = float(dormant_tau)
         self._last_logged: int | None = None
         self.last_stats: dict[str, float] = {}
 
@@ -379,5 +389,5 @@ class WnStatsCallback(BaseCallback):
         obs = obs_as_tensor(observations, policy.device)
         stats: dict[str, float] = {}
         for name, net, forward in network_passes(policy, th.as_tensor(actions, device=policy.device)):
-            stats.update(dormant_scalars(net, obs, forward=forward, prefix=f"dormant/{name}"))
+            stats.update(dormant_scalars(net, obs, tau=self.dormant_tau, forward=forward, prefix=f"dormant/{name}"))
         return stats

@@ -23,6 +23,7 @@ __all__ = [
     "AtomicCheckpointCallback",
     "final_buffer_belongs",
     "latest_model",
+    "latest_saved_model",
     "replay_buffer_path",
     "save_model_atomically",
     "save_replay_buffer_atomically",
@@ -43,11 +44,19 @@ def latest_model(run_dir: Path) -> Path | None:
     """The newest complete model of a run: the checkpoint with the most steps, or ``final_model.zip``
     when its recorded step count (``final_steps.json``) is at least as large. A truncated or corrupted
     zip is skipped with a warning that names it, falling back to the previous one."""
-    for _, path in sb3_saved_models(run_dir):
+    latest = latest_saved_model(run_dir, stacklevel=3)
+    return None if latest is None else latest[1]
+
+
+def latest_saved_model(run_dir: Path, *, stacklevel: int = 2) -> tuple[int, Path] | None:
+    """:func:`latest_model` with its step count (from the file name, or ``final_steps.json``): ``(steps, path)``,
+    from one listing of the run's saved models."""
+    for steps, path in sb3_saved_models(run_dir):
         problem = _zip_ok(path)
         if problem is None:
-            return path
-        warnings.warn(f"skipping damaged model {path}: {problem}; falling back to the previous one", stacklevel=2)
+            return steps, path
+        message = f"skipping damaged model {path}: {problem}; falling back to the previous one"
+        warnings.warn(message, stacklevel=stacklevel)
     return None
 
 

@@ -46,7 +46,8 @@ class UninitializedPolicyWarning(UserWarning):
     Issued once per policy object, at the first SB3 ``train()``, when the policy has weight-normalized
     or mean-only batch-norm layers and none of them was initialised (by
     :class:`wn_rl.sb3.DataDependentInitCallback`, by hand, or in the model it was loaded from). If the
-    fresh init is intended, silence it with
+    fresh init is intended, say so to the policy with ``model.policy.allow_fresh_init()`` (that policy object
+    only, safe with runs in several threads), or silence the class for the whole process with
     ``warnings.filterwarnings("ignore", category=wn_rl.sb3.UninitializedPolicyWarning)``.
     """
 
@@ -58,7 +59,8 @@ _UNINITIALIZED_MESSAGE = (
     "model.learn(..., callback=wn_rl.sb3.DataDependentInitCallback()) (off-policy: with learning_starts >= its "
     "n_samples), or initialise by hand before learning with wn_rl.sb3.initialize_policy(model.policy, "
     "observations[, actions]) (wn_rl.data_dependent_init(network, batch) for one network). If the fresh init "
-    'is intended: warnings.filterwarnings("ignore", category=wn_rl.sb3.UninitializedPolicyWarning).'
+    "is intended: model.policy.allow_fresh_init() before learning, or "
+    'warnings.filterwarnings("ignore", category=wn_rl.sb3.UninitializedPolicyWarning).'
 )
 
 
@@ -103,7 +105,7 @@ class WnPolicyOptions:
 
     parameterization: Parameterization
     init_scales: dict[str, float]
-    _init_checked: bool = False  # whether set_training_mode(True) has looked at the init flags yet
+    _init_checked: bool = False  # whether set_training_mode(True) has looked at the init flags (or need not)
 
     def _wn_prepare(
         self,
@@ -172,6 +174,13 @@ class WnPolicyOptions:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
         data.update(parameterization=self._parameterization_arg, init_scale=self._init_scale_arg)
         return data
+
+    def allow_fresh_init(self) -> None:
+        """Train from the fresh initialization on purpose: this policy object never issues
+        :class:`UninitializedPolicyWarning`. Its actor and critics (SAC, TD3, TQC) are trained through it, so
+        they are covered too. Unlike a ``warnings`` filter this changes no process-wide state, so runs in other
+        threads keep their warnings; a copy or a reloaded model decides afresh from its ``initialized`` flags."""
+        self._init_checked = True
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's switch between acting and training, which every algorithm's ``train()`` opens with

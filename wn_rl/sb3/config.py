@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,10 @@ class SB3Config:
     "data-dependent initialization"
     wn_stats_freq: int = 10_000
     "environment steps between WN statistics in TensorBoard; 0 disables"
+    dormant: bool = False
+    "also log the dormant-unit fractions (Sokar et al. 2023) with the WN statistics (wn_rl policies; a forward pass)"
+    dormant_tau: float = 0.0
+    "tau of the dormant units: a unit is dormant when its normalised mean activation is <= tau (0: never active)"
     eval: EvalConfig = field(default_factory=EvalConfig)
     "periodic evaluation on a separate env"
     checkpoint_freq: int = 0
@@ -171,6 +176,10 @@ class SB3Config:
         check(self.frame_stack >= 1, "frame_stack", self.frame_stack, "at least 1 frame")
         check(self.action_noise_std >= 0, "action_noise_std", self.action_noise_std, "a std >= 0")
         check(self.wn_stats_freq >= 0, "wn_stats_freq", self.wn_stats_freq, "a number of steps >= 0")
+        tau = self.dormant_tau
+        check(math.isfinite(tau) and tau >= 0, "dormant_tau", tau, "a finite threshold >= 0 (0: units never active)")
+        logged = "false, or wn_stats_freq > 0 (the dormant units are logged with the WN statistics)"
+        check(not self.dormant or self.wn_stats_freq > 0, "dormant", self.dormant, logged)
         check(self.checkpoint_freq >= 0, "checkpoint_freq", self.checkpoint_freq, "a number of steps >= 0")
         check(self.torch_threads >= 0, "torch_threads", self.torch_threads, "a thread count >= 0")
         check(self.log_interval >= 0, "log_interval", self.log_interval, "an interval >= 0")

@@ -26,7 +26,6 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-from wn_rl.analysis.runs import sb3_saved_models
 from wn_rl.checkpoint import atomic_write_bytes, name_write_errors, remove_temporaries
 from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
@@ -34,11 +33,12 @@ from wn_rl.sb3.checkpoints import (
     AtomicCheckpointCallback,
     final_buffer_belongs,
     latest_model,
+    latest_saved_model,
     replay_buffer_path,
     save_model_atomically,
     save_replay_buffer_atomically,
 )
-from wn_rl.sb3.common import UninitializedPolicyWarning
+from wn_rl.sb3.common import WnPolicyOptions
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
 from wn_rl.sb3.envs import make_env
 from wn_rl.sb3.guard import NonFiniteGuardCallback
@@ -54,6 +54,8 @@ SAFE_TO_CHANGE = (
     "log_interval",
     "checkpoint_freq",
     "wn_stats_freq",
+    "dormant",
+    "dormant_tau",
     "eval.freq",
     "progress_bar",
     "verbose",
@@ -202,7 +204,8 @@ class SB3Run:
                 f"(and --resume could pick an old one). Continue it with --resume {self.run_dir}, or start a new "
                 "run with another run_name."
             )
-        self.resume_from = latest_model(self.run_dir) if resume else None
+        latest = latest_saved_model(self.run_dir) if resume else None
+        self.resume_from, self.resume_steps = (latest[1], latest[0]) if latest else (None, None)
         # a run stopped before it saved any model: it trains again from step 0 in its own directory, dropping
         # what it logged and evaluated before (as the native DQN's rerun of a run without a checkpoint)
         self.restart = resume and self.resume_from is None
@@ -335,7 +338,9 @@ class SB3Run:
         if config.init.enabled and wn_policy:
             callbacks.append(DataDependentInitCallback(config.init.n_samples, verbose=config.verbose))
         if config.wn_stats_freq and wn_policy:
-            callbacks.append(WnStatsCallback(config.wn_stats_freq))
+            callbacks.append(
+                WnStatsCallback(config.wn_stats_freq, dormant=config.dormant, dormant_tau=config.dormant_tau)
+            )
         if config.checkpoint_freq:
             self.checkpoints = AtomicCheckpointCallback(
                 config.checkpoint_freq,
@@ -366,7 +371,7 @@ class SB3Run:
         final save resumes from a checkpoint instead, and is loaded to write the final model it lacks."""
         if self.resume_from is None or self.resume_from.name != "final_model.zip":
             return None
-        steps = next((steps for steps, path in sb3_saved_models(self.run_dir) if path == self.resume_from), None)
+        steps = self.resume_steps  # final_steps.json's count, read when the model was found
         return steps if steps is not None and steps >= self.config.total_timesteps else None
 
     def _say_complete(self, steps: int, unchanged: bool) -> None:
@@ -382,18 +387,18 @@ class SB3Run:
         config = self.config
         learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
         started = time.perf_counter()
+        if not config.init.enabled and isinstance(model.policy, WnPolicyOptions):
+            # the fresh init on purpose: told to this policy, not to the process's warning filters (other threads)
+            model.policy.allow_fresh_init()
         try:
-            with warnings.catch_warnings():
-                if not config.init.enabled:  # the fresh init on purpose: the policy's reminder has nothing to say
-                    warnings.filterwarnings("ignore", category=UninitializedPolicyWarning)
-                model.learn(
-                    steps,
-                    callback=CallbackList(self._callbacks(model)),
-                    tb_log_name=TB_LOG_NAME,
-                    reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
-                    progress_bar=config.progress_bar,
-                    **learn_kwargs,
-                )
+            model.learn(
+                steps,
+                callback=CallbackList(self._callbacks(model)),
+                tb_log_name=TB_LOG_NAME,
+                reset_num_timesteps=self.resume_from is None and not self.restart,  # a restart: its own log
+                progress_bar=config.progress_bar,
+                **learn_kwargs,
+            )
         finally:
             self.stop._on_training_end()  # restore the signal handlers when learn raised
         seconds = time.perf_counter() - started
