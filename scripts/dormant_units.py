@@ -1,10 +1,16 @@
 """Dormant units of saved DQN agents: ``python scripts/dormant_units.py RUN_DIR [RUN_DIR ...] [--json out.json]``.
 
-For each run directory of ``scripts/train_dqn.py``: its newest complete checkpoint's Q-network on the states of
-a uniformly random policy in the run's own env (``--envs`` x ``--steps``, reset with ``--seed``), and a table of
-the tau-dormant units per activation layer (Sokar et al. 2023; ``--tau 0``: never active), their share over all
-layers, the std of the Q-values over the states and the share of the most frequent greedy action (a collapsed
-network: Q std 0, share 1.00). The logic is in :mod:`agents.dqn.dormant`.
+For each run directory of ``scripts/train_dqn.py``: its newest complete checkpoint's Q-network on the states that
+``--policy`` collects in the run's own env (``--envs`` x ``--steps``; ``--seed`` seeds the env reset and every
+random draw), and a table of the tau-dormant units per activation layer (Sokar et al. 2023; ``--tau 0``: never
+active), their share over all layers, the std of the Q-values over the states and the share of the most frequent
+greedy action (a collapsed network: Q std 0, share 1.00). The table and the JSON name the policy.
+
+``--policy random`` (the default, as every number measured before the option): uniformly random actions.
+``--policy agent``: the checkpoint's own Q-network acting epsilon-greedily with the run's evaluation epsilon
+(``eval.epsilon``, 0.05 by default), as evaluation plays: the states the trained agent reaches. A collapsed network
+still collects varied states this way: its epsilon share of actions is random, the rest is its one action.
+The logic is in :mod:`agents.dqn.dormant`.
 
 Exit codes: 0 done; 2 bad input, a directory that is not a run, or a run without a complete checkpoint.
 """
@@ -17,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-from agents.dqn.dormant import format_table, run_dormant_report
+from agents.dqn.dormant import POLICIES, format_table, run_dormant_report
 from wn_rl.checkpoint import CheckpointError, atomic_write_bytes
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, resolve_device
@@ -26,9 +32,16 @@ from wn_rl.config import ConfigError, resolve_device
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by train_dqn.py")
-    parser.add_argument("--steps", type=int, default=250, help="random-policy steps per env (default 250)")
+    parser.add_argument("--steps", type=int, default=250, help="steps of the policy per env (default 250)")
     parser.add_argument("--envs", type=int, default=8, help="parallel envs (default 8: 2000 states)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the env reset and the random actions")
+    parser.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="random",
+        help="who collects the states: uniformly random actions (default), or the checkpoint's Q-network "
+        "epsilon-greedy at the run's eval.epsilon",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the env reset, random actions and epsilon draws")
     parser.add_argument("--tau", type=float, default=0.0, help="dormancy threshold on the unit score (default 0)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
@@ -47,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device, "--device")
         reports = [
-            run_dormant_report(run, num_envs=args.envs, steps=args.steps, seed=args.seed, tau=args.tau, device=device)
+            run_dormant_report(
+                run,
+                num_envs=args.envs,
+                steps=args.steps,
+                seed=args.seed,
+                tau=args.tau,
+                device=device,
+                policy=args.policy,
+            )
             for run in args.run_dirs
         ]
     except (ConfigError, CheckpointError) as exc:

@@ -1,6 +1,6 @@
 """Dormant units in native DQN: a real MinAtar run writes ``dormant/*`` to TensorBoard, measuring changes neither
 the network nor the random stream, and scripts/dormant_units.py reports a saved run (a collapsed one: every
-fc unit dead, Q std 0, one action everywhere)."""
+fc unit dead, Q std 0, one action everywhere) on the states of a random policy or of the agent itself."""
 
 import importlib.util
 import json
@@ -15,8 +15,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.dqn.config import NetworkConfig, config_dict, load_dqn_config, load_run_config, with_older_defaults
-from agents.dqn.dormant import _q_summary, run_dormant_report
-from agents.dqn.envs import EnvSpec
+from agents.dqn.dormant import _q_summary, newest_weights, policy_states, run_dormant_report
+from agents.dqn.envs import EnvSpec, make_env
 from agents.dqn.logs import log_dormant
 from agents.dqn.networks import build_q_network
 from agents.dqn.replay import ReplayMemory
@@ -120,27 +120,36 @@ def test_a_minatar_run_logs_dormant_fractions_with_the_wn_statistics(tiny_run):
 
 def test_the_script_prints_a_table_and_writes_json(tiny_run, tmp_path):
     out = tmp_path / "dormant.json"
-    args = [str(tiny_run), "--envs", "2", "--steps", "30", "--device", "cpu", "--json", str(out)]
+    args = [str(tiny_run), "--envs", "2", "--steps", "30", "--device", "cpu", "--policy", "agent", "--json", str(out)]
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0] == "| run | agent step | body.1 | body.4 | dormant total | Q std | greedy action share |"
-    assert lines[2].startswith("| normal | 600 | ") and "/16 | " in lines[2] and "/128 | " in lines[2]
+    assert lines[0] == "| run | agent step | policy | body.1 | body.4 | dormant total | Q std | greedy action share |"
+    assert lines[2].startswith("| normal | 600 | agent eps 0.05 | ") and "/16 | " in lines[2] and "/128 | " in lines[2]
     (report,) = json.loads(out.read_text())
     assert report["agent_step"] == 600 and report["states"] == 60
+    assert report["policy"] == "agent" and report["epsilon"] == 0.05  # the run's eval.epsilon
     assert report["layers"]["body.4"]["units"] == 128 and report["q_std"] > 0
 
 
-def test_a_collapsed_network_is_reported_all_dormant_with_one_action(tiny_run, tmp_path):
-    collapsed = tmp_path / "collapsed"
-    (collapsed / "checkpoints").mkdir(parents=True)
-    (collapsed / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+def _edited_run(tiny_run, run_dir, name, value):
+    """A copy of ``tiny_run`` whose newest checkpoint has the Q-network's parameter ``name`` set to ``value``."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
     state = load_checkpoint(complete_checkpoints(tiny_run / "checkpoints")[-1])
-    state["learner"]["q_network"]["body.3.bias"].fill_(-1e4)  # the fc layer's ReLUs never open
-    save_checkpoint(collapsed / "checkpoints" / "checkpoint_000000000600.pt", state)
+    state["learner"]["q_network"][name].copy_(torch.as_tensor(value))
+    save_checkpoint(run_dir / "checkpoints" / "checkpoint_000000000600.pt", state)
+    return run_dir
+
+
+def test_a_collapsed_network_is_reported_all_dormant_with_one_action(tiny_run, tmp_path):
+    collapsed = _edited_run(tiny_run, tmp_path / "collapsed", "body.3.bias", -1e4)  # the fc ReLUs never open
     report = run_dormant_report(collapsed, num_envs=2, steps=20)
+    assert report["policy"] == "random" and report["epsilon"] == 1.0
     assert report["layers"]["body.4"] == {"dormant": 128, "units": 128, "fraction": 1.0}
     assert report["q_std"] == 0.0 and report["greedy_action_share"] == 1.0
+    acting = run_dormant_report(collapsed, num_envs=2, steps=20, policy="agent")  # epsilon actions still vary
+    assert acting["states"] == 40 and acting["policy"] == "agent" and acting["greedy_action_share"] == 1.0
     assert _q_summary(torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 5.0]])) == pytest.approx(
         {"q_std": (2 / 3**0.5 + 4 / 3**0.5) / 2, "greedy_action_share": 2 / 3}  # sample stds over states
     )
@@ -156,6 +165,35 @@ def test_the_script_refuses_a_directory_that_is_no_run_or_has_no_checkpoint(tiny
     with pytest.raises(SystemExit):
         main([str(tiny_run), "--tau", "-1"])
     assert "--tau -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tiny_run), "--policy", "greedy"])
+    assert "argument --policy: invalid choice: 'greedy' (choose from" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"policy='greedy': expected one of \('random', 'agent'\)"):
+        run_dormant_report(tiny_run, policy="greedy")
+
+
+def test_the_agent_policy_collects_its_own_states_the_same_for_a_seed(tiny_run, tmp_path):
+    """A network that prefers action 0 (its head's bias) walks elsewhere than a random policy, the same way for a
+    seed; at epsilon 1 it is the random policy, draw for draw."""
+    bias = torch.tensor([1e3, 0.0, 0.0])
+    one_action = _edited_run(tiny_run, tmp_path / "one_action", "head.bias", bias)
+    reports = [run_dormant_report(one_action, num_envs=2, steps=40, seed=3, policy=p) for p in ("agent", "agent")]
+    assert reports[0] == reports[1] and reports[0]["policy"] == "agent" and reports[0]["epsilon"] == 0.05
+    assert run_dormant_report(one_action, num_envs=2, steps=40, seed=3)["q_std"] != reports[0]["q_std"]
+    config = load_run_config(one_action)
+    q_network = build_q_network(config.network, EnvSpec("minatar", "breakout", 2, (4, 10, 10), 1, np.uint8, 3, {}))
+    q_network.load_state_dict(newest_weights(one_action, torch.device("cpu"))[1])
+
+    def states(*policy):  # a fresh env each time: MinAtar keeps its sticky last action through a reset
+        env = make_env(config.env, num_envs=2)
+        try:
+            return policy_states(env, 40, 3, *policy)
+        finally:
+            env.close()
+
+    random, agent, again = states(), states(q_network, 0.05), states(q_network, 0.05)
+    assert np.array_equal(agent, again) and not np.array_equal(agent, random)
+    assert np.array_equal(states(q_network, 1.0), random) and q_network.training
 
 
 @pytest.mark.parametrize("tau", ["-0.1", ".nan", ".inf"])
