@@ -117,7 +117,7 @@ def _to_wn_layer(plain: nn.Module, init_scale: float, scale: str) -> WNLayer:
             factory=_factory(plain.weight),
         )
     v, norm = _direction_and_norm(plain.weight.detach(), layer.norm_dim)
-    layer.v.copy_(v)
+    layer.v = nn.Parameter(v)  # a clone of the weight in its memory format (a channels-last model stays so)
     layer._scale_parameter.copy_(_parameter_from_g(norm, scale))
     if plain.bias is not None:
         layer.bias.copy_(plain.bias)
@@ -361,7 +361,8 @@ def _fold_layer(layer: WNLayer) -> nn.Module:
         nn.Module.__init__(plain)
         for name in _CONV_HYPERPARAMETERS:
             setattr(plain, name, getattr(layer, name))
-    plain.weight = nn.Parameter(w.clone())  # before the bias: the order of torch's own layers' parameters
+    # in v's memory format, before the bias (the order of torch's own layers' parameters)
+    plain.weight = nn.Parameter(torch.empty_like(layer.v).copy_(w))
     plain.register_parameter("bias", None if layer.bias is None else nn.Parameter(layer.bias.detach().clone()))
     plain.init_scale = layer.init_scale
     _copy_requires_grad(plain, layer, {"weight": ("v", "g" if layer.scale == "linear" else "s"), "bias": ("bias",)})

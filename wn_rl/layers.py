@@ -135,9 +135,30 @@ _FUNCTION_COMPILES_UNDER_FUNC = torch.__version__ >= (2, 11)
 _exact_second_derivatives_depth = 0  # open exact_second_derivatives() blocks (process-wide)
 
 
+# a channels-last v's dims in the order its memory holds them (the channels, dim 1, last), and back
+_CHANNELS_LAST = {4: ((0, 2, 3, 1), (0, 3, 1, 2)), 5: ((0, 2, 3, 4, 1), (0, 4, 1, 2, 3))}
+
+
+def _fused_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    """``torch._weight_norm`` with w in v's memory format. The kernel copies a v that is not contiguous and
+    returns a contiguous w, so a model put in channels-last would hand its convolutions contiguous weights (and
+    cuDNN and oneDNN pick their kernels from the input's and the weight's format). A channels-last v goes in as
+    the contiguous permutation of itself (the norm is over the same entries) and w comes back permuted to v's
+    format: no copy either way. Channels-last is recognised as a contiguous permutation, not asked for with
+    ``is_contiguous(memory_format=...)``, which ``torch.vmap`` refuses (an ensemble of stacked models)."""
+    layout = _CHANNELS_LAST.get(v.dim())
+    if layout is None or v.is_contiguous():
+        return torch._weight_norm(v, g, dim)
+    order, inverse = layout
+    permuted = v.permute(order)
+    if not permuted.is_contiguous():
+        return torch._weight_norm(v, g, dim)
+    return torch._weight_norm(permuted, g.permute(order), order.index(dim)).permute(inverse)
+
+
 def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     if not _exact_second_derivatives_depth and (_FUSED_WEIGHT_NORM_COMPILES or not torch.compiler.is_compiling()):
-        return torch._weight_norm(v, g, dim)
+        return _fused_weight_norm(v, g, dim)
     # the fused kernel's own formula (its decomposition's), in ops the compiler differentiates and whose
     # second derivatives autograd gets right (see exact_second_derivatives)
     norm = torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != dim], keepdim=True)
