@@ -86,6 +86,48 @@ def test_a_batch_of_another_dtype_or_device_is_explained_and_the_model_unchanged
         torch.testing.assert_close(tensor, state[key])
 
 
+class ScalesInPlace(nn.Module):
+    """Scales its frames in place, which an integer batch cannot hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, frames):
+        return self.fc(frames.div_(255))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [  # what torch 2.13 says, in its words
+        (nn.Sequential(nn.Conv2d(4, 2, 3), nn.Flatten()), (8, 4, 4, 4)),  # "Input type (unsigned char) and bias type"
+        (nn.Sequential(nn.Conv2d(4, 2, 3, bias=False), nn.Flatten()), (8, 4, 4, 4)),  # "expected scalar type Byte"
+        (nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 2)), (8, 4, 4, 4)),  # "not implemented for 'Byte'"
+        (nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)), (8, 4)),  # "mixed dtype (CPU)"
+        (nn.Linear(4, 2, bias=False), (8, 4)),  # "expected m1 and m2 to have the same dtype"
+        (ScalesInPlace(), (8, 4)),  # "result type Float can't be cast to the desired output type Byte"
+    ],
+    ids=["conv", "conv-without-bias", "pool", "layer-norm", "linear-without-bias", "in-place"],
+)
+def test_torchs_dtype_errors_on_a_uint8_batch_carry_the_hint_and_the_original_error(model, shape):
+    frames = torch.randint(0, 255, shape, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"the batch holds uint8 on cpu; the model's parameters are float32") as info:
+        data_dependent_init(weight_norm(model), frames)
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error stays in the traceback
+
+
+def test_another_error_on_a_uint8_batch_carries_no_dtype_hint():
+    class CheckedFrames(ActorCritic):
+        def forward(self, frames):
+            if frames.shape[1] != 3:
+                raise RuntimeError(f"expected RGB frames, got {frames.shape[1]} channels")
+            return super().forward(frames)
+
+    with pytest.raises(RuntimeError, match=r"^expected RGB frames, got 4 channels$") as info:
+        data_dependent_init(weight_norm(CheckedFrames()), _frames())
+    assert info.value.__cause__ is None
+
+
 def test_uint8_frames_tuple_outputs_no_grad_and_user_hooks():
     model = weight_norm(ActorCritic())
     calls = []

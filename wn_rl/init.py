@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -394,7 +395,7 @@ def _run_pass(model: nn.Module, batch: Any, forward: Callable | None, handles: l
             _check_finite(model)
         except BaseException as error:
             model.load_state_dict(before)  # in place (optimizers keep their references): no half-initialised model
-            mismatch = _batch_mismatch(model, batch) if isinstance(error, RuntimeError) else None
+            mismatch = _batch_mismatch(model, batch) if _is_type_or_device_error(error) else None
             if mismatch:
                 raise RuntimeError(
                     f"data-dependent init's forward pass failed: {error}\n{mismatch}. The model is unchanged; pass "
@@ -412,6 +413,26 @@ def _batch_tensors(batch: Any) -> list[Tensor]:
     if isinstance(batch, (tuple, list)):
         return [t for item in batch for t in _batch_tensors(item)]
     return []
+
+
+# How torch 2.13 words an input of another dtype or device than a parameter (conv, linear, matmul, pooling,
+# norms, activations, in-place ops): "mat1 and mat2 must have the same dtype", "expected m1 and m2 to have the
+# same dtype", "Input type (unsigned char) and bias type (float) should be the same", "expected scalar type Byte
+# but found Float", "... not implemented for 'Byte'", "mixed dtype (CPU): all inputs must share same datatype",
+# "result type Float can't be cast to the desired output type Byte", "Tensor on device meta is not on
+# the expected device cpu!" and, on a GPU, "Expected all tensors to be on the same device".
+_TYPE_OR_DEVICE_ERROR = re.compile(
+    r"same dtype|type \(.*\) should be the same|scalar type|not implemented for '|mixed dtype|can't be cast to"
+    r"|same device|expected device",
+    re.IGNORECASE,
+)
+
+
+def _is_type_or_device_error(error: BaseException) -> bool:
+    """Whether ``error`` is torch refusing an input of another dtype or device than a parameter: only then does
+    the init's error name the batch's dtype and device (a user's own error on a uint8 batch is about something
+    else)."""
+    return isinstance(error, RuntimeError) and _TYPE_OR_DEVICE_ERROR.search(str(error)) is not None
 
 
 def _batch_mismatch(model: nn.Module, batch: Any) -> str | None:
