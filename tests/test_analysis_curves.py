@@ -481,3 +481,30 @@ def test_a_run_a_study_driver_holds_is_said_to_be_running(
     assert f"{run_dir}: 500 of 1,000 agent steps, running: study.lock present" in capsys.readouterr().out
     left_out = out.with_suffix(".md").read_text().split("## Runs left out of the aggregates", 1)[1]
     assert "| breakout_n2 | breakout | normal | 2 | 500 of 1,000 agent steps, running: study.lock present" in left_out
+
+
+@pytest.mark.parametrize("figure", ["curves", "sweep"])
+def test_a_long_study_name_stays_inside_a_one_panel_figure(
+    study_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, figure: str
+) -> None:
+    """The title is wrapped to the figure's width: a long study name over one panel ran off both edges."""
+    import wn_rl.analysis.curves as curves_module
+
+    saved = []
+    save = curves_module._save_figure
+    monkeypatch.setattr(curves_module, "_save_figure", lambda fig, path: saved.append(fig) or save(fig, path))
+    title = "minatar_lr_top_parameterizations_100k_with_a_longer_name"
+    runs = [load_run(d) for d in find_run_dirs([study_dir]) if "breakout" in d.name]
+    if figure == "curves":
+        grouped = group_runs(runs, ["network.parameterization"], "env.name")
+        curves = [
+            aggregate_curve(r, "eval/return_mean", panel="breakout", group=g) for g, r in grouped["breakout"].items()
+        ]
+        plot_curves_figure(curves, tmp_path / "c.png", title=title)
+    else:
+        summaries = [summarize_run(r, ["network.parameterization"]) for r in runs]
+        plot_sweep(runs, summaries, "agent.lr", ["network.parameterization"], tmp_path / "s.png", title=title * 2)
+    (fig,) = saved
+    box, page = fig._suptitle.get_window_extent(), fig.bbox
+    assert title in fig._suptitle.get_text().replace("\n", "")
+    assert box.x0 >= page.x0 and box.x1 <= page.x1, (box, page)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "", s
             if ax.lines:
                 ax.legend(fontsize=7)
     spread_text = {"std": "mean ± std", "sem": "mean ± s.e.m.", "minmax": "mean, min-max", "none": "mean"}[spread]
-    fig.suptitle(f"{title} ({spread_text} across seeds)" if title else f"{spread_text} across seeds", fontsize=10)
+    _suptitle(fig, f"{title} ({spread_text} across seeds)" if title else f"{spread_text} across seeds")
     fig.tight_layout()
     return _save_figure(fig, path)
 
@@ -244,9 +245,19 @@ def plot_sweep(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"{title} (mean ± std across seeds; dots: runs)" if title else "mean ± std across seeds", fontsize=10)
+    _suptitle(fig, f"{title} (mean ± std across seeds; dots: runs)" if title else "mean ± std across seeds")
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+_TITLE_POINTS = 10
+_CHARACTER_WIDTH = 0.75  # a character's width in DejaVu Sans, in units of the font size (with room: "m", "_")
+
+
+def _suptitle(fig: Any, text: str) -> None:
+    """The figure's title, wrapped to its width: a long study name over one panel ran off both edges."""
+    width = int(fig.get_figwidth() * 72 / (_TITLE_POINTS * _CHARACTER_WIDTH))
+    fig.suptitle(textwrap.fill(text, width=max(width, 20)), fontsize=_TITLE_POINTS)
 
 
 def _save_figure(fig: Any, path: str | Path) -> Path:
