@@ -10,6 +10,7 @@ recomputed from g and v on every forward pass.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import warnings
@@ -20,6 +21,7 @@ import gymnasium as gym
 import sb3_contrib
 import stable_baselines3
 import torch
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
 
 from wn_rl.layers import WNLayer, cached
@@ -198,6 +200,35 @@ class WnPolicyOptions:
         state = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_init_checked", None)
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """``copy.deepcopy`` of a trained policy (self-play, population methods). SB3's distribution objects on
+        the policy and its submodules (SAC's and TQC's actors) keep the last forward's torch distribution and
+        gSDE's exploration matrices, built from tensors in the autograd graph, which ``Tensor.__deepcopy__``
+        refuses. The copy gets them detached (same values: same gSDE exploration, same cached ``probs``); the
+        original keeps its own. Entered in ``memo`` first, they are copied once wherever they are reached."""
+        for module in self.modules():  # type: ignore[attr-defined]
+            for value in vars(module).values():
+                if isinstance(value, Distribution) and id(value) not in memo:
+                    memo[id(value)] = copy.deepcopy(_detached(value), memo)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # type: ignore[attr-defined]
+        return clone
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with every tensor it holds detached from the autograd graph, without changing ``value``: a
+    tensor, a list or tuple of them, or a shallow copy of an SB3 or torch distribution with its state detached."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(item) for item in value)
+    if isinstance(value, (Distribution, torch.distributions.Distribution)):
+        clone = copy.copy(value)
+        vars(clone).update({key: _detached(item) for key, item in vars(value).items()})
+        return clone
+    return value
 
 
 def default_net_arch(
