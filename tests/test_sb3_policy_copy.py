@@ -146,3 +146,24 @@ def test_copy_keeps_shared_objects_shared():
     clone = copy.deepcopy({"policy": model.policy, "actor": model.actor})
     assert clone["actor"] is clone["policy"].actor is not model.actor
     assert clone["actor"].action_dist is not model.actor.action_dist
+
+
+@pytest.mark.parametrize("name", ["sac-gsde", "tqc"])
+def test_the_actor_copied_on_its_own_or_first_acts_the_same(name):
+    """``copy.deepcopy(model.actor)`` after a forward with gradients, and a copy that reaches the actor before
+    the policy, work as the policy's copy does."""
+    model = trained(name)
+    model.observation_space.seed(0)
+    observations = torch.as_tensor(np.stack([model.observation_space.sample() for _ in range(4)]))
+    model.actor.action_log_prob(observations)  # a forward with gradients: the distribution is in the graph
+    actor = copy.deepcopy(model.actor)
+    assert actor is not model.actor
+    for a, b in zip(distributions(model.actor), distributions(actor), strict=True):
+        for x, y in zip(held_tensors(a), held_tensors(b), strict=True):
+            assert y.grad_fn is None and torch.equal(x, y)
+    clone = copy.deepcopy({"actor": model.actor, "policy": model.policy})
+    assert clone["actor"] is clone["policy"].actor
+    with torch.no_grad():
+        torch.testing.assert_close(
+            actor(observations, deterministic=True), model.actor(observations, deterministic=True)
+        )

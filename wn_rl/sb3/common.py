@@ -202,19 +202,23 @@ class WnPolicyOptions:
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        """``copy.deepcopy`` of a trained policy (self-play, population methods). SB3's distribution objects on
-        the policy and its submodules (SAC's and TQC's actors) keep the last forward's torch distribution and
-        gSDE's exploration matrices, built from tensors in the autograd graph, which ``Tensor.__deepcopy__``
-        refuses. The copy gets them detached (same values: same gSDE exploration, same cached ``probs``); the
-        original keeps its own. Entered in ``memo`` first, they are copied once wherever they are reached."""
-        for module in self.modules():  # type: ignore[attr-defined]
-            for value in vars(module).values():
-                if isinstance(value, Distribution) and id(value) not in memo:
-                    memo[id(value)] = copy.deepcopy(_detached(value), memo)
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # type: ignore[attr-defined]
-        return clone
+        return deepcopy_detached(self, memo)  # type: ignore[arg-type]
+
+
+def deepcopy_detached(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy`` of a trained policy or actor (self-play, population methods), as its ``__deepcopy__``.
+    SB3's distribution objects on the module and its submodules (SAC's and TQC's actors) keep the last forward's
+    torch distribution and gSDE's exploration matrices, built from tensors in the autograd graph, which
+    ``Tensor.__deepcopy__`` refuses. The copy gets them detached (same values: same gSDE exploration, same cached
+    ``probs``); the original keeps its own. Entered in ``memo`` first, they are copied once wherever reached."""
+    for submodule in module.modules():
+        for value in vars(submodule).values():
+            if isinstance(value, Distribution) and id(value) not in memo:
+                memo[id(value)] = copy.deepcopy(_detached(value), memo)
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    clone.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+    return clone
 
 
 def _detached(value: Any) -> Any:

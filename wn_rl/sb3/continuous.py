@@ -27,7 +27,7 @@ from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
 from wn_rl.parameterization import Parameterization
-from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, default_net_arch
+from wn_rl.sb3.common import ParameterizationLike, WnPolicyOptions, deepcopy_detached, default_net_arch
 from wn_rl.sb3.torch_layers import WnCombinedExtractor, WnNatureCNN, head_mlp
 
 __all__ = [
@@ -175,6 +175,11 @@ class _WnSquashedGaussianActorMixin:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
         data.update(parameterization=self.parameterization, init_scales=self.init_scales)
         return data
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """The actor copied on its own (``copy.deepcopy(model.actor)``) after a forward with gradients, as the
+        policy (:func:`wn_rl.sb3.common.deepcopy_detached`)."""
+        return deepcopy_detached(self, memo)  # type: ignore[arg-type]
 
 
 class WnSACActor(_WnSquashedGaussianActorMixin, SACActor):
