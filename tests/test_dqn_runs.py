@@ -125,6 +125,21 @@ def test_minatar_run_initialises_every_parameterization_from_data(tmp_path, para
         assert gif.read_bytes()[:6] == b"GIF89a"
 
 
+def test_torch_default_init_starts_normal_and_weight_norm_from_one_function_and_skips_ddi(tmp_path):
+    obs = torch.randint(0, 2, (8, 4, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for p in ("normal", "weight_norm"):
+        config = _tiny_minatar(tmp_path, p, **{"network.init": "torch_default", "run.name": p})
+        trainer = Trainer(config, tmp_path / p)
+        outputs[p] = trainer.learner.q_network(obs)  # MinAtar breakout: 4 channels of 10x10
+        assert trainer.run()["updates"] == 400
+        assert not wn_rl.is_initialized(trainer.learner.q_network)
+        assert not any(t.startswith("ddi/") for t in _scalars(tmp_path / p))
+    torch.testing.assert_close(outputs["weight_norm"], outputs["normal"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"network\.head_init_scale=0\.5 is invalid: expected 1\.0 with network"):
+        _tiny_minatar(tmp_path, "normal", **{"network.init": "torch_default", "network.head_init_scale": 0.5})
+
+
 def test_minatar_resume_continues_counters_and_refuses_a_changed_config(tmp_path):
     config = _tiny_minatar(tmp_path, "weight_norm", **{"run.save_replay": "true"})
     Trainer(config, tmp_path / "run").run()
@@ -164,6 +179,7 @@ def test_a_run_made_before_a_key_existed_is_read_with_what_the_code_did_then(tmp
     saved = tmp_path / "run" / "config.yaml"
     old = yaml.safe_load(saved.read_text())
     del old["agent"]["epsilon_decay_after_learning_starts"], old["env"]["fire_reset"]  # as written before
+    del old["network"]["init"]
     saved.write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match=r"agent\.epsilon_decay_after_learning_starts: False -> True"):
         Trainer(_tiny_minatar(tmp_path, "normal", **{"run.total_agent_steps": 900}), tmp_path / "run")

@@ -14,6 +14,7 @@ from wn_rl.conv import (
     WNConvTranspose3d,
 )
 from wn_rl.convert import remove_weight_norm, weight_norm
+from wn_rl.default_init import torch_default_init
 from wn_rl.dormant import dormant_units
 from wn_rl.init import InitReport, LayerInit, add_init_flags, data_dependent_init, is_initialized
 from wn_rl.layers import WNLayer, WNLinear, cached, exact_second_derivatives
@@ -56,6 +57,7 @@ __all__ = [
     "mlp",
     "register_parameterization",
     "remove_weight_norm",
+    "torch_default_init",
     "weight_norm",
     "wn_histograms",
     "wn_stats",

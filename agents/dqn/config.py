@@ -72,6 +72,10 @@ class NetworkConfig:
     "auto: nature_cnn for Atari, minatar_cnn for MinAtar, mlp for vector observations."
     hidden_sizes: tuple[int, ...] = (64, 64)
     "mlp hidden widths."
+    init: Literal["data_dependent", "torch_default"] = "data_dependent"
+    "data_dependent: section 3 on the first replay fill, so every parameterization starts from the same "
+    "function. torch_default: torch's init of a fresh nn.Linear / nn.Conv2d, as g = ||w||, v = w in WN layers "
+    "(wn_rl.default_init; same run.seed, same start under every parameterization): WN as a pure reparameterization."
     head_init_scale: float = 1.0
     "std of the Q head's outputs after data-dependent init."
     ddi_batch_size: int = 256
@@ -266,6 +270,12 @@ def _check_network(n: NetworkConfig) -> None:
     widths_ok = len(n.hidden_sizes) > 0 and all(h > 0 for h in n.hidden_sizes)
     check(widths_ok, "network.hidden_sizes", n.hidden_sizes, "one or more positive widths, e.g. [64, 64]")
     check(_positive(n.head_init_scale), "network.head_init_scale", n.head_init_scale, "a positive number")
+    check(
+        n.init == "data_dependent" or n.head_init_scale == 1.0,
+        "network.head_init_scale",
+        n.head_init_scale,
+        "1.0 with network.init=torch_default (it sets the head's std in data-dependent init only)",
+    )
     check(n.ddi_batch_size >= 2, "network.ddi_batch_size", n.ddi_batch_size, "at least 2")
 
 
@@ -349,9 +359,10 @@ def with_older_defaults(saved: dict) -> dict:
     with the value that does what the code did before the key existed, so that comparing it with a config
     of today (a resume, a study) finds the differences in behaviour and only those."""
     saved = {section: dict(values) for section, values in saved.items()}
-    env, agent, run = (saved.setdefault(section, {}) for section in ("env", "agent", "run"))
+    env, network, agent, run = (saved.setdefault(section, {}) for section in ("env", "network", "agent", "run"))
     # ale-py presses FIRE at every game start unless told not to; only Atari has it
     env.setdefault("fire_reset", True if env.get("suite", "atari") == "atari" else None)
+    network.setdefault("init", "data_dependent")
     agent.setdefault("epsilon_decay_after_learning_starts", False)  # the decay counted from agent step 0
     run.setdefault("dormant_tau", 0.0)  # units never active
     return saved

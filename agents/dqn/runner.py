@@ -95,7 +95,10 @@ class Trainer:
             protocol_settings(config.env)["terminal_on_life_loss"]
         )
         a = config.agent
-        q_network = build_q_network(config.network, self.spec).to(self.device)
+        q_network = build_q_network(config.network, self.spec)
+        if config.network.init == "torch_default":  # its own generator: the global stream stays as it was
+            wn_rl.torch_default_init(q_network, generator=torch.Generator().manual_seed(config.run.seed))
+        q_network = q_network.to(self.device)
         planned_updates = int((config.run.total_agent_steps - a.learning_starts_agent_steps) / a.agent_steps_per_update)
         self.learner = Learner(q_network, a, self.terminal_on_life_loss, planned_updates)
         self.replay = ReplayMemory(  # last: a network or update mode that cannot work fails before this allocation
@@ -123,7 +126,8 @@ class Trainer:
         self.learn_after = 0  # agent step before which no update runs (set when resuming without replay)
         self._saved_loop: dict[str, Any] | None = None  # the loop and games of the checkpoint resumed from
         self._env_state_problem: str | None = None  # why the games cannot be checkpointed (warned once)
-        self._initialized = False  # data-dependent init done (checked once, not per step)
+        # data-dependent init done or not wanted (checked once, not per step)
+        self._initialized = config.network.init != "data_dependent"
         self._unstored: Any = None  # the last step's replay write, done beside the next env step
 
     # ----- checkpoints, resume ----------------------------------------------------------------------
