@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from agents.dqn.dormant import POLICIES, format_table, run_dormant_report
 from wn_rl.checkpoint import CheckpointError, atomic_write_bytes
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, resolve_device
+from wn_rl.dormant import TAU_EXPECTED, is_tau
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,8 +48,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.envs < 1 or args.steps * args.envs < 2:
         parser.error(f"--steps {args.steps} --envs {args.envs}: need at least 2 states (the default gives 2000)")
-    if not (math.isfinite(args.tau) and args.tau >= 0):
-        parser.error(f"--tau {args.tau}: expected a threshold >= 0 (0: never active; Sokar et al. use up to 0.1)")
+    if not is_tau(args.tau):
+        parser.error(f"--tau {args.tau}: expected {TAU_EXPECTED}")
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: expected a non-negative integer (envs refuse negative seeds)")
     return args

@@ -3,13 +3,14 @@ channels, the model's modes, hooks and state left as they were, and the errors."
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import wn_rl
-from wn_rl.dormant import DormantStats, dormant_scalars, dormant_units, total_fraction
+from wn_rl.dormant import DormantStats, dormant_scalars, dormant_units, is_tau, total_fraction
 
 
 def test_scores_match_a_hand_computed_layer_in_float64():
@@ -114,9 +115,10 @@ def test_errors_say_the_cause_and_the_fix():
         dormant_units(_Functional(), torch.randn(4, 3))
     with pytest.raises(ValueError, match="at least 2"):
         dormant_units(model, torch.randn(1, 3))
-    for tau in (-0.1, math.nan, math.inf):
-        with pytest.raises(ValueError, match="tau"):
+    for tau in (-0.1, math.nan, math.inf, True, "0.1"):  # one check everywhere: wn_rl.dormant.is_tau
+        with pytest.raises(ValueError, match=r"tau=.*: expected a finite threshold >= 0"):
             dormant_units(model, torch.randn(4, 3), tau=tau)
+    assert all(is_tau(t) for t in (0, 0.1, np.float32(0.05), np.float64(1.0)))
     with pytest.raises(ValueError, match=r"no module named \['body'\].*\['1'\]"):
         dormant_units(model, torch.randn(4, 3), layers=["body"])
     shared = nn.ReLU()

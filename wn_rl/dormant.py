@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,24 @@ from torch import Tensor, nn
 
 from wn_rl.init import batch_size, call_with_batch, eval_pass
 
-__all__ = ["ACTIVATIONS", "DormantStats", "dormant_scalars", "dormant_units", "total_fraction"]
+__all__ = [
+    "ACTIVATIONS",
+    "TAU_EXPECTED",
+    "DormantStats",
+    "dormant_scalars",
+    "dormant_units",
+    "is_tau",
+    "total_fraction",
+]
+
+TAU_EXPECTED = "a finite threshold >= 0 (0: units never active on the batch; Sokar et al. use 0 to 0.1)"
+
+
+def is_tau(tau: object) -> bool:
+    """Whether ``tau`` is a dormancy threshold: a real number (not a bool), finite and >= 0 (the one check behind
+    ``dormant_units``, ``WnStatsCallback``, both configs and ``scripts/dormant_units.py``)."""
+    return isinstance(tau, numbers.Real) and not isinstance(tau, bool) and math.isfinite(tau) and tau >= 0
+
 
 # The hidden-layer nonlinearities looked at by default (nn.ReLU6 is an nn.Hardtanh). Output squashers such as
 # nn.Sigmoid and nn.Softmax are left out: they end heads, not hidden layers.
@@ -158,8 +176,8 @@ def dormant_units(
     with NaN or inf activations gets NaN scores and fraction, ``non_finite`` counting its non-finite units: measuring a
     diverging network does not raise.
     """
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-        raise ValueError(f"tau={tau!r}: expected a finite threshold >= 0 (0: units never active on the batch)")
+    if not is_tau(tau):
+        raise ValueError(f"tau={tau!r}: expected {TAU_EXPECTED}")
     size = batch_size(batch)
     if size is not None and size < 2:
         raise ValueError(f"dormant units need a batch of at least 2 inputs, got {size}; pass a few hundred states")

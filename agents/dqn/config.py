@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from wn_rl.config import ConfigError, check, config_to_dict, load_config, read_yaml
+from wn_rl.dormant import TAU_EXPECTED, is_tau
 from wn_rl.parameterization import PARAMETERIZATIONS
 
 __all__ = [
@@ -324,7 +325,7 @@ def _check_run(r: RunConfig) -> None:
     for key in ("log_every_agent_steps", "wn_stats_every_agent_steps"):
         check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "at least 1")
     tau = r.dormant_tau
-    check(math.isfinite(tau) and tau >= 0, "run.dormant_tau", tau, "a finite threshold >= 0 (0: units never active)")
+    check(is_tau(tau), "run.dormant_tau", tau, TAU_EXPECTED)
     c = r.checkpoint_every_agent_steps
     check(c >= 0, "run.checkpoint_every_agent_steps", c, ">= 0 (0: only at the end)")
     check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "at least 1")

@@ -19,7 +19,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.utils import obs_as_tensor
 
-from wn_rl.dormant import dormant_scalars
+from wn_rl.dormant import TAU_EXPECTED, dormant_scalars, is_tau
 from wn_rl.init import InitReport
 from wn_rl.sb3.common import first_rows
 from wn_rl.sb3.init import (
@@ -332,12 +332,8 @@ class WnStatsCallback(BaseCallback):
             raise ValueError(f"log_freq={log_freq!r} must be a positive number of environment steps")
         if isinstance(dormant_samples, bool) or not isinstance(dormant_samples, int) or dormant_samples < 2:
             raise ValueError(f"dormant_samples={dormant_samples!r} must be an integer >= 2 (observations per measure)")
-        number = isinstance(dormant_tau, (int, float)) and not isinstance(dormant_tau, bool)
-        if not (number and math.isfinite(dormant_tau) and dormant_tau >= 0):
-            raise ValueError(
-                f"dormant_tau={dormant_tau!r} must be a finite threshold >= 0 (0: units never active on the batch; "
-                "Sokar et al. use 0 to 0.1)"
-            )
+        if not is_tau(dormant_tau):
+            raise ValueError(f"dormant_tau={dormant_tau!r} must be {TAU_EXPECTED}")
         self.log_freq = log_freq
         self.histograms = histograms
         self.dormant = dormant

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 import wn_rl.sb3 as wn_sb3
 from wn_rl.config import ConfigError, check, load_config, resolve_device
+from wn_rl.dormant import TAU_EXPECTED, is_tau
 from wn_rl.sb3.envs import check_env_id
 
 __all__ = [
@@ -177,7 +177,7 @@ class SB3Config:
         check(self.action_noise_std >= 0, "action_noise_std", self.action_noise_std, "a std >= 0")
         check(self.wn_stats_freq >= 0, "wn_stats_freq", self.wn_stats_freq, "a number of steps >= 0")
         tau = self.dormant_tau
-        check(math.isfinite(tau) and tau >= 0, "dormant_tau", tau, "a finite threshold >= 0 (0: units never active)")
+        check(is_tau(tau), "dormant_tau", tau, TAU_EXPECTED)
         logged = "false, or wn_stats_freq > 0 (the dormant units are logged with the WN statistics)"
         check(not self.dormant or self.wn_stats_freq > 0, "dormant", self.dormant, logged)
         check(self.checkpoint_freq >= 0, "checkpoint_freq", self.checkpoint_freq, "a number of steps >= 0")
