@@ -167,3 +167,20 @@ def test_the_actor_copied_on_its_own_or_first_acts_the_same(name):
         torch.testing.assert_close(
             actor(observations, deterministic=True), model.actor(observations, deterministic=True)
         )
+
+
+@pytest.mark.parametrize("name", ["ppo-gsde", "sac", "recurrent-ppo", "maskable-ppo"])
+def test_a_whole_trained_model_copies_and_its_copy_trains_on_its_own(name):
+    """``copy.deepcopy(model)`` (the algorithm with its env, buffers and optimizers; population methods copy
+    models whole) acts as the original and learns without touching it."""
+    model = trained(name)
+    clone = copy.deepcopy(model)
+    assert clone.policy is not model.policy
+    assert_same_state(model.policy, clone.policy)
+    model.observation_space.seed(0)
+    observations = np.stack([model.observation_space.sample() for _ in range(4)])
+    assert_same_actions(model.policy, clone.policy, observations)
+    weights = {key: value.clone() for key, value in model.policy.state_dict().items()}
+    clone.learn(STEPS, reset_num_timesteps=False)
+    assert any(not torch.equal(value, weights[key]) for key, value in clone.policy.state_dict().items())
+    assert all(torch.equal(value, weights[key]) for key, value in model.policy.state_dict().items())
