@@ -86,6 +86,13 @@ def test_norm_layers_and_recurrent_cells_keep_their_parameters():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_a_model_without_linear_or_conv_layers_is_an_error():
+def test_a_model_without_linear_or_conv_layers_or_with_an_unmaterialised_lazy_one_is_an_error():
     with pytest.raises(ValueError, match=r"LayerNorm has no nn\.Linear, nn\.Conv\*"):
         torch_default_init(nn.LayerNorm(3))
+    lazy = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    before = lazy[0].weight.clone()
+    with pytest.raises(ValueError, match=r"^1 is a lazy layer .* run one forward pass .* model is unchanged"):
+        torch_default_init(lazy)
+    assert torch.equal(lazy[0].weight, before)
+    lazy(torch.randn(2, 3))
+    assert torch_default_init(lazy) == ["0", "1"]

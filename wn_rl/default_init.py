@@ -59,17 +59,12 @@ def torch_default_init(model: nn.Module, *, generator: torch.Generator | None = 
             f"generator is on {generator.device}; pass a CPU torch.Generator (the draws are made on the CPU "
             "and copied to each layer's device)"
         )
-    done = []
-    for name, module in model.named_modules():
-        if isinstance(module, WNLayer):
-            target = module.v
-        elif isinstance(module, _PLAIN):
-            target = module.weight
-        else:
-            continue
-        fan_in = _fan_in(target.shape)
+    layers = _layers(model)
+    for module in layers.values():
+        weight = module.v if isinstance(module, WNLayer) else module.weight
+        fan_in = _fan_in(weight.shape)
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        w = _draw(target.shape, _KAIMING_GAIN * math.sqrt(3.0 / fan_in) if fan_in > 0 else 0.0, generator)
+        w = _draw(weight.shape, _KAIMING_GAIN * math.sqrt(3.0 / fan_in) if fan_in > 0 else 0.0, generator)
         bias = None if module.bias is None else _draw(module.bias.shape, bound, generator)
         if isinstance(module, WNLayer):
             v, norm = _direction_and_norm(w, module.norm_dim)
@@ -79,9 +74,25 @@ def torch_default_init(model: nn.Module, *, generator: torch.Generator | None = 
             module.weight.copy_(w)
         if bias is not None:
             module.bias.copy_(bias)
-        done.append(name or type(module).__name__)
-    if not done:
+    return list(layers)
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers :func:`torch_default_init` initialises, by name, checked before any is changed."""
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (WNLayer, *_PLAIN)):
+            continue
+        label = name or type(module).__name__
+        weight = module.v if isinstance(module, WNLayer) else module.weight
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{label} is a lazy layer whose shape is not known yet: run one forward pass on a batch first, "
+                "then torch_default_init (the model is unchanged)"
+            )
+        layers[label] = module
+    if not layers:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear, nn.Conv*, nn.ConvTranspose* or WN layer to initialise"
         )
-    return done
+    return layers
