@@ -508,3 +508,20 @@ def test_a_long_study_name_stays_inside_a_one_panel_figure(
     box, page = fig._suptitle.get_window_extent(), fig.bbox
     assert title in fig._suptitle.get_text().replace("\n", "")
     assert box.x0 >= page.x0 and box.x1 <= page.x1, (box, page)
+
+
+def test_a_native_run_made_before_a_key_existed_reads_it_as_the_code_did_then(tmp_path: Path) -> None:
+    """Old runs beside new ones group by a key added since (here ``network.init``, from study 2l): the old
+    ones read the value that does what the code did when they ran (``with_older_defaults``), not a missing key."""
+    old = write_run(tmp_path, "old", "normal", 0, "breakout", {500: 1.0})
+    new = write_run(tmp_path, "new", "normal", 0, "breakout", {500: 2.0})
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    config["network"]["init"] = "torch_default"
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_run(old).value("network.init") == "data_dependent"
+    assert load_run(new).value("network.init") == "torch_default"
+    assert load_run(old).value("agent.epsilon_decay_after_learning_starts") is False
+    figure = tmp_path / "fig.png"
+    assert plot_curves.main([str(old), str(new), "--out", str(figure), "--group-by", "network.init"]) == 0
+    groups = {row["group"] for row in csv.DictReader(figure.with_suffix(".csv").open())}
+    assert groups == {"data_dependent", "torch_default"}

@@ -185,7 +185,11 @@ def load_run(run_dir: str | Path, tags: list[str] | None = None) -> RunData:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    config = (yaml.safe_load(config_path.read_text()) if config_path.is_file() else None) or {}
+    if config_value(config, NATIVE_DQN.keys["task"]) is not None:
+        from agents.dqn.config import with_older_defaults  # the native DQN's own history of its keys
+
+        config = with_older_defaults(config)  # a key added since the run reads as what the code did then
     scalars = read_scalars(run_dir, tags)
     if not scalars and not config:
         raise FileNotFoundError(
