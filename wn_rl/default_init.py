@@ -23,7 +23,6 @@ from wn_rl.layers import WNLayer, _direction_and_norm, _parameter_from_g
 __all__ = ["torch_default_init"]
 
 _PLAIN = (nn.Linear, nn.modules.conv._ConvNd)
-_KAIMING_GAIN = math.sqrt(2.0 / (1 + 5))  # kaiming_uniform_'s gain for a = sqrt(5), written as torch computes it
 
 
 def _fan_in(weight_shape: torch.Size) -> int:
@@ -32,10 +31,16 @@ def _fan_in(weight_shape: torch.Size) -> int:
     return weight_shape[1] * math.prod(weight_shape[2:])
 
 
-def _draw(shape: torch.Size, bound: float, generator: torch.Generator | None) -> torch.Tensor:
-    """U(-bound, bound) drawn on the CPU in float32 (the same numbers on every device, and from the
-    global generator the same numbers torch's own init would draw)."""
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+def _draw_weight(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """torch's own weight init, ``kaiming_uniform_(w, a=sqrt(5))``, drawn on the CPU in float32 (the same
+    numbers on every device; from the global generator the numbers a fresh CPU layer would get)."""
+    return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=generator)
+
+
+def _draw_bias(shape: torch.Size, fan_in: int, generator: torch.Generator | None) -> torch.Tensor:
+    """torch's own bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), on the CPU in float32."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return nn.init.uniform_(torch.empty(shape), -bound, bound, generator=generator)
 
 
 @torch.no_grad()
@@ -62,10 +67,8 @@ def torch_default_init(model: nn.Module, *, generator: torch.Generator | None = 
     layers = _layers(model)
     for module in layers.values():
         weight = module.v if isinstance(module, WNLayer) else module.weight
-        fan_in = _fan_in(weight.shape)
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        w = _draw(weight.shape, _KAIMING_GAIN * math.sqrt(3.0 / fan_in) if fan_in > 0 else 0.0, generator)
-        bias = None if module.bias is None else _draw(module.bias.shape, bound, generator)
+        w = _draw_weight(weight.shape, generator)
+        bias = None if module.bias is None else _draw_bias(module.bias.shape, _fan_in(weight.shape), generator)
         if isinstance(module, WNLayer):
             v, norm = _direction_and_norm(w, module.norm_dim)
             module.v.copy_(v)
