@@ -65,23 +65,23 @@ def torch_default_init(model: nn.Module, *, generator: torch.Generator | None = 
             "and copied to each layer's device)"
         )
     layers = _layers(model)
-    for module in layers.values():
-        weight = module.v if isinstance(module, WNLayer) else module.weight
+    for module, weight in layers.values():
         w = _draw_weight(weight.shape, generator)
         bias = None if module.bias is None else _draw_bias(module.bias.shape, _fan_in(weight.shape), generator)
         if isinstance(module, WNLayer):
             v, norm = _direction_and_norm(w, module.norm_dim)
-            module.v.copy_(v)
+            weight.copy_(v)
             module._scale_parameter.copy_(_parameter_from_g(norm, module.scale))
         else:
-            module.weight.copy_(w)
+            weight.copy_(w)
         if bias is not None:
             module.bias.copy_(bias)
     return list(layers)
 
 
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers :func:`torch_default_init` initialises, by name, checked before any is changed."""
+def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """The layers :func:`torch_default_init` initialises, by name, each with the parameter holding its weight
+    (a WN layer's v); checked before any is changed."""
     layers = {}
     for name, module in model.named_modules():
         if not isinstance(module, (WNLayer, *_PLAIN)):
@@ -93,7 +93,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
                 f"{label} is a lazy layer whose shape is not known yet: run one forward pass on a batch first, "
                 "then torch_default_init (the model is unchanged)"
             )
-        layers[label] = module
+        layers[label] = (module, weight)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear, nn.Conv*, nn.ConvTranspose* or WN layer to initialise"
