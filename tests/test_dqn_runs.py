@@ -140,6 +140,31 @@ def test_torch_default_init_starts_normal_and_weight_norm_from_one_function_and_
         _tiny_minatar(tmp_path, "normal", **{"network.init": "torch_default", "network.head_init_scale": 0.5})
 
 
+@pytest.mark.parametrize("parameterization", ["normal", "weight_norm"])
+def test_hidden_init_scale_sets_the_hidden_pre_activation_std_of_data_dependent_init(tmp_path, parameterization):
+    config = _tiny_minatar(tmp_path, parameterization, **{"network.hidden_init_scale": 0.1})
+    trainer = Trainer(config, tmp_path / "run")
+    q = trainer.learner.q_network
+    obs = torch.randint(0, 2, (256, 4, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    wn_rl.data_dependent_init(q, obs)
+    outputs = {}
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o))
+        for k, layer in (("conv", q.body[0]), ("fc", q.body[3]), ("head", q.head))
+    ]
+    with torch.no_grad():
+        q(obs)
+    for hook in hooks:
+        hook.remove()
+    conv = outputs["conv"].transpose(0, 1).reshape(16, -1)
+    torch.testing.assert_close(conv.std(dim=1, unbiased=False), torch.full((16,), 0.1), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(outputs["fc"].std(dim=0, unbiased=False), torch.full((128,), 0.1), rtol=1e-3, atol=1e-4)
+    head_std = outputs["head"].std(dim=0, unbiased=False)
+    torch.testing.assert_close(head_std, torch.ones_like(head_std), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ConfigError, match=r"network\.hidden_init_scale=0\.1 is invalid: expected 1\.0 with network"):
+        _tiny_minatar(tmp_path, "normal", **{"network.init": "torch_default", "network.hidden_init_scale": 0.1})
+
+
 def test_minatar_resume_continues_counters_and_refuses_a_changed_config(tmp_path):
     config = _tiny_minatar(tmp_path, "weight_norm", **{"run.save_replay": "true"})
     Trainer(config, tmp_path / "run").run()

@@ -77,6 +77,8 @@ class NetworkConfig:
     "data_dependent: section 3 on the first replay fill, so every parameterization starts from the same "
     "function. torch_default: torch's init of a fresh nn.Linear / nn.Conv2d, as g = ||w||, v = w in WN layers "
     "(wn_rl.default_init; same run.seed, same start under every parameterization): WN as a pure reparameterization."
+    hidden_init_scale: float = 1.0
+    "std of every hidden layer's pre-activations after data-dependent init (section 3's init_scale)."
     head_init_scale: float = 1.0
     "std of the Q head's outputs after data-dependent init."
     ddi_batch_size: int = 256
@@ -270,13 +272,15 @@ def _check_network(n: NetworkConfig) -> None:
     )
     widths_ok = len(n.hidden_sizes) > 0 and all(h > 0 for h in n.hidden_sizes)
     check(widths_ok, "network.hidden_sizes", n.hidden_sizes, "one or more positive widths, e.g. [64, 64]")
-    check(_positive(n.head_init_scale), "network.head_init_scale", n.head_init_scale, "a positive number")
-    check(
-        n.init == "data_dependent" or n.head_init_scale == 1.0,
-        "network.head_init_scale",
-        n.head_init_scale,
-        "1.0 with network.init=torch_default (it sets the head's std in data-dependent init only)",
-    )
+    for key in ("hidden_init_scale", "head_init_scale"):
+        scale = getattr(n, key)
+        check(_positive(scale), f"network.{key}", scale, "a positive number")
+        check(
+            n.init == "data_dependent" or scale == 1.0,
+            f"network.{key}",
+            scale,
+            "1.0 with network.init=torch_default (it sets a std in data-dependent init only)",
+        )
     check(n.ddi_batch_size >= 2, "network.ddi_batch_size", n.ddi_batch_size, "at least 2")
 
 
@@ -364,6 +368,7 @@ def with_older_defaults(saved: dict) -> dict:
     # ale-py presses FIRE at every game start unless told not to; only Atari has it
     env.setdefault("fire_reset", True if env.get("suite", "atari") == "atari" else None)
     network.setdefault("init", "data_dependent")
+    network.setdefault("hidden_init_scale", 1.0)
     agent.setdefault("epsilon_decay_after_learning_starts", False)  # the decay counted from agent step 0
     run.setdefault("dormant_tau", 0.0)  # units never active
     return saved

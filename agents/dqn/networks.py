@@ -55,25 +55,29 @@ def resolve_architecture(config: NetworkConfig, spec: EnvSpec) -> str:
     return arch
 
 
-def _nature_body(p: Parameterization, in_channels: int, height: int, width: int) -> nn.Sequential:
+def _nature_body(p: Parameterization, in_channels: int, height: int, width: int, scale: float) -> nn.Sequential:
     convs = nn.Sequential(
-        p.conv2d(in_channels, 32, 8, stride=4),
+        p.conv2d(in_channels, 32, 8, stride=4, init_scale=scale),
         nn.ReLU(),
-        p.conv2d(32, 64, 4, stride=2),
+        p.conv2d(32, 64, 4, stride=2, init_scale=scale),
         nn.ReLU(),
-        p.conv2d(64, 64, 3, stride=1),
+        p.conv2d(64, 64, 3, stride=1, init_scale=scale),
         nn.ReLU(),
         nn.Flatten(),
     )
     with torch.no_grad():
         flat = convs.eval()(torch.zeros(2, in_channels, height, width)).shape[1]
-    return nn.Sequential(*convs, p.linear(flat, 512), nn.ReLU())
+    return nn.Sequential(*convs, p.linear(flat, 512, init_scale=scale), nn.ReLU())
 
 
-def _minatar_body(p: Parameterization, in_channels: int, height: int, width: int) -> nn.Sequential:
+def _minatar_body(p: Parameterization, in_channels: int, height: int, width: int, scale: float) -> nn.Sequential:
     flat = 16 * (height - 2) * (width - 2)
     return nn.Sequential(
-        p.conv2d(in_channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten(), p.linear(flat, 128), nn.ReLU()
+        p.conv2d(in_channels, 16, 3, stride=1, init_scale=scale),
+        nn.ReLU(),
+        nn.Flatten(),
+        p.linear(flat, 128, init_scale=scale),
+        nn.ReLU(),
     )
 
 
@@ -85,12 +89,12 @@ def build_q_network(config: NetworkConfig, spec: EnvSpec) -> QNetwork:
     arch = resolve_architecture(config, spec)
     if arch == "mlp":
         sizes = [int(np.prod(spec.obs_shape)), *config.hidden_sizes]
-        body = mlp(sizes, p, activate_last=True)
+        body = mlp(sizes, p, init_scales=config.hidden_init_scale, activate_last=True)
         features = sizes[-1]
     else:
         c, h, w = spec.obs_shape
         build = _nature_body if arch == "nature_cnn" else _minatar_body
-        body = build(p, c, h, w)
+        body = build(p, c, h, w, config.hidden_init_scale)
         features = 512 if arch == "nature_cnn" else 128
     head = head_p.linear(features, spec.n_actions, init_scale=config.head_init_scale)
     input_scale = 255.0 if spec.suite == "atari" else 1.0
