@@ -55,7 +55,7 @@ def resolve_architecture(config: NetworkConfig, spec: EnvSpec) -> str:
     return arch
 
 
-def _nature_body(p: Parameterization, in_channels: int, height: int, width: int, scale: float) -> nn.Sequential:
+def _nature_body(p: Parameterization, in_channels: int, height: int, width: int, scale: float = 1.0) -> nn.Sequential:
     convs = nn.Sequential(
         p.conv2d(in_channels, 32, 8, stride=4, init_scale=scale),
         nn.ReLU(),
@@ -70,7 +70,7 @@ def _nature_body(p: Parameterization, in_channels: int, height: int, width: int,
     return nn.Sequential(*convs, p.linear(flat, 512, init_scale=scale), nn.ReLU())
 
 
-def _minatar_body(p: Parameterization, in_channels: int, height: int, width: int, scale: float) -> nn.Sequential:
+def _minatar_body(p: Parameterization, in_channels: int, height: int, width: int, scale: float = 1.0) -> nn.Sequential:
     flat = 16 * (height - 2) * (width - 2)
     return nn.Sequential(
         p.conv2d(in_channels, 16, 3, stride=1, init_scale=scale),
