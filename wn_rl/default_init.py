@@ -18,11 +18,10 @@ import math
 import torch
 from torch import nn
 
+from wn_rl.init import initializable_layers
 from wn_rl.layers import WNLayer, _direction_and_norm, _parameter_from_g
 
 __all__ = ["torch_default_init"]
-
-_PLAIN = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def _fan_in(weight_shape: torch.Size) -> int:
@@ -83,9 +82,7 @@ def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """The layers :func:`torch_default_init` initialises, by name, each with the parameter holding its weight
     (a WN layer's v); checked before any is changed."""
     layers = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (WNLayer, *_PLAIN)):
-            continue
+    for name, module in initializable_layers(model).items():  # the layers data-dependent init sets
         label = name or type(module).__name__
         weight = module.v if isinstance(module, WNLayer) else module.weight
         if isinstance(weight, nn.parameter.UninitializedParameter):
