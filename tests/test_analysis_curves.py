@@ -525,3 +525,14 @@ def test_a_native_run_made_before_a_key_existed_reads_it_as_the_code_did_then(tm
     assert plot_curves.main([str(old), str(new), "--out", str(figure), "--group-by", "network.init"]) == 0
     groups = {row["group"] for row in csv.DictReader(figure.with_suffix(".csv").open())}
     assert groups == {"data_dependent", "torch_default"}
+
+
+def test_an_sb3_run_made_before_init_method_existed_reads_data_dependent(tmp_path: Path) -> None:
+    """SB3 runs group by ``init.method`` (added with the torch-default ablation): older runs read the init they ran."""
+    for name, init in [("old", {"enabled": True, "n_samples": 256}), ("new", {"method": "torch_default"})]:
+        (tmp_path / name).mkdir()
+        config = {"algo": "dqn", "env_id": "CartPole-v1", "policy": "WnMlpPolicy", "seed": 0, "init": init}
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_run(tmp_path / "old").value("init.method") == "data_dependent"
+    assert load_run(tmp_path / "old").value("init.n_samples") == 256
+    assert load_run(tmp_path / "new").value("init.method") == "torch_default"

@@ -190,6 +190,8 @@ def load_run(run_dir: str | Path, tags: list[str] | None = None) -> RunData:
         from agents.dqn.config import with_older_defaults  # the native DQN's own history of its keys
 
         config = with_older_defaults(config)  # a key added since the run reads as what the code did then
+    elif config_value(config, SB3.keys["task"]) is not None and isinstance(config.get("init", {}), dict):
+        config = {**config, "init": {"method": "data_dependent", **config.get("init", {})}}  # before init.method
     scalars = read_scalars(run_dir, tags)
     if not scalars and not config:
         raise FileNotFoundError(

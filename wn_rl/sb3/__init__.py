@@ -10,7 +10,8 @@ Pass the policy classes to SB3 exactly as SB3's own::
 
 and add :class:`DataDependentInitCallback` (section 3 of the paper) and :class:`WnStatsCallback`
 to ``learn`` (and :class:`NonFiniteGuardCallback`, which keeps NaN/inf steps out of the model). A policy that
-starts training without the init warns once (:class:`UninitializedPolicyWarning`).
+starts training without the init warns once (:class:`UninitializedPolicyWarning`). The ablation's start,
+torch's default init of every online network with the targets synced, is :func:`torch_default_init_policy`.
 """
 
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
@@ -44,7 +45,7 @@ from wn_rl.sb3.dqn import (
     WnQuantileNetwork,
 )
 from wn_rl.sb3.guard import NonFiniteGuardCallback
-from wn_rl.sb3.init import initialize_policy, online_networks, sync_target_networks
+from wn_rl.sb3.init import initialize_policy, online_networks, sync_target_networks, torch_default_init_policy
 from wn_rl.sb3.on_policy import (
     WnActorCriticCnnPolicy,
     WnActorCriticPolicy,
@@ -70,6 +71,7 @@ __all__ = [
     "initialize_policy",
     "online_networks",
     "sync_target_networks",
+    "torch_default_init_policy",
     "WnActorCriticCnnPolicy",
     "WnActorCriticPolicy",
     "WnCnnPolicy",

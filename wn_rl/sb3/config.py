@@ -91,12 +91,28 @@ _LINEAR = re.compile(r"^lin_([0-9.eE+-]+)$")
 @dataclass(frozen=True)
 class InitConfig:
     enabled: bool = True
-    "run the paper's data-dependent init (section 3) before the policy acts or learns (wn_rl policies only)"
+    "initialise the policy before it acts or learns, by `method`; false: keep the policy's own init (for a WN policy "
+    "the fresh v ~ N(0, 0.05), g = 1)"
+    method: Literal["data_dependent", "torch_default"] = "data_dependent"
+    "data_dependent: the paper's init (section 3) from real observations (wn_rl policies only). torch_default: torch's "
+    "init of a fresh nn.Linear / nn.Conv2d in every online network (WN layers as g = ||w||, v = w), drawn from `seed`, "
+    "targets synced: the ablation that isolates the reparameterization (any policy; init_scale has no effect)"
     n_samples: int = 256
-    "observations in the init batch (off-policy algorithms need learning_starts >= n_samples)"
+    "observations in the data-dependent init batch (off-policy algorithms need learning_starts >= n_samples)"
 
     def __post_init__(self) -> None:
         check(self.n_samples >= 2, "init.n_samples", self.n_samples, "an integer >= 2")
+        check(
+            self.enabled or self.method == "data_dependent",
+            "init.method",
+            self.method,
+            "data_dependent with init.enabled=false (a disabled init keeps the policy's own); set init.enabled=true",
+        )
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether the paper's data-dependent init runs."""
+        return self.enabled and self.method == "data_dependent"
 
 
 @dataclass(frozen=True)
@@ -190,7 +206,7 @@ class SB3Config:
             raise ConfigError(str(exc)) from None
         policy = resolve_policy(self.algo, self.policy)
         _check_hyperparameters(self.algo, self.hyperparameters)
-        if self.init.enabled and isinstance(policy, type):
+        if self.init.data_dependent and isinstance(policy, type):
             _check_init_batch(self.algo, self.hyperparameters, self.init.n_samples)
 
 

@@ -22,9 +22,17 @@ from stable_baselines3.sac.policies import SACPolicy
 from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
+from wn_rl.default_init import torch_default_init
 from wn_rl.init import InitReport, data_dependent_init, initializable_layers, is_initialized
 
-__all__ = ["initialize_policy", "network_passes", "online_networks", "policy_is_initialized", "sync_target_networks"]
+__all__ = [
+    "initialize_policy",
+    "network_passes",
+    "online_networks",
+    "policy_is_initialized",
+    "sync_target_networks",
+    "torch_default_init_policy",
+]
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -71,6 +79,20 @@ def sync_target_networks(policy: BasePolicy) -> list[str]:
     for _, target, online in pairs:
         target.load_state_dict(online.state_dict())
     return [name for name, _, _ in pairs]
+
+
+def torch_default_init_policy(policy: BasePolicy, *, generator: th.Generator | None = None) -> dict[str, list[str]]:
+    """torch's default init (:func:`wn_rl.torch_default_init`) of every online network of ``policy``, in
+    :func:`online_networks` order, then every target network synced to its online network: the start that
+    isolates weight norm's reparameterization from data-dependent init (section 3), for wn_rl's policies in any
+    parameterization and SB3's own alike (for these it replaces SB3's orthogonal init, where the algorithm uses
+    one). Draws come from ``generator`` (a CPU ``torch.Generator``; ``None``: the global one), so one seed gives
+    a ``normal`` and a ``weight_norm`` policy of one architecture the same start. ``init_scale`` has no effect
+    (it sets data-dependent init's target), and the ``initialized`` flags stay unset; set before the optimizer
+    steps (the parameters are changed in place). Returns the layers initialised, per network."""
+    layers = {name: torch_default_init(net, generator=generator) for name, net in online_networks(policy).items()}
+    sync_target_networks(policy)
+    return layers
 
 
 def policy_is_initialized(policy: BasePolicy) -> bool:

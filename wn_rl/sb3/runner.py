@@ -42,7 +42,7 @@ from wn_rl.sb3.common import WnPolicyOptions
 from wn_rl.sb3.config import ALGORITHMS, SB3Config, build_hyperparameters, build_policy_kwargs, resolve_policy
 from wn_rl.sb3.envs import make_env
 from wn_rl.sb3.guard import NonFiniteGuardCallback
-from wn_rl.sb3.init import has_init_flags
+from wn_rl.sb3.init import has_init_flags, torch_default_init_policy
 from wn_rl.signals import StopOnSignals
 
 # AtomicCheckpointCallback and latest_model live in wn_rl.sb3.checkpoints; they stay importable from here, their
@@ -296,7 +296,7 @@ class SB3Run:
             return model
         policy, policy_kwargs = resolve_policy(config.algo, config.policy), build_policy_kwargs(config)
         try:
-            return algo_class(
+            model = algo_class(
                 policy,
                 env,
                 policy_kwargs=policy_kwargs,
@@ -311,6 +311,9 @@ class SB3Run:
                 f"{algo_class.__name__} with policy={config.policy} and env_id={config.env_id} rejects this config "
                 f"(check policy_kwargs and hyperparameters): {exc}"
             ) from exc
+        if config.init.enabled and config.init.method == "torch_default":  # a resumed model keeps its weights
+            torch_default_init_policy(model.policy, generator=th.Generator().manual_seed(config.seed))
+        return model
 
     def _build(self) -> tuple[VecEnv, BaseAlgorithm]:
         """The env and the model; an env, policy or hyperparameter that gym or the algorithm rejects is a
@@ -335,7 +338,7 @@ class SB3Run:
             _HyperparameterText(config),
         ]
         wn_policy = has_init_flags(model.policy)
-        if config.init.enabled and wn_policy:
+        if config.init.data_dependent and wn_policy:
             callbacks.append(DataDependentInitCallback(config.init.n_samples, verbose=config.verbose))
         if config.wn_stats_freq and wn_policy:
             callbacks.append(
@@ -387,8 +390,8 @@ class SB3Run:
         config = self.config
         learn_kwargs = {"log_interval": config.log_interval} if config.log_interval else {}
         started = time.perf_counter()
-        if not config.init.enabled and isinstance(model.policy, WnPolicyOptions):
-            # the fresh init on purpose: told to this policy, not to the process's warning filters (other threads)
+        if not config.init.data_dependent and isinstance(model.policy, WnPolicyOptions):
+            # no data-dependent init on purpose: told to this policy, not to the process's warning filters (threads)
             model.policy.allow_fresh_init()
         try:
             model.learn(
