@@ -117,3 +117,28 @@ def test_minatar_without_its_package_is_a_config_error_naming_the_extra(monkeypa
     config = str(root / "configs" / "dqn" / "minatar_breakout.yaml")
     assert train_dqn.main(["--config", config, "run.runs_dir=/nonexistent/never-written"]) == 2
     assert "pip install -e '.[minatar]'" in capsys.readouterr().err
+
+
+def test_a_life_lost_in_the_step_a_time_limit_cuts_is_still_a_life_loss():
+    """The frame limit truncates (the game goes on in principle), so a life lost in that step stays a life loss:
+    under the Nature preset's life-loss terminals that transition must not bootstrap."""
+    env = make_env(EnvConfig(name="breakout", num_envs=3, noop_max=0))
+    env.reset(seed=0)  # 5 lives each
+    real = env.env
+
+    class Cut:  # what ale-py's recv() gives: env 0 truncated and env 1 game over, each losing a life; env 2 plays on
+        def send(self, actions):
+            pass
+
+        def recv(self):
+            ended = np.array([False, True, False]), np.array([True, False, False])
+            return np.zeros((3, 4, 84, 84), np.uint8), np.zeros(3), *ended, {"lives": np.array([4, 4, 4])}
+
+    env.env = Cut()
+    try:
+        step = env.step(np.zeros(3, dtype=np.int64))
+    finally:
+        env.env = real
+        env.close()
+    assert step.truncated.tolist() == [True, False, False] and step.terminated.tolist() == [False, True, False]
+    assert step.life_loss.tolist() == [True, False, True]

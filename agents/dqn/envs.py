@@ -228,7 +228,8 @@ class AtariEnv(VecEnv):
         lives = info["lives"].astype(np.int64)
         episode_start = self.done  # the previous step ended a game: this one was the autoreset
         self.done = terminated | truncated
-        life_loss = (lives < self.lives) & ~self.done & ~episode_start
+        # a game over is no life loss; a time-limit cut is no game over, so a life lost in its step still counts
+        life_loss = (lives < self.lives) & ~terminated & ~episode_start
         self.lives = lives
         return StepResult(obs, rewards.astype(np.float32), terminated, truncated, life_loss, episode_start)
 
