@@ -277,3 +277,84 @@ def test_a_fresh_plain_model_loads_an_initialised_ones_state_after_add_init_flag
     flagged = build()
     flagged[3].init_scale = 0.1
     assert wn_rl.add_init_flags(flagged)[3].init_scale == 0.1
+
+
+def _hooked_weight_norm(layer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated API, still in use
+        return torch.nn.utils.weight_norm(layer)
+
+
+UNSETTABLE = {
+    "torch parametrizations": lambda: torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 4)),
+    "a deprecated weight-norm hook": lambda: _hooked_weight_norm(nn.Linear(8, 4)),
+    "a spectral-norm hook": lambda: torch.nn.utils.spectral_norm(nn.Linear(8, 4)),
+}
+
+
+@pytest.mark.parametrize("make", UNSETTABLE.values(), ids=UNSETTABLE.keys())
+@pytest.mark.parametrize("init", ["data_dependent", "torch_default"])
+def test_a_layer_whose_weight_is_recomputed_is_refused_with_the_model_unchanged(make, init):
+    """Such a weight is rebuilt before every forward: an in-place write would be lost, leaving a layer reported
+    initialised with its bias moved and its scale not."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), make())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot set \['2'\]: their weight is .* The model is unchanged"):
+        if init == "data_dependent":
+            data_dependent_init(model, torch.randn(64, 8))
+        else:
+            wn_rl.torch_default_init(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_tied_weights_are_refused_before_anything_changes():
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight  # setting b's scale would change a's function
+    model = nn.Sequential(a, nn.Tanh(), b)
+    with pytest.raises(ValueError, match=r"cannot set \['0', '2'\]: they share a parameter"):
+        data_dependent_init(model, torch.randn(64, 6))
+    assert "initialized" not in a._buffers
+    with pytest.raises(ValueError, match=r"torch_default_init cannot set \['0', '2'\]"):
+        wn_rl.torch_default_init(model)
+    shared = nn.Linear(6, 6)  # one module used twice shares nothing: it is set once, on its first use
+    report = data_dependent_init(nn.Sequential(shared, nn.Tanh(), shared), torch.randn(64, 6))
+    assert [layer.name for layer in report.layers] == ["0"]
+
+
+def test_a_batch_norm_without_running_statistics_pairs_with_its_layer():
+    model = nn.Sequential(WNLinear(4, 5, bias=False), nn.BatchNorm1d(5, track_running_stats=False), nn.ReLU())
+    x = torch.randn(128, 4) * 3 + 1
+    report = data_dependent_init(model, x)
+    assert report.layers[0].paired_norm == "1"
+    with torch.no_grad():
+        out = model[1](model[0](x))
+    torch.testing.assert_close(out.mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+
+
+def test_a_layer_norm_unit_without_variance_keeps_its_affine_and_is_listed():
+    """A degenerate init batch (near-identical observations, as an RL env can give at its start) leaves a layer
+    norm's output constant: its affine is kept (dividing by a zero std made it ~1e12) and its units are listed."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.linspace(0.5, 1.5, 6))
+    weight, bias = model[1].weight.clone(), model[1].bias.clone()
+    x = torch.randn(1, 4).repeat(32, 1)
+    report = data_dependent_init(model, x)
+    assert torch.equal(model[1].weight, weight) and torch.equal(model[1].bias, bias)
+    assert report.layers[0].dead_units == list(range(6))
+
+
+def test_a_layer_norm_after_an_initialised_layer_in_a_full_pass_is_reported():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.LayerNorm(6))
+    report = data_dependent_init(model, torch.randn(64, 4))
+    assert [(layer.name, layer.kind) for layer in report.layers] == [("0", "Linear"), ("2", "LayerNorm")]
+    with torch.no_grad():
+        out = model(torch.randn(64, 4))
+    assert out.std(0).mean() > 0.5
+
+
+def test_the_init_flag_is_made_on_the_layers_device():
+    layer = Parameterization.get("normal").linear(3, 4, device="meta")
+    assert layer.weight.device.type == "meta" and layer.initialized.device.type == "meta"

@@ -75,6 +75,18 @@ def test_cached_no_grad_forward_of_a_big_linear_keeps_only_the_scale():
     assert layer._cached_scale is None  # cleared on exit
 
 
+def test_cached_no_grad_forward_of_a_big_float64_linear_stays_float64():
+    """The kept scale g/||v|| is computed in float64 for a float64 layer (it was rounded through float32: 4e-7)."""
+    torch.manual_seed(0)
+    layer = WNLinear(512, 256, dtype=torch.float64)
+    x = torch.randn(4, 512, dtype=torch.float64)
+    expected = x @ layer.compute_weight().T + layer.bias
+    with cached(layer), torch.no_grad():
+        out = layer(x)
+        assert layer._cached_scale is not None and layer._cached_scale.dtype == torch.float64
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("index", range(4))
 def test_cached_weight_computed_without_grad_is_not_reused_for_training(index):
     """Acting under no_grad and then training inside one `cached` block must still reach g and v."""

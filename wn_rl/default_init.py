@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from wn_rl.init import initializable_layers
+from wn_rl.init import check_settable, initializable_layers
 from wn_rl.layers import WNLayer, _direction_and_norm, _parameter_from_g
 
 __all__ = ["torch_default_init"]
@@ -81,8 +81,10 @@ def torch_default_init(model: nn.Module, *, generator: torch.Generator | None = 
 def _layers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """The layers :func:`torch_default_init` initialises, by name, each with the parameter holding its weight
     (a WN layer's v); checked before any is changed."""
+    candidates = initializable_layers(model)  # the layers data-dependent init sets
+    check_settable(model, candidates, "torch_default_init")
     layers = {}
-    for name, module in initializable_layers(model).items():  # the layers data-dependent init sets
+    for name, module in candidates.items():
         label = name or type(module).__name__
         weight = module.v if isinstance(module, WNLayer) else module.weight
         if isinstance(weight, nn.parameter.UninitializedParameter):

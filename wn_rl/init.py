@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from wn_rl.convert import _old_style_hooks, _tied
 from wn_rl.layers import WNLayer, WNLinear, mark_initializable
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 
@@ -93,6 +95,35 @@ class InitReport:
 def initializable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of ``model`` that data-dependent init sets, by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (WNLayer, *_PLAIN_TYPES))}
+
+
+def check_settable(model: nn.Module, layers: dict[str, nn.Module], caller: str) -> None:
+    """Refuse, before any change, ``layers`` of ``model`` whose weight an in-place init cannot set: a weight
+    computed by torch parametrizations or by a hook of the deprecated ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` or of ``torch.nn.utils.prune`` (a write to it would be lost at the next forward, leaving the
+    layer unchanged while its bias moved), and a weight tied to another module (setting one layer's scale would
+    change the other's function)."""
+    found = {
+        "their weight is computed by torch parametrizations (such as torch.nn.utils.parametrizations.weight_norm), "
+        "so it cannot be set in place. Remove them first (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+        "'weight')); for weight norm, then convert with wn_rl.weight_norm(model)": [
+            n for n, m in layers.items() if parametrize.is_parametrized(m)
+        ],
+        "their weight is recomputed before every forward by a hook of the deprecated torch.nn.utils.weight_norm or "
+        "spectral_norm, or of torch.nn.utils.prune, so it cannot be set in place. Remove the hook first "
+        "(torch.nn.utils.remove_weight_norm(layer), remove_spectral_norm(layer) or "
+        "torch.nn.utils.prune.remove(layer, 'weight')); for weight norm, then convert with wn_rl.weight_norm(model)": [
+            n for n, m in layers.items() if _old_style_hooks(m)
+        ],
+        "they share a parameter with another module (tied weights, such as head.weight = embedding.weight), so "
+        "setting one layer's scale would change the other's function. Untie the weights first": [
+            n for n, _ in _tied(model, list(layers.items()))
+        ],
+    }
+    for reason, names in found.items():
+        if names:
+            labels = [name or type(model).__name__ for name in names]
+            raise ValueError(f"{caller} cannot set {labels}: {reason}. The model is unchanged.")
 
 
 def add_init_flags(model: nn.Module) -> nn.Module:
@@ -221,7 +252,8 @@ class _InitPass:
         else:
             init_scale = 1.0
         mean, std = _unit_stats(x, 1)
-        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        if norm.running_mean is not None:  # None: a batch norm with track_running_stats=False
+            norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
         if isinstance(norm, nn.modules.batchnorm._BatchNorm):
             if norm.running_var is not None:
                 norm.running_var.copy_((std**2).to(norm.running_var.dtype))
@@ -244,10 +276,28 @@ class _InitPass:
         if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1:
             return None  # a multi-dim affine has no per-unit reading: left as is
         mean, std = _unit_stats(output, channel_dim)
-        factor = init_scale / std.clamp_min(1e-12)
+        dead = std < _DEAD_STD * (1.0 + mean.abs())  # as a layer's: such a unit keeps its affine
+        factor = torch.where(dead, torch.ones_like(std), init_scale / std.clamp_min(1e-30))
+        shift = torch.where(dead, torch.zeros_like(mean), mean)
         norm.weight.mul_(factor.to(norm.weight.dtype))
-        norm.bias.copy_(((norm.bias.to(mean.dtype) - mean) * factor).to(norm.bias.dtype))
-        return (output - _unit_view(mean, output, channel_dim)) * _unit_view(factor, output, channel_dim)
+        norm.bias.copy_(((norm.bias.to(shift.dtype) - shift) * factor).to(norm.bias.dtype))
+        dead_units = torch.nonzero(dead).flatten().tolist()
+        if paired:  # the norm's output is the paired layer's pre-activation: its dead units are listed there
+            record = self.records[-1]
+            record.dead_units = sorted({*record.dead_units, *dead_units})
+        else:
+            self.records.append(
+                LayerInit(
+                    name=self.names[id(norm)],
+                    kind=type(norm).__name__,
+                    units=int(std.numel()),
+                    init_scale=init_scale,
+                    mean=float(mean.abs().mean()),
+                    std=float(std.mean()),
+                    dead_units=dead_units,
+                )
+            )
+        return (output - _unit_view(shift, output, channel_dim)) * _unit_view(factor, output, channel_dim)
 
 
 @contextlib.contextmanager
@@ -361,6 +411,8 @@ def data_dependent_init(
             f"{type(model).__name__} has no layer data-dependent init can set (WN layers or nn.Linear / "
             "nn.Conv* / nn.ConvTranspose*); recurrent cells keep their own initialization."
         )
+    pending = {n: m for n, m in layers.items() if force or not bool(getattr(m, "initialized", False))}
+    check_settable(model, pending, "data-dependent init")
     add_init_flags(model)
     targets = {n: m for n, m in layers.items() if force or not bool(m.initialized)}
     if not targets:
@@ -374,8 +426,9 @@ def data_dependent_init(
     init_pass = _InitPass(targets, norms, full=len(targets) == len(layers))
     handles = [m.register_forward_hook(init_pass.layer_hook) for m in targets.values()]
     handles += [m.register_forward_pre_hook(init_pass.norm_pre_hook) for m in norms.values()]
-    affine = [m for m in model.modules() if isinstance(m, _AFFINE_NORM_TYPES)]
-    handles += [m.register_forward_hook(init_pass.affine_norm_hook) for m in affine]
+    affine = {n: m for n, m in model.named_modules() if isinstance(m, _AFFINE_NORM_TYPES)}
+    init_pass.names.update({id(m): n for n, m in affine.items()})
+    handles += [m.register_forward_hook(init_pass.affine_norm_hook) for m in affine.values()]
     _run_pass(model, batch, forward, handles)
     not_reached = [n for n, m in targets.items() if id(m) not in init_pass.done]
     if not_reached:

@@ -119,7 +119,8 @@ def mark_initializable(module: nn.Module, init_scale: float = 1.0) -> nn.Module:
     persistent ``initialized`` flag (a bool buffer, so it travels in the ``state_dict``)."""
     module.init_scale = _check_init_scale(init_scale)
     if "initialized" not in module._buffers:
-        module.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        device = next((p.device for p in module.parameters(recurse=False)), None)  # beside the weight
+        module.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
     return module
 
 
@@ -358,8 +359,8 @@ class WNLayer(_CachedWeights):
         return _g_from_parameter(self._scale_parameter, self.scale)
 
     def v_norm(self) -> Tensor:
-        """||v|| per output unit, shape ``(units,)``."""
-        return _unit_norms(self.v.float(), self.norm_dim)
+        """||v|| per output unit, shape ``(units,)``, in float32 at least (float64 stays float64)."""
+        return _unit_norms(self.v.to(torch.promote_types(self.v.dtype, torch.float32)), self.norm_dim)
 
     def compute_weight(self) -> Tensor:
         """The effective weight w = g v / ||v|| (eq. 2), computed now."""
