@@ -106,7 +106,9 @@ def test_groups_panels_and_aggregate_numbers(study_dir: Path) -> None:
     normal = aggregate_curve(grouped["breakout"]["normal"], "eval/return_mean")
     np.testing.assert_allclose(normal.steps, [500, 1000])
     np.testing.assert_allclose(normal.mean, [2.0, 3.0])
-    np.testing.assert_allclose(normal.high - normal.mean, [1.0, 1.0])  # population std of (1, 3)
+    np.testing.assert_allclose(normal.high - normal.mean, [2**0.5, 2**0.5])  # the sample std of (1, 3)
+    sem = aggregate_curve(grouped["breakout"]["normal"], "eval/return_mean", spread="sem")
+    np.testing.assert_allclose(sem.high - sem.mean, [1.0, 1.0])  # sqrt(2) / sqrt(2 runs)
     wn = aggregate_curve(grouped["breakout"]["weight_norm"], "eval/return_mean", spread="minmax")
     np.testing.assert_allclose(wn.steps, [500, 504, 1000, 1004])
     # at step 1000 seed 1 is interpolated between (504, 4) and (1004, 8): 4 + 4 * 496 / 500

@@ -98,6 +98,8 @@ def test_human_normalized_score() -> None:
     assert human_normalized_score("space_invaders", 2179.0) == pytest.approx((2179 - 148) / (1668.7 - 148))
     np.testing.assert_allclose(human_normalized_score("pong", np.array([-20.7, 14.6])), [0.0, 1.0])
     assert len(ATARI_HUMAN_RANDOM) == 57
+    for name in ("UpNDown", "ALE/UpNDown-v5", "UpNDownNoFrameskip-v4", "up_n_down"):  # a capital after a capital
+        assert human_normalized_score(name, 11693.2) == pytest.approx(1.0)
     with pytest.raises(KeyError, match="Atari-57"):
         human_normalized_score("minatar_asterix_typo", 1.0)
 

@@ -124,6 +124,27 @@ def test_prune_keeps_the_newest(tmp_path):
     assert len(list(tmp_path.iterdir())) == 4  # two files + two markers
 
 
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_damaged_newer_checkpoint_never_costs_the_one_just_written(tmp_path, keep):
+    """Checkpoint 3000 is damaged (bit rot, a copy cut short): the run resumed from 2000 and, stopped by a signal,
+    saved 2600. Ranked by number, 3000 outranked 2600 and pruning deleted the only loadable checkpoints."""
+    for step in (1000, 2000, 3000):
+        save_checkpoint(tmp_path / f"checkpoint_{step:06d}.pt", _payload(step))
+    damaged = tmp_path / "checkpoint_003000.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash tells
+    damaged.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert latest_checkpoint(tmp_path).name == "checkpoint_002000.pt"  # what the resume loads
+    written = save_checkpoint(tmp_path / "checkpoint_002600.pt", _payload(2600))
+    with pytest.warns(UserWarning, match=r"deleting \['checkpoint_003000.pt'\]: numbered after checkpoint_002600"):
+        removed = prune_checkpoints(tmp_path, keep=keep, written=written)
+    kept = [p.name for p in ck.complete_checkpoints(tmp_path)]
+    assert kept == ["checkpoint_002000.pt", "checkpoint_002600.pt"][-keep:]
+    assert damaged in removed and not damaged.exists()
+    assert latest_checkpoint(tmp_path) == written
+
+
 def test_remove_incomplete_deletes_only_what_killed_writers_left(tmp_path):
     kept = save_checkpoint(tmp_path / "checkpoint_000010.pt", _payload(10))
     temporary = tmp_path / ".checkpoint_000020.pt.tmp-12345"  # a write killed before its rename

@@ -273,11 +273,32 @@ def load_latest_checkpoint(
     return None if path is None else (path, load_checkpoint(path, map_location, verify=False))
 
 
-def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "checkpoint_") -> list[Path]:
+def prune_checkpoints(
+    directory: str | os.PathLike, keep: int, prefix: str = "checkpoint_", *, written: str | os.PathLike | None = None
+) -> list[Path]:
     """Delete all but the ``keep`` newest complete checkpoints (marker first, so a kill mid-way never
-    leaves a marker without its file). Returns the deleted paths."""
+    leaves a marker without its file). Returns the deleted paths.
+
+    ``written``: the checkpoint just written by a run that resumed from the newest one it could load. It is never
+    deleted, and ``keep`` counts it and those before it. Checkpoints numbered after it are deleted: the resume
+    skipped them as damaged (:func:`latest_checkpoint`) and the run has moved on from an older one. Without this
+    a damaged newer checkpoint outranked the one just written, which was pruned, leaving nothing loadable."""
+    found = complete_checkpoints(directory, prefix)
+    stale: list[Path] = []
+    if written is not None:
+        written = Path(written)
+        names = [p.name for p in found]
+        if written.name in names:
+            cut = names.index(written.name) + 1
+            found, stale = found[:cut], found[cut:]
+        if stale:
+            warnings.warn(
+                f"deleting {[p.name for p in stale]}: numbered after {written.name}, which this run wrote after "
+                "resuming from an older checkpoint, so they could not be loaded (damaged)",
+                stacklevel=2,
+            )
     removed = []
-    for path in complete_checkpoints(directory, prefix)[:-keep] if keep > 0 else []:
+    for path in [*stale, *(found[:-keep] if keep > 0 else [])]:
         with contextlib.suppress(FileNotFoundError):
             _marker(path).unlink()
         with contextlib.suppress(FileNotFoundError):

@@ -193,7 +193,7 @@ class Trainer:
             payload["replay"] = self.replay.state_dict()
         save_checkpoint(path, payload, metadata={"agent_step": self.agent_step, "updates": self.learner.updates})
         self.last_checkpoint = path
-        prune_checkpoints(self.run_dir / "checkpoints", self.config.run.keep_checkpoints)
+        prune_checkpoints(self.run_dir / "checkpoints", self.config.run.keep_checkpoints, written=path)
         return path
 
     def _loop_state(self) -> dict[str, Any]:

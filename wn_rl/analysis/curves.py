@@ -133,8 +133,11 @@ def aggregate_curve(
     elif spread == "none":
         low, high = mean, mean
     else:
-        std = np.nanstd(table, axis=0, ddof=0)
-        width = std / np.sqrt(count) if spread == "sem" else std
+        # the sample std across runs, as the tables and the sweep figure give it (0 where one run covers a step)
+        std = np.zeros(grid.size)
+        several = count > 1
+        std[several] = np.nanstd(table[:, several], axis=0, ddof=1)
+        width = std / np.sqrt(np.maximum(count, 1)) if spread == "sem" else std
         low, high = mean - width, mean + width
     return Curve(panel, group, tag, grid, mean, low, high, count)
 

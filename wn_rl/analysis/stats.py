@@ -95,12 +95,14 @@ ATARI_HUMAN_RANDOM: dict[str, tuple[float, float]] = {
 
 
 def _atari_key(game: str) -> str:
-    """``SpaceInvaders``, ``space-invaders``, ``ALE/SpaceInvaders-v5`` -> ``space_invaders``."""
+    """``SpaceInvaders``, ``space-invaders``, ``ALE/SpaceInvaders-v5`` -> ``space_invaders``; ``UpNDown`` ->
+    ``up_n_down`` (a capital after a capital starts a word when a lower-case letter follows it)."""
     name = game.split("/")[-1]
     name = name.split("-v")[0].replace("NoFrameskip", "").replace("-", "_")
     out = []
     for i, ch in enumerate(name):
-        if ch.isupper() and i > 0 and name[i - 1] != "_" and not name[i - 1].isupper():
+        before, after = name[i - 1] if i else "_", name[i + 1] if i + 1 < len(name) else ""
+        if ch.isupper() and before != "_" and (not before.isupper() or after.islower()):
             out.append("_")
         out.append(ch.lower())
     return "".join(out)

@@ -224,7 +224,7 @@ class ResumableRun:
             return path  # this very state was loaded or written already; rewriting it would open a window
         checkpoint.save_checkpoint(path, payload, metadata={"epoch": epoch, "update": update})
         self.last_path = path
-        checkpoint.prune_checkpoints(self.folder, KEEP_CHECKPOINTS)
+        checkpoint.prune_checkpoints(self.folder, KEEP_CHECKPOINTS, written=path)
         return path
 
     def save_final(self, model: nn.Module, result: Any) -> None:
