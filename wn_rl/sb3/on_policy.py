@@ -17,7 +17,8 @@ A2C, MaskablePPO, RecurrentPPO) or ``get_distribution`` (sb3-contrib's TRPO, whi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch as th
@@ -63,6 +64,44 @@ _ORTHO_INIT_MESSAGE = (
 def running_norms(module: nn.Module) -> list[nn.Module]:
     """The normalisation layers of ``module`` that keep running statistics."""
     return [m for m in module.modules() if isinstance(m, _RUNNING_NORMS)]
+
+
+@contextlib.contextmanager
+def norms_on_rows(norms: list[nn.Module], valid: th.Tensor | None) -> Iterator[None]:
+    """Inside the block each of ``norms`` sees only the ``valid`` rows of an input with one row per entry of
+    ``valid`` (its batch statistics, and so its running statistics, come from those rows); the other rows of its
+    output are 0. For a batch padded with rows that count for nothing (RecurrentPPO's sequence padding), whose
+    values downstream are masked out. ``None``: every row counts, nothing changes."""
+    if valid is None or bool(valid.all()):
+        yield
+        return
+    valid = valid.bool()
+    rows = int(valid.numel())
+
+    selected: set[int] = set()  # the norms whose running call had its rows selected
+
+    def select(norm: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = inputs[0]
+        if x.shape[0] != rows:  # an input of another row count: left as it is
+            selected.discard(id(norm))
+            return None
+        selected.add(id(norm))
+        return (x[valid.to(x.device)], *inputs[1:])
+
+    def scatter(norm: nn.Module, inputs: tuple[Any, ...], output: th.Tensor) -> th.Tensor | None:
+        if id(norm) not in selected:
+            return None
+        full = output.new_zeros((rows, *output.shape[1:]))
+        full[valid.to(output.device)] = output
+        return full
+
+    handles = [norm.register_forward_pre_hook(select) for norm in norms]
+    handles += [norm.register_forward_hook(scatter) for norm in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _WnActorCriticMixin(WnPolicyOptions):
@@ -233,10 +272,15 @@ class _WnActorCriticMixin(WnPolicyOptions):
                 if args is None:
                     self._latents(obs)
                 else:
-                    super().evaluate_actions(obs, *args, **kwargs)
+                    with norms_on_rows(norms, self._valid_rows(obs, args, kwargs)):
+                        super().evaluate_actions(obs, *args, **kwargs)
         finally:
             self.train(self.training)
         return used
+
+    def _valid_rows(self, obs: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> th.Tensor | None:
+        """Which rows of a kept ``evaluate_actions`` batch are data (``None``: all of them)."""
+        return None
 
     def _latents(self, obs: Any) -> None:
         """The part of ``evaluate_actions`` that holds norm layers (features extractors and both MLPs; the

@@ -73,6 +73,26 @@ class WnRecurrentActorCriticPolicy(WnActorCriticPolicy, RecurrentActorCriticPoli
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
         self.train(self.training)
 
+    def _valid_rows(self, obs: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> th.Tensor | None:
+        """The rows of a RecurrentPPO minibatch that are data. sb3-contrib pads each of its sequences at the end
+        to the longest one's length with rows of zeros (observation, action and episode start alike) and masks
+        them out of the losses; the mask does not reach the policy, so the rows found here are those that, with
+        every later row of their sequence, look like padding. A real row that looks so is dropped too: the norm
+        statistics lose one sample, never gain a padded one."""
+        names = ("actions", "lstm_states", "episode_starts")
+        given = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+        if not all(name in given for name in names):
+            return None
+        sequences = given["lstm_states"].pi[0].shape[1]
+        observations = list(obs.values()) if isinstance(obs, dict) else [obs]
+        zero = given["episode_starts"].flatten() == 0
+        for tensor in (*observations, given["actions"]):
+            zero = zero & (tensor.reshape(tensor.shape[0], -1) == 0).all(dim=1)
+        if zero.numel() % sequences:
+            return None
+        tail = zero.view(sequences, -1).flip(1).int().cumprod(1).flip(1).bool()  # padding to the sequence's end
+        return ~tail.flatten()
+
     @staticmethod
     def _process_sequence(
         features: th.Tensor, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor, lstm: nn.Module
