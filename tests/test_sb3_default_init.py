@@ -179,3 +179,9 @@ def test_a_run_starts_from_torch_init_drawn_from_its_seed_and_a_resume_keeps_its
     train(SB3Run(resumed, run_dir, resume=True))
     for key, value in trained.items():
         assert torch.equal(starts[1].state[key], value), key  # not drawn again
+
+
+def test_action_noise_is_refused_where_actions_are_discrete():
+    with pytest.raises(ConfigError, match=r"action_noise_std=0.1 is invalid: expected 0 for algo=dqn"):
+        load_sb3_config(CONFIGS / "dqn_cartpole_wn.yaml", ["action_noise_std=0.1"])
+    assert load_sb3_config(CONFIGS / "td3_pendulum_wn.yaml", ["action_noise_std=0.1"]).action_noise_std == 0.1

@@ -231,3 +231,32 @@ def test_allow_fresh_init_silences_that_policy_object_only(name):
     with recorded() as found:
         clone.set_training_mode(True)
     assert len(found) == 1
+
+
+@pytest.mark.parametrize("extractor", ["NatureCNN", "CombinedExtractor"])
+def test_a_wn_policy_with_sb3s_plain_extractor_takes_the_init_and_loads(tmp_path, extractor):
+    """SB3's own extractors inside a wn_rl policy: their plain layers carry init flags from the start, so the
+    callback initialises them (the paper's plain baseline) instead of skipping the whole policy."""
+    from stable_baselines3.common.envs import FakeImageEnv, SimpleMultiObsEnv
+    from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
+
+    from wn_rl.sb3 import WnActorCriticCnnPolicy, WnMultiInputActorCriticPolicy
+    from wn_rl.sb3.init import has_init_flags
+
+    if extractor == "NatureCNN":
+        env, policy = FakeImageEnv(screen_height=40, screen_width=40, n_channels=1), WnActorCriticCnnPolicy
+        kwargs = dict(features_extractor_class=NatureCNN)
+    else:
+        env, policy = SimpleMultiObsEnv(random_start=True), WnMultiInputActorCriticPolicy
+        kwargs = dict(features_extractor_class=CombinedExtractor, features_extractor_kwargs=dict(cnn_output_dim=16))
+    model = PPO(policy, env, n_steps=N_SAMPLES, batch_size=N_SAMPLES, n_epochs=1, seed=0, policy_kwargs=kwargs)
+    assert type(model.policy.features_extractor).__name__ == extractor and has_init_flags(model.policy)
+    layers = wn_rl.init.initializable_layers(model.policy.features_extractor)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    with recorded() as warned:
+        model.learn(N_SAMPLES, callback=DataDependentInitCallback(n_samples=N_SAMPLES))
+    assert not warned and policy_is_initialized(model.policy)
+    assert all(not torch.equal(layer.weight, before[name]) for name, layer in layers.items())  # rescaled
+    model.save(tmp_path / "model.zip")
+    loaded = PPO.load(tmp_path / "model.zip")
+    assert policy_is_initialized(loaded.policy)

@@ -24,7 +24,8 @@ import torch
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
 
-from wn_rl.layers import WNLayer, cached
+from wn_rl.init import initializable_layers
+from wn_rl.layers import WNLayer, cached, mark_initializable
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 from wn_rl.parameterization import Parameterization
 from wn_rl.sb3.torch_layers import (
@@ -166,6 +167,19 @@ class WnPolicyOptions:
             )
         elif issubclass(features_extractor_class, FlattenExtractor):
             check_vector_space(observation_space, name, dict_alternative=multi_input)
+
+    def make_features_extractor(self) -> BaseFeaturesExtractor:
+        """SB3's, then every plain linear or conv layer of the extractor (SB3's ``NatureCNN`` or
+        ``CombinedExtractor``, a user's own) given the ``initialized`` flag from the start, so data-dependent init
+        sets it as the paper's plain baseline (target std: its ``init_scale``, else the ``features`` part) and
+        saved models load into a fresh policy. Without flags the whole policy counted as one that cannot take the
+        init (SB3's own), and the init was skipped."""
+        extractor = super().make_features_extractor()  # type: ignore[misc]
+        scale = self.init_scales.get("features", 1.0)
+        for layer in initializable_layers(extractor).values():
+            if "initialized" not in layer._buffers:
+                mark_initializable(layer, getattr(layer, "init_scale", scale))
+        return extractor
 
     def _wn_net_kwargs(self) -> dict[str, Any]:
         """The WN options every network of the policy is built with."""

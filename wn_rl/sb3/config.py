@@ -191,6 +191,9 @@ class SB3Config:
         check(self.n_envs >= 1, "n_envs", self.n_envs, "at least 1 environment")
         check(self.frame_stack >= 1, "frame_stack", self.frame_stack, "at least 1 frame")
         check(self.action_noise_std >= 0, "action_noise_std", self.action_noise_std, "a std >= 0")
+        noisy = ("sac", "td3", "tqc")  # the off-policy algorithms with continuous actions
+        expected = f"0 for algo={self.algo} (Gaussian action noise is for {', '.join(noisy)}: continuous actions)"
+        check(self.action_noise_std == 0 or self.algo in noisy, "action_noise_std", self.action_noise_std, expected)
         check(self.wn_stats_freq >= 0, "wn_stats_freq", self.wn_stats_freq, "a number of steps >= 0")
         tau = self.dormant_tau
         check(is_tau(tau), "dormant_tau", tau, TAU_EXPECTED)
