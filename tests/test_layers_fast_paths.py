@@ -75,6 +75,29 @@ def test_cached_no_grad_forward_of_a_big_linear_keeps_only_the_scale():
     assert layer._cached_scale is None  # cleared on exit
 
 
+@pytest.mark.parametrize("in_features", [8, 512])  # the small layer caches its weight, the big one its output scale
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_a_fused_optimizer_step_inside_cached_is_seen(in_features, optimizer):
+    """A fused optimizer writes the parameters without bumping their in-place version: the cache still
+    recomputes after its step (every torch.optim step counts)."""
+    torch.manual_seed(0)
+    layer = WNLinear(in_features, 4)
+    opt = getattr(torch.optim, optimizer)(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, in_features)
+    with cached(layer):
+        with torch.no_grad():
+            before = layer(x)  # acting: cached
+        for p in layer.parameters():  # gradients from elsewhere (a functional or compiled update): no backward
+            p.grad = torch.randn_like(p)  # through the cached weight, which would have released it
+        versions = [p._version for p in layer.parameters()]
+        opt.step()
+        assert [p._version for p in layer.parameters()] == versions  # what made the cache go stale
+        with torch.no_grad():
+            after = layer(x)
+    torch.testing.assert_close(after, layer(x).detach())
+    assert not torch.allclose(after, before)
+
+
 def test_cached_no_grad_forward_of_a_big_float64_linear_stays_float64():
     """The kept scale g/||v|| is computed in float64 for a float64 layer (it was rounded through float32: 4e-7)."""
     torch.manual_seed(0)

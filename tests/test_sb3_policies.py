@@ -336,6 +336,24 @@ def test_inference_weight_cache_follows_updates_and_never_blocks_gradients():
     assert first.g.grad is not None and first.v.grad is not None and first.v.grad.abs().sum() > 0
 
 
+def test_inference_weight_cache_sees_a_fused_optimizer_step():
+    """A fused optimizer's step leaves the parameters' version counters as they were: the acting cache still
+    serves the new weights."""
+    model = DQN(WnMlpPolicy, "CartPole-v1", policy_kwargs=dict(optimizer_kwargs=dict(fused=True)))
+    q_net, obs = model.policy.q_net, torch.randn(8, 4)
+    with torch.no_grad():
+        before = q_net(obs)
+    for p in q_net.parameters():
+        p.grad = torch.randn_like(p)
+    model.policy.optimizer.step()
+    with torch.no_grad():
+        after = q_net(obs)
+        q_net._release_weight_cache()
+        fresh = q_net(obs)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+
+
 def test_q_networks_never_serve_stale_weights_after_target_updates_and_training():
     from stable_baselines3.common.callbacks import BaseCallback
 

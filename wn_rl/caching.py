@@ -3,6 +3,7 @@ w = g v / ||v|| (eq. 2) once and reuses it, for time loops such as DRAW or a rec
 
 A cached weight is recomputed where reusing it would be wrong: after one of the module's parameters changed
 in place (an optimizer step, ``load_state_dict``, data-dependent init; PyTorch counts those in ``_version``),
+after any ``torch.optim`` step (a fused optimizer's writes are not counted in ``_version``),
 was replaced (``layer.v = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``) or given new storage
 (``v.data = ...``), after a backward pass went through it (that pass freed its graph, so truncated
 backpropagation through time and gradient accumulation inside one block work), and where it was computed
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["cached"]
 
@@ -50,11 +52,31 @@ def _lacks_graph(cached: Tensor, *params: Tensor) -> bool:
     return torch.is_grad_enabled() and not cached.requires_grad and any(p.requires_grad for p in params)
 
 
-def _parameter_state(module: nn.Module) -> tuple[tuple[int, int, int], ...] | None:
-    """Identity, storage and in-place version of each of ``module``'s own parameters: what its cached weights
-    are valid for. ``None`` (not cached) where a parameter is an inference tensor, whose in-place changes are not
-    counted, or has no storage of its own (a ``torch.func`` transform's wrapper)."""
-    state = []
+_optimizer_steps = 0  # torch.optim steps taken in this process, by any optimizer
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# A fused optimizer (Adam(fused=True), SGD(fused=True), ...) writes its parameters without bumping their
+# ``_version``, so a weight cached before its step would be reused after it: every step of any torch.optim
+# optimizer makes every cached weight stale.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many ``torch.optim`` optimizer steps this process has taken (any optimizer, fused ones included)."""
+    return _optimizer_steps
+
+
+def _parameter_state(module: nn.Module) -> tuple[Any, ...] | None:
+    """Identity, storage and in-place version of each of ``module``'s own parameters, after the process's count of
+    optimizer steps: what its cached weights are valid for. ``None`` (not cached) where a parameter is an inference
+    tensor, whose in-place changes are not counted, or has no storage of its own (a ``torch.func`` transform's
+    wrapper)."""
+    state: list[Any] = [_optimizer_steps]
     try:
         for p in module._parameters.values():
             if p is not None:

@@ -24,6 +24,7 @@ import torch
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
 
+from wn_rl.caching import optimizer_steps
 from wn_rl.init import initializable_layers
 from wn_rl.layers import WNLayer, cached, mark_initializable
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
@@ -268,7 +269,8 @@ class InferenceWeightCache:
     :meth:`_use_weight_cache` is called at the start of each forward entry point: with gradients
     enabled (or ``weight_cache_enabled`` False) it drops the cache (training must see fresh weights that
     gradients flow through); without gradients it keeps a :func:`wn_rl.cached` context open, keyed by
-    every parameter's storage and in-place version counter, so an optimizer step or ``load_state_dict``
+    every parameter's storage and in-place version counter and the process's count of ``torch.optim`` steps, so
+    an optimizer step (fused ones too, whose writes leave the version counter as it was) or ``load_state_dict``
     invalidates it. Updates through ``.data`` (SB3's ``polyak_update``) do not bump the version
     counter: networks updated that way (targets) must set ``weight_cache_enabled = False``, and owners
     release the cache whenever training starts.
@@ -276,7 +278,7 @@ class InferenceWeightCache:
 
     weight_cache_enabled: bool = True
     _weight_cache: contextlib.ExitStack | None = None
-    _weight_cache_key: tuple[tuple[int, int], ...] | None = None
+    _weight_cache_key: tuple[Any, ...] | None = None
 
     def _release_weight_cache(self) -> None:
         stack, self._weight_cache, self._weight_cache_key = self._weight_cache, None, None
@@ -287,7 +289,7 @@ class InferenceWeightCache:
         if torch.is_grad_enabled() or not self.weight_cache_enabled:
             self._release_weight_cache()
             return
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = (optimizer_steps(), *((p.data_ptr(), p._version) for p in self.parameters()))
         if key != self._weight_cache_key:
             self._release_weight_cache()
             stack = contextlib.ExitStack()
