@@ -3,6 +3,7 @@ epsilon schedule, and one update that changes the network and keeps metrics on t
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,3 +219,42 @@ def test_a_learner_without_a_learning_rate_is_refused_with_the_fix():
 
     with pytest.raises(ValueError, match="explicit lr"):
         Learner(mlp([4, 8, 2], "normal"), AgentConfig(), terminal_on_life_loss=False)
+
+
+@pytest.mark.parametrize("host_checks", [True, False])  # a CPU's skip, and the device's copy-and-select
+def test_a_rejected_step_takes_back_the_batch_statistics_its_forward_moved(host_checks):
+    """A non-finite batch through a network with batch norms moves their running statistics in the forward,
+    before any check: the rejected step restores them with the parameters (they became NaN, and acting
+    in eval mode then gave NaN Q-values)."""
+    from wn_rl import mlp
+
+    torch.manual_seed(0)
+    learner = Learner(mlp([4, 16, 2], "batch_norm"), AgentConfig(lr=1e-2, batch_size=8), terminal_on_life_loss=False)
+    learner._host_checks = host_checks
+    learner.update(_batch())
+    buffers = {n: b.clone() for n, b in learner.q_network.named_buffers() if b.is_floating_point()}
+    params = [p.detach().clone() for p in learner.q_network.parameters()]
+    bad = _batch()
+    bad.obs[0, 0] = float("nan")
+    learner.update(bad)
+    for name, value in learner.q_network.named_buffers():
+        if name in buffers:
+            assert torch.equal(value, buffers[name]), name
+    assert all(torch.equal(a, p) for a, p in zip(params, learner.q_network.parameters(), strict=True))
+    with pytest.raises(NonFiniteError):
+        learner.raise_if_nonfinite()
+    learner.update(_batch())  # a good step after it moves them again
+    assert any(not torch.equal(b, buffers[n]) for n, b in learner.q_network.named_buffers() if n in buffers)
+
+
+@pytest.mark.parametrize("parameterization", ["batch_norm", "mean_only_bn", "weight_norm+mean_only_bn"])
+def test_the_nature_network_is_built_in_training_mode(parameterization):
+    """Its flattened size is probed in eval mode; the norm layers must not stay there (they would train on frozen
+    statistics until something switched the whole network back)."""
+    from agents.dqn.config import NetworkConfig
+    from agents.dqn.envs import EnvSpec
+    from agents.dqn.networks import build_q_network
+
+    spec = EnvSpec("atari", "breakout", 1, (84, 84), 4, np.dtype(np.uint8), 4, {})
+    q = build_q_network(NetworkConfig(parameterization=parameterization), spec)
+    assert all(module.training for module in q.modules())

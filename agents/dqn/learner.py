@@ -183,6 +183,7 @@ class Learner:
         }
         self._metric_count = 0
         self._saved: list[Tensor] = []  # the eager guard's copy of the state before the step
+        self._saved_buffers: list[Tensor] = []  # and of the float buffers before the forward (batch statistics)
         # CPU: host reads are free, so the eager guard skips bad steps and copies only when a step could overflow
         self._host_checks = device.type == "cpu" and not any(b.is_floating_point() for b in q_network.buffers())
         self._step_bound = step_bound(config)
@@ -311,6 +312,13 @@ class Learner:
             self.raise_if_nonfinite()
 
     def _eager_update(self, batch: ReplayBatch) -> None:
+        # a forward with batch statistics updates the norm layers' running statistics before any check: kept
+        # here, so a rejected step (a non-finite batch) takes those updates back too
+        buffers = [b for b in self.q_network.buffers() if b.is_floating_point()]
+        if buffers:
+            if [t.shape for t in self._saved_buffers] != [t.shape for t in buffers]:
+                self._saved_buffers = [torch.empty_like(t) for t in buffers]
+            torch._foreach_copy_(self._saved_buffers, buffers)
         loss, td_error, q_taken, target = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -341,7 +349,9 @@ class Learner:
         param_norms = _norms(params)
         if self._host_checks and not skip:
             self._param_norm_max = float(param_norms.max())
-        self._guard(loss.detach(), grad_norms, param_norms, names, restore=copy_state)
+        ok = self._guard(loss.detach(), grad_norms, param_norms, names, restore=copy_state)
+        for t, old in zip(buffers, self._saved_buffers, strict=True):
+            torch.where(ok, t, old, out=t)
         row = torch.stack([loss.detach(), td_error.abs().mean(), q_taken.mean(), grad_norm, target.mean()])
         self._guard_state["metric_sum"] += torch.nan_to_num(row)
 
@@ -372,7 +382,9 @@ class Learner:
 
     def _guard(
         self, loss: Tensor, grad_norms: Tensor, param_norms: Tensor, names: list[str], restore: bool = True
-    ) -> None:
+    ) -> Tensor:
+        """Record the first bad step (its update, code and tensors) and, with ``restore``, select the saved state
+        back where this step is bad; returns ``ok``, a 0-d bool tensor on the device."""
         g = self._guard_state
         bad_grads, bad_params = ~torch.isfinite(grad_norms), ~torch.isfinite(param_norms)
         code = torch.where(
@@ -395,6 +407,7 @@ class Learner:
             g["bad_names"] = torch.zeros_like(mask)
             self._bad_name_list = names
         g["bad_names"].copy_(torch.where(first, mask, g["bad_names"]))
+        return ok
 
     def raise_if_nonfinite(self) -> None:
         """One host read of the non-finite flag; raises :class:`NonFiniteError` naming the update and tensor."""

@@ -65,8 +65,9 @@ def _nature_body(p: Parameterization, in_channels: int, height: int, width: int,
         nn.ReLU(),
         nn.Flatten(),
     )
-    with torch.no_grad():
+    with torch.no_grad():  # the flattened size, probed in eval mode (no batch statistics updated)
         flat = convs.eval()(torch.zeros(2, in_channels, height, width)).shape[1]
+    convs.train()  # a norm layer left in eval mode would never update its statistics while training
     return nn.Sequential(*convs, p.linear(flat, 512, init_scale=scale), nn.ReLU())
 
 
