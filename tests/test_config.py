@@ -11,7 +11,9 @@ from wn_rl.config import (
     check,
     config_diff,
     config_to_dict,
+    dump_yaml,
     load_config,
+    load_yaml,
     parse_overrides,
     read_yaml,
     resolve_device,
@@ -145,6 +147,78 @@ def test_yaml_1_1_quirks_are_refused_or_read_as_meant(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=rf"{message}.*yes/no/on/off.*quote it"):
             load_config(Switches, overrides=[override])
+
+
+def test_base_60_floats_are_refused_as_base_60_integers_are(tmp_path):
+    """YAML 1.1 reads 1:30.5 as 90.5 and 0:30.0 as 30.0."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1:30.5\n")
+    message = r"c\.yaml, line 1: 1:30\.5 is read by YAML 1\.1 as a base-60 number \(90\.5\); write the number"
+    with pytest.raises(ConfigError, match=message):
+        read_yaml(path)
+    with pytest.raises(ConfigError, match=r"override 'lr=0:30\.0': 0:30\.0 .*base-60.*quote it \('0:30\.0'\)"):
+        load_config(Train, overrides=["lr=0:30.0"])
+    assert load_config(Switches, overrides=["name='1:30.5'"]).name == "1:30.5"
+
+
+def test_a_key_given_twice_in_a_mapping_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of a repeated key: a second env: section would drop the first one's settings."""
+    path = tmp_path / "c.yaml"
+    path.write_text("env: {game: pong, num_envs: 4}\nseed: 3\nenv: {game: qbert}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 3: key 'env' is given twice .*at line 1 and line 3"):
+        load_config(Train, path)
+    path.write_text("env:\n  game: pong\n  num_envs: 4\n  game: qbert\n")
+    with pytest.raises(ConfigError, match=r"key 'game' is given twice .*at line 2 and line 4.*merge the two"):
+        load_config(Train, path)
+    with pytest.raises(ConfigError, match=r"override 'env=\{game: a, game: b\}': key 'game' is given twice"):
+        load_config(Train, overrides=["env={game: a, game: b}"])
+    # a key merged in with << may be overridden, as YAML intends
+    assert load_yaml("base: &b {x: 1, y: 2}\nnew:\n  <<: *b\n  x: 3\n")["new"] == {"x": 3, "y": 2}
+
+
+def test_a_mapping_override_merges_with_earlier_dotted_overrides_in_either_order():
+    expected = Train(lr=5e-4, env=Env("pong", 4))
+    assert load_config(Train, overrides=["lr=5e-4", "env.num_envs=4", "env={game: pong}"]) == expected
+    assert load_config(Train, overrides=["env={game: pong}", "env.num_envs=4", "lr=5e-4"]) == expected
+    assert parse_overrides(["a.b.c=1", "a={b: {d: 2}, e: 3}"]) == {"a": {"b": {"c": 1, "d": 2}, "e": 3}}
+    assert parse_overrides(["a.b=1", "a={b: 2}"]) == {"a": {"b": 2}}  # the later override of a key wins
+    assert parse_overrides(["a={b: 2}", "a.b=1"]) == {"a": {"b": 1}}
+
+
+def test_unreadable_config_files_are_config_errors_naming_the_file(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=rf"config file '{tmp_path}' is a directory; expected a YAML file"):
+        read_yaml(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_bytes("env: {game: pong}\nname: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c\.yaml' is not UTF-8 text \(byte 0xe9 at offset 27\)"):
+        load_config(Train, path)
+    path.write_text("name: caf\u00e9\n", encoding="utf-8")
+    assert read_yaml(path) == {"name": "caf\u00e9"}
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_text", denied)  # chmod does not stop root
+    with pytest.raises(ConfigError, match=r"c\.yaml' cannot be read: Permission denied"):
+        read_yaml(path)
+
+
+def test_dumped_configs_quote_the_strings_the_loader_would_read_as_numbers(tmp_path):
+    """yaml.safe_dump (YAML 1.1) writes the string '1e5' bare; this loader reads 1e5 as a float."""
+    data = {
+        "run": {"name": "1e5", "lr": 1e-5, "steps": 10, "on": True, "tag": None},
+        "names": ["1E-3", "+1e+5", "-2e-4", ".5", "010", "1:30", "1:30.5", "yes", "null", "~", "0x10", "run"],
+        "1e5": "key",
+    }
+    text = dump_yaml(data)
+    assert "name: '1e5'" in text and "'1e5': key" in text and "lr: 1.0e-05" in text
+    assert load_yaml(text) == data
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert read_yaml(path) == data
+    config = Switches(name="1e5", tag="1E-3")  # a run's own config.yaml loads again on resume
+    path.write_text(dump_yaml(config_to_dict(config)))
+    assert load_config(Switches, path) == config
 
 
 def _fake_gpus(monkeypatch, count: int) -> None:

@@ -7,9 +7,10 @@ scalars, so ``lr=3e-4``, ``double_dqn=true`` and ``env_ids=[a, b]`` work as expe
 
 YAML 1.1 (PyYAML) reads some values as another value than they seem to say; these are refused or read
 as meant: ``1e-3`` is a number (1.1: a string), ``1e5`` for an integer field is 100000 (an exact
-integer, else an error), ``010`` (1.1: octal 8) and ``1:30`` (1.1: base 60, 90) are errors saying what
-to write, and ``yes``/``no``/``on``/``off`` are booleans for a boolean field and an error saying to
-quote them where a string is expected.
+integer, else an error), ``010`` (1.1: octal 8), ``1:30`` and ``1:30.5`` (1.1: base 60, 90 and 90.5) are
+errors saying what to write, and ``yes``/``no``/``on``/``off`` are booleans for a boolean field and an error
+saying to quote them where a string is expected. A key given twice in one mapping is an error naming both
+lines (PyYAML would keep the last silently), and :func:`dump_yaml` writes configs that read back as written.
 
 Example::
 
@@ -45,6 +46,7 @@ __all__ = [
     "check",
     "config_diff",
     "config_to_dict",
+    "dump_yaml",
     "load_config",
     "flatten_config",
     "YamlLoader",
@@ -62,7 +64,12 @@ class YamlLoader(yaml.SafeLoader):
     PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``), so ``lr: 1e-3`` in a file or
     ``hyperparameters.learning_rate=1e-3`` on the command line would arrive as the string ``'1e-3'``
     wherever no typed field converts it (e.g. SB3 hyperparameters passed straight to the algorithm).
+    A key given twice in one mapping is refused: PyYAML would keep the last and drop the first silently.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        _refuse_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
 
 
 YamlLoader.add_implicit_resolver(
@@ -79,8 +86,36 @@ YamlLoader.add_implicit_resolver(
 )
 
 
-class _AmbiguousNumber(yaml.constructor.ConstructorError):
-    """A number written in a form that YAML 1.1 reads as another number than it seems to say."""
+class _Refused(yaml.constructor.ConstructorError):
+    """YAML that PyYAML reads otherwise than it seems to say (a number in a YAML 1.1 form, a key given twice);
+    ``problem`` says what to write instead."""
+
+
+def _mark(mark: yaml.Mark, other: yaml.Mark) -> str:
+    """``line N`` of ``mark`` (with the column where ``other`` is on the same line)."""
+    return f"line {mark.line + 1}" + (f", column {mark.column + 1}" if mark.line == other.line else "")
+
+
+def _refuse_duplicate_keys(loader: YamlLoader, node: yaml.MappingNode) -> None:
+    """Refuse a mapping that gives a scalar key twice (``agent:`` ... ``agent:``): YAML keeps only the last,
+    so every setting under the first would be lost without a word. Keys merged in with ``<<`` may be
+    overridden, as YAML intends."""
+    first: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            earlier = first.setdefault(key, key_node)
+        except TypeError:  # unhashable: PyYAML's own error names it
+            continue
+        if earlier is not key_node:
+            a, b = earlier.start_mark, key_node.start_mark
+            problem = (
+                f"key {key!r} is given twice in the same mapping, at {_mark(a, b)} and {_mark(b, a)}; YAML keeps only "
+                f"the last, so the first would be dropped silently: merge the two into one {key!r} entry, or delete one"
+            )
+            raise _Refused(None, None, problem, key_node.start_mark)
 
 
 _LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
@@ -98,21 +133,50 @@ def _construct_int(loader: YamlLoader, node: yaml.ScalarNode) -> int:
             f"without the leading zero, or quote it ('{text}') for a string"
         )
     elif ":" in text:
-        problem = (
-            f"{text} is read by YAML 1.1 as a base-60 number ({value}); write the number itself, or quote it "
-            f"('{text}') for a string"
-        )
+        problem = _base_60(text, value)
     else:
         return value
-    raise _AmbiguousNumber(None, None, problem, node.start_mark)
+    raise _Refused(None, None, problem, node.start_mark)
+
+
+def _construct_float(loader: YamlLoader, node: yaml.ScalarNode) -> float:
+    """YAML 1.1 floats and YAML 1.2's ``1e-3``, except base 60: ``1:30.5`` (90.5), refused as ``1:30`` is."""
+    value = loader.construct_yaml_float(node)
+    if ":" in node.value:
+        raise _Refused(None, None, _base_60(node.value, value), node.start_mark)
+    return value
+
+
+def _base_60(text: str, value: float) -> str:
+    return (
+        f"{text} is read by YAML 1.1 as a base-60 number ({value}); write the number itself, or quote it "
+        f"('{text}') for a string"
+    )
 
 
 YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+YamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text with :class:`YamlLoader` (safe; YAML 1.2 floats)."""
     return yaml.load(text, Loader=YamlLoader)
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that :class:`YamlLoader` would read as another value.
+
+    It resolves plain scalars with the loader's own resolvers, so a string such as ``'1e5'`` (a string to
+    YAML 1.1, which ``yaml.safe_dump`` writes bare, but a float to :class:`YamlLoader`) is written quoted."""
+
+
+_YamlDumper.yaml_implicit_resolvers = {first: list(rs) for first, rs in YamlLoader.yaml_implicit_resolvers.items()}
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML text (as ``yaml.safe_dump``) that :func:`load_yaml` reads back equal: run directories'
+    ``config.yaml`` must load again on resume."""
+    return yaml.dump(data, Dumper=_YamlDumper)
 
 
 class ConfigError(ValueError):
@@ -271,7 +335,10 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["a=1", "b.c=[1, 2]"]`` -> ``{"a": 1, "b": {"c": [1, 2]}}`` (values parsed as YAML)."""
+    """``["a=1", "b.c=[1, 2]"]`` -> ``{"a": 1, "b": {"c": [1, 2]}}`` (values parsed as YAML).
+
+    A later override wins where both set the same key; a mapping value is merged into what earlier
+    overrides set under its key, so ``agent.lr=5e-4 agent={beta1: 0.6}`` keeps the lr in either order."""
     result: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -282,7 +349,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             )
         try:
             value = load_yaml(raw) if raw.strip() else ""
-        except _AmbiguousNumber as exc:
+        except _Refused as exc:
             raise ConfigError(f"override {item!r}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
@@ -292,6 +359,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        if isinstance(node.get(leaf), dict) and isinstance(value, dict):
+            value = _merge(node[leaf], value)
         node[leaf] = value
     return result
 
@@ -309,17 +378,35 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from ``path`` with errors that name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (expected a YAML file, e.g. configs/...)")
     try:
-        data = load_yaml(path.read_text()) or {}
-    except _AmbiguousNumber as exc:
+        data = load_yaml(_read_text(path)) or {}
+    except _Refused as exc:
         raise ConfigError(f"{path}, line {exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
     return data
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of the config file ``path``; a missing, unreadable or non-text file is a ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; expected a YAML file, e.g. configs/...")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        missing = f"config file {str(path)!r} does not exist"
+        raise ConfigError(f"{missing} (expected a YAML file, e.g. configs/...)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "expected a YAML file saved as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} cannot be read: {exc.strerror or exc}; expected a readable YAML file"
+        ) from None
 
 
 def load_config(

@@ -11,7 +11,7 @@ import yaml
 from agents.dqn.config import DQNConfig, config_dict, with_older_defaults
 from agents.dqn.envs import EnvSpec
 from wn_rl.checkpoint import atomic_write_bytes
-from wn_rl.config import ConfigError, config_diff
+from wn_rl.config import ConfigError, config_diff, dump_yaml
 from wn_rl.provenance import provenance
 
 __all__ = ["SAFE_TO_CHANGE", "check_resume_config", "run_dir_for", "write_run_files"]
@@ -61,7 +61,7 @@ def write_run_files(run_dir: Path, config: DQNConfig, spec: EnvSpec, terminal_on
     resolved protocol)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config_dict(config)).encode())
+    atomic_write_bytes(run_dir / "config.yaml", dump_yaml(config_dict(config)).encode())
     atomic_write_bytes(run_dir / "provenance.json", json.dumps(provenance(), indent=1).encode())
     env_info = {
         "suite": spec.suite,

@@ -11,7 +11,6 @@ overrides under the same rules. The runs themselves are planned and reported in
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -113,10 +112,11 @@ def load_study_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
 def _check_overrides(study: StudyConfig) -> None:
     """Every fixed override is the last to set its keys in a run's command: the grid's values and the
     study's own (:func:`study_settings`) come after it and would win, as would a later override of the same
-    key (``a.b=1`` then ``a={c: 2}`` loses ``a.b`` too: a mapping replaces the whole section)."""
-    seen: list[tuple[str, str, list[str]]] = []  # (override, its key, the dotted keys it sets)
+    key (``a.b=1`` then ``a={b: 2}``). A mapping merges into what earlier overrides set (``a.b=1`` then
+    ``a={c: 2}`` keeps both), so overrides of different keys of one section are fine."""
+    seen: list[tuple[str, list[str]]] = []  # (override, the dotted keys it sets)
     for item in study.overrides:
-        key, _, value = (part.strip() for part in item.partition("="))
+        value = item.partition("=")[2].strip()
         leaves = list(flatten_config(parse_overrides([item])))
         match _set_later(study, item):
             case ("grid", grid_key):
@@ -131,20 +131,14 @@ def _check_overrides(study: StudyConfig) -> None:
                     f"overrides: {item!r}: {set_key} is set by the study for every run, after the overrides: remove "
                     f"it from overrides ({hint})"
                 )
-        for earlier, earlier_key, earlier_leaves in seen:
+        for earlier, earlier_leaves in seen:
             shared = next((a for a in earlier_leaves for b in leaves if _overlaps(a, b)), None)
-            dropped = _dropped(earlier_leaves, key, leaves)
-            if shared is not None or dropped is not None or earlier_key.startswith(f"{key}."):
-                how = (
-                    f"both set {shared}"
-                    if shared
-                    else f"the latter replaces all of {key}, {dropped or earlier_key} included"
-                )
+            if shared is not None:
                 raise ConfigError(
-                    f"overrides: {earlier!r} and then {item!r}: {how}, and the later one wins silently; keep one "
-                    "(or set each key with its own dotted override)"
+                    f"overrides: {earlier!r} and then {item!r}: both set {shared}, and the later one wins silently; "
+                    "keep one"
                 )
-        seen.append((item, key, leaves))
+        seen.append((item, leaves))
 
 
 def _check_report_keys(study: StudyConfig) -> None:
@@ -206,19 +200,6 @@ def _overlaps(key: str, other: str) -> bool:
     return key == other or key.startswith(f"{other}.") or other.startswith(f"{key}.")
 
 
-def _dropped(earlier_leaves: list[str], key: str, leaves: list[str]) -> str | None:
-    """The key set by an earlier override that a later ``key=value`` setting ``leaves`` drops: a mapping value
-    replaces all of ``key``, so an earlier key under it is lost unless the later one sets it again."""
-    under = (a for a in earlier_leaves if a.startswith(f"{key}."))
-    return next((a for a in under if not any(_overlaps(a, b) for b in leaves)), None)
-
-
-def _dotted(item: str) -> str:
-    """``item`` as one dotted ``--set`` per key it sets (``agent={lr: null}`` -> ``--set agent.lr=null``)."""
-    values = flatten_config(parse_overrides([item]))
-    return " ".join(f"--set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
-
-
 def _set_later(study: StudyConfig, item: str) -> tuple[str, str] | None:
     """The first key that the override ``item`` touches and that every run's command sets again after the
     overrides, so ``item`` would lose silently: ``("grid", key)`` for a grid key, ``("study", key)`` for one the
@@ -237,9 +218,9 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
 
     A key of the grid or one the study sets itself (:func:`study_settings`) is a :class:`ConfigError`: those
     come after the fixed overrides in every run's command, so the ``--set`` would lose silently; the
-    message says where to change the key instead. So is a mapping that would drop a key set by the study
-    file's overrides or an earlier ``--set`` (``--set agent={epsilon_end: 0.1}`` after ``agent.lr=null``: a
-    mapping replaces the whole section); setting the same key again is what ``--set`` is for."""
+    message says where to change the key instead. A mapping merges into what the study's overrides set
+    (``--set agent={epsilon_end: 0.1}`` keeps the study's ``agent.lr=null``); setting the same key again is what
+    ``--set`` is for."""
     for item in run_overrides:
         _, _, value = (part.strip() for part in item.partition("="))
         match _set_later(study, item):
@@ -253,21 +234,4 @@ def with_run_overrides(study: StudyConfig, run_overrides: list[str] | tuple[str,
             case ("study", set_key):
                 hint = _STUDY_SET_HINTS[set_key].format(value=value)
                 raise ConfigError(f"--set {item}: {set_key} is set by the study for every run, after --set; {hint}")
-    _check_set_drops(study, run_overrides)
     return replace(study, overrides=(*study.overrides, *run_overrides))
-
-
-def _check_set_drops(study: StudyConfig, run_overrides: list[str] | tuple[str, ...]) -> None:
-    """Refuse a ``--set`` whose mapping value would drop a key set by the study's overrides or an earlier
-    ``--set`` (a mapping replaces the whole section, as in :func:`_check_overrides`)."""
-    earlier = [(f"the study's override {o!r}", list(flatten_config(parse_overrides([o])))) for o in study.overrides]
-    for item in run_overrides:
-        key = item.partition("=")[0].strip()
-        leaves = list(flatten_config(parse_overrides([item])))
-        for source, earlier_leaves in earlier:
-            if (dropped := _dropped(earlier_leaves, key, leaves)) is not None:
-                raise ConfigError(
-                    f"--set {item}: its value replaces all of {key}, so {dropped}, set by {source}, would be "
-                    f"dropped silently; set each key with its own dotted override instead: {_dotted(item)}"
-                )
-        earlier.append((f"the earlier '--set {item}'", leaves))

@@ -27,7 +27,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from wn_rl.checkpoint import atomic_write_bytes, name_write_errors, remove_temporaries
-from wn_rl.config import ConfigError, config_diff, config_to_dict, flatten_config
+from wn_rl.config import ConfigError, config_diff, config_to_dict, dump_yaml, flatten_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.checkpoints import (
     AtomicCheckpointCallback,
@@ -243,7 +243,7 @@ class SB3Run:
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.config)).encode())
+        atomic_write_bytes(self.run_dir / "config.yaml", dump_yaml(config_to_dict(self.config)).encode())
         try:
             from wn_rl.provenance import provenance
         except ImportError:  # provenance is optional: older checkouts lack it
