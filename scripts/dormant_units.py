@@ -12,7 +12,9 @@ greedy action (a collapsed network: Q std 0, share 1.00). The table and the JSON
 still collects varied states this way: its epsilon share of actions is random, the rest is its one action.
 The logic is in :mod:`agents.dqn.dormant`.
 
-Exit codes: 0 done; 2 bad input, a directory that is not a run, or a run without a complete checkpoint.
+Exit codes: 0 done; 2 bad input (a ``--json`` path whose folder does not exist included: checked before any
+work), a directory that is not a run, or a run without a complete checkpoint; 1 the JSON file could not be
+written (a full disk: the message names the file; the table was printed first).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--tau {args.tau}: expected {TAU_EXPECTED}")
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: expected a non-negative integer (envs refuse negative seeds)")
+    if args.json is not None:  # checked before any work: the write comes after every run is measured
+        folder = args.json.parent
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            parser.error(f"--json {args.json}: its folder {folder} {what}; create it first or give a path in one")
+        if args.json.is_dir():
+            parser.error(f"--json {args.json} is a folder; give a file name, e.g. {args.json / 'dormant.json'}")
     return args
 
 
@@ -76,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(reports))
     if args.json is not None:
-        atomic_write_bytes(args.json, json.dumps(reports, indent=1).encode())
+        try:
+            atomic_write_bytes(args.json, json.dumps(reports, indent=1).encode())
+        except CheckpointError as exc:  # a full disk: the message names the file; no partial file is left
+            print(f"error: {exc}; the table above holds the same numbers", file=sys.stderr)
+            return 1
     return 0
 
 

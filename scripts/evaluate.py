@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        found = load_latest_checkpoint(run_dir / "checkpoints", map_location=device)
+        # mapped on the CPU: only the Q-network is read and moved to the device (load_state_dict copies it), never
+        # the replay memory that a run with run.save_replay=true checkpoints (GBs for Atari)
+        found = load_latest_checkpoint(run_dir / "checkpoints", mmap=True)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Overrides use the config's sections, e.g. ``run.total_agent_steps=100000 agent.lr=1e-4``. Running the
 same command again resumes the run from its newest complete checkpoint; ``--resume RUN_DIR`` resumes a
-given run directory. Watch it with ``tensorboard --logdir runs/dqn``.
+given run directory (one without a run, e.g. a mistyped path, is refused). Watch it with
+``tensorboard --logdir runs/dqn``.
 
 Exit codes: 0 done; 2 bad config or input (nothing was allocated); 1 a checkpoint or log could not be
 written or read (a full disk: the message names the file; the previous checkpoint is intact and the same
@@ -25,9 +26,22 @@ from agents.dqn.learner import NonFiniteError
 from agents.dqn.nonfinite import EnvNonFiniteError
 from agents.dqn.run_dir import run_dir_for
 from agents.dqn.runner import Trainer
-from wn_rl.checkpoint import CheckpointError
+from wn_rl.checkpoint import CheckpointError, complete_checkpoints
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
+
+
+def _check_holds_a_run(run_dir: Path) -> None:
+    """Refuse ``--resume RUN_DIR`` where ``RUN_DIR`` holds no run (no ``config.yaml`` and no complete checkpoint):
+    a mistyped directory would otherwise start a new run there from step 0. A run stopped before its first
+    checkpoint has its ``config.yaml`` and trains again from step 0, as rerunning its command does."""
+    if (run_dir / "config.yaml").is_file() or complete_checkpoints(run_dir / "checkpoints"):
+        return
+    what = "does not exist" if not run_dir.exists() else "holds no config.yaml and no complete checkpoint"
+    raise ConfigError(
+        f"--resume {run_dir}: no run here ({run_dir} {what}). Check the path (runs are under run.runs_dir, "
+        "runs/dqn by default), or start a new run with --config CONFIG.yaml (run.name=... names its directory)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
+            _check_holds_a_run(run_dir)
             if args.config:
                 config = load_dqn_config(args.config, args.overrides)
             else:

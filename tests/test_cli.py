@@ -1,4 +1,5 @@
-"""Warnings from the scripts read as one line each (``wn_rl.cli.brief_warnings``)."""
+"""Warnings from the scripts read as one line each (``wn_rl.cli.brief_warnings``); the scripts parse their command
+lines and refuse bad input before any work."""
 
 from __future__ import annotations
 
@@ -94,3 +95,47 @@ def test_paper_script_overrides_may_sit_on_both_sides_of_a_flag(monkeypatch):
     argv = ["epochs=2", "--force", "decay_start=1", "--download"]
     config, force = parse_training_command(CifarConfig, "configs/paper/cifar10.yaml", "", argv)
     assert (config.epochs, config.decay_start, config.download, force) == (2, 1, True, True)
+
+
+def _stub_trainer(built: list[Path]) -> type:
+    """A stand-in for the DQN ``Trainer`` that appends the run directory it would train in to ``built``."""
+
+    class StubTrainer:
+        def __init__(self, config, run_dir, force=False):
+            built.append(Path(run_dir))
+            self.last_checkpoint = None
+
+        def run(self):
+            return {"interrupted": None}
+
+    return StubTrainer
+
+
+def test_train_dqn_resume_of_a_directory_without_a_run_is_refused(monkeypatch, capsys, tmp_path):
+    """``--resume TYPO --config X`` started a new run in TYPO from step 0; a run stopped before its first
+    checkpoint (config.yaml only), or one with a checkpoint, still resumes."""
+    from wn_rl.checkpoint import save_checkpoint
+
+    monkeypatch.chdir(ROOT)
+    train_dqn = _load_script("train_dqn")
+    built: list[Path] = []
+    monkeypatch.setattr(train_dqn, "Trainer", _stub_trainer(built))
+    config = ["--config", "configs/dqn/cartpole.yaml", f"run.runs_dir={tmp_path}"]
+    typo, empty = tmp_path / "cartpol", tmp_path / "empty"
+    empty.mkdir()
+    for run_dir, why in ((typo, "does not exist"), (empty, "holds no config.yaml and no complete checkpoint")):
+        assert train_dqn.main(["--resume", str(run_dir), *config]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {run_dir}: no run here ({run_dir} {why})" in err
+        assert "start a new run with --config CONFIG.yaml" in err
+    assert not typo.exists() and not any(empty.iterdir()) and built == []
+    stopped = tmp_path / "stopped"  # a run killed before its first checkpoint
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text((ROOT / "configs" / "dqn" / "cartpole.yaml").read_text())
+    checkpointed = tmp_path / "checkpointed"
+    (checkpointed / "checkpoints").mkdir(parents=True)
+    save_checkpoint(checkpointed / "checkpoints" / "checkpoint_000000000100.pt", {"agent_step": 100})
+    for run_dir in (stopped, checkpointed):
+        assert train_dqn.main(["--resume", str(run_dir), *config]) == 0
+    assert train_dqn.main(["--resume", str(stopped), "run.progress_bar=false"]) == 0  # its own config.yaml
+    assert built == [stopped, checkpointed, stopped]

@@ -160,6 +160,24 @@ def test_mnist_images_and_labels_must_belong_together(tmp_path):
         load_mnist(tmp_path, "test")
 
 
+@pytest.mark.parametrize(
+    ("type_code", "labels", "match"),
+    [
+        (0x09, np.array([-1, -5, 2], ">i1"), r"labels must lie in 0\.\.9, got -5\.\.2"),
+        (0x0D, np.array([0.5, 3.7, np.nan], ">f4"), r"expected integer class labels \(IDX type uint8\), got float32"),
+        (0x08, np.array([0, 10, 2], np.uint8), r"labels must lie in 0\.\.9, got 0\.\.10"),
+    ],
+    ids=["negative_int8", "float32", "label_10"],
+)
+def test_mnist_labels_must_be_integers_in_0_to_9(tmp_path, type_code, labels, match):
+    """Negative int8 labels were accepted, and float32 ones cast to garbage; the error names the labels file."""
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), dtype=np.uint8))
+    header = bytes([0, 0, type_code, 1]) + struct.pack(">i", len(labels))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    with pytest.raises(DatasetFormatError, match=r"t10k-labels-idx1-ubyte: " + match):
+        load_mnist(tmp_path, "test")
+
+
 def test_mnist_missing_says_where_and_how(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"train-images-idx3-ubyte.*--download"):
         load_mnist(tmp_path / "nowhere", "train")

@@ -61,11 +61,25 @@ def test_default_learning_rate_follows_the_parameterization():
         ("run.seed=-1", r"run\.seed=-1 is invalid: expected an integer in \[0, 2\*\*30\)"),
         ("run.seed=3000000000", r"run\.seed=3000000000 is invalid: expected an integer in \[0, 2\*\*30\)"),
         ("network.hidden_sizes=[]", r"network\.hidden_sizes=\(\) is invalid: expected one or more positive widths"),
+        ("eval.every_agent_steps=20000", r"eval\.every_agent_steps=20000 is invalid: expected at most run\.total"),
     ],
 )
 def test_bad_values_fail_naming_file_key_and_value(override, pattern):
     with pytest.raises(ConfigError, match=r"configs/dqn/smoke\.yaml: .*" + pattern):
         load_dqn_config("configs/dqn/smoke.yaml", [override])
+
+
+def test_an_evaluation_interval_past_the_budget_is_refused_with_the_fix():
+    """The runner evaluates when a step crosses a multiple of eval.every_agent_steps and has no final evaluation:
+    past run.total_agent_steps no evaluation ever ran and the summary's best_epoch_mean was null."""
+    with pytest.raises(ConfigError) as error:
+        load_dqn_config("configs/dqn/smoke.yaml", ["run.total_agent_steps=4000"])  # smoke evaluates every 10,000
+    message = str(error.value)
+    assert "eval.every_agent_steps=10000 is invalid: expected at most run.total_agent_steps=4000" in message
+    assert "lower it, or set it to 0 to disable evaluation" in message
+    for every in (0, 4000):  # never, or once at the end of the budget
+        overrides = ["run.total_agent_steps=4000", f"eval.every_agent_steps={every}"]
+        assert load_dqn_config("configs/dqn/smoke.yaml", overrides).eval.every_agent_steps == every
 
 
 def test_an_override_without_equals_sign_is_refused_with_examples_that_work():

@@ -36,11 +36,15 @@ class _Writer:
         self.scalars[tag] = value
 
 
-def _script_main():
+def _script():
     spec = importlib.util.spec_from_file_location("wn_rl_script_dormant_units", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def _script_main():
+    return _script().main
 
 
 def test_log_dormant_changes_no_state_or_random_stream_and_waits_for_two_states():
@@ -170,6 +174,64 @@ def test_the_script_refuses_a_directory_that_is_no_run_or_has_no_checkpoint(tiny
     assert "argument --policy: invalid choice: 'greedy' (choose from" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"policy='greedy': expected one of \('random', 'agent'\)"):
         run_dormant_report(tiny_run, policy="greedy")
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_newest_weights_maps_the_checkpoint_on_the_cpu_and_moves_only_the_q_network(tiny_run, monkeypatch, device):
+    """The checkpoint was loaded with map_location=device: the replay memory of a run.save_replay=true run (~7 GB
+    for Atari) went to the GPU with it. It is mapped on the CPU now, and only the Q-network reaches the device."""
+    loads, real_load = [], torch.load
+
+    def load(f, *args, **kwargs):
+        payload = real_load(f, *args, **kwargs)
+        loads.append((kwargs, payload))
+        return payload
+
+    monkeypatch.setattr(torch, "load", load)
+    agent_step, weights = newest_weights(tiny_run, torch.device(device))
+    ((kwargs, payload),) = loads
+    assert kwargs.get("mmap") is True and torch.device(kwargs.get("map_location")) == torch.device("cpu")
+    assert payload["learner"]["q_network"]["head.bias"].device.type == "cpu"
+    assert agent_step == 600 and weights.keys() == payload["learner"]["q_network"].keys()
+    assert all(w.device.type == device for w in weights.values())
+
+
+def test_the_script_checks_the_json_folder_before_any_work_and_reports_a_failed_write(tiny_run, tmp_path, capsys):
+    """A --json path in a missing folder ended, after every run was measured, in a traceback with exit code 1."""
+    script = _script()
+    real_report = script.run_dormant_report
+    quick = [str(tiny_run), "--envs", "2", "--steps", "5", "--device", "cpu", "--json"]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a run was measured before the --json path was checked")
+
+    script.run_dormant_report = no_work
+    missing = tmp_path / "no_such_folder" / "dormant.json"
+    for path, message in (
+        (missing, f"--json {missing}: its folder {missing.parent} does not exist; create it first"),
+        (tmp_path, f"--json {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'dormant.json'}"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            script.main([*quick, str(path)])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+    out = tmp_path / "gone" / "dormant.json"
+    out.parent.mkdir()
+
+    def report_then_the_folder_goes(*args, **kwargs):  # the folder is removed while the runs are measured
+        report = real_report(*args, **kwargs)
+        out.parent.rmdir()
+        return report
+
+    script.run_dormant_report = report_then_the_folder_goes
+    assert script.main([*quick, str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("| run | agent step | policy |")  # the numbers were printed first
+    assert f"error: could not write {out}: No such file or directory" in captured.err
+    assert "the table above holds the same numbers" in captured.err and "Traceback" not in captured.err
 
 
 def test_the_agent_policy_collects_its_own_states_the_same_for_a_seed(tiny_run, tmp_path):

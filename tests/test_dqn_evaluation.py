@@ -98,14 +98,12 @@ def _load_script(name: str):
     return module
 
 
-def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest_one(tmp_path, capsys, hashed_bytes):
-    """The checkpoint evaluated is verified (SHA-256) in one pass over it; a newest one corrupted in place
-    with its size kept is skipped with a warning, and the previous one is evaluated."""
+def _cartpole_run_with_replay(tmp_path: Path, total_agent_steps: int = 400) -> Path:
+    """A CartPole run of ``tmp_path / "run"`` with the replay memory in its checkpoints (every 200 agent steps)."""
     from agents.dqn.runner import Trainer
-    from wn_rl import checkpoint as ck
 
     overrides = {
-        "run.total_agent_steps": 400,
+        "run.total_agent_steps": total_agent_steps,
         "agent.learning_starts_agent_steps": 100,
         "agent.replay_capacity_transitions": 1000,
         "eval.every_agent_steps": 0,
@@ -120,6 +118,15 @@ def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest
     cartpole = str(ROOT / "configs" / "dqn" / "cartpole.yaml")
     config = load_dqn_config(cartpole, [f"{k}={v}" for k, v in overrides.items()])
     Trainer(config, tmp_path / "run").run()
+    return tmp_path / "run"
+
+
+def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest_one(tmp_path, capsys, hashed_bytes):
+    """The checkpoint evaluated is verified (SHA-256) in one pass over it; a newest one corrupted in place
+    with its size kept is skipped with a warning, and the previous one is evaluated."""
+    from wn_rl import checkpoint as ck
+
+    _cartpole_run_with_replay(tmp_path)
     older, newest = ck.complete_checkpoints(tmp_path / "run" / "checkpoints")
     hashed = hashed_bytes
     hashed.clear()  # what saving hashed
@@ -135,3 +142,44 @@ def test_evaluate_script_hashes_the_checkpoint_once_and_skips_a_corrupted_newest
         assert evaluate_script.main([str(tmp_path / "run"), "--games", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(older)
     assert sum(hashed) == newest.stat().st_size + older.stat().st_size
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _recorded_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict, object]]:
+    """``(keyword arguments, payload)`` of every ``torch.load`` from now on."""
+    loads, real_load = [], torch.load
+
+    def load(f, *args, **kwargs):
+        payload = real_load(f, *args, **kwargs)
+        loads.append((kwargs, payload))
+        return payload
+
+    monkeypatch.setattr(torch, "load", load)
+    return loads
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_evaluate_script_moves_only_the_q_network_to_the_device(tmp_path, capsys, monkeypatch, device):
+    """The checkpoint was loaded with map_location=device: with run.save_replay=true the whole replay memory
+    (~7 GB for a 1M-transition Atari run) went to the GPU to evaluate a network of a few MB. It is mapped on
+    the CPU now (read as it is used), and only the Q-network's weights reach the device."""
+    run_dir = _cartpole_run_with_replay(tmp_path, total_agent_steps=200)
+    loads = _recorded_loads(monkeypatch)
+    assert _load_script("evaluate").main([str(run_dir), "--games", "1", "--device", device]) == 0
+    assert json.loads(capsys.readouterr().out)["agent_step"] == 200
+    ((kwargs, payload),) = loads
+    assert kwargs.get("mmap") is True and torch.device(kwargs.get("map_location")) == torch.device("cpu")
+    assert payload["replay"] and all(t.device.type == "cpu" for t in _tensors(payload))

@@ -208,14 +208,20 @@ def verify_checkpoint(path: str | os.PathLike, *, check_hash: bool = True) -> di
     return marker
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", *, verify: bool = True, mmap: bool | None = None
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``,
-    after checking its marker, size and hash (``verify=False`` skips them). Raises :class:`CheckpointError`."""
+    after checking its marker, size and hash (``verify=False`` skips them). Raises :class:`CheckpointError`.
+
+    ``mmap=True`` maps the file instead of reading it (``torch.load(mmap=True)``; keep ``map_location`` on the
+    CPU): a tensor's bytes are read when it is used, so taking the Q-network out of a checkpoint that holds GBs
+    of replay memory reads the Q-network alone. ``None`` (the default) is torch's default (no mapping)."""
     path = Path(path)
     if verify:
         verify_checkpoint(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for damaged zip archives
         raise CheckpointError(f"{path} could not be loaded: {exc}") from exc
     version = payload.get("format_version") if isinstance(payload, dict) else None
@@ -260,17 +266,18 @@ def latest_checkpoint(
 
 
 def load_latest_checkpoint(
-    directory: str | os.PathLike, prefix: str = "checkpoint_", map_location: Any = "cpu"
+    directory: str | os.PathLike, prefix: str = "checkpoint_", map_location: Any = "cpu", *, mmap: bool | None = None
 ) -> tuple[Path, dict[str, Any]] | None:
     """``(path, payload)`` of the newest checkpoint that passes verification (:func:`latest_checkpoint`:
-    damaged newer ones are skipped with a warning), or None when there is none.
+    damaged newer ones are skipped with a warning), or None when there is none; ``mmap`` as in
+    :func:`load_checkpoint`.
 
     The file is read twice, once to hash it and once by ``torch.load``, never hashed again by
     :func:`load_checkpoint`: with the replay memory a checkpoint holds GBs. A checkpoint that verifies but
     does not load (a newer ``format_version``) raises :class:`CheckpointError` instead of falling back.
     """
     path = latest_checkpoint(directory, prefix)
-    return None if path is None else (path, load_checkpoint(path, map_location, verify=False))
+    return None if path is None else (path, load_checkpoint(path, map_location, verify=False, mmap=mmap))
 
 
 def prune_checkpoints(

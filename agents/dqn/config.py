@@ -144,7 +144,8 @@ class EvalConfig:
     """Evaluation as in the paper's protocol."""
 
     every_agent_steps: int = 250_000
-    "evaluate after every epoch of this many agent steps (0: never)."
+    "evaluate after every epoch of this many agent steps, at most run.total_agent_steps (0: never; a run ends "
+    "without a final evaluation)."
     games: int = 30
     "complete games per evaluation (a fixed quota per env, so short games are not favoured)."
     epsilon: float = 0.05
@@ -228,6 +229,14 @@ class DQNConfig:
             "agent.learning_starts_agent_steps",
             a.learning_starts_agent_steps,
             f"less than run.total_agent_steps={r.total_agent_steps} (otherwise no update ever happens)",
+        )
+        every = self.eval.every_agent_steps
+        check(  # the runner evaluates only when a step crosses a multiple of it: there is no final evaluation
+            every <= r.total_agent_steps,
+            "eval.every_agent_steps",
+            every,
+            f"at most run.total_agent_steps={r.total_agent_steps}, otherwise no evaluation ever runs "
+            "(the runner has no final one); lower it, or set it to 0 to disable evaluation",
         )
         per_env = a.replay_capacity_transitions // self.env.num_envs
         check(

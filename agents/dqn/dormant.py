@@ -36,16 +36,18 @@ POLICIES = ("random", "agent")
 
 
 def newest_weights(run_dir: str | Path, device: torch.device) -> tuple[int, dict[str, Tensor]]:
-    """``(agent step, online Q-network state_dict)`` of ``run_dir``'s newest complete checkpoint; none is a
-    :class:`CheckpointError` saying so."""
-    found = load_latest_checkpoint(Path(run_dir) / "checkpoints", map_location=device)
+    """``(agent step, online Q-network state_dict on device)`` of ``run_dir``'s newest complete checkpoint; none is
+    a :class:`CheckpointError` saying so. The checkpoint is mapped on the CPU and only the Q-network is read and
+    moved to ``device``, never the replay memory that a run with ``run.save_replay=true`` checkpoints (GBs)."""
+    found = load_latest_checkpoint(Path(run_dir) / "checkpoints", mmap=True)
     if found is None:
         raise CheckpointError(
             f"{Path(run_dir) / 'checkpoints'} holds no complete checkpoint; let the run write one "
             "(run.checkpoint_every_agent_steps, or the end of training)"
         )
     _, state = found
-    return int(state["counters"]["agent_step"]), state["learner"]["q_network"]
+    weights = {name: tensor.to(device) for name, tensor in state["learner"]["q_network"].items()}
+    return int(state["counters"]["agent_step"]), weights
 
 
 @torch.no_grad()

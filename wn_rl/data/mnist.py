@@ -86,17 +86,29 @@ def load_mnist(root: str | Path, split: str = "train", *, download: bool = False
     if download:
         download_mnist(root)
     prefix = SPLITS[split]
-    images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+    images_path = _find(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DatasetFormatError(f"MNIST {split} images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+        raise DatasetFormatError(
+            f"{images_path}: expected MNIST images, uint8 of shape (N, H, W) (28x28), got {images.dtype} "
+            f"{images.shape}; download the official file again."
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetFormatError(
+            f"{labels_path}: expected integer class labels (IDX type uint8), got {labels.dtype}; "
+            "not an MNIST labels file, download the official one again."
+        )
     if labels.shape != (images.shape[0],):
         raise DatasetFormatError(
-            f"MNIST {split}: {images.shape[0]} images but labels of shape {labels.shape}; the files do not belong "
-            "together."
+            f"MNIST {split}: {images_path} holds {images.shape[0]} images but {labels_path} labels of shape "
+            f"{labels.shape}; the files do not belong together."
         )
-    if labels.size and labels.max() > 9:
-        raise DatasetFormatError(f"MNIST {split}: labels must lie in 0..9, got max {labels.max()}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DatasetFormatError(
+            f"{labels_path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}; "
+            "not an MNIST labels file, download the official one again."
+        )
     return ImageDataset(images[:, None].copy(), labels.astype(np.int64))
 
 
