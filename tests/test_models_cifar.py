@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 import wn_rl
@@ -415,6 +416,41 @@ def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_a_changed
     changed = _tiny_cifar(tmp_path, "no_data", log_dir="", epochs=2, decay_start=1, lr=0.001)
     result = train_cifar(changed, data=_tiny_cifar_data(), quiet=True)
     assert len(result.test_error) == 2 and result.checkpoint is not None
+
+
+def test_force_never_relabels_a_finished_run(tmp_path):
+    """``--force`` with a changed config resumes an unfinished run; a finished one is left alone and a new run
+    starts (``--force`` resumed it, rewrote its config.yaml and saved its old weights under the new config)."""
+    from wn_rl.models.cifar_experiment import train_cifar
+
+    data = _tiny_cifar_data()
+    config = _tiny_cifar(tmp_path, "done", epochs=2, decay_start=1, log_dir="")
+    finished = train_cifar(config, data=data, quiet=True)
+    before = Path(finished.checkpoint).read_bytes()
+    changed = _tiny_cifar(tmp_path, "done", epochs=2, decay_start=1, log_dir="", lr=0.001)
+    time.sleep(1.1)
+    result = train_cifar(changed, data=data, quiet=True, force=True)
+    assert result.checkpoint != finished.checkpoint and Path(finished.checkpoint).read_bytes() == before
+    old_config = yaml.safe_load((Path(finished.checkpoint).with_suffix("") / "config.yaml").read_text())
+    assert old_config["lr"] == config.lr
+
+
+def test_runs_started_in_one_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """A parallel sweep of another key (one experiment, parameterization and seed) got one folder per second."""
+    from wn_rl.models import training
+    from wn_rl.models.cifar_experiment import train_cifar
+
+    monkeypatch.setattr(training.time, "time", lambda: 1_795_565_000.0)
+    data = _tiny_cifar_data()
+    first = train_cifar(_tiny_cifar(tmp_path, "sweep", epochs=2, decay_start=1, log_dir=""), data=data, quiet=True)
+    second_config = _tiny_cifar(tmp_path, "sweep", epochs=2, decay_start=1, log_dir="", lr=0.001)
+    second = train_cifar(second_config, data=data, quiet=True)  # the first is finished: a new run
+    assert Path(first.checkpoint).name.endswith("__1795565000.pt")
+    assert Path(second.checkpoint).name.endswith("__1795565001.pt")
+    folder = Path(second.checkpoint).with_suffix("")
+    assert yaml.safe_load((folder / "config.yaml").read_text())["lr"] == 0.001
+    assert "git" in json.loads((folder / "provenance.json").read_text())
+    assert "git" in _final(second)["provenance"]  # the final checkpoint says which code made it
 
 
 def test_a_second_ctrl_c_quits_at_once(tmp_path, monkeypatch):

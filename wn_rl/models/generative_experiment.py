@@ -348,7 +348,8 @@ def _train_epoch(model, optimizer, train: Tensor, config: GenerativeConfig, stat
         if not math.isfinite(elbo):
             return elbo, None, float("nan")
         sums["elbo"] += elbo
-        sums["kl"] = kl if sums["kl"] is None else sums["kl"] + kl
+        # a resumed run's sums come from a checkpoint loaded on the CPU: the per-layer KL sum joins the device's
+        sums["kl"] = kl if sums["kl"] is None else sums["kl"].to(kl.device) + kl
         if state.polyak is not None:
             state.polyak.update(model)
         progress.step = step + 1

@@ -13,6 +13,7 @@ before its first checkpoint, is left alone and a new run starts.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from wn_rl import checkpoint
 from wn_rl.config import ConfigError, config_diff, config_to_dict
 from wn_rl.models.training import PolyakAverage, run_name, save_checkpoint
+from wn_rl.provenance import provenance
 from wn_rl.signals import StopOnSignals
 
 __all__ = [
@@ -155,7 +157,8 @@ class ResumableRun:
         self.purge_step: int | None = None
         prefix = f"{experiment}__{config.parameterization}__{config.seed}__"
         found = _newest_run(Path(config.checkpoint_dir), prefix) if config.checkpoint_dir else None
-        if found is not None and self._should_resume(found, safe_to_change, force):
+        self.new = not (found is not None and self._should_resume(found, safe_to_change, force))
+        if not self.new:
             self.name = found.name
             self.folder: Path | None = found
             self._load()
@@ -166,10 +169,31 @@ class ResumableRun:
     def begin(self) -> None:
         """Create the run folder and write its ``config.yaml``: once the run can start (its data loaded), so
         that a run stopped by a missing dataset leaves nothing behind."""
-        if self.folder is not None:
+        if self.folder is None:
+            return
+        if self.new:  # a folder of its own
+            self._claim_folder()
+        else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            config_yaml = yaml.safe_dump(config_to_dict(self.config), sort_keys=False).encode()
-            checkpoint.atomic_write_bytes(self.folder / "config.yaml", config_yaml)
+        config_yaml = yaml.safe_dump(config_to_dict(self.config), sort_keys=False).encode()
+        checkpoint.atomic_write_bytes(self.folder / "config.yaml", config_yaml)
+        checkpoint.atomic_write_bytes(self.folder / "provenance.json", json.dumps(provenance(), indent=1).encode())
+
+    def _claim_folder(self) -> None:
+        """Create the new run's folder, one that no other run holds: two runs of one experiment, parameterization
+        and seed started in the same second (a parallel sweep of another key) got one name, and wrote each other's
+        checkpoints. The name's unix time moves on by a second until the folder is new."""
+        parent, prefix = self.folder.parent, self.name.rsplit("__", 1)[0]
+        stamp = int(self.name.rsplit("__", 1)[1])
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                self.folder.mkdir()
+                return
+            except FileExistsError:
+                stamp += 1
+                self.name = f"{prefix}__{stamp}"
+                self.folder = parent / self.name
 
     @property
     def final_path(self) -> Path:
@@ -178,11 +202,13 @@ class ResumableRun:
     def _should_resume(self, folder: Path, safe_to_change: frozenset[str], force: bool) -> bool:
         old = yaml.safe_load((folder / "config.yaml").read_text())
         diff = {k: v for k, v in config_diff(old, config_to_dict(self.config)).items() if k not in safe_to_change}
-        if not diff or force:
+        if not diff:
             return True
         final = folder.parent / f"{folder.name}.pt"
         if final in checkpoint.complete_checkpoints(folder.parent, prefix=folder.name):
-            return False  # a finished run with another config: this is a new run
+            return False  # a finished run with another config: this is a new run (--force too: it is finished)
+        if force:
+            return True
         if not checkpoint.complete_checkpoints(folder):
             return False  # nothing to resume (it stopped before its first checkpoint, e.g. on a missing dataset)
         lines = "\n".join(f"  {key}: {a!r} -> {b!r}" for key, (a, b) in diff.items())
@@ -231,7 +257,12 @@ class ResumableRun:
         """The finished run's model, config and curves at :attr:`final_path`; sets ``result.checkpoint``."""
         if self.config.checkpoint_dir:
             curves = dict(result.__dict__)
-            payload = {"model": model.state_dict(), "config": config_to_dict(self.config), "curves": curves}
+            payload = {
+                "model": model.state_dict(),
+                "config": config_to_dict(self.config),
+                "curves": curves,
+                "provenance": provenance(),
+            }
             result.checkpoint = str(save_checkpoint(self.final_path, payload))
 
     def interrupt(self, path: Path | None) -> TrainingInterrupted:
