@@ -65,3 +65,17 @@ def hashed_bytes(monkeypatch):
 
     monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=sha256))
     return hashed
+
+
+@pytest.fixture
+def torch_loads(monkeypatch):
+    """``(keyword arguments, payload)`` of every ``torch.load`` in the test, in order (what a loader mapped where)."""
+    loads, real_load = [], torch.load
+
+    def load(f, *args, **kwargs):
+        payload = real_load(f, *args, **kwargs)
+        loads.append((kwargs, payload))
+        return payload
+
+    monkeypatch.setattr(torch, "load", load)
+    return loads

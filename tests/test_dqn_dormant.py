@@ -180,19 +180,11 @@ def test_the_script_refuses_a_directory_that_is_no_run_or_has_no_checkpoint(tiny
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
 )
-def test_newest_weights_maps_the_checkpoint_on_the_cpu_and_moves_only_the_q_network(tiny_run, monkeypatch, device):
+def test_newest_weights_maps_the_checkpoint_on_the_cpu_and_moves_only_the_q_network(tiny_run, torch_loads, device):
     """The checkpoint was loaded with map_location=device: the replay memory of a run.save_replay=true run (~7 GB
     for Atari) went to the GPU with it. It is mapped on the CPU now, and only the Q-network reaches the device."""
-    loads, real_load = [], torch.load
-
-    def load(f, *args, **kwargs):
-        payload = real_load(f, *args, **kwargs)
-        loads.append((kwargs, payload))
-        return payload
-
-    monkeypatch.setattr(torch, "load", load)
     agent_step, weights = newest_weights(tiny_run, torch.device(device))
-    ((kwargs, payload),) = loads
+    ((kwargs, payload),) = torch_loads
     assert kwargs.get("mmap") is True and torch.device(kwargs.get("map_location")) == torch.device("cpu")
     assert payload["learner"]["q_network"]["head.bias"].device.type == "cpu"
     assert agent_step == 600 and weights.keys() == payload["learner"]["q_network"].keys()

@@ -155,31 +155,18 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-def _recorded_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict, object]]:
-    """``(keyword arguments, payload)`` of every ``torch.load`` from now on."""
-    loads, real_load = [], torch.load
-
-    def load(f, *args, **kwargs):
-        payload = real_load(f, *args, **kwargs)
-        loads.append((kwargs, payload))
-        return payload
-
-    monkeypatch.setattr(torch, "load", load)
-    return loads
-
-
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
 )
-def test_evaluate_script_moves_only_the_q_network_to_the_device(tmp_path, capsys, monkeypatch, device):
+def test_evaluate_script_moves_only_the_q_network_to_the_device(tmp_path, capsys, torch_loads, device):
     """The checkpoint was loaded with map_location=device: with run.save_replay=true the whole replay memory
     (~7 GB for a 1M-transition Atari run) went to the GPU to evaluate a network of a few MB. It is mapped on
     the CPU now (read as it is used), and only the Q-network's weights reach the device."""
     run_dir = _cartpole_run_with_replay(tmp_path, total_agent_steps=200)
-    loads = _recorded_loads(monkeypatch)
+    torch_loads.clear()  # the evaluation's loads only
     assert _load_script("evaluate").main([str(run_dir), "--games", "1", "--device", device]) == 0
     assert json.loads(capsys.readouterr().out)["agent_step"] == 200
-    ((kwargs, payload),) = loads
+    ((kwargs, payload),) = torch_loads
     assert kwargs.get("mmap") is True and torch.device(kwargs.get("map_location")) == torch.device("cpu")
     assert payload["replay"] and all(t.device.type == "cpu" for t in _tensors(payload))
