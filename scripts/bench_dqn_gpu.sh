@@ -19,8 +19,9 @@
 #   wn-overhead-more  the same, Nature CNN only: the whole-step CUDA graph with inductor's combo kernels, the
 #               whole step compiled without CUDA graphs, and the compiled forward alone
 #
-# Results (JSON, the printed table, the log) go to OUT_DIR (default: $OUT on the device machine, else
-# ./bench_out). The GPU machine lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
+# Results go to OUT_DIR (default: $OUT on the device machine, else ./bench_out): a JSON per run, and for the
+# wn-overhead parts one table (wn_overhead.txt) and one log (wn_overhead.log) for all runs. The GPU machine
+# lent to sessions has torch but no ale-py, gymnasium, MinAtar or SB3: where
 # ale_py is missing the wheels in ./.whl (see the device README) are installed into /tmp/site first (not for
 # the wn-overhead parts, which need torch only).
 set -euo pipefail
@@ -48,11 +49,18 @@ case $part in
         fi
         ;;
 esac
-wn_overhead() {  # name, then bench_wn_overhead.py's arguments; a failed configuration does not stop the others
+wn_overhead() {  # name, then bench_wn_overhead.py's arguments; a failed or timed-out run does not stop the others
+    # One JSON per run (rewritten after every case), one shared table and one shared log: few files, since the
+    # device machine returns a limited number; each run has its own time limit, so a slow compile costs one run.
     local name=$1
     shift
-    python3 scripts/bench_wn_overhead.py --device cuda --out "$out/$name.json" "$@" 2> "$out/$name.log" \
-        | tee "$out/$name.txt" || { echo "wn_overhead $name failed (see $name.log)" >&2; status=1; }
+    echo "== $name: $*" | tee -a "$out/wn_overhead.txt" "$out/wn_overhead.log"
+    timeout "${WN_OVERHEAD_TIMEOUT:-300}" python3 scripts/bench_wn_overhead.py --device cuda --out "$out/$name.json" \
+        "$@" 2>> "$out/wn_overhead.log" | tee -a "$out/wn_overhead.txt" || {
+        echo "wn_overhead $name failed or timed out (exit ${PIPESTATUS[0]}); the end of wn_overhead.log:" >&2
+        tail -n 40 "$out/wn_overhead.log" >&2
+        status=1
+    }
 }
 bench() {  # name, then bench_dqn_throughput.py's arguments
     local name=$1
@@ -83,7 +91,9 @@ case $part in
     wn-overhead)
         status=0
         # the target's measurement first: a call stopped at its limit still returns the lines printed so far
-        wn_overhead wn_whole_cudagraph --step whole --compile-mode reduce-overhead --reps 51 --steps 20
+        # (the target gets most of a 10-minute call; each case's results are kept as soon as it is done)
+        WN_OVERHEAD_TIMEOUT=450 wn_overhead wn_whole_cudagraph --step whole --compile-mode reduce-overhead --reps 51 \
+            --steps 20
         wn_overhead wn_eager --reps 51 --steps 20
         wn_overhead wn_lstm_eager --cases lstm32 --reps 51 --steps 20  # cuDNN's LSTM: WNLSTM's weights vs plain
         exit $status

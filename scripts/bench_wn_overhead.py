@@ -42,6 +42,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -190,9 +191,13 @@ def bench_case(
     uint8 = inputs.dtype == torch.uint8
     steps, agreement = {}, {}
     skips = counters["inductor"]["cudagraph_skips"]
+    # dropout draws other masks in the check's module steps than in the whole steps before it: nothing to compare
+    checkable = args.step == "whole" and not any(isinstance(m, nn.Dropout) for m in base.modules())
+    if args.step == "whole" and not checkable:
+        print(f"{name}: the whole step's agreement with the module step is not checked (the network has dropout)")
     for variant in VARIANTS:
         model = make_variant(base, variant).to(device)
-        reference = copy.deepcopy(model) if args.step == "whole" else None
+        reference = copy.deepcopy(model) if checkable else None
         steps[variant] = (make_whole_step if args.step == "whole" else make_step)(model, inputs, targets, uint8, args)
         for _ in range(args.warmup):
             steps[variant]()
@@ -208,7 +213,11 @@ def bench_case(
         )
     if device.type == "cuda" and counters["inductor"]["cudagraph_skips"] != skips:  # say so, time anyway
         print(f"{name}: inductor skipped a CUDA graph (its reason is on stderr, as a perf hint)", flush=True)
-    times = time_interleaved(steps, args, device)
+    graphs = counters["stats"]["unique_graphs"]
+    queued: dict[str, list[float]] = {}
+    times = time_interleaved(steps, args, device, queued)
+    if counters["stats"]["unique_graphs"] != graphs:  # warm-up too short: compile time inside the timed steps
+        print(f"{name}: {counters['stats']['unique_graphs'] - graphs} graph(s) compiled while timing", flush=True)
     medians = {v: statistics.median(t) for v, t in times.items()}
     return {
         "case": name,
@@ -218,15 +227,23 @@ def bench_case(
         "paired_ratio_to_plain": {v: paired_ratio(times[v], times["plain"]) for v in VARIANTS if v != "plain"},
         "paired_wn_rl_vs_torch_wn": paired_ratio(times["wn_rl"], times["torch_wn"]),
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+        "graphs_compiled_while_timing": counters["stats"]["unique_graphs"] - graphs,
+        # the share of a step's time the host took to queue it: near 1, the steps are host-bound and the ratios
+        # measure Python and launch overhead more than the device's work
+        "host_queue_share": {v: statistics.median(q) / medians[v] for v, q in queued.items()},
         "whole_vs_module_step": agreement,
     }
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device
+    fns: dict[str, Callable[[], None]],
+    args: argparse.Namespace,
+    device: torch.device,
+    queued: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function: ``args.reps`` repetitions, each timing ``args.steps`` calls of every
-    function back to back in a shuffled order."""
+    function back to back in a shuffled order. ``queued`` (when given) gets the seconds per call until the last
+    call returned, before the device finished: the host's share of the time."""
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
@@ -237,6 +254,8 @@ def time_interleaved(
             start = clock()
             for _ in range(args.steps):
                 fns[key]()
+            if queued is not None:
+                queued.setdefault(key, []).append((clock() - start) / args.steps)
             synchronize(device)
             times[key].append((clock() - start) / args.steps)
     return times
@@ -374,6 +393,20 @@ def main() -> None:
     unknown = set(args.cases.split(",")) - set(cases)
     if unknown:
         raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {sorted(cases)}")
+    meta = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "clock": args.clock,
+        "compile": args.compile_mode if args.compile else None,
+        "step": args.step,
+        "combo_kernels": args.combo_kernels,
+        "matmul_precision": args.matmul_precision,
+        "reps": args.reps,
+        "steps": args.steps,
+    }
+    print(json.dumps(meta), flush=True)
     results = []
     for name in args.cases.split(","):
         build, make_inputs, n_out = cases[name]
@@ -389,25 +422,14 @@ def main() -> None:
         paired = {**result["paired_ratio_to_plain"], "wn_rl/torch_wn": result["paired_wn_rl_vs_torch_wn"]}
         cells = (f"{k} {r['median']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]" for k, r in paired.items())
         print(f"{name:9s} paired, median [95% CI]: " + " | ".join(cells), flush=True)
+        shares = " | ".join(f"{k} {v:.2f}" for k, v in result["host_queue_share"].items())
+        print(f"{name:9s} host's share of a step (near 1: host-bound): {shares}", flush=True)
         if args.per_layer:
             result["parts"] = bench_parts(name, build(), make_inputs().to(device), args)
-    meta = {
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-        "clock": args.clock,
-        "compile": args.compile_mode if args.compile else None,
-        "step": args.step,
-        "combo_kernels": args.combo_kernels,
-        "matmul_precision": args.matmul_precision,
-        "reps": args.reps,
-        "steps": args.steps,
-    }
-    print(json.dumps(meta))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        if args.out:  # after every case: a run stopped at a time limit keeps the cases it finished
+            tmp = Path(f"{args.out}.tmp")
+            tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
