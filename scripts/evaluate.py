@@ -12,6 +12,7 @@ the message names the file, and no partial video is left).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import sys
@@ -64,6 +65,10 @@ def record_video(q_network, env, epsilon: float, path: Path, max_steps: int, dev
         except OSError as exc:  # a full disk: no truncated video is left to look valid
             path.unlink(missing_ok=True)
             raise CheckpointError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno})") from exc
+        except ValueError as exc:  # imageio found no writer for the format
+            path.unlink(missing_ok=True)
+            hint = "`pip install imageio-ffmpeg`, or use a .gif"
+            raise CheckpointError(f"could not write {path}: {exc}; {hint}") from exc
     else:
         try:
             from PIL import Image
@@ -95,7 +100,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--video-steps {args.video_steps}: expected at least 1 agent step")
     if args.video is not None and args.video.suffix.lower() not in (".gif", ".mp4"):
         parser.error(f"--video {args.video}: expected a .gif or .mp4 file name (the format follows the extension)")
+    if args.video is not None and (missing := _missing_video_writer(args.video)):
+        parser.error(f"--video {args.video}: {missing}")  # before any game is played
     return args
+
+
+def _missing_video_writer(path: Path) -> str | None:
+    """What writing ``path`` needs and is not installed (``None``: all there). MP4 needs imageio with its ffmpeg
+    plugin: imageio alone fails at the write ("could not find a backend"), after every evaluation game."""
+    needs = ("imageio", "imageio_ffmpeg") if path.suffix.lower() == ".mp4" else ("PIL",)
+    if all(importlib.util.find_spec(name) is not None for name in needs):
+        return None
+    if path.suffix.lower() == ".mp4":
+        return "writing MP4 needs `pip install imageio imageio-ffmpeg`; or use a .gif path"
+    return "writing a GIF needs Pillow: `pip install pillow` (or the plot extra)"
 
 
 def main(argv: list[str] | None = None) -> int:

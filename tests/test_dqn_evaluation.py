@@ -170,3 +170,22 @@ def test_evaluate_script_moves_only_the_q_network_to_the_device(tmp_path, capsys
     ((kwargs, payload),) = torch_loads
     assert kwargs.get("mmap") is True and torch.device(kwargs.get("map_location")) == torch.device("cpu")
     assert payload["replay"] and all(t.device.type == "cpu" for t in _tensors(payload))
+
+
+@pytest.mark.parametrize(
+    ("video", "absent", "message"),
+    [
+        ("agent.mp4", "imageio_ffmpeg", "writing MP4 needs `pip install imageio imageio-ffmpeg`"),
+        ("agent.mp4", "imageio", "writing MP4 needs `pip install imageio imageio-ffmpeg`"),
+        ("agent.gif", "PIL", "writing a GIF needs Pillow"),
+    ],
+)
+def test_a_missing_video_writer_is_refused_before_any_game(tmp_path, monkeypatch, video, absent, message):
+    """imageio without its ffmpeg plugin failed at the write, after every evaluation game, with a traceback."""
+    evaluate = _load_script("evaluate")
+    real = evaluate.importlib.util.find_spec
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None if name == absent else real(name))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate._parse_args([str(tmp_path), "--video", video])
+    assert exit_.value.code == 2
+    assert evaluate._missing_video_writer(Path(video)).startswith(message)

@@ -430,3 +430,40 @@ def test_a_resume_reads_its_checkpoint_once_to_hash_and_once_to_load_and_skips_a
     with pytest.warns(UserWarning, match=r"skipping damaged checkpoint.*checkpoint_000000000400\.pt.*truncated"):
         assert resume() == older
     assert sum(hashed) == older.stat().st_size and loaded == [older.name]
+
+
+def test_a_resume_maps_the_checkpoint_on_the_cpu(tmp_path, torch_loads):
+    """Loaded straight onto a GPU, the checkpoint's RNG states landed there, and torch.set_rng_state takes CPU
+    bytes only: every CUDA resume failed. The replay memory also sat on the device twice. It is mapped on the
+    CPU now and copied into the live replay memory."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    Trainer(config, tmp_path / "run").run()
+    torch_loads.clear()
+    longer = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0})
+    trainer = Trainer(longer, tmp_path / "run")
+    assert trainer.resume()
+    ((kwargs, payload),) = torch_loads
+    assert torch.device(kwargs["map_location"]) == torch.device("cpu") and kwargs.get("mmap") is True
+    assert payload["rng"]["torch"].device.type == "cpu" and "replay" in payload
+    assert torch.equal(trainer.replay.frames, payload["replay"]["frames"])
+
+
+def test_a_signal_during_the_final_save_lets_the_save_finish(tmp_path, monkeypatch):
+    """The final checkpoint was written after the loop's signal handlers were gone: Ctrl-C there raised
+    KeyboardInterrupt in the middle of the write, SIGTERM killed the process without a word."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
+    trainer = Trainer(config, tmp_path / "run")
+    real_save = trainer.save
+
+    def save_with_a_signal():
+        if trainer.agent_step == 200:
+            signal.raise_signal(signal.SIGINT)
+        return real_save()
+
+    monkeypatch.setattr(trainer, "save", save_with_a_signal)
+    try:
+        summary = trainer.run()
+    except KeyboardInterrupt:
+        pytest.fail("the signal interrupted the final save")
+    assert summary["interrupted"] == signal.SIGINT and summary["agent_steps"] == 200
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "checkpoint_000000000200.pt"

@@ -133,7 +133,9 @@ class Trainer:
     # ----- checkpoints, resume ----------------------------------------------------------------------
     def resume(self) -> bool:
         """Load the newest complete checkpoint of this run, if any. Returns whether one was loaded."""
-        found = load_latest_checkpoint(self.run_dir / "checkpoints", map_location=self.device)
+        # mapped on the CPU: the RNG states must be CPU bytes (torch.set_rng_state), the game states become numpy,
+        # and the replay memory is copied into the one already on the device (not loaded there a second time)
+        found = load_latest_checkpoint(self.run_dir / "checkpoints", map_location="cpu", mmap=True)
         if found is None:
             return False
         path, state = found
@@ -228,7 +230,7 @@ class Trainer:
                 self.eval_env.close()
                 self.eval_env = None
             return f"the saved game state does not fit this env: {exc}"
-        self._obs = loop["obs"].to(self.device)
+        self._obs = loop["obs"].to(self.device, copy=True)  # not a view of the mapped checkpoint file
         self._first, self._final = loop["first"].clone(), loop["final"].clone()
         restore_tracker(self.tracker, loop)
         return None
@@ -363,7 +365,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
         elapsed = time.perf_counter() - t0
-        self.finish()
+        with StopOnSignals(self, "the final save"):  # a signal while it writes: the write completes first
+            self.finish()
         return {
             "agent_steps": self.agent_step,
             "updates": self.learner.updates,
