@@ -60,6 +60,8 @@ def test_every_config_loads_and_resolves(path):
         (["policy=WnCnnPolicyy"], "Did you mean 'WnCnnPolicy'"),
         (["hyperparameters.learning_rat=1e-3"], "hyperparameters.learning_rat is not an argument of DQN"),
         (["env_id=ALE/Breakout-v5"], "Use BreakoutNoFrameskip-v4"),
+        (["env_id=Breakout-v4"], r"only <Game>NoFrameskip-v4 .* Use BreakoutNoFrameskip-v4"),  # raw frames before
+        (["env_id=BreakoutNoFrameskip-v0"], "Use BreakoutNoFrameskip-v4"),
         (["total_timesteps=0"], "total_timesteps=0 is invalid"),
         (["init.n_samples=1"], "init.n_samples=1 is invalid"),
         (["hyperparameters.learning_starts=100"], "init.n_samples=256 needs hyperparameters.learning_starts >= 256"),
@@ -97,6 +99,10 @@ def test_policy_kwargs_names_resolve_to_classes():
         (["policy_kwargs.parametrization=weight_norm"], "unexpected keyword argument 'parametrization'"),
         (["policy=WnCnnPolicy"], "Use WnMlpPolicy for vector observations"),
         (["env_id=CartPol-v1"], "Did you mean: `CartPole`"),
+        (
+            ["env_id=wn_rl/InvalidActionDiscrete-v0", "policy=MlpPolicy", "env_kwargs={dim: 5}"],
+            r"n_invalid_actions=8 with dim=5: expected 0 <= n_invalid_actions < dim",  # an AssertionError before
+        ),
     ],
 )
 def test_what_the_algorithm_or_gym_rejects_is_a_config_error_before_any_file(tmp_path, overrides, message):
@@ -314,3 +320,16 @@ def test_her_config_trains_checkpoints_its_her_buffer_and_resumes(tmp_path):
     model = DQN.load(tmp_path / "her" / "final_model.zip", env=env)
     model.load_replay_buffer(tmp_path / "her" / "final_replay_buffer.pkl", truncate_last_traj=False)
     assert isinstance(model.replay_buffer, HerReplayBuffer) and model.replay_buffer.size() > 0
+
+
+@pytest.mark.parametrize("env_id", ["wn_rl/CartPoleNoVel-v1", "PongNoFrameskip-v4"])
+def test_subprocess_envs_build_our_ids_and_ale_pys(env_id):
+    """SubprocVecEnv's workers start fresh interpreters, where neither our ids nor ale-py's were registered:
+    ``subprocess_envs=true`` failed for every Atari and wn_rl/* id with a ConnectionResetError."""
+    env = make_env(env_id, 2, 0, subprocess=True)
+    try:
+        obs = env.reset()
+        expected = (2,) if "NoVel" in env_id else (84, 84, 4)  # positions only; 4 stacked 84x84 frames
+        assert obs.shape == (2, *expected) and env.observation_space.shape == expected
+    finally:
+        env.close()

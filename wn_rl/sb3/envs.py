@@ -10,6 +10,8 @@ clipping) and a 4-frame stack. ``ALE/<Game>-v5`` ids already skip frames and use
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -71,6 +73,11 @@ class _InvalidActionEnvDiscrete(InvalidActionEnvDiscrete):
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["human", "rgb_array"]}
 
     def __init__(self, dim: int = 10, ep_length: int = 100, n_invalid_actions: int = 8, render_mode: Any = None):
+        if not 0 <= n_invalid_actions < dim:  # sb3-contrib asserts it, which the runner would show as a traceback
+            raise ValueError(
+                f"env_kwargs: n_invalid_actions={n_invalid_actions} with dim={dim}: expected 0 <= n_invalid_actions "
+                "< dim (one action, the observed state, must stay valid); lower n_invalid_actions or raise dim"
+            )
         super().__init__(dim=dim, ep_length=ep_length, n_invalid_actions=n_invalid_actions)
         self.render_mode = render_mode
 
@@ -112,6 +119,27 @@ def check_env_id(env_id: str) -> None:
             f"env_id={env_id!r}: ALE/*-v5 ids already skip 4 frames and use sticky actions, and SB3's AtariWrapper "
             f"would skip frames again. Use {game}NoFrameskip-v4 (SB3's convention, wrapped with AtariWrapper)."
         )
+    register_envs()
+    spec = gym.registry.get(env_id)
+    entry = spec.entry_point if spec is not None else None
+    if isinstance(entry, str) and entry.startswith("ale_py") and (not is_atari_id(env_id) or "-ram" in env_id):
+        game = env_id.split("-")[0].replace("NoFrameskip", "").replace("Deterministic", "")
+        raise ValueError(
+            f"env_id={env_id!r}: only <Game>NoFrameskip-v4 Atari ids get SB3's AtariWrapper and the frame stack "
+            "(this one would train on raw frames, or RAM, and the v0 ids use sticky actions). "
+            f"Use {game}NoFrameskip-v4."
+        )
+
+
+def _make_registered(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gym.make(env_id)`` after :func:`register_envs`, as SB3's ``make_vec_env`` makes a string id (render mode
+    ``rgb_array`` where the env takes one). For ``SubprocVecEnv``: its workers start fresh interpreters
+    (forkserver or spawn), where neither ale-py's ids nor ours are registered."""
+    register_envs()
+    try:
+        return gym.make(env_id, **{"render_mode": "rgb_array", **kwargs})
+    except TypeError:
+        return gym.make(env_id, **kwargs)
 
 
 def make_env(
@@ -129,9 +157,10 @@ def make_env(
     check_env_id(env_id)
     register_envs()
     vec_env_cls = SubprocVecEnv if subprocess else DummyVecEnv
+    maker: str | Callable[..., gym.Env] = functools.partial(_make_registered, env_id) if subprocess else env_id
     if is_atari_id(env_id):
         env = make_atari_env(
-            env_id,
+            maker,
             n_envs=n_envs,
             seed=seed,
             wrapper_kwargs=atari_wrapper_kwargs,
@@ -141,4 +170,4 @@ def make_env(
         return VecFrameStack(env, n_stack=frame_stack) if frame_stack > 1 else env
     if atari_wrapper_kwargs:
         raise ValueError(f"atari_wrapper_kwargs={atari_wrapper_kwargs!r} only applies to *NoFrameskip-v4 Atari ids")
-    return make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=vec_env_cls)
+    return make_vec_env(maker, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=vec_env_cls)
