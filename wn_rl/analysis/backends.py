@@ -14,22 +14,25 @@ and the study's ``runs_dir`` on a shared filesystem, where the driver reads the 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from wn_rl.analysis.runs import STUDY_LOCK
 from wn_rl.analysis.study import RunSpec, StudyConfig
 from wn_rl.checkpoint import atomic_write_bytes
 
-__all__ = ["LOCKED", "RunOutcome", "acquire_run_lock", "execute_command", "run_local", "run_ray"]
+__all__ = ["LOCKED", "RunOutcome", "RunningProcesses", "acquire_run_lock", "execute_command", "run_local", "run_ray"]
 
 
 @dataclass(frozen=True)
@@ -60,31 +63,120 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_pids(holder: str) -> list[int] | None:
+    """The pids of a lock's ``host pid [pid]``, or None if it does not read so (empty, say)."""
+    _, *pids = holder.split() or [""]
+    if not pids or not all(pid.isdecimal() and 0 < int(pid) < 2**31 for pid in pids):
+        return None
+    return [int(pid) for pid in pids]
+
+
+def _create_lock(lock: Path, content: str) -> bool:
+    """Create ``lock`` holding ``content``, False if it exists. The content is written to a temporary first
+    and linked to the lock's name, so that no driver ever reads the lock empty, even after a crash."""
+    tmp = lock.with_name(f".{lock.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, lock)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        return _create_lock_in_place(lock, content)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # some FUSE and SMB mounts
+
+
+def _create_lock_in_place(lock: Path, content: str) -> bool:
+    """:func:`_create_lock` where the filesystem has no hard links: created exclusively, then written (a reader in
+    between sees it empty, as held by an unknown owner); removed again if the write fails."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, content.encode())
+        os.fsync(fd)
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
 def acquire_run_lock(lock: Path) -> str | None:
     """Create ``lock`` (``host pid``) exclusively; None on success, else who holds it.
 
     Once the run's training process has started, the lock names it too (``host driver_pid run_pid``). A
     lock on this host whose processes have all died is taken over; one whose training process outlived
     its driver (the driver was killed) is respected, so a rerun never trains the same run twice at once.
-    A lock from another host is respected (delete the file by hand if no process runs that study any more).
+    A lock from another host is respected (delete the file by hand if no process runs that study any more),
+    and so is one that does not read ``host pid`` (an older driver killed while it wrote it): nothing
+    tells whether its run still trains.
     """
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
+    for _ in range(3):
+        if _create_lock(lock, me):
+            return None
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
             holder = lock.read_text(errors="replace").strip()
-            host, *pids = holder.split()
-            ours = host == socket.gethostname() and pids and all(pid.isdigit() for pid in pids)
-            if ours and not any(_pid_alive(int(pid)) for pid in pids):
-                lock.unlink(missing_ok=True)
-                continue
-            return holder
-        os.write(fd, me.encode())
-        os.close(fd)
-        return None
-    return lock.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            continue  # released since
+        pids = _lock_pids(holder)
+        if pids is None:
+            what = "is empty" if not holder else f"reads {holder[:80]!r}, not 'host pid'"
+            return f"an unknown owner (the lock file {what}; delete it if no study driver runs this run)"
+        if holder.split()[0] == socket.gethostname() and not any(_pid_alive(pid) for pid in pids):
+            lock.unlink(missing_ok=True)
+            continue
+        return holder
+    return "another study driver (the lock changed hands while this one tried to take it; run this again)"
+
+
+class RunningProcesses:
+    """The training processes a local study driver has started, and whether it is stopping.
+
+    Starting a process and :meth:`stop` take one lock: a run about to start when the driver is interrupted
+    either starts before the stop, and is signalled with the others, or not at all; none trains on while
+    the driver waits for it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: set[subprocess.Popen] = set()
+        self._stopping = False
+
+    def start(self, command: Sequence[str], log: IO[str], env: dict[str, str], cwd: str) -> subprocess.Popen | None:
+        """Start ``command`` with its output appended to ``log``; None once the driver is stopping."""
+        with self._lock:
+            if self._stopping:
+                return None
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            self._processes.add(process)
+            return process
+
+    def discard(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def stop(self) -> None:
+        """Start no further process, and send SIGTERM to the running ones (they checkpoint and exit)."""
+        with self._lock:
+            self._stopping = True
+            for process in self._processes:
+                process.send_signal(signal.SIGTERM)
 
 
 def execute_command(
@@ -94,12 +186,13 @@ def execute_command(
     threads: int,
     cwd: str,
     run_dir: str,
-    running: set[subprocess.Popen] | None = None,
+    running: RunningProcesses | None = None,
 ) -> RunOutcome:
     """Run one training command to completion, appending its output to ``log_path``.
 
     ``<run_dir>/study.lock`` guards against two study drivers running the same run at once. The process
-    is in ``running`` while it runs, so that the driver can pass a stop signal on to it.
+    is in ``running`` while it runs, so that the driver can pass a stop signal on to it; once the driver
+    is stopping, the command is not started (exit code 143, as after SIGTERM).
     """
     lock = Path(cwd, run_dir, STUDY_LOCK)
     holder = acquire_run_lock(lock)
@@ -107,21 +200,25 @@ def execute_command(
         message = f"{name} is already being run by {holder} ({lock}); skipped"
         return RunOutcome(name, LOCKED, 0.0, str(log_path), message)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    running = running if running is not None else RunningProcesses()
     start = time.perf_counter()
     try:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            log.write(f"$ {' '.join(command)}\n")
-            log.flush()
-            process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-            if running is not None:
-                running.add(process)
+            process = running.start(command, log, env, cwd)
+            if process is None:
+                message = f"{name} was not started: the study driver is stopping"
+                return RunOutcome(name, 128 + signal.SIGTERM, 0.0, str(log_path), message)
             try:
                 atomic_write_bytes(lock, f"{socket.gethostname()} {os.getpid()} {process.pid}".encode())
                 returncode = process.wait()
+            except BaseException:
+                # the lock goes below: the run must have ended first, or a rerun could train it twice at once
+                process.terminate()
+                process.wait()
+                raise
             finally:
-                if running is not None:
-                    running.discard(process)
+                running.discard(process)
     finally:
         lock.unlink(missing_ok=True)
     tail = Path(log_path).read_text(errors="replace")[-2000:]
@@ -151,7 +248,7 @@ def run_local(
     workers = max_parallel or study.max_parallel
     outcomes: list[RunOutcome] = []
     cwd = os.getcwd()
-    running: set[subprocess.Popen] = set()
+    running = RunningProcesses()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         threads = study.torch_threads
         futures = [
@@ -166,8 +263,7 @@ def run_local(
         except BaseException:
             for future in futures:
                 future.cancel()
-            for process in list(running):
-                process.send_signal(signal.SIGTERM)
+            running.stop()
             raise
     return outcomes
 
