@@ -214,6 +214,26 @@ def test_games_that_cannot_be_saved_warn_and_resume_with_fresh_games(tmp_path):
     assert summary["agent_steps"] == 400
 
 
+def test_fresh_games_after_a_resume_still_log_the_episodes_finished_before_it(tmp_path):
+    """Where the games cannot continue (Atari always), the episodes that had finished but were not yet logged were
+    dropped with the games in progress; only those in progress start again."""
+    config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.log_every_agent_steps": 400})
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.env.env.envs[0].unwrapped.emulator = threading.Lock()  # the games cannot be saved
+    with pytest.warns(UserWarning, match="will not hold the games' state"):
+        trainer.start()
+        trainer.advance(200)
+    trainer.env.close()
+    saved = load_checkpoint(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1])["loop"]
+    assert saved["finished_episodes"]  # CartPole episodes ended since the last log (none yet at 400 steps apart)
+    resumed = Trainer(config, tmp_path / "run")
+    assert resumed.resume()
+    assert "no game state" in resumed._continue_games()
+    assert resumed.tracker.finished == [(float(r), int(n)) for r, n in saved["finished_episodes"]]
+    assert resumed.tracker.returns.sum() == 0 and resumed.tracker.lengths.sum() == 0  # fresh games
+    resumed.env.close()
+
+
 def test_a_forced_resume_with_changed_env_settings_starts_fresh_games(tmp_path):
     config = _config("gym", tmp_path, "run", **{"eval.every_agent_steps": 0, "run.total_agent_steps": 200})
     Trainer(config, tmp_path / "run").run()

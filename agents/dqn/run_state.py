@@ -69,11 +69,13 @@ def loop_state(obs: torch.Tensor, first: torch.Tensor, final: torch.Tensor, trac
     }
 
 
-def restore_tracker(tracker: Any, loop: dict[str, Any]) -> None:
-    """Put the episodes in progress of :func:`loop_state` back into a fresh tracker."""
-    tracker.returns[:] = loop["episode_returns"].numpy()
-    tracker.lengths[:] = loop["episode_lengths"].numpy()
-    tracker.recent.extend(loop["recent_returns"])
+def restore_tracker(tracker: Any, loop: dict[str, Any], *, games_continue: bool = True) -> None:
+    """Put the episodes of :func:`loop_state` back into a fresh tracker: those finished and not yet logged and the
+    recent returns always, those in progress only where their games continue (fresh games start from zero)."""
+    if games_continue:
+        tracker.returns[:] = loop["episode_returns"].numpy()
+        tracker.lengths[:] = loop["episode_lengths"].numpy()
+    tracker.recent.extend(loop.get("recent_returns", []))
     tracker.finished = [(float(r), int(n)) for r, n in loop.get("finished_episodes", [])]
 
 

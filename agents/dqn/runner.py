@@ -217,9 +217,11 @@ class Trainer:
         """Put back the games and the loop state saved with the checkpoint resumed from; returns why
         that was impossible (the caller then starts fresh games), or ``None``."""
         loop = self._saved_loop
-        if loop is None or "games" not in loop:
-            why = "written by an older wn_rl" if loop is None else loop["games_missing"]
-            return f"the checkpoint holds no game state: {why}"
+        if loop is None:
+            return "the checkpoint holds no game state: written by an older wn_rl"
+        if "games" not in loop:
+            restore_tracker(self.tracker, loop, games_continue=False)  # the finished episodes are still to be logged
+            return f"the checkpoint holds no game state: {loop.get('games_missing', 'not saved')}"
         try:
             self.env.load_env_state(loop["games"])
             if "eval_games" in loop:
@@ -229,6 +231,7 @@ class Trainer:
             if self.eval_env is not None:  # possibly half restored: evaluation builds a new one
                 self.eval_env.close()
                 self.eval_env = None
+            restore_tracker(self.tracker, loop, games_continue=False)
             return f"the saved game state does not fit this env: {exc}"
         self._obs = loop["obs"].to(self.device, copy=True)  # not a view of the mapped checkpoint file
         self._first, self._final = loop["first"].clone(), loop["final"].clone()
