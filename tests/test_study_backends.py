@@ -152,3 +152,51 @@ def test_a_filesystem_without_hard_links_still_takes_locks(tmp_path: Path, monke
     assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
     assert acquire_run_lock(lock) is not None  # held (by this live process)
     assert sorted(p.name for p in lock.parent.iterdir()) == [STUDY_LOCK]  # no temporary left
+
+
+def test_an_interrupted_ray_study_cancels_its_tasks_and_waits_for_their_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in a Ray study left its trainers to Ray's shutdown (killed without a checkpoint, or left running).
+    The tasks are now cancelled, which raises KeyboardInterrupt in execute_command: it sends its trainer SIGTERM
+    (the trainer checkpoints) and waits; the driver waits for them before Ray shuts down. A fake Ray here: the
+    cancellation's effect inside a task is execute_command's, tested above."""
+    import sys
+    import types
+
+    calls: list[tuple] = []
+
+    class Task:
+        def options(self, **kwargs):
+            return self
+
+        def remote(self, *args):
+            calls.append(("remote", args[0]))
+            return f"ref-{args[0]}"
+
+    def wait(refs, num_returns=1, timeout=None):
+        calls.append(("wait", list(refs), num_returns, timeout))
+        if num_returns == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the driver waits for the first run
+        return list(refs), []
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: False,
+        init=lambda **kwargs: calls.append(("init",)),
+        remote=lambda fn: Task(),
+        wait=wait,
+        get=lambda ref: pytest.fail("no task finished"),
+        cancel=lambda ref, **kwargs: calls.append(("cancel", ref, kwargs)),
+        shutdown=lambda: calls.append(("shutdown",)),
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    study = load_study_config(SMOKE, [f"runs_dir={tmp_path}"])
+    specs = plan_runs(study)
+    with pytest.raises(KeyboardInterrupt):
+        backends.run_ray(study, specs)
+    refs = [f"ref-{spec.name}" for spec in specs]
+    cancels = [c for c in calls if c[0] == "cancel"]
+    assert [c[1] for c in cancels] == refs and all(not c[2].get("force") for c in cancels)  # an interrupt, no kill
+    last_wait = [c for c in calls if c[0] == "wait"][-1]
+    assert last_wait == ("wait", refs, len(refs), backends.RAY_STOP_GRACE_S)
+    assert calls[-1] == ("shutdown",) and calls.index(last_wait) < len(calls) - 1  # shut down after the wait

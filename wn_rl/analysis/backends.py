@@ -268,6 +268,20 @@ def run_local(
     return outcomes
 
 
+RAY_STOP_GRACE_S = 600.0  # how long an interrupted driver waits for Ray's runs to write their checkpoints
+
+
+def _stop_ray_tasks(ray: object, pending: list) -> None:
+    """Cancel ``pending`` Ray tasks: a queued one never starts; a running one gets ``KeyboardInterrupt`` in
+    :func:`execute_command`, which sends its trainer SIGTERM (it checkpoints and exits) and waits for it. The
+    driver waits up to :data:`RAY_STOP_GRACE_S` for them, so that shutting Ray down does not kill a trainer in the
+    middle of its checkpoint. Nothing left to do on a second Ctrl-C: it ends the wait."""
+    for ref in pending:
+        ray.cancel(ref)
+    if pending:
+        ray.wait(pending, num_returns=len(pending), timeout=RAY_STOP_GRACE_S)
+
+
 def run_ray(
     study: StudyConfig,
     specs: Sequence[RunSpec],
@@ -295,11 +309,15 @@ def run_ray(
         threads = study.torch_threads
         pending = [task.remote(n, cmd, log, threads, cwd, run_dir) for n, cmd, log, run_dir in _jobs(study, specs)]
         total, outcomes = len(pending), []
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            outcomes.append(ray.get(done[0]))
-            if on_done is not None:
-                on_done(outcomes[-1], len(outcomes), total)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                outcomes.append(ray.get(done[0]))
+                if on_done is not None:
+                    on_done(outcomes[-1], len(outcomes), total)
+        except KeyboardInterrupt:
+            _stop_ray_tasks(ray, pending)
+            raise
         return outcomes
     finally:
         if started_here:
