@@ -163,6 +163,29 @@ def _unit_view(stat: Tensor, output: Tensor, channel_dim: int) -> Tensor:
     return stat.view(shape).to(output.dtype)
 
 
+def _normalizer(mean: Tensor, std: Tensor, init_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dead, factor, shift)`` that take a pre-activation of per-unit ``mean`` and ``std`` to mean 0 and std
+    ``init_scale``: ``(t - shift) * factor``. A unit with (near) zero variance is dead and left as it is."""
+    dead = std < _DEAD_STD * (1.0 + mean.abs())
+    factor = torch.where(dead, torch.ones_like(std), init_scale / std.clamp_min(1e-30))
+    shift = torch.where(dead, torch.zeros_like(mean), mean)
+    return dead, factor, shift
+
+
+def _layer_record(
+    name: str, module: nn.Module, mean: Tensor, std: Tensor, init_scale: float, dead: Tensor
+) -> LayerInit:
+    return LayerInit(
+        name=name,
+        kind=type(module).__name__,
+        units=int(std.numel()),
+        init_scale=init_scale,
+        mean=float(mean.abs().mean()),
+        std=float(std.mean()),
+        dead_units=torch.nonzero(dead).flatten().tolist(),
+    )
+
+
 @torch.no_grad()
 def _rescale_plain(layer: nn.Module, factor: Tensor) -> None:
     weight = layer.weight
@@ -202,9 +225,7 @@ class _InitPass:
         channel_dim = _channel_dim(layer)
         mean, std = _unit_stats(output, channel_dim)
         init_scale = float(getattr(layer, "init_scale", 1.0))
-        dead = std < _DEAD_STD * (1.0 + mean.abs())
-        factor = torch.where(dead, torch.ones_like(std), init_scale / std.clamp_min(1e-30))
-        shift = torch.where(dead, torch.zeros_like(mean), mean)
+        dead, factor, shift = _normalizer(mean, std, init_scale)
         old_bias = None if layer.bias is None else layer.bias.detach().clone()
         if isinstance(layer, WNLayer):
             layer.rescale_(factor)
@@ -213,17 +234,7 @@ class _InitPass:
         if layer.bias is not None:
             layer.bias.copy_(((layer.bias.to(shift.dtype) - shift) * factor).to(layer.bias.dtype))
         layer.initialized.fill_(True)
-        self.records.append(
-            LayerInit(
-                name=self.names[id(layer)],
-                kind=type(layer).__name__,
-                units=int(std.numel()),
-                init_scale=init_scale,
-                mean=float(mean.abs().mean()),
-                std=float(std.mean()),
-                dead_units=torch.nonzero(dead).flatten().tolist(),
-            )
-        )
+        self.records.append(_layer_record(self.names[id(layer)], layer, mean, std, init_scale, dead))
         if layer.bias is None:
             new_output = output * _unit_view(factor, output, channel_dim)
         else:
@@ -276,27 +287,14 @@ class _InitPass:
         if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1:
             return None  # a multi-dim affine has no per-unit reading: left as is
         mean, std = _unit_stats(output, channel_dim)
-        dead = std < _DEAD_STD * (1.0 + mean.abs())  # as a layer's: such a unit keeps its affine
-        factor = torch.where(dead, torch.ones_like(std), init_scale / std.clamp_min(1e-30))
-        shift = torch.where(dead, torch.zeros_like(mean), mean)
+        dead, factor, shift = _normalizer(mean, std, init_scale)  # as a layer's: a dead unit keeps its affine
         norm.weight.mul_(factor.to(norm.weight.dtype))
         norm.bias.copy_(((norm.bias.to(shift.dtype) - shift) * factor).to(norm.bias.dtype))
-        dead_units = torch.nonzero(dead).flatten().tolist()
+        record = _layer_record(self.names[id(norm)], norm, mean, std, init_scale, dead)
         if paired:  # the norm's output is the paired layer's pre-activation: its dead units are listed there
-            record = self.records[-1]
-            record.dead_units = sorted({*record.dead_units, *dead_units})
+            self.records[-1].dead_units = sorted({*self.records[-1].dead_units, *record.dead_units})
         else:
-            self.records.append(
-                LayerInit(
-                    name=self.names[id(norm)],
-                    kind=type(norm).__name__,
-                    units=int(std.numel()),
-                    init_scale=init_scale,
-                    mean=float(mean.abs().mean()),
-                    std=float(std.mean()),
-                    dead_units=dead_units,
-                )
-            )
+            self.records.append(record)
         return (output - _unit_view(shift, output, channel_dim)) * _unit_view(factor, output, channel_dim)
 
 
@@ -411,10 +409,10 @@ def data_dependent_init(
             f"{type(model).__name__} has no layer data-dependent init can set (WN layers or nn.Linear / "
             "nn.Conv* / nn.ConvTranspose*); recurrent cells keep their own initialization."
         )
-    pending = {n: m for n, m in layers.items() if force or not bool(getattr(m, "initialized", False))}
-    check_settable(model, pending, "data-dependent init")
+    # a layer without the flag yet is not initialised: the flags added next change nothing here
+    targets = {n: m for n, m in layers.items() if force or not bool(getattr(m, "initialized", False))}
+    check_settable(model, targets, "data-dependent init")
     add_init_flags(model)
-    targets = {n: m for n, m in layers.items() if force or not bool(m.initialized)}
     if not targets:
         warnings.warn(
             f"{type(model).__name__} is already initialised (every layer's `initialized` flag is set, e.g. "
