@@ -200,3 +200,38 @@ def test_an_interrupted_ray_study_cancels_its_tasks_and_waits_for_their_checkpoi
     last_wait = [c for c in calls if c[0] == "wait"][-1]
     assert last_wait == ("wait", refs, len(refs), backends.RAY_STOP_GRACE_S)
     assert calls[-1] == ("shutdown",) and calls.index(last_wait) < len(calls) - 1  # shut down after the wait
+
+
+def test_two_drivers_taking_over_one_dead_lock_do_not_both_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drivers restarted at once both read a dead driver's lock. The first deletes it and takes its own; the
+    second, still holding the dead content it read, must not then delete the first's fresh lock and run too."""
+    lock = tmp_path / "run" / STUDY_LOCK
+    lock.parent.mkdir()
+    dead_pid = 2**31 - 2  # no such process
+    lock.write_text(f"{socket.gethostname()} {dead_pid}")
+    first_done, second_checked = threading.Event(), threading.Event()
+    pid_alive = backends._pid_alive
+
+    def slow_for_the_second(pid: int) -> bool:
+        if threading.current_thread().name == "second" and not second_checked.is_set():
+            second_checked.set()
+            assert first_done.wait(10)  # the first takes the lock over while the second decides it is dead
+        return pid_alive(pid)
+
+    monkeypatch.setattr(backends, "_pid_alive", slow_for_the_second)
+    results: dict[str, str | None] = {}
+
+    def second() -> None:
+        results["second"] = acquire_run_lock(lock)
+
+    thread = threading.Thread(target=second, name="second")
+    thread.start()
+    assert second_checked.wait(10)
+    results["first"] = acquire_run_lock(lock)
+    first_done.set()
+    thread.join(10)
+    assert results["first"] is None  # the first took the dead lock over
+    assert results["second"] == f"{socket.gethostname()} {os.getpid()}"  # the second sees the first's, alive
+    assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"

@@ -137,10 +137,33 @@ def acquire_run_lock(lock: Path) -> str | None:
             what = "is empty" if not holder else f"reads {holder[:80]!r}, not 'host pid'"
             return f"an unknown owner (the lock file {what}; delete it if no study driver runs this run)"
         if holder.split()[0] == socket.gethostname() and not any(_pid_alive(pid) for pid in pids):
-            lock.unlink(missing_ok=True)
+            _remove_dead_lock(lock, holder)
             continue
         return holder
     return "another study driver (the lock changed hands while this one tried to take it; run this again)"
+
+
+def _remove_dead_lock(lock: Path, holder: str) -> None:
+    """Delete ``lock`` if it still reads ``holder`` (whose processes have died), under an exclusive ``flock`` on a
+    guard file beside it. Two drivers that both read the dead lock take turns here, so the second re-reads the
+    lock the first has just created and leaves it alone (unguarded, it would delete it and both would run)."""
+    guard = lock.with_name(f".{lock.name}.takeover")
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the take-over is not serialised
+        fcntl = None
+    fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = lock.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return
+        if current == holder:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 class RunningProcesses:
