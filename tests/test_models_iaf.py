@@ -109,6 +109,33 @@ def test_masked_wn_weight_is_normalised_over_the_kept_entries_and_ddi_works():
     assert torch.all(layer.weight[mask == 0] == 0)
 
 
+def test_a_large_masked_layer_keeps_its_mask_on_the_cpu_fast_path():
+    """A big fp32 WNLinear on a CPU scales its outputs instead of materialising w, multiplying by v itself. The
+    MNIST VAE's MADE (hidden 320, batch 100) is that big: its masked layers must still apply their mask, in a
+    training forward and inside ``cached`` with and without gradients, or the flow is not autoregressive."""
+    torch.manual_seed(0)
+    degrees = torch.arange(320) % 7
+    layer = MaskedWNLinear(320, 320, linear_ar_mask(degrees, degrees, strict=True))
+    _perturb(layer, 0.1)
+    x = torch.randn(100, 320)  # fewer input elements than weights: the fast path's regime
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    with wn_rl.cached(layer):
+        torch.testing.assert_close(layer(x), expected)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected)
+
+
+def test_the_paper_sized_made_is_autoregressive_in_float32():
+    torch.manual_seed(0)
+    made = MADE(32, 64, [320, 320], "weight_norm")
+    _perturb(made, 0.05)
+    z, h = torch.randn(100, 32), torch.randn(100, 64)
+    jacobian = torch.autograd.functional.jacobian(lambda z: made(z, h)[0][0], z)[:, 0, :]
+    assert torch.all(jacobian.triu() == 0)  # d out_i / d z_j = 0 for j >= i
+    assert jacobian.tril(-1).abs().sum() > 0
+
+
 def test_conv_ar_net_shapes_and_arguments():
     net = ConvARNet(4, 2, [8, 8])
     m, s = net(torch.randn(3, 4, 5, 5), torch.randn(3, 2, 5, 5))

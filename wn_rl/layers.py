@@ -415,7 +415,9 @@ class WNLinear(WNLayer):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        if not _scale_outputs(input, self.v):
+        # the output-scaling form multiplies by v itself: a subclass that computes its weight otherwise (a masked
+        # weight, say) must go through its own compute_weight
+        if type(self).compute_weight is not WNLayer.compute_weight or not _scale_outputs(input, self.v):
             return F.linear(input, self.weight, self.bias)
         if not self._cache_depth:
             return _WNLinearFn.apply(input, self.v, self.g_value, self.bias)[0]
