@@ -147,6 +147,27 @@ def test_conv_arguments_match_torch():
     torch.testing.assert_close(layer(x), plain(x))
 
 
+@pytest.mark.parametrize(
+    ("wn_cls", "args"),
+    [
+        (wn_rl.WNConv1d, (3, 8, 3, 1, 0, 1, 1, True, "zeros")),
+        (wn_rl.WNConv2d, (3, 8, 3, 1, 0, 1, 1, True, "zeros")),
+        (wn_rl.WNConv3d, (3, 8, 3, 1, 0, 1, 1, True, "zeros")),
+        (wn_rl.WNConvTranspose1d, (3, 8, 3, 1, 0, 0, 1, True, 1, "zeros")),
+        (wn_rl.WNConvTranspose2d, (3, 8, 3, 1, 0, 0, 1, True, 1, "zeros")),
+        (wn_rl.WNConvTranspose3d, (3, 8, 3, 1, 0, 0, 1, True, 1, "zeros")),
+    ],
+)
+def test_conv_takes_every_argument_positionally_as_torch_does(wn_cls, args):
+    """Same constructor arguments as the torch layer: device and dtype, last, may come positionally too."""
+    layer = wn_cls(*args, "cpu", torch.float64)
+    plain = wn_cls._torch_cls(*args, "cpu", torch.float64)
+    assert layer.v.dtype == layer.g.dtype == torch.float64
+    assert layer.v.shape == plain.weight.shape
+    with pytest.raises(TypeError, match=f"{wn_cls.__name__}: too many positional arguments"):
+        wn_cls(*args, "cpu", torch.float64, 1)
+
+
 def test_mean_only_batch_norm_train_and_eval():
     torch.manual_seed(0)
     bn = MeanOnlyBatchNorm(3, momentum=0.1)

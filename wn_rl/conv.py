@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.nn.functional as F
@@ -44,9 +45,17 @@ class _WNConvNd(WNLayer):
 
     def __init__(self, *args: Any, init_scale: float = 1.0, scale: str = "linear", **kwargs: Any) -> None:
         super().__init__()
-        device = kwargs.pop("device", None)
-        dtype = kwargs.pop("dtype", None)
-        template = self._torch_cls(*args, device="meta", **kwargs)
+        # bound against torch's own signature: device and dtype may come positionally, as torch's layers take them
+        try:
+            bound = inspect.signature(self._torch_cls.__init__).bind(None, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"{type(self).__name__}: {exc} (the arguments are those of nn.{self._torch_cls.__name__})"
+            ) from None
+        arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
+        device = arguments.pop("device", None)
+        dtype = arguments.pop("dtype", None)
+        template = self._torch_cls(**arguments, device="meta")
         for name in _CONV_HYPERPARAMETERS:
             setattr(self, name, getattr(template, name))
         if self.transposed and self.groups != 1:
