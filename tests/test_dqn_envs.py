@@ -1,6 +1,7 @@
 """Environments: the two Atari protocol presets, life losses as a TD-only signal, raw rewards, MinAtar
 and gymnasium specs, and clear errors for spaces the DQN cannot use."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -74,6 +75,33 @@ def test_unusable_spaces_are_refused():
         make_env(EnvConfig(suite="gym", name="Pendulum-v1", num_envs=1))
     with pytest.raises(ValueError, match="not a registered gymnasium id"):
         make_env(EnvConfig(suite="gym", name="CartPol-v1", num_envs=1))
+
+
+@pytest.mark.parametrize(
+    "env_id,advice",
+    [
+        ("ALE/Breakout-v5", "env.suite=atari env.name=breakout"),
+        ("SpaceInvadersNoFrameskip-v4", "env.suite=atari env.name=space_invaders"),
+        ("MinAtar/SpaceInvaders-v1", "env.suite=minatar env.name=space_invaders"),
+    ],
+)
+def test_an_atari_or_minatar_gym_id_under_the_gym_suite_names_the_suite_to_use(env_id, advice):
+    """Registered (importing ale_py registers ALE/...) or not, such an id under env.suite=gym would be raw frames
+    without the suite's preprocessing or "not registered" with no similar id: the error names the right suite."""
+    import ale_py
+
+    gym.register_envs(ale_py)
+    with pytest.raises(ValueError, match=f"not for env.suite=gym: train it with {advice}"):
+        make_env(EnvConfig(suite="gym", name=env_id, num_envs=1))
+
+
+def test_a_gym_env_missing_its_optional_dependency_is_bad_input(monkeypatch):
+    def missing(*args, **kwargs):
+        raise gym.error.DependencyNotInstalled("Box2D is not installed, run `pip install gymnasium[box2d]`")
+
+    monkeypatch.setattr(gym, "make", missing)
+    with pytest.raises(ValueError, match=r"'CartPole-v1' cannot be built here: Box2D is not installed"):
+        make_env(EnvConfig(suite="gym", name="CartPole-v1", num_envs=1))
 
 
 @pytest.mark.parametrize("suite,name", [("atari", "breakout"), ("minatar", "breakout")])

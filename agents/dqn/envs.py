@@ -24,6 +24,7 @@ objects raise :class:`EnvStateError`, and a resumed run starts fresh games inste
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -320,7 +321,10 @@ def _make_gym(config: EnvConfig, num_envs: int, max_steps: int | None) -> GymEnv
     def make() -> gym.Env:
         return gym.make(config.name, max_episode_steps=max_steps)
 
-    probe = make()
+    try:
+        probe = make()
+    except gym.error.DependencyNotInstalled as exc:  # e.g. Box2D for LunarLander: bad input, not a crash
+        raise ValueError(f"env.name={config.name!r} cannot be built here: {exc}") from None
     obs_space, act_space = probe.observation_space, probe.action_space
     probe.close()
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
@@ -345,9 +349,31 @@ def check_env_name(config: EnvConfig) -> None:
             )
     elif config.suite == "minatar" and config.name not in MINATAR_GAMES:
         raise ValueError(f"env.name={config.name!r} is not a MinAtar game; valid names: {sorted(MINATAR_GAMES)}")
+    elif config.suite == "gym" and (other_suite := _suite_of_game_id(config.name)) is not None:
+        # registered or not (importing ale_py registers ALE/...), env.suite=gym would train on raw frames
+        raise ValueError(f"env.name={config.name!r} is not for env.suite=gym: {other_suite}")
     elif config.suite == "gym" and config.name not in gym.registry:
-        close = [k for k in gym.registry if config.name.lower().split("-")[0] in k.lower()][:10]
+        stem = config.name.rsplit("/", 1)[-1].lower().split("-")[0]
+        close = [k for k in gym.registry if stem and stem in k.rsplit("/", 1)[-1].lower()][:10]
         raise ValueError(f"env.name={config.name!r} is not a registered gymnasium id; similar ids: {close}")
+
+
+def _suite_of_game_id(env_id: str) -> str | None:
+    """How to train ``env_id`` when it names an Atari or MinAtar game by its gymnasium id (``ALE/Breakout-v5``,
+    ``BreakoutNoFrameskip-v4``, ``MinAtar/Breakout-v1``), which suite gym does not build here; else None."""
+    game = env_id.rsplit("/", 1)[-1].split("-")[0]
+    if env_id.startswith("MinAtar/"):
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+        if name in MINATAR_GAMES:
+            return f"train it with env.suite=minatar env.name={name}"
+        return f"MinAtar games use env.suite=minatar with env.name one of {sorted(MINATAR_GAMES)}"
+    if env_id.startswith("ALE/") or "NoFrameskip" in game or game.endswith("Deterministic"):
+        game = game.removesuffix("NoFrameskip").removesuffix("Deterministic")
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+        if name in atari_games():
+            return f"train it with env.suite=atari env.name={name} (the suite's preset sets frame skip and the rest)"
+        return "Atari games use env.suite=atari with env.name a snake_case game name (e.g. breakout)"
+    return None
 
 
 def make_env(
