@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for run in args.run_dirs
         ]
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, ValueError) as exc:  # ValueError: the run's env cannot be built here
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(reports))

@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,11 +24,10 @@ import torch
 
 from agents.dqn.config import load_run_config
 from agents.dqn.envs import make_env
-from agents.dqn.evaluation import evaluate, select_actions
-from agents.dqn.networks import build_q_network
+from agents.dqn.evaluation import evaluate, load_q_network, select_actions
 from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 from wn_rl.cli import brief_warnings
-from wn_rl.config import ConfigError, resolve_device
+from wn_rl.config import ConfigError, read_run_config, resolve_device
 
 
 def _frame_image(obs: np.ndarray, suite: str) -> np.ndarray:
@@ -102,7 +102,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--video {args.video}: expected a .gif or .mp4 file name (the format follows the extension)")
     if args.video is not None and (missing := _missing_video_writer(args.video)):
         parser.error(f"--video {args.video}: {missing}")  # before any game is played
+    if args.video is not None and (unwritable := _unwritable_folder(args.video)):
+        parser.error(f"--video {args.video}: {unwritable}")  # the video is written after every game
     return args
+
+
+def _unwritable_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be written (its folder missing, not a folder or read-only; ``path`` a folder), or None."""
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        return f"its folder {folder} {what}; create it first or give a path in one"
+    if path.is_dir():
+        return f"{path} is a folder; give a file name, e.g. {path / 'agent.gif'}"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} is not writable; give a path in a folder you can write to"
+    return None
 
 
 def _missing_video_writer(path: Path) -> str | None:
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir} has no config.yaml; pass a directory written by scripts/train_dqn.py", file=sys.stderr)
         return 2
     try:
+        read_run_config(run_dir, "scripts/train_dqn.py")  # an empty one is no run: it would read as every default
         config = load_run_config(run_dir)  # the env settings the agent was trained with
         device = resolve_device(args.device, "--device")
     except ConfigError as exc:
@@ -146,11 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir / 'checkpoints'} holds no complete checkpoint", file=sys.stderr)
         return 2
     path, state = found
+    try:  # before the envs are built: a checkpoint that does not fit config.yaml, or an env that cannot be built
+        q_network = load_q_network(config, state["learner"]["q_network"], path, run_dir, device)
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     v, e = config.eval, config.env
     limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
     env = make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
-    q_network = build_q_network(config.network, env.spec).to(device)
-    q_network.load_state_dict(state["learner"]["q_network"])
     epsilon = v.epsilon if args.epsilon is None else args.epsilon
     games = v.games if args.games is None else args.games
     result = evaluate(q_network, env, games, epsilon, seed=2**20, device=device)

@@ -17,7 +17,9 @@ policy and its ``policy_kwargs.parameterization``, unless ``--group-by`` names k
 The figure and the aggregates use complete runs only, as a study's report does: runs whose newest
 checkpoint (SB3: saved model) or logs reached their budget (``run.total_agent_steps``; SB3:
 ``total_timesteps``). The others are printed and listed in ``fig.md`` with the reason;
-``--include-incomplete`` draws and aggregates them too.
+``--include-incomplete`` draws and aggregates them too. A run that cannot be read (an empty or damaged
+``config.yaml`` or ``results.json``) is left out with the reason, printed and listed in ``fig.md``.
+``--out`` is checked before any run is read: a suffix matplotlib writes, a folder that exists or can be made.
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ from wn_rl.analysis.curves import (
     SPREADS,
     TRAINING_RETURN_TAGS,
     MissingExtraError,
+    check_figure_path,
     collect_curves,
     group_runs,
     plot_curves,
-    pyplot,
     write_curves_csv,
 )
-from wn_rl.analysis.report import left_out_reason, runs_markdown, summarize_run
-from wn_rl.analysis.runs import EVAL_RETURN, TRAIN_RETURN, check_config_key, find_run_dirs, load_run
+from wn_rl.analysis.report import left_out_reason, markdown_table, runs_markdown, summarize_run
+from wn_rl.analysis.runs import (
+    EVAL_RETURN,
+    TRAIN_RETURN,
+    check_config_key,
+    find_run_dirs,
+    load_runs,
+    unreadable_rows,
+)
 from wn_rl.checkpoint import atomic_write_bytes
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError
@@ -66,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoothing < 1:
         parser.error(f"--smoothing={args.smoothing}: expected at least 1")
     try:
-        pyplot()  # matplotlib is an optional extra
-        runs = [load_run(d) for d in find_run_dirs(args.runs)]
+        check_figure_path(args.out)  # needs matplotlib (an optional extra); before any run is read
+        runs, unreadable = _read_runs(args.runs)
         _check_keys(runs, args)
     except (FileNotFoundError, MissingExtraError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -91,9 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     figure = plot_curves(curves, out, title=args.title, spread=args.spread)  # out, or out.png without a suffix
     write_curves_csv(curves, out.with_suffix(".csv"))
     table = runs_markdown(summaries, include_incomplete=args.include_incomplete)
+    if unreadable:
+        table += f"\n## Runs that could not be read\n\n{markdown_table(unreadable_rows(unreadable))}\n"
     atomic_write_bytes(out.with_suffix(".md"), table.encode())
     print(f"{len(used)} of {len(runs)} runs -> {figure}, {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
     return 0
+
+
+def _read_runs(paths: list[str]) -> tuple[list, list]:
+    """The runs under ``paths`` that read, and those that do not, each printed with its reason (one damaged
+    config.yaml leaves out its run, not the figure); none readable is a ConfigError."""
+    runs, unreadable = load_runs(find_run_dirs(paths))
+    for run_dir, reason in unreadable:
+        print(f"left out (cannot be read): {run_dir}: {reason}")
+    if not runs:
+        raise ConfigError(f"none of the {len(unreadable)} runs can be read (see the reasons above)")
+    return runs, unreadable
 
 
 def _check_keys(runs, args: argparse.Namespace) -> None:

@@ -52,6 +52,8 @@ __all__ = [
     "YamlLoader",
     "load_yaml",
     "parse_overrides",
+    "read_run_config",
+    "read_yaml",
     "resolve_device",
 ]
 
@@ -376,14 +378,41 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping from ``path`` with errors that name the file."""
+    """Read a YAML mapping from ``path`` with errors that name the file. An empty file (or one of comments
+    only) is an error: read as no keys, it would start a run with every default (the full paper budget)."""
     path = Path(path)
+    empty = (
+        f"config file {str(path)!r} is empty (or holds only comments): expected a mapping of keys to values, as "
+        "in configs/dqn/smoke.yaml (read as no keys, it would run every default)"
+    )
+    return _yaml_mapping(path, empty)
+
+
+def read_run_config(run_dir: str | Path, trainer: str) -> dict[str, Any]:
+    """The mapping in ``run_dir/config.yaml``, the full config that ``trainer`` (e.g. ``scripts/train_dqn.py``)
+    writes when a run starts. A missing, empty or damaged file is a :class:`ConfigError` naming it: such a
+    directory is not a complete run, and an empty file read as no keys would stand for every default."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.yaml: not a run directory of {trainer}")
+    empty = (
+        f"{path} is empty: {run_dir} is not a complete run directory of {trainer} (it writes the run's full "
+        "config there when the run starts); restore the file, or start the run again in a new directory"
+    )
+    return _yaml_mapping(path, empty)
+
+
+def _yaml_mapping(path: Path, empty: str) -> dict[str, Any]:
+    """The YAML mapping in the file ``path``; every error a :class:`ConfigError` naming it (``empty``: the
+    message for a file without any value)."""
     try:
-        data = load_yaml(_read_text(path)) or {}
+        data = load_yaml(_read_text(path))
     except _Refused as exc:
         raise ConfigError(f"{path}, line {exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(empty)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
     return data

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from wn_rl.config import ConfigError, check, config_to_dict, load_config, read_yaml
+from wn_rl.config import ConfigError, check, config_to_dict, load_config, read_run_config
 from wn_rl.dormant import TAU_EXPECTED, is_tau
 from wn_rl.parameterization import PARAMETERIZATIONS
 
@@ -387,7 +387,6 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     """The config a run directory was made with (its ``config.yaml``; keys added since read as
     :func:`with_older_defaults` says, so a resume behaves as the run did), plus ``section.key=value``
     overrides."""
+    saved = read_run_config(run_dir, "scripts/train_dqn.py")  # missing, empty or damaged: a ConfigError naming it
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} holds no config.yaml: not a run directory of scripts/train_dqn.py")
-    return load_config(DQNConfig, path, list(overrides), data=with_older_defaults(read_yaml(path)))
+    return load_config(DQNConfig, path, list(overrides), data=with_older_defaults(saved))

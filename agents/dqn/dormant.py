@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from agents.dqn.config import load_run_config
 from agents.dqn.envs import VecEnv, make_env
-from agents.dqn.evaluation import select_actions
-from agents.dqn.networks import build_q_network
+from agents.dqn.evaluation import load_q_network, select_actions
 from wn_rl.checkpoint import CheckpointError, load_latest_checkpoint
+from wn_rl.config import read_run_config
 from wn_rl.dormant import dormant_units, total_fraction
 from wn_rl.init import eval_pass
 
@@ -39,15 +39,21 @@ def newest_weights(run_dir: str | Path, device: torch.device) -> tuple[int, dict
     """``(agent step, online Q-network state_dict on device)`` of ``run_dir``'s newest complete checkpoint; none is
     a :class:`CheckpointError` saying so. The checkpoint is mapped on the CPU and only the Q-network is read and
     moved to ``device``, never the replay memory that a run with ``run.save_replay=true`` checkpoints (GBs)."""
+    _, agent_step, weights = _newest_checkpoint(run_dir, device)
+    return agent_step, weights
+
+
+def _newest_checkpoint(run_dir: str | Path, device: torch.device) -> tuple[Path, int, dict[str, Tensor]]:
+    """:func:`newest_weights` with the checkpoint's path first."""
     found = load_latest_checkpoint(Path(run_dir) / "checkpoints", mmap=True)
     if found is None:
         raise CheckpointError(
             f"{Path(run_dir) / 'checkpoints'} holds no complete checkpoint; let the run write one "
             "(run.checkpoint_every_agent_steps, or the end of training)"
         )
-    _, state = found
+    path, state = found
     weights = {name: tensor.to(device) for name, tensor in state["learner"]["q_network"].items()}
-    return int(state["counters"]["agent_step"]), weights
+    return path, int(state["counters"]["agent_step"]), weights
 
 
 @torch.no_grad()
@@ -110,13 +116,14 @@ def run_dormant_report(
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES} (who collects the measured states)")
     torch_device = torch.device(device)
-    config = load_run_config(run_dir)  # ConfigError: no config.yaml, not a run of scripts/train_dqn.py
-    agent_step, weights = newest_weights(run_dir, torch_device)
+    read_run_config(run_dir, "scripts/train_dqn.py")  # ConfigError: none, or empty (it would read as every default)
+    config = load_run_config(run_dir)  # ConfigError: not a run of scripts/train_dqn.py
+    path, agent_step, weights = _newest_checkpoint(run_dir, torch_device)
+    # CheckpointError, before the envs are built: a checkpoint that does not fit config.yaml
+    q_network = load_q_network(config, weights, path, Path(run_dir), torch_device)
     epsilon = config.eval.epsilon if policy == "agent" else 1.0
     env = make_env(config.env, num_envs=num_envs)
     try:
-        q_network = build_q_network(config.network, env.spec).to(torch_device)
-        q_network.load_state_dict(weights)
         actor = q_network if policy == "agent" else None
         states = policy_states(env, steps, seed, actor, epsilon, torch_device)
     finally:

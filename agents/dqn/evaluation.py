@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from agents.dqn.config import DQNConfig
 from agents.dqn.envs import VecEnv, make_env
-from wn_rl.checkpoint import atomic_write_bytes
+from agents.dqn.networks import QNetwork, build_q_network
+from wn_rl.checkpoint import CheckpointError, atomic_write_bytes
 
 __all__ = [
     "best_epoch_mean",
@@ -31,6 +32,7 @@ __all__ = [
     "exploration_draws",
     "explores_everywhere",
     "game_quotas",
+    "load_q_network",
     "make_eval_env",
     "select_actions",
     "write_results",
@@ -128,6 +130,28 @@ def make_eval_env(config: DQNConfig) -> VecEnv:
     v, e = config.eval, config.env
     limit = v.max_episode_frames if e.suite == "atari" else v.max_episode_steps
     return make_env(e, evaluation=True, num_envs=v.num_envs, eval_limit=limit)
+
+
+def load_q_network(
+    config: DQNConfig, weights: dict[str, Tensor], checkpoint: Path, run_dir: Path, device: torch.device
+) -> QNetwork:
+    """The run's Q-network with a checkpoint's ``weights``, built and checked before the caller builds the envs
+    it plays in (the observation and action shapes come from one env of the run, closed at once). Weights that do
+    not fit the config (its ``config.yaml`` edited after the run, e.g. another ``network.parameterization``) are a
+    :class:`CheckpointError` naming the checkpoint and the ``config.yaml``."""
+    probe = make_env(config.env, num_envs=1)
+    spec = probe.spec
+    probe.close()
+    q_network = build_q_network(config.network, spec).to(device)
+    try:
+        q_network.load_state_dict(weights)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{checkpoint} does not fit this run's config ({run_dir / 'config.yaml'}): its network differs from the "
+            "one the config builds, so the config.yaml was changed after the run (e.g. network.parameterization). "
+            f"Restore the config.yaml the run was made with. {str(exc).strip()}"
+        ) from exc
+    return q_network
 
 
 def evaluation_epoch(

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from agents.dqn.config import DQNConfig, config_dict, with_older_defaults
 from agents.dqn.envs import EnvSpec
 from wn_rl.checkpoint import atomic_write_bytes
-from wn_rl.config import ConfigError, config_diff, dump_yaml
+from wn_rl.config import ConfigError, config_diff, dump_yaml, read_run_config
 from wn_rl.provenance import provenance
 
 __all__ = ["SAFE_TO_CHANGE", "check_resume_config", "run_dir_for", "write_run_files"]
@@ -42,11 +40,11 @@ def run_dir_for(config: DQNConfig, config_name: str) -> Path:
 
 def check_resume_config(run_dir: Path, config: DQNConfig, force: bool) -> None:
     """Refuse to resume the run in ``run_dir`` with a config that differs from its ``config.yaml`` in any
-    key outside :data:`SAFE_TO_CHANGE`, unless ``force``."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
+    key outside :data:`SAFE_TO_CHANGE`, unless ``force``. An empty or damaged ``config.yaml`` is a
+    :class:`ConfigError` naming it (:func:`wn_rl.config.read_run_config`): the run cannot be compared."""
+    if not (run_dir / "config.yaml").exists():
         return
-    old = with_older_defaults(yaml.safe_load(saved.read_text()))
+    old = with_older_defaults(read_run_config(run_dir, "scripts/train_dqn.py"))
     diff = {k: v for k, v in config_diff(old, config_dict(config)).items() if k not in SAFE_TO_CHANGE}
     if diff and not force:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ import numpy as np
 
 from wn_rl.analysis.runs import EVAL_RETURN, RUN_KINDS, TRAIN_RETURN, RunData
 from wn_rl.checkpoint import atomic_write_bytes
+from wn_rl.config import ConfigError
 
 __all__ = [
     "TRAINING_RETURN_TAGS",
     "Curve",
     "MissingExtraError",
     "aggregate_curve",
+    "check_figure_path",
     "group_label",
     "group_runs",
     "plot_curves",
@@ -263,14 +266,46 @@ def _suptitle(fig: Any, text: str) -> None:
     fig.suptitle(textwrap.fill(text, width=max(width, 20)), fontsize=_TITLE_POINTS)
 
 
+def _figure_path(path: str | Path) -> Path:
+    """``path``, with ``.png`` added when it has no suffix (as matplotlib's savefig does)."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """The path :func:`plot_curves` writes for ``path``, checked before any run is read: a format matplotlib
+    writes (from the suffix) and a folder that exists or can be created (created here, as the figure would be);
+    else a :class:`ConfigError` naming the path. Needs matplotlib (:func:`pyplot`)."""
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = _figure_path(path)
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(
+            f"{path}: matplotlib cannot write a {path.suffix} figure; use one of {', '.join(formats)} as the suffix "
+            f"(e.g. {path.with_suffix('.png')})"
+        )
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name in it, e.g. {path / 'curves.png'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: its folder {path.parent} cannot be created ({exc.strerror or exc}); give a path in a folder "
+            "you can write to"
+        ) from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{path}: its folder {path.parent} is not writable; give a path in a folder you can write to")
+    return path
+
+
 def _save_figure(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` (format from the suffix; none: ``.png`` added) atomically: a kill or a full
     disk leaves the previous figure, never a truncated one; closes the figure. Returns the path written."""
     plt = pyplot()
 
-    path = Path(path)
-    if not path.suffix:  # as matplotlib's savefig: a PNG, with its suffix added
-        path = path.with_name(path.name + ".png")
+    path = _figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
     try:

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from wn_rl.checkpoint import CheckpointError, latest_checkpoint, read_marker
-from wn_rl.config import ConfigError, flatten_config
+from wn_rl.config import ConfigError, flatten_config, read_run_config
 
 __all__ = [
     "EVAL_RETURN",
@@ -43,11 +42,13 @@ __all__ = [
     "config_value",
     "find_run_dirs",
     "load_run",
+    "load_runs",
     "read_scalars",
     "run_budget",
     "run_kind",
     "run_progress",
     "sb3_saved_models",
+    "unreadable_rows",
 ]
 
 TRAIN_RETURN = "train return"
@@ -179,13 +180,16 @@ def read_scalars(run_dir: str | Path, tags: list[str] | None = None) -> dict[str
     return out
 
 
+_TRAINERS = "scripts/train_dqn.py or scripts/train_sb3.py"
+
+
 def load_run(run_dir: str | Path, tags: list[str] | None = None) -> RunData:
-    """Read a run directory. Raises ``FileNotFoundError`` saying what a run directory must contain."""
+    """Read a run directory. Raises ``FileNotFoundError`` saying what a run directory must contain, and
+    :class:`ConfigError` naming the file for an empty or damaged ``config.yaml`` or ``results.json``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    config_path = run_dir / "config.yaml"
-    config = (yaml.safe_load(config_path.read_text()) if config_path.is_file() else None) or {}
+    config = read_run_config(run_dir, _TRAINERS) if (run_dir / "config.yaml").is_file() else {}
     if config_value(config, NATIVE_DQN.keys["task"]) is not None:
         from agents.dqn.config import with_older_defaults  # the native DQN's own history of its keys
 
@@ -198,9 +202,38 @@ def load_run(run_dir: str | Path, tags: list[str] | None = None) -> RunData:
             f"{run_dir} holds neither config.yaml nor TensorBoard event files; pass run directories written "
             "by scripts/train_dqn.py (e.g. runs/dqn/<name>) or their parent"
         )
-    results_path = run_dir / "results.json"
-    evaluations = json.loads(results_path.read_text()).get("epochs", []) if results_path.is_file() else []
-    return RunData(run_dir, config or {}, scalars, evaluations)
+    return RunData(run_dir, config, scalars, _evaluations(run_dir / "results.json"))
+
+
+def _evaluations(path: Path) -> list[dict[str, Any]]:
+    """The epochs of a native DQN run's ``results.json`` (none without the file)."""
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text()).get("epochs", [])
+    except (ValueError, AttributeError) as exc:  # a torn write by a tool other than the runner's atomic one
+        raise ConfigError(f"{path}: not a results file of scripts/train_dqn.py ({exc})") from None
+
+
+def load_runs(
+    run_dirs: Sequence[str | Path], tags: list[str] | None = None
+) -> tuple[list[RunData], list[tuple[Path, str]]]:
+    """:func:`load_run` of every directory: the runs that read, and ``(run_dir, reason)`` for each that does not
+    (an empty or damaged ``config.yaml`` or ``results.json``), so that one bad run leaves out only itself and the
+    caller lists it with the reason. A directory that holds no run at all still raises ``FileNotFoundError``."""
+    runs: list[RunData] = []
+    unreadable: list[tuple[Path, str]] = []
+    for run_dir in map(Path, run_dirs):
+        try:
+            runs.append(load_run(run_dir, tags))
+        except ConfigError as exc:
+            unreadable.append((run_dir, " ".join(str(exc).split())))  # one line, for the logs and the tables
+    return runs, unreadable
+
+
+def unreadable_rows(unreadable: Sequence[tuple[Path, str]]) -> list[dict[str, str]]:
+    """:func:`load_runs`' runs that could not be read, as rows of a markdown table."""
+    return [{"run": str(run_dir), "reason": reason.replace("|", "\\|")} for run_dir, reason in unreadable]
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from wn_rl.analysis.curves import (
     TRAINING_RETURN_TAGS,
     collect_curves,
@@ -49,10 +47,10 @@ from wn_rl.analysis.report import (
     summarize_run,
     write_csv,
 )
-from wn_rl.analysis.runs import STUDY_LOCK, RunData, config_value, load_run, run_progress
+from wn_rl.analysis.runs import STUDY_LOCK, RunData, config_value, load_runs, run_progress, unreadable_rows
 from wn_rl.analysis.study_config import RayConfig, StudyConfig, load_study_config, study_settings, with_run_overrides
 from wn_rl.checkpoint import atomic_write_bytes
-from wn_rl.config import ConfigError, config_diff, config_to_dict
+from wn_rl.config import ConfigError, config_diff, config_to_dict, read_run_config
 
 __all__ = [
     "ABSENT",
@@ -116,10 +114,10 @@ class RunSpec:
         from agents.dqn.config import with_older_defaults
         from agents.dqn.runner import SAFE_TO_CHANGE
 
-        saved = self.run_dir / "config.yaml"
-        if not saved.is_file():
+        if not (self.run_dir / "config.yaml").is_file():
             return {}
-        stored = with_older_defaults(yaml.safe_load(saved.read_text()) or {})
+        # an empty or damaged one: a ConfigError naming it, not a run with every key changed
+        stored = with_older_defaults(read_run_config(self.run_dir, "scripts/train_dqn.py"))
         diff = config_diff(stored, self.config)
         keys = [key for key in diff if key not in SAFE_TO_CHANGE]
         if "run.total_agent_steps" in diff and self.progress() > self.total_agent_steps:
@@ -153,8 +151,10 @@ def expand_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plan_runs(study: StudyConfig) -> list[RunSpec]:
-    """Every run of the study with its resolved DQN config checked (errors come before any run starts)."""
+    """Every run of the study with its resolved DQN config checked, its env's name included (errors come before
+    any run starts, and in ``--dry-run``)."""
     from agents.dqn.config import load_dqn_config  # the study drives the native DQN
+    from agents.dqn.envs import check_env_name
 
     if not Path(study.train_script).is_file():
         raise ConfigError(
@@ -162,6 +162,7 @@ def plan_runs(study: StudyConfig) -> list[RunSpec]:
             "or set train_script to the path of scripts/train_dqn.py"
         )
     specs: list[RunSpec] = []
+    checked_envs = set()  # each distinct env config once (Atari's check lists ale-py's ROMs)
     for point in expand_grid(study.grid):
         name = _run_name(point)
         same = next((s for s in specs if s.name == name), None)
@@ -177,7 +178,10 @@ def plan_runs(study: StudyConfig) -> list[RunSpec]:
         )
         try:
             config = load_dqn_config(study.base_config, overrides)
-        except ConfigError as exc:
+            if config.env not in checked_envs:
+                check_env_name(config.env)  # a misspelt game would fail every run it is in, after they start
+                checked_envs.add(config.env)
+        except ValueError as exc:  # ConfigError, or check_env_name's ValueError listing the valid names
             raise ConfigError(f"study {study.name!r}, run {name}: {exc}") from None
         run_dir = Path(config.run.runs_dir) / name
         specs.append(RunSpec(name, point, overrides, run_dir, config.run.total_agent_steps, config_to_dict(config)))
@@ -238,7 +242,8 @@ def analyze_study(
     The aggregates (the tables per task and group and across tasks, ``curves.png``, ``sweep.png``) use
     the complete runs only, unless ``include_incomplete``: a crashed, killed or still running run would
     enter them with its early numbers. ``summary.md`` says which runs were left out and why, each cell's
-    count of complete runs, and every run's row. Returns the paths written: ``curves.png`` and
+    count of complete runs, the runs that could not be read (an empty or damaged ``config.yaml`` or
+    ``results.json``: each leaves out only itself) and every run's row. Returns the paths written: ``curves.png`` and
     ``curves.csv`` (when some run is aggregated), ``runs.csv``, ``aggregate.csv`` and ``summary.md`` in
     :attr:`StudyConfig.report_dir`, and ``sweep.png`` when the study has a ``sweep_key``.
     """
@@ -246,9 +251,11 @@ def analyze_study(
     started = [s for s in specs if (s.run_dir / "config.yaml").is_file()]
     if not started:
         raise FileNotFoundError(f"no run of study {study.name!r} has started yet (looked in {study.study_dir})")
+    runs, unreadable = load_runs([s.run_dir for s in started])  # a damaged run leaves out only itself
+    read = {run.run_dir for run in runs}
+    started = [s for s in started if s.run_dir in read]
     out = study.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    runs: list[RunData] = [load_run(s.run_dir) for s in started]
     summaries = [_summary(study, s, run) for s, run in zip(started, runs, strict=True)]
     used = [i for i, summary in enumerate(summaries) if include_incomplete or summary.complete]
     paths = _figures(study, [runs[i] for i in used], [summaries[i] for i in used], out)
@@ -271,6 +278,8 @@ def analyze_study(
         text += ["## Probability of improvement (per task, averaged over tasks)", "", markdown_table(improvement), ""]
     if left_out:
         text += ["## Runs left out of the aggregates", "", markdown_table(left_out), ""]
+    if unreadable:
+        text += ["## Runs that could not be read", "", markdown_table(unreadable_rows(unreadable)), ""]
     text += ["## Every run", "", markdown_table(run_rows(summaries)), ""]
     paths["summary"] = out / "summary.md"
     atomic_write_bytes(paths["summary"], "\n".join(text).encode())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
 import wn_rl.sb3 as wn_sb3
-from wn_rl.config import ConfigError, check, load_config, resolve_device
+from wn_rl.config import ConfigError, check, load_config, read_run_config, resolve_device
 from wn_rl.dormant import TAU_EXPECTED, is_tau
 from wn_rl.sb3.envs import check_env_id
 
@@ -86,6 +87,22 @@ _REPLAY_BUFFERS = {
 }
 _SCHEDULED = ("learning_rate", "clip_range", "clip_range_vf")
 _LINEAR = re.compile(r"^lin_([0-9.eE+-]+)$")
+_AUTO_ENT_COEF = re.compile(r"^auto(?:_(.+))?$")
+# the ranges of the common hyperparameters (SB3 takes batch_size=0 or gamma=2 without a word, and
+# train_freq=0 fails only once learn() runs): checked when the config loads, before anything is built
+_COUNTS = {  # integers: the smallest value
+    "batch_size": 1,
+    "n_steps": 1,
+    "buffer_size": 1,
+    "n_epochs": 1,
+    "target_update_interval": 1,
+    "policy_delay": 1,
+    "learning_starts": 0,
+    "gradient_steps": -1,  # -1: as many gradient steps as the rollout's env steps; 0: none
+}
+_FRACTIONS = ("gamma", "gae_lambda", "exploration_fraction", "exploration_initial_eps", "exploration_final_eps", "tau")
+_NON_NEGATIVE = ("ent_coef", "vf_coef")  # ent_coef of SAC and TQC may also be "auto" / "auto_<initial value>"
+_POSITIVE = ("learning_rate", "clip_range", "clip_range_vf", "max_grad_norm", "target_kl")
 
 
 @dataclass(frozen=True)
@@ -209,6 +226,7 @@ class SB3Config:
             raise ConfigError(str(exc)) from None
         policy = resolve_policy(self.algo, self.policy)
         _check_hyperparameters(self.algo, self.hyperparameters)
+        _check_optimizer_kwargs(self.policy_kwargs)
         if self.init.data_dependent and isinstance(policy, type):
             _check_init_batch(self.algo, self.hyperparameters, self.init.n_samples)
 
@@ -285,22 +303,82 @@ def _check_hyperparameters(algo: str, hyperparameters: dict[str, Any]) -> None:
             "needs a goal-conditioned env and a multi-input policy, e.g. WnSACMultiInputPolicy)."
             + _did_you_mean(str(buffer), sorted(_REPLAY_BUFFERS))
         )
-    for key in _SCHEDULED:
-        value = hyperparameters.get(key)
-        match = _LINEAR.match(value) if isinstance(value, str) else None
-        if isinstance(value, str) and (match is None or not _is_float(match.group(1))):
-            raise ConfigError(
-                f"hyperparameters.{key}={value!r} is invalid: expected a number or 'lin_<start>' for a linear "
-                "decay to 0 (e.g. lin_2.5e-4)"
-            )
+    defaults = {name: parameter.default for name, parameter in parameters.items()}
+    for key, value in hyperparameters.items():
+        if value is None and defaults[key] is None:
+            continue  # the algorithm's own default: off (clip_range_vf, target_kl, QR-DQN's max_grad_norm)
+        expected = _expected_range(key, value, defaults[key])
+        if expected is not None:
+            raise ConfigError(f"hyperparameters.{key}={value!r} is invalid: expected {expected}")
 
 
-def _is_float(text: str) -> bool:
+def _expected_range(key: str, value: Any, default: Any) -> str | None:
+    """What ``hyperparameters.key`` must be when ``value`` is out of its range (None: in range, or a key
+    without a known range, left to the algorithm)."""
+    if key in _COUNTS:
+        low = _COUNTS[key]
+        count = _count(value)
+        if count is not None and count >= low:
+            return None
+        return "an integer >= 0, or -1 (as many gradient steps as env steps)" if low == -1 else f"an integer >= {low}"
+    if key == "train_freq":
+        form = isinstance(value, (list, tuple)) and len(value) == 2 and value[1] in ("step", "episode")
+        count = _count(value[0] if form else value)
+        ok = count is not None and count >= 1
+        return None if ok else "an integer >= 1 (env steps between updates), or [n, step] / [n, episode] with n >= 1"
+    if key in _FRACTIONS:
+        return None if _number(value) is not None and 0 <= value <= 1 else "a number in [0, 1]"
+    if key in _NON_NEGATIVE and isinstance(value, str) and isinstance(default, str):  # SAC, TQC: learned
+        match = _AUTO_ENT_COEF.match(value)
+        ok = match is not None and (match.group(1) is None or _positive(_to_float(match.group(1))))
+        return None if ok else "a number >= 0, 'auto' (learned, from 1.0) or 'auto_<initial value>' (e.g. auto_0.1)"
+    if key in _NON_NEGATIVE:
+        return None if _number(value) is not None and value >= 0 else "a number >= 0"
+    if key in _POSITIVE:
+        match = _LINEAR.match(value) if key in _SCHEDULED and isinstance(value, str) else None
+        if _positive(_number(value)) or (match is not None and _positive(_to_float(match.group(1)))):
+            return None
+        if key in _SCHEDULED:
+            return "a number or 'lin_<start>' for a linear decay to 0 (e.g. lin_2.5e-4), finite and > 0"
+        return "a finite number > 0"
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """``value`` when it is a finite int or float (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as an integer when it is one (``1e5`` reads as the float 100000.0), else None."""
+    number = _number(value)
+    return int(number) if number is not None and float(number).is_integer() else None
+
+
+def _to_float(text: str) -> float | None:
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def _check_optimizer_kwargs(policy_kwargs: dict[str, Any]) -> None:
+    """``policy_kwargs.optimizer_kwargs``: a mapping, whose ``betas`` (Adam's) are two numbers in [0, 1)."""
+    kwargs = policy_kwargs.get("optimizer_kwargs")
+    where = "policy_kwargs.optimizer_kwargs"
+    check(kwargs is None or isinstance(kwargs, dict), where, kwargs, "a mapping of optimizer arguments")
+    if kwargs is None or "betas" not in kwargs:
+        return
+    betas = kwargs["betas"]
+    pair = isinstance(betas, (list, tuple)) and len(betas) == 2
+    ok = pair and all(_number(beta) is not None and 0 <= beta < 1 for beta in betas)
+    check(ok, f"{where}.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999] (the decay rates beta1, beta2)")
 
 
 def _check_init_batch(algo: str, hyperparameters: dict[str, Any], n_samples: int) -> None:
@@ -327,12 +405,10 @@ def load_sb3_config(path: str | Path | None, overrides: list[str] = ()) -> SB3Co
 def load_sb3_run_config(run_dir: str | Path, overrides: list[str] = ()) -> SB3Config:
     """The config a run directory was made with (its ``config.yaml``), plus overrides; a path that is not a
     run directory is a :class:`ConfigError` saying so."""
-    path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).exists():
         raise ConfigError(f"--resume {run_dir}: the directory does not exist")
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} holds no config.yaml: not a run directory of scripts/train_sb3.py")
-    return load_sb3_config(path, overrides)
+    read_run_config(run_dir, "scripts/train_sb3.py")  # missing, empty or damaged: not a complete run
+    return load_sb3_config(Path(run_dir) / "config.yaml", overrides)
 
 
 def _by_name(table: dict[str, Any], value: Any, key: str) -> Any:
@@ -359,8 +435,8 @@ def build_policy_kwargs(config: SB3Config) -> dict[str, Any]:
 
 
 def build_hyperparameters(config: SB3Config) -> dict[str, Any]:
-    """Algorithm kwargs with ``lin_<x>`` schedules, list ``train_freq`` and ``replay_buffer_class`` by name
-    converted."""
+    """Algorithm kwargs with ``lin_<x>`` schedules, list ``train_freq``, integer counts written as floats and
+    ``replay_buffer_class`` by name converted."""
     kwargs = dict(config.hyperparameters)
     if kwargs.get("replay_buffer_class") is not None:  # None (null): SB3 picks the buffer for the space
         kwargs["replay_buffer_class"] = _REPLAY_BUFFERS[kwargs["replay_buffer_class"]]
@@ -368,6 +444,11 @@ def build_hyperparameters(config: SB3Config) -> dict[str, Any]:
         match = _LINEAR.match(str(kwargs.get(key, "")))
         if match:
             kwargs[key] = LinearSchedule(float(match.group(1)), 0.0, 1.0)
-    if isinstance(kwargs.get("train_freq"), list):
-        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    for key in _COUNTS:  # 1e5 in YAML is the float 100000.0: SB3 sizes buffers and loops with integers
+        if isinstance(kwargs.get(key), float):
+            kwargs[key] = int(kwargs[key])
+    if isinstance(kwargs.get("train_freq"), (list, tuple)):
+        kwargs["train_freq"] = (_count(kwargs["train_freq"][0]), kwargs["train_freq"][1])
+    elif isinstance(kwargs.get("train_freq"), float):
+        kwargs["train_freq"] = int(kwargs["train_freq"])
     return kwargs

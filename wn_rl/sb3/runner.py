@@ -15,7 +15,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch as th
-import yaml
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -27,7 +26,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from wn_rl.checkpoint import atomic_write_bytes, name_write_errors, remove_temporaries
-from wn_rl.config import ConfigError, config_diff, config_to_dict, dump_yaml, flatten_config
+from wn_rl.config import ConfigError, config_diff, config_to_dict, dump_yaml, flatten_config, read_run_config
 from wn_rl.sb3.callbacks import DataDependentInitCallback, WnStatsCallback
 from wn_rl.sb3.checkpoints import (
     AtomicCheckpointCallback,
@@ -229,10 +228,9 @@ class SB3Run:
     def _check_resume_config(self, force: bool) -> None:
         """Refuse to resume with a config that differs from the run's ``config.yaml`` in any key outside
         :data:`SAFE_TO_CHANGE`, unless ``force``."""
-        saved = self.run_dir / "config.yaml"
-        if not saved.is_file():
+        if not (self.run_dir / "config.yaml").is_file():
             return
-        old = yaml.safe_load(saved.read_text())
+        old = read_run_config(self.run_dir, "scripts/train_sb3.py")  # empty or damaged: a ConfigError naming it
         diff = {k: v for k, v in config_diff(old, config_to_dict(self.config)).items() if k not in SAFE_TO_CHANGE}
         if diff and not force:
             lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -306,10 +304,13 @@ class SB3Run:
                 tensorboard_log=str(self.run_dir),
                 **kwargs,
             )
-        except (TypeError, ValueError, AssertionError) as exc:  # SB3 checks some arguments with assert
+        # SB3 checks some arguments with assert; a list or mapping of the wrong length or keys (optimizer_kwargs,
+        # net_arch) fails in the policy or torch with an IndexError or KeyError
+        except (TypeError, ValueError, AssertionError, IndexError, KeyError) as exc:
             raise ConfigError(
                 f"{algo_class.__name__} with policy={config.policy} and env_id={config.env_id} rejects this config "
-                f"(check policy_kwargs and hyperparameters): {exc}"
+                f"(check policy_kwargs {sorted(config.policy_kwargs)} and hyperparameters "
+                f"{sorted(config.hyperparameters)}): {type(exc).__name__}: {exc}"
             ) from exc
         if config.init.enabled and config.init.method == "torch_default":  # a resumed model keeps its weights
             torch_default_init_policy(model.policy, generator=th.Generator().manual_seed(config.seed))
