@@ -198,6 +198,17 @@ def _check_convertible(module: nn.Module) -> None:
             "stay a plain layer. The model is unchanged; run one forward pass first (model(example_input)), then "
             "call weight_norm."
         )
+    empty = [
+        _label(name, m)
+        for name, m in module.named_modules()
+        if type(m) in (*_TO_WN, *_CELLS)
+        and 0 in (getattr(m, "out_features", 1), getattr(m, "out_channels", 1), getattr(m, "hidden_size", 1))
+    ]
+    if empty:
+        raise ValueError(
+            f"cannot weight-normalize {empty}: a layer without output units has no norm to divide by. The model is "
+            "unchanged; give it out_features/out_channels/hidden_size >= 1, or leave it out."
+        )
     grouped = [
         name or type(m).__name__
         for name, m in module.named_modules()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wn_rl.init import batch_size, call_with_batch, eval_pass
+from wn_rl.init import batch_size, call_with_batch, check_tensor_batch, eval_pass
 
 __all__ = [
     "ACTIVATIONS",
@@ -178,6 +178,8 @@ def dormant_units(
     """
     if not is_tau(tau):
         raise ValueError(f"tau={tau!r}: expected {TAU_EXPECTED}")
+    if forward is None:
+        check_tensor_batch(batch, "dormant_units", "pass forward=lambda model, batch: model(...)")
     size = batch_size(batch)
     if size is not None and size < 2:
         raise ValueError(f"dormant units need a batch of at least 2 inputs, got {size}; pass a few hundred states")

@@ -351,6 +351,24 @@ def _check_call(model: nn.Module, batch: Any) -> None:
         ) from None
 
 
+def check_tensor_batch(batch: Any, caller: str, other_forward: str | None = None) -> None:
+    """Refuse, before anything runs, a ``batch`` that holds no tensor (a NumPy array, None, a list of arrays):
+    a layer would fail on it with an error about something else. ``other_forward`` says how to pass a batch the
+    model converts itself, where the caller has a way."""
+    if _batch_tensors(batch):
+        return
+    kind = type(batch)
+    found = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(batch, (dict, tuple, list)):
+        found = f"a {found} holding no tensor"
+    other = f"; for a forward that takes something else, {other_forward}" if other_forward else ""
+    raise TypeError(
+        f"{caller} takes the batch as a torch.Tensor, or a dict, tuple or list holding tensors; got "
+        f"{'None' if batch is None else found}. Convert it first, e.g. "
+        f"torch.as_tensor(obs, dtype=torch.float32, device=device){other}."
+    )
+
+
 def batch_size(batch: Any) -> int | None:
     """The leading size of the first tensor in ``batch`` (a tensor, or a dict, tuple or list holding some)."""
     if isinstance(batch, Tensor):
@@ -390,11 +408,14 @@ def data_dependent_init(
     Returns:
         An :class:`InitReport` with per-layer statistics, dead units and layers the pass never reached.
 
+    A batch that holds no tensor (a NumPy array, None) is a ``TypeError`` unless ``forward`` is given.
     The model runs in eval mode during the pass (no dropout or noise; batch norms see the statistics
     this pass sets) and every module's training mode is restored afterwards. A dict batch whose keys the
     forward does not take, or a batch on another device or of another dtype than the model's parameters,
     is an error that says so, with the model unchanged.
     """
+    if forward is None:
+        check_tensor_batch(batch, "data_dependent_init", "pass forward=lambda model, batch: model(...)")
     size = batch_size(batch)
     if size is not None and size < 2:
         raise ValueError(

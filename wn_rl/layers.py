@@ -114,6 +114,17 @@ def _check_init_scale(init_scale: float) -> float:
     return value
 
 
+def _check_units(owner: str, units: int, argument: str) -> None:
+    """Refuse a WN layer without output units (before anything is allocated): w = g v / ||v|| has one norm per
+    unit, and torch's fused kernel takes none at all as a division by zero that kills the process (SIGFPE)."""
+    if units < 1:
+        raise ValueError(
+            f"{owner}: {argument}={units} gives a weight-normalized layer with no output units; expected at least "
+            f"1 (weight norm divides each unit's weight by its norm). Give {argument} >= 1 (in an SB3 policy, every "
+            "net_arch width >= 1), or leave the layer out."
+        )
+
+
 def mark_initializable(module: nn.Module, init_scale: float = 1.0) -> nn.Module:
     """Give a plain layer what data-dependent init reads and writes: ``init_scale`` and the
     persistent ``initialized`` flag (a bool buffer, so it travels in the ``state_dict``)."""
@@ -207,7 +218,8 @@ OUTPUT_SCALING_MIN_WEIGHTS = 2**16  # below this, the extra small ops cost more 
 def _scale_outputs(input: Tensor, v: Tensor) -> bool:
     """Whether a linear layer should scale its outputs instead of materialising w (:class:`_WNLinearFn`).
 
-    Only on the CPU, in fp32/fp64 without autocast, for a weight of at least
+    Only for a tensor on the CPU (anything else goes to ``F.linear``, whose TypeError names it), in fp32/fp64
+    without autocast, for a weight of at least
     ``OUTPUT_SCALING_MIN_WEIGHTS`` entries and fewer input rows than input features: there the step is
     bound by memory passes over the weight, and this form makes about half as many. On a GPU such a
     step is bound by kernel launches instead, and the fused ``torch._weight_norm`` kernel wins.
@@ -216,7 +228,8 @@ def _scale_outputs(input: Tensor, v: Tensor) -> bool:
     ``torch.func.grad`` (the compiled DQN update's gradient); there ``w`` is materialised.
     """
     return (
-        input.device.type == "cpu"
+        isinstance(input, Tensor)
+        and input.device.type == "cpu"
         and (_FUNCTION_COMPILES_UNDER_FUNC or not torch.compiler.is_compiling())
         and v.dtype in (torch.float32, torch.float64)
         and input.dtype == v.dtype
@@ -317,10 +330,11 @@ class WNLayer(_CachedWeights):
         factory: dict[str, Any],
     ) -> None:
         _check_scale(scale)
+        units = weight_shape[self.norm_dim]
+        _check_units(type(self).__name__, units, "out_features" if hasattr(self, "out_features") else "out_channels")
         self.scale = scale
         self.init_scale = _check_init_scale(init_scale)
         self.v = nn.Parameter(torch.empty(weight_shape, **factory))
-        units = weight_shape[self.norm_dim]
         self.register_parameter(_scale_name(scale), nn.Parameter(torch.empty(units, **factory)))
         if bias_size is None:
             self.register_parameter("bias", None)

@@ -37,9 +37,10 @@ class MeanOnlyBatchNorm(nn.Module):
 
     In training the minibatch mean over every dim but the channel dim (1) is subtracted and a running
     average kept (``running_mean <- (1 - momentum) running_mean + momentum mu``); in eval the running
-    mean is subtracted. Autograd through the batch mean gives eq. (8): the backpropagated gradient is
-    centred. Inputs are ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``. The buffer is named
-    ``running_mean`` so stable-baselines3 copies it to target networks.
+    mean is subtracted. An empty batch (no elements) leaves the running mean as it is, as in ``nn.BatchNorm``.
+    Autograd through the batch mean gives eq. (8): the backpropagated gradient is centred. Inputs are ``(N, C)``,
+    ``(N, C, L)`` or ``(N, C, H, W)``. The buffer is named ``running_mean`` so stable-baselines3 copies it to target
+    networks.
     """
 
     def __init__(self, num_features: int, momentum: float = 0.1, device: Any = None, dtype: Any = None) -> None:
@@ -64,7 +65,8 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         shape = self._shape(input)
-        if not self.training:
+        # an empty batch has no mean: as nn.BatchNorm does, it comes back (empty) and the running mean stays
+        if not self.training or input.numel() == 0:
             return input - (self.running_mean - self.bias).view(shape)
         output, mean = _MeanOnlyBatchNormFn.apply(input, self.bias, shape)
         with torch.no_grad():

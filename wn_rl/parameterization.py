@@ -269,6 +269,12 @@ def mlp(
     """
     if len(sizes) < 2:
         raise ValueError(f"mlp needs at least an input and an output size, got sizes={list(sizes)}")
+    widths = list(sizes)[1:]
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in widths):
+        raise ValueError(
+            f"mlp: sizes={list(sizes)} must give every layer's width (all but the input size) as a positive "
+            "integer, e.g. sizes=[4, 64, 2]; leave out a layer rather than give it 0 units"
+        )
     n_layers = len(sizes) - 1
     scales = [float(init_scales)] * n_layers if isinstance(init_scales, numbers.Real) else list(init_scales)
     if len(scales) != n_layers:

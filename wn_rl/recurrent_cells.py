@@ -36,6 +36,16 @@ def _layer_weights(stack: nn.Module, layer: int, reverse: bool) -> SimpleNamespa
     return SimpleNamespace(**{name: getattr(stack, name + suffix, None) for name in _CELL_TENSORS})
 
 
+def _check_cell_sizes(owner: str, input_size: Any, hidden_size: Any) -> None:
+    """Refuse, before anything is allocated, sizes a WN cell cannot take: ``input_size`` must be an integer >= 0
+    (``nn.LSTMCell`` takes 0 too) and ``hidden_size`` one >= 1, since w = g v / ||v|| needs at least one row (torch's
+    fused kernel takes none at all as a division by zero that kills the process)."""
+    for arg, value, least in (("input_size", input_size, 0), ("hidden_size", hidden_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            expected = "a positive integer" if least else "a non-negative integer"
+            raise ValueError(f"{owner}: {arg}={value!r} must be {expected}")
+
+
 def _check_proj_size(owner: str, proj_size: Any, hidden_size: int) -> int:
     """``proj_size`` as an int; refused, as ``nn.LSTM`` refuses it and before anything is allocated, unless
     0 <= proj_size < hidden_size (the projection maps the hidden state to fewer features)."""
@@ -75,6 +85,7 @@ class WNRNNCellBase(_CachedWeights):
         **plain_kwargs: Any,
     ) -> None:
         super().__init__()
+        _check_cell_sizes(type(self).__name__, input_size, hidden_size)
         _check_scale(scale)
         plain = self._fresh_plain(input_size, hidden_size, bias, device=device, dtype=dtype, **plain_kwargs)
         self.input_size = input_size
@@ -191,6 +202,7 @@ class WNLSTMCell(WNRNNCellBase):
         scale: str = "linear",
         proj_size: int = 0,
     ) -> None:
+        _check_cell_sizes(type(self).__name__, input_size, hidden_size)  # before proj_size, which it bounds
         proj_size = _check_proj_size(type(self).__name__, proj_size, hidden_size)
         super().__init__(input_size, hidden_size, bias, device, dtype, scale=scale, proj_size=proj_size)
 

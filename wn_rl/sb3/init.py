@@ -16,6 +16,7 @@ from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from sb3_contrib.qrdqn.policies import QRDQNPolicy
 from sb3_contrib.tqc.policies import Critic as TQCCritic
 from sb3_contrib.tqc.policies import TQCPolicy
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy, ContinuousCritic
 from stable_baselines3.dqn.policies import DQNPolicy
 from stable_baselines3.sac.policies import SACPolicy
@@ -23,7 +24,7 @@ from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
 from wn_rl.default_init import torch_default_init
-from wn_rl.init import InitReport, data_dependent_init, initializable_layers, is_initialized
+from wn_rl.init import InitReport, check_tensor_batch, data_dependent_init, initializable_layers, is_initialized
 
 __all__ = [
     "initialize_policy",
@@ -41,20 +42,32 @@ _ACTOR_CRITIC = (ActorCriticPolicy, MaskableActorCriticPolicy)  # one module hol
 _SQUASHED_GAUSSIAN = (SACPolicy, TQCPolicy)  # a SAC actor and critic with one target each
 
 
+def _check_policy(policy: Any) -> None:
+    """Refuse, before anything runs, a ``policy`` argument that is no supported SB3 policy (an algorithm such as
+    ``DQN(...)`` itself, None)."""
+    if isinstance(policy, _SUPPORTED):
+        return
+    if isinstance(policy, BaseAlgorithm):
+        raise TypeError(
+            f"got a {type(policy).__name__} algorithm, where its policy is expected: pass model.policy (the "
+            "algorithm's policy holds the networks)"
+        )
+    raise TypeError(
+        f"{type(policy).__name__} is not supported: expected a policy of PPO/A2C/TRPO/RecurrentPPO "
+        f"(ActorCriticPolicy), MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC, e.g. wn_rl.sb3.WnCnnPolicy"
+    )
+
+
 def online_networks(policy: BasePolicy) -> dict[str, nn.Module]:
     """The networks of ``policy`` that act or are trained (targets excluded), by name."""
+    _check_policy(policy)
     if isinstance(policy, _ACTOR_CRITIC):
         return {"policy": policy}
     if isinstance(policy, DQNPolicy):
         return {"q_net": policy.q_net}
     if isinstance(policy, QRDQNPolicy):
         return {"quantile_net": policy.quantile_net}
-    if isinstance(policy, (*_SQUASHED_GAUSSIAN, TD3Policy)):
-        return {"actor": policy.actor, "critic": policy.critic}
-    raise TypeError(
-        f"{type(policy).__name__} is not supported: expected a policy of PPO/A2C/TRPO/RecurrentPPO "
-        f"(ActorCriticPolicy), MaskablePPO, DQN, QR-DQN, SAC, TD3 or TQC, e.g. wn_rl.sb3.WnCnnPolicy"
-    )
+    return {"actor": policy.actor, "critic": policy.critic}  # SAC, TD3, TQC
 
 
 def _target_pairs(policy: BasePolicy) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -75,6 +88,7 @@ def _target_pairs(policy: BasePolicy) -> list[tuple[str, nn.Module, nn.Module]]:
 def sync_target_networks(policy: BasePolicy) -> list[str]:
     """Copy every online network into its target (parameters, running means and ``initialized``
     flags alike); returns the names of the targets synced."""
+    _check_policy(policy)
     pairs = _target_pairs(policy)
     for _, target, online in pairs:
         target.load_state_dict(online.state_dict())
@@ -120,6 +134,7 @@ def network_passes(
     the init (and :class:`wn_rl.sb3.WnStatsCallback`'s dormant units) run each one on a batch, without sampling
     (a recurrent policy: each observation alone from a zero state, or one sequence per row of
     ``episode_starts``). SAC's, TD3's and TQC's critics need the batch's ``actions``."""
+    _check_policy(policy)
     if isinstance(policy, RecurrentActorCriticPolicy):
 
         def recurrent(net: nn.Module, obs: Any) -> Any:
@@ -188,9 +203,10 @@ def initialize_policy(
     Returns:
         ``{network name: InitReport}``; a report with ``skipped=True`` for networks already initialised.
     """
+    passes = network_passes(policy, actions, episode_starts)  # the policy checked first
+    check_tensor_batch(observations, "initialize_policy")
     reports = {
-        name: data_dependent_init(net, observations, force=force, forward=forward)
-        for name, net, forward in network_passes(policy, actions, episode_starts)
+        name: data_dependent_init(net, observations, force=force, forward=forward) for name, net, forward in passes
     }
     sync_target_networks(policy)
     return reports

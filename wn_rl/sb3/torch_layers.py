@@ -10,6 +10,7 @@ batch-dependent shift of a Q-value or an action logit is not what a head should 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -265,6 +266,23 @@ class WnCombinedExtractor(BaseFeaturesExtractor):
         return th.cat([extractor(observations[key]) for key, extractor in self.extractors.items()], dim=1)
 
 
+def check_net_arch(net_arch: Any) -> None:
+    """Refuse, before any layer is built, a ``net_arch`` (a list of widths, or a dict of lists) with a width that
+    is not a positive integer: a layer without units computes nothing, and a weight-normalized one has no norm."""
+    sides = net_arch.values() if isinstance(net_arch, Mapping) else [net_arch]
+    for widths in sides:
+        try:
+            found = None if isinstance(widths, (str, bytes)) else list(widths)
+        except TypeError:
+            found = None
+        if found is None or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in found):
+            raise ValueError(
+                f"net_arch={net_arch!r} must list the hidden layers' widths as positive integers, e.g. "
+                "net_arch=[64, 64] ([] for no hidden layer; dict(pi=[...], vf=[...]) for separate actor and critic "
+                "layers where the policy takes it)"
+            )
+
+
 def head_mlp(
     input_dim: int,
     output_dim: int,
@@ -281,6 +299,7 @@ def head_mlp(
 
     The output layer's ``init_scale`` is ``output_scale``; a ``Tanh`` follows when ``squash_output``.
     """
+    check_net_arch(net_arch)
     p = Parameterization.get(parameterization)
     sizes = [input_dim, *net_arch]
     layers: list[nn.Module] = []
@@ -312,6 +331,7 @@ class WnMlpExtractor(nn.Module):
         device: th.device | str = "cpu",
     ) -> None:
         super().__init__()
+        check_net_arch(net_arch)
         if isinstance(net_arch, Mapping):
             unknown = sorted(set(net_arch) - {"pi", "vf"})
             if unknown:
