@@ -151,8 +151,9 @@ def _execute(study, todo, args) -> int:
     from wn_rl.analysis.backends import LOCKED, run_local, run_ray
 
     def report(outcome, done: int, total: int) -> None:
-        if outcome.returncode == LOCKED:
-            state = f"skipped: {outcome.log_tail}"
+        if outcome.returncode == LOCKED:  # another driver holds the run, or its trainer refused (one line each)
+            lines = [line for line in outcome.log_tail.splitlines() if line.strip()]
+            state = f"skipped: {lines[-1].removeprefix('error: ') if lines else 'the run is in use'}"
         else:
             state = "ok" if outcome.ok else f"FAILED (exit {outcome.returncode}, log {outcome.log})"
         print(f"[{done}/{total}] {outcome.name}: {state} in {outcome.seconds:.0f} s", flush=True)

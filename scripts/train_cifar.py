@@ -5,7 +5,8 @@ python scripts/train_cifar.py --config configs/paper/cifar10.yaml parameterizati
 Rerunning the same command resumes an interrupted run from its newest checkpoint (--force: even with a
 changed config); SIGINT/SIGTERM write a checkpoint and exit with 130/143. A checkpoint or log that
 cannot be written (a full disk) exits with 1 and a message naming the file; the previous checkpoint is intact.
-A bad config or a missing dataset exits with 2 and one line saying what to fix.
+A bad config or a missing dataset exits with 2 and one line saying what to fix; 75 when another process
+trains the same run (it holds the run folder's .trainer.lock): wait for it or stop it.
 """
 
 from wn_rl.cli import brief_warnings

@@ -9,7 +9,9 @@ Exit codes: 0 done; 2 bad config or input (nothing was allocated); 1 a checkpoin
 written or read (a full disk: the message names the file; the previous checkpoint is intact and the same
 command resumes from it once there is space), or a NaN/inf stopped the run (the message names the step,
 the tensor and the last good checkpoint); 130 after SIGINT (Ctrl-C) and 143 after SIGTERM, with a
-checkpoint written first (a second Ctrl-C quits at once; the previous checkpoint stays intact).
+checkpoint written first (a second Ctrl-C quits at once; the previous checkpoint stays intact); 75
+(EX_TEMPFAIL) when another process is training the same run directory (it holds ``RUN_DIR/.trainer.lock``):
+nothing was allocated or written, and a study reports the run as skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from agents.dqn.config import load_dqn_config, load_run_config
+from agents.dqn.config import DQNConfig, load_dqn_config, load_run_config
 from agents.dqn.learner import NonFiniteError
 from agents.dqn.nonfinite import EnvNonFiniteError
 from agents.dqn.run_dir import run_dir_for
@@ -29,6 +31,7 @@ from agents.dqn.runner import Trainer
 from wn_rl.checkpoint import CheckpointError, complete_checkpoints
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
+from wn_rl.run_lock import RunInUseError, hold_run_lock
 
 
 def _check_holds_a_run(run_dir: Path) -> None:
@@ -64,8 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_dqn_config(args.config, args.overrides)
             run_dir = run_dir_for(config, Path(args.config).stem)
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
-        trainer = Trainer(config, run_dir, force=args.force)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
+    try:
+        with hold_run_lock(run_dir, "start a separate run (run.name=...)"):  # before the replay memory and envs
+            return _train(config, run_dir, args.force)
+    except RunInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the run directory cannot be created (runs_dir not writable): the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(config: DQNConfig, run_dir: Path, force: bool) -> int:
+    """Build the trainer and run it (the run's lock held); the exit code."""
+    try:
+        trainer = Trainer(config, run_dir, force=force)
     except (ConfigError, ValueError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         previous = trainer.last_checkpoint
         kept = f"the previous one is intact: {previous}" if previous else "none was written yet, so it starts over"
-        print(f"interrupted again: quit without a new checkpoint; {kept}", file=sys.stderr)
+        # no stop signal recorded: this Ctrl-C came before the loop's handlers were installed, so it was the first
+        when = "again" if trainer.stop_signal is not None else "during start-up"
+        print(f"interrupted {when}: quit without a new checkpoint; {kept}", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=1, allow_nan=False))  # strict JSON, for tools that read it
     if summary["interrupted"] is not None:

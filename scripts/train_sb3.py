@@ -12,7 +12,9 @@ logging, checkpoint and evaluation intervals) unless ``--force``. Watch with ``t
 Exit codes: 0 done; 2 bad config or input; 1 a model could not be written, or a NaN/inf stopped the run
 (the message names the step, the tensor or the environment, and the last good checkpoint; the bad step
 was not applied and nothing after it was saved); 130 after SIGINT and 143 after SIGTERM, with the model
-saved first (a second Ctrl-C quits at once; earlier files stay intact).
+saved first (a second Ctrl-C quits at once; earlier files stay intact); 75 (EX_TEMPFAIL) when another process
+is training the same run directory (it holds ``RUN_DIR/.trainer.lock``): nothing was allocated or written,
+and a study reports the run as skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import yaml
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
-from wn_rl.sb3.config import load_sb3_config, load_sb3_run_config
+from wn_rl.run_lock import RunInUseError, hold_run_lock
+from wn_rl.sb3.config import SB3Config, load_sb3_config, load_sb3_run_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteTrainingError
 from wn_rl.sb3.runner import SB3Run, run_dir_for
 
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
+            if not run_dir.is_dir():  # a mistyped path: refused before the run's lock would create it
+                raise ConfigError(f"--resume {run_dir}: the directory does not exist")
             if args.config:
                 config = load_sb3_config(args.config, args.overrides)
             else:
@@ -51,7 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_sb3_config(args.config, args.overrides)
             run_dir = run_dir_for(config)
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
+    try:
+        with hold_run_lock(run_dir, "start a separate run (run_name=...)"):  # before the envs and the model
+            return _train(config, run_dir, args)
+    except RunInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the run directory cannot be created (runs_dir not writable): the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(config: SB3Config, run_dir: Path, args: argparse.Namespace) -> int:
+    """Build the run and train it (the run's lock held); the exit code."""
+    try:
         run = SB3Run(config, run_dir, resume=bool(args.resume), force=args.force)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -66,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted again: quit without saving; the previous files are intact", file=sys.stderr)
+        # no stop signal recorded: this Ctrl-C came before the loop's handlers were installed, so it was the first
+        when = "again" if run.stop.stop_signal is not None else "during start-up"
+        print(f"interrupted {when}: quit without saving; the previous files are intact", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=1, allow_nan=False))
     if summary["interrupted"] is not None:

@@ -252,6 +252,7 @@ def test_a_second_ctrl_c_quits_at_once_and_says_whether_a_checkpoint_is_kept(
         Trainer(_cartpole(tmp_path, **{"run.total_agent_steps": 400}), tmp_path / "run").run()
 
     def second_ctrl_c(self, until_agent_step, bar=None):
+        self.stop_signal = signal.SIGINT  # the first Ctrl-C, recorded by the loop's handler
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "advance", second_ctrl_c)
@@ -263,9 +264,9 @@ def test_a_second_ctrl_c_quits_at_once_and_says_whether_a_checkpoint_is_kept(
     saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert bool(saved) == checkpointed
     if checkpointed:
-        assert f"quit without a new checkpoint; the previous one is intact: {saved[-1]}" in err
+        assert f"interrupted again: quit without a new checkpoint; the previous one is intact: {saved[-1]}" in err
     else:
-        assert "quit without a new checkpoint; none was written yet, so it starts over" in err
+        assert "interrupted again: quit without a new checkpoint; none was written yet, so it starts over" in err
 
 
 def test_a_committed_version_1_checkpoint_keeps_loading_and_resumes(tmp_path):

@@ -188,7 +188,7 @@ def test_script_rejects_bad_input_before_training(tmp_path):
         "progress_bar=false",
     )
     assert wrong_space.returncode == 2 and "Use WnMlpPolicy" in wrong_space.stderr
-    assert not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())  # the run's lock made its directory and took both away again
     missing = run_script("--resume", str(tmp_path / "nothing"))
     assert missing.returncode == 2
     assert f"--resume {tmp_path / 'nothing'}: the directory does not exist" in missing.stderr
@@ -257,12 +257,15 @@ def test_resuming_a_complete_run_leaves_its_directory_unchanged(complete_run, tm
 
 def test_script_resume_of_a_complete_run_exits_0_and_changes_nothing(complete_run, tmp_path):
     run_dir = shutil.copytree(complete_run, tmp_path / "run")
+    (run_dir / ".trainer.lock").write_text("host 1\n")  # as the script that trained it left it
     before = _snapshot(run_dir)
     resumed = run_script("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "the run is complete (total_timesteps=100): nothing to train" in resumed.stdout
     assert json.loads(resumed.stdout[resumed.stdout.rindex("\n{\n") :])["num_timesteps"] == 100
-    assert _snapshot(run_dir) == before
+    after = _snapshot(run_dir)
+    assert after.pop(".trainer.lock") != before.pop(".trainer.lock")  # the lock's text names its last holder
+    assert after == before
 
 
 def test_resuming_a_complete_run_with_a_larger_budget_trains_on(complete_run, tmp_path, capsys):

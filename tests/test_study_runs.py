@@ -189,6 +189,29 @@ def test_run_lock_keeps_two_drivers_off_one_run(tmp_path: Path, capsys: pytest.C
     assert not (run_lock.parent / "config.yaml").exists()
 
 
+def test_a_run_whose_trainer_is_alive_elsewhere_is_skipped_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A driver killed between starting a trainer and naming it in study.lock leaves a lock naming only its dead
+    pid, and the trainer training on. The restarted driver takes the lock over, but the trainer it starts finds
+    the run's .trainer.lock held and exits 75: the run is reported skipped (its reason in one line), not failed,
+    and nothing is written to it."""
+    from wn_rl.run_lock import hold_run_lock
+
+    run_dir = tmp_path / "smoke_cartpole" / "parameterization-normal__seed-0"
+    args = [
+        "configs/studies/smoke_cartpole.yaml",
+        f"runs_dir={tmp_path}",
+        TINY,
+        "grid={network.parameterization: [normal], run.seed: [0]}",
+    ]
+    with hold_run_lock(run_dir):  # the orphaned trainer
+        study_script.main(args)  # 1: no run of the study has results yet to analyse
+    lines = [line for line in capsys.readouterr().out.splitlines() if "parameterization-normal__seed-0:" in line]
+    assert len(lines) == 1 and f"skipped: {run_dir} is being trained by another process" in lines[0]
+    assert not (run_dir / "config.yaml").exists()
+
+
 def test_ctrl_c_starts_no_further_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the first run presses Ctrl-C on the driver (as a terminal does for the whole process group): the
     # runs still queued must not start afterwards, and the driver says how to continue

@@ -62,6 +62,7 @@ from wn_rl.checkpoint import (
     load_latest_checkpoint,
     prune_checkpoints,
     remove_incomplete,
+    remove_temporaries,
     save_checkpoint,
     summary_writer,
 )
@@ -295,9 +296,10 @@ class Trainer:
 
     def start(self) -> None:
         """Resume from the newest checkpoint if any, write the run files, open TensorBoard, reset the envs."""
-        removed = remove_incomplete(self.run_dir / "checkpoints")  # left by a process killed while writing
+        # left by a process killed while writing: checkpoints, and the run files' temporaries (config.yaml, ...)
+        removed = remove_incomplete(self.run_dir / "checkpoints") + remove_temporaries(self.run_dir)
         if removed:
-            print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
+            print(f"removed {len(removed)} incomplete file(s) left by an interrupted write", flush=True)
         resumed = self.resume()
         # after the checkpoint loaded: a resume that fails keeps the run's config.yaml
         write_run_files(self.run_dir, self.config, self.spec, self.terminal_on_life_loss)

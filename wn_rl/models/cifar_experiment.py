@@ -268,30 +268,33 @@ def train_cifar(
         force: resume even if the config differs from the saved one in keys outside ``SAFE_TO_CHANGE``.
     """
     device = resolve_device(config.device)
-    run = ResumableRun(config, experiment, SAFE_TO_CHANGE, force=force)
-    torch.manual_seed(config.seed)
-    data = data if data is not None else prepare_cifar(config, device)
-    run.begin()
-    if len(data.train_y) < config.batch_size:
-        raise ValueError(f"{len(data.train_y)} training images are fewer than batch_size={config.batch_size}")
-    model = build_cifar_model(config, device, reference)
-    generator = torch.Generator().manual_seed(config.seed)
-    report = None if run.state is not None else _initialize(model, data, config, generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
-    steps_per_epoch = max(1, len(data.train_y) // config.batch_size)
-    state = LoopState(config, run, model, optimizer, generator, CifarResult(config.parameterization), steps_per_epoch)
-    start, progress = run.restore(state.restore) if run.state is not None else (0, None)
-    writer = open_writer(config.log_dir, run.name, config, run.purge_step) if config.log_dir else None
-    if writer is not None and report is not None:
-        for tag, value in report.scalars().items():
-            writer.add_scalar(tag, value, 0)
-    try:
-        with run.stop_on_signals():
-            _epochs(state, data, writer, start, progress, quiet)
-    finally:
-        if writer is not None:
-            writer.close()
-    run.save_final(model, state.result)
+    # the run folder's lock (wn_rl.run_lock) is held from its resume or claim until the final checkpoint
+    with ResumableRun(config, experiment, SAFE_TO_CHANGE, force=force) as run:
+        torch.manual_seed(config.seed)
+        data = data if data is not None else prepare_cifar(config, device)
+        run.begin()
+        if len(data.train_y) < config.batch_size:
+            raise ValueError(f"{len(data.train_y)} training images are fewer than batch_size={config.batch_size}")
+        model = build_cifar_model(config, device, reference)
+        generator = torch.Generator().manual_seed(config.seed)
+        report = None if run.state is not None else _initialize(model, data, config, generator)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+        steps_per_epoch = max(1, len(data.train_y) // config.batch_size)
+        state = LoopState(
+            config, run, model, optimizer, generator, CifarResult(config.parameterization), steps_per_epoch
+        )
+        start, progress = run.restore(state.restore) if run.state is not None else (0, None)
+        writer = open_writer(config.log_dir, run.name, config, run.purge_step) if config.log_dir else None
+        if writer is not None and report is not None:
+            for tag, value in report.scalars().items():
+                writer.add_scalar(tag, value, 0)
+        try:
+            with run.stop_on_signals():
+                _epochs(state, data, writer, start, progress, quiet)
+        finally:
+            if writer is not None:
+                writer.close()
+        run.save_final(model, state.result)
     return state.result
 
 

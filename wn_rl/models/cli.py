@@ -17,6 +17,7 @@ from wn_rl.analysis.curves import MissingExtraError
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.config import ConfigError, config_to_dict, load_config
 from wn_rl.data.download import DatasetError
+from wn_rl.run_lock import RunInUseError
 
 __all__ = ["exit_on_error", "parse_config", "parse_training_command"]
 
@@ -75,9 +76,12 @@ def exit_on_error() -> Iterator[None]:
     error, a dataset that is missing, corrupt or could not be downloaded, an optional package not installed;
     the message says where and how to fix it), 1 for a checkpoint or TensorBoard log that cannot be written
     or read (a full disk; the previous checkpoint is intact and rerunning the same command resumes from it
-    once there is space)."""
+    once there is space), 75 when another process trains the run (:class:`~wn_rl.run_lock.RunInUseError`)."""
     try:
         yield
+    except RunInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     except (ConfigError, DatasetError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

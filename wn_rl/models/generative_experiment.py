@@ -374,35 +374,36 @@ def train_generative(
     resumes even if the config differs from the saved one in keys outside ``SAFE_TO_CHANGE``.
     """
     device = resolve_device(config.device)
-    run = ResumableRun(config, f"{config.model}_{config.dataset}", SAFE_TO_CHANGE, force=force)
-    torch.manual_seed(config.seed)
-    train, test = data if data is not None else load_generative_data(config)
-    run.begin()
-    if len(train) < config.batch_size:
-        raise ValueError(f"{len(train)} training images are fewer than batch_size={config.batch_size}")
-    model = build_generative_model(config, tuple(train.shape[1:])).to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-    if config.data_dependent_init and run.state is None:
-        init_idx = torch.randperm(len(train), generator=generator)[: config.init_batch_size]
-        data_dependent_init(model, _prepare(train[init_idx], config, generator, True).to(device))
-    optimizer_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
-    optimizer = optimizer_cls(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
-    steps_per_epoch = max(1, len(train) // config.batch_size)
-    polyak = None
-    if config.polyak_epochs > 0:
-        polyak = PolyakAverage(model, PolyakAverage.decay_for(steps_per_epoch, config.polyak_epochs))
-    state = LoopState(config, run, model, optimizer, generator, GenerativeResult(), steps_per_epoch, polyak)
-    start, progress = run.restore(state.restore) if run.state is not None else (0, None)
-    for group in optimizer.param_groups:  # a resume forced past the config check uses the new values
-        group["lr"], group["betas"] = config.lr, (config.beta1, config.beta2)
-    writer = open_writer(config.log_dir, run.name, config, run.purge_step) if config.log_dir else None
-    try:
-        with run.stop_on_signals():
-            _epochs(state, train, test, writer, start, progress, quiet)
-    finally:
-        if writer is not None:
-            writer.close()
-    run.save_final(polyak.model if polyak else model, state.result)
+    # the run folder's lock (wn_rl.run_lock) is held from its resume or claim until the final checkpoint
+    with ResumableRun(config, f"{config.model}_{config.dataset}", SAFE_TO_CHANGE, force=force) as run:
+        torch.manual_seed(config.seed)
+        train, test = data if data is not None else load_generative_data(config)
+        run.begin()
+        if len(train) < config.batch_size:
+            raise ValueError(f"{len(train)} training images are fewer than batch_size={config.batch_size}")
+        model = build_generative_model(config, tuple(train.shape[1:])).to(device)
+        generator = torch.Generator().manual_seed(config.seed)
+        if config.data_dependent_init and run.state is None:
+            init_idx = torch.randperm(len(train), generator=generator)[: config.init_batch_size]
+            data_dependent_init(model, _prepare(train[init_idx], config, generator, True).to(device))
+        optimizer_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
+        optimizer = optimizer_cls(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+        steps_per_epoch = max(1, len(train) // config.batch_size)
+        polyak = None
+        if config.polyak_epochs > 0:
+            polyak = PolyakAverage(model, PolyakAverage.decay_for(steps_per_epoch, config.polyak_epochs))
+        state = LoopState(config, run, model, optimizer, generator, GenerativeResult(), steps_per_epoch, polyak)
+        start, progress = run.restore(state.restore) if run.state is not None else (0, None)
+        for group in optimizer.param_groups:  # a resume forced past the config check uses the new values
+            group["lr"], group["betas"] = config.lr, (config.beta1, config.beta2)
+        writer = open_writer(config.log_dir, run.name, config, run.purge_step) if config.log_dir else None
+        try:
+            with run.stop_on_signals():
+                _epochs(state, train, test, writer, start, progress, quiet)
+        finally:
+            if writer is not None:
+                writer.close()
+        run.save_final(polyak.model if polyak else model, state.result)
     return state.result
 
 

@@ -9,6 +9,10 @@ complete checkpoint, with the TensorBoard curves continued in the same log folde
 a killed process logged after that checkpoint). A config that differs in a key outside the loop's
 ``SAFE_TO_CHANGE`` is refused unless ``force``; a finished run whose config differs, or one that stopped
 before its first checkpoint, is left alone and a new run starts.
+
+One process at a time trains a run: the run folder's lock (:mod:`wn_rl.run_lock`) is taken before a resume loads
+its checkpoint, or right after a new run claims its folder, and held until the final checkpoint is written; a
+second process on the same run gets :class:`~wn_rl.run_lock.RunInUseError`, naming the process that holds it.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import yaml
 from torch import Tensor, nn
 
 from wn_rl import checkpoint
-from wn_rl.config import ConfigError, config_diff, config_to_dict
+from wn_rl.config import ConfigError, config_diff, config_to_dict, read_run_config
 from wn_rl.models.training import PolyakAverage, run_name, save_checkpoint
 from wn_rl.provenance import provenance
+from wn_rl.run_lock import RunLock
 from wn_rl.signals import StopOnSignals
 
 __all__ = [
@@ -140,7 +145,8 @@ class LoopState:
 
 
 class ResumableRun:
-    """One run's name, checkpoint folder and (when resuming) loaded checkpoint.
+    """One run's name, checkpoint folder and (when resuming) loaded checkpoint; ``with ResumableRun(...) as run:``
+    releases the folder's lock (taken on resuming, or by :meth:`begin`) when training ends.
 
     Args:
         config: the run's frozen config; ``checkpoint_dir`` empty disables checkpoints and resuming.
@@ -155,13 +161,20 @@ class ResumableRun:
         self.state: dict[str, Any] | None = None
         self.last_path: Path | None = None
         self.purge_step: int | None = None
+        self.resumed_from: Path | None = None  # the checkpoint loaded; last_path moves on when this process saves
+        self._lock: RunLock | None = None
         prefix = f"{experiment}__{config.parameterization}__{config.seed}__"
         found = _newest_run(Path(config.checkpoint_dir), prefix) if config.checkpoint_dir else None
         self.new = not (found is not None and self._should_resume(found, safe_to_change, force))
         if not self.new:
             self.name = found.name
             self.folder: Path | None = found
-            self._load()
+            self._lock_folder()  # before it removes what a killed writer left and loads the checkpoint
+            try:
+                self._load()
+            except BaseException:
+                self.release()
+                raise
         else:
             self.name = run_name(experiment, config.parameterization, config.seed)
             self.folder = Path(config.checkpoint_dir) / self.name if config.checkpoint_dir else None
@@ -173,6 +186,7 @@ class ResumableRun:
             return
         if self.new:  # a folder of its own
             self._claim_folder()
+            self._lock_folder()  # before its config.yaml, which lets a rerun of the same command find it
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
         config_yaml = yaml.safe_dump(config_to_dict(self.config), sort_keys=False).encode()
@@ -195,12 +209,27 @@ class ResumableRun:
                 self.name = f"{prefix}__{stamp}"
                 self.folder = parent / self.name
 
+    def _lock_folder(self) -> None:
+        self._lock = RunLock(self.folder, "start a separate run (another seed or checkpoint_dir)")
+        self._lock.acquire()
+
+    def release(self) -> None:
+        """Release the run folder's lock (the end of training, or a failed start)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> ResumableRun:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
     @property
     def final_path(self) -> Path:
         return Path(self.config.checkpoint_dir) / f"{self.name}.pt"
 
     def _should_resume(self, folder: Path, safe_to_change: frozenset[str], force: bool) -> bool:
-        old = yaml.safe_load((folder / "config.yaml").read_text())
+        old = read_run_config(folder, "the paper-model scripts")  # missing, empty or damaged: a ConfigError
         diff = {k: v for k, v in config_diff(old, config_to_dict(self.config)).items() if k not in safe_to_change}
         if not diff:
             return True
@@ -219,14 +248,17 @@ class ResumableRun:
         )
 
     def _load(self) -> None:
-        removed = checkpoint.remove_incomplete(self.folder)  # left by a process killed while writing
+        # left by a process killed while writing: epoch checkpoints, the temporaries of config.yaml and
+        # provenance.json, and those of this run's final checkpoint beside the folder (no other run writes them)
+        removed = checkpoint.remove_incomplete(self.folder) + checkpoint.remove_temporaries(self.folder)
+        removed += checkpoint.remove_temporaries(self.folder.parent, prefix=f"{self.name}.pt")
         if removed:
-            print(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write", flush=True)
+            print(f"removed {len(removed)} incomplete file(s) left by an interrupted write", flush=True)
         found = checkpoint.load_latest_checkpoint(self.folder)
         self.purge_step = 0  # a run killed before its first checkpoint starts again: drop what it logged
         if found is not None:
             path, self.state = found
-            self.last_path = path
+            self.last_path = self.resumed_from = path
             self.purge_step = int(self.state["epoch"]) + 1
             print(f"[{self.name}] resuming from {path} (epoch {self.state['epoch']} done)", flush=True)
 
@@ -254,7 +286,14 @@ class ResumableRun:
         return path
 
     def save_final(self, model: nn.Module, result: Any) -> None:
-        """The finished run's model, config and curves at :attr:`final_path`; sets ``result.checkpoint``."""
+        """The finished run's model, config and curves at :attr:`final_path`; sets ``result.checkpoint``.
+
+        A rerun of a finished run trains nothing and keeps the final checkpoint it finds intact: rewriting it
+        (new provenance, so new bytes) would open a window in which a kill leaves the finished model without a
+        matching marker, and a full disk would fail a run that has nothing to do."""
+        if self.config.checkpoint_dir and self._trained_nothing() and self._final_holds(result):
+            result.checkpoint = str(self.final_path)
+            return
         if self.config.checkpoint_dir:
             curves = dict(result.__dict__)
             payload = {
@@ -264,6 +303,20 @@ class ResumableRun:
                 "provenance": provenance(),
             }
             result.checkpoint = str(save_checkpoint(self.final_path, payload))
+
+    def _trained_nothing(self) -> bool:
+        """Whether this process resumed from a checkpoint and wrote none after it."""
+        return self.resumed_from is not None and self.last_path == self.resumed_from
+
+    def _final_holds(self, result: Any) -> bool:
+        """Whether :attr:`final_path` is complete and intact and holds ``result``'s curves: written after the
+        checkpoint resumed from (a process killed between its last epoch checkpoint and the final save left
+        an older run's final, or none)."""
+        try:
+            final = checkpoint.load_checkpoint(self.final_path)
+        except checkpoint.CheckpointError:
+            return False
+        return final.get("curves") == dict(result.__dict__)
 
     def interrupt(self, path: Path | None) -> TrainingInterrupted:
         """The exception to raise after the checkpoint of a stop requested by a signal."""
