@@ -52,6 +52,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
+    if args.steps <= SETTINGS["learning_starts"]:
+        parser.error(
+            f"--steps {args.steps}: expected more than the {SETTINGS['learning_starts']:,} agent steps before "
+            "learning starts (otherwise no update ever happens)"
+        )
     out = {"game": "minatar:breakout", "steps": args.steps, "settings": SETTINGS, "seeds": {}}
     with tempfile.TemporaryDirectory() as runs_dir, ProcessPoolExecutor(max_workers=2) as pool:
         for seed in args.seeds:

@@ -42,3 +42,18 @@ def test_without_failures_every_contender_gets_a_rate():
     sps = throughput(contenders, warmup=1, steps=4, rounds=2)
     assert set(sps) == {"a", "b"} and all(v > 0 for v in sps.values())
     assert log == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_the_returns_benchmark_refuses_a_budget_without_updates_at_once():
+    """--steps at or below the 5,000 steps before learning starts failed with a traceback, and only after the SB3
+    side had trained every step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_dqn_returns.py"
+    ran = subprocess.run(
+        [sys.executable, str(script), "--steps", "5000"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert ran.returncode == 2
+    assert "--steps 5000: expected more than the 5,000 agent steps before learning starts" in ran.stderr
