@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wn_rl.init import batch_size, call_with_batch, check_tensor_batch, eval_pass
+from wn_rl.batches import batch_size, call_with_batch, check_tensor_batch, eval_pass
 
 __all__ = [
     "ACTIVATIONS",

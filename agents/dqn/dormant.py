@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from agents.dqn.config import load_run_config
 from agents.dqn.envs import VecEnv, make_env
 from agents.dqn.evaluation import load_q_network, select_actions
+from wn_rl.batches import eval_pass
 from wn_rl.checkpoint import CheckpointError, load_latest_checkpoint
 from wn_rl.config import read_run_config
 from wn_rl.dormant import dormant_units, total_fraction
-from wn_rl.init import eval_pass
 
 __all__ = ["POLICIES", "format_table", "newest_weights", "policy_states", "run_dormant_report"]
 

@@ -23,8 +23,9 @@ from stable_baselines3.sac.policies import SACPolicy
 from stable_baselines3.td3.policies import TD3Policy
 from torch import nn
 
+from wn_rl.batches import check_tensor_batch
 from wn_rl.default_init import torch_default_init
-from wn_rl.init import InitReport, check_tensor_batch, data_dependent_init, initializable_layers, is_initialized
+from wn_rl.init import InitReport, data_dependent_init, initializable_layers, is_initialized
 
 __all__ = [
     "initialize_policy",
