@@ -31,7 +31,7 @@ from agents.dqn.runner import Trainer
 from wn_rl.checkpoint import CheckpointError, complete_checkpoints
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
-from wn_rl.run_lock import RunInUseError, hold_run_lock
+from wn_rl.run_lock import train_holding_lock
 
 
 def _check_holds_a_run(run_dir: Path) -> None:
@@ -71,15 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
-    try:
-        with hold_run_lock(run_dir, "start a separate run (run.name=...)"):  # before the replay memory and envs
-            return _train(config, run_dir, args.force)
-    except RunInUseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # the run directory cannot be created (runs_dir not writable): the message names it
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # the lock before the replay memory and envs: a run in use is refused before they are built
+    return train_holding_lock(
+        run_dir, "start a separate run (run.name=...)", lambda: _train(config, run_dir, args.force)
+    )
 
 
 def _train(config: DQNConfig, run_dir: Path, force: bool) -> int:

@@ -29,7 +29,7 @@ import yaml
 from wn_rl.checkpoint import CheckpointError
 from wn_rl.cli import brief_warnings
 from wn_rl.config import ConfigError, config_to_dict
-from wn_rl.run_lock import RunInUseError, hold_run_lock
+from wn_rl.run_lock import train_holding_lock
 from wn_rl.sb3.config import SB3Config, load_sb3_config, load_sb3_run_config
 from wn_rl.sb3.guard import EnvNonFiniteError, NonFiniteTrainingError
 from wn_rl.sb3.runner import SB3Run, run_dir_for
@@ -60,15 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip(), flush=True)  # the log's first lines
-    try:
-        with hold_run_lock(run_dir, "start a separate run (run_name=...)"):  # before the envs and the model
-            return _train(config, run_dir, args)
-    except RunInUseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # the run directory cannot be created (runs_dir not writable): the message names it
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # the lock before the envs and the model: a run in use is refused before they are built
+    return train_holding_lock(run_dir, "start a separate run (run_name=...)", lambda: _train(config, run_dir, args))
 
 
 def _train(config: SB3Config, run_dir: Path, args: argparse.Namespace) -> int:

@@ -21,7 +21,9 @@ import contextlib
 import errno
 import os
 import socket
+import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["EX_TEMPFAIL", "LOCK_NAME", "RunInUseError", "RunLock", "hold_run_lock"]
+__all__ = ["EX_TEMPFAIL", "LOCK_NAME", "RunInUseError", "RunLock", "hold_run_lock", "train_holding_lock"]
 
 EX_TEMPFAIL = 75
 "exit code of a trainer refused because another one trains its run (sysexits.h; a study reports it as skipped)"
@@ -166,3 +168,17 @@ def _names_the_file(path: Path, fd: int) -> bool:
 def hold_run_lock(run_dir: str | os.PathLike, other_run: str = "give this run another name") -> RunLock:
     """``with hold_run_lock(run_dir):`` train; raises :class:`RunInUseError` when another process holds it."""
     return RunLock(run_dir, other_run)
+
+
+def train_holding_lock(run_dir: str | os.PathLike, other_run: str, train: Callable[[], int]) -> int:
+    """A training script's ``train()`` run holding ``run_dir``'s lock; its exit code, or 75 with one ``error:``
+    line when another process trains the run, or 1 when the run directory cannot be made (the message names it)."""
+    try:
+        with hold_run_lock(run_dir, other_run):
+            return train()
+    except RunInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # runs_dir not writable, say
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
