@@ -412,8 +412,9 @@ def test_report_of_a_partial_study_where_groups_share_no_task(tmp_path: Path) ->
         {
             "comparison": "P(weight_norm > normal)",
             "tasks": "0",
-            "final eval": "n/a (no task in common)",
-            "AUC eval": "n/a (no task in common)",
+            "runs": "0 vs 0",
+            "final eval [95% CI]": "n/a (no task in common)",
+            "AUC eval [95% CI]": "n/a (no task in common)",
         }
     ]
 

@@ -10,13 +10,23 @@ and training returns, task, seed, learning rate and budget under the tags and ke
 
 Per run (:func:`summarize_run`): final evaluation return (the last evaluation's mean over its games),
 maximum evaluation return (the paper's statistic: the best epoch's mean), the area under the evaluation
-curve as its time-average (:func:`wn_rl.analysis.stats.area_under_curve`) and the mean training return
-over the last 10 % of training. Per (task, group) (:func:`aggregate_rows`): mean and standard deviation
-across seeds, and the interquartile mean with a 95 % bootstrap interval. Across tasks
-(:func:`overall_rows`): IQM of normalised scores with a stratified bootstrap over tasks, as rliable
-reports it: human-normalised for Atari; for other suites each task's scores are divided by the largest
-absolute score any run of the study reached on that task ("study-max normalised"), which makes tasks
-comparable only within the study.
+curve as its time-average (:func:`wn_rl.analysis.stats.area_under_curve`) and *late train*: the mean of
+the training-return logs at or after 90 % of the run's last logged training step (near the budget for a
+complete run, how far it got for another). Each log is itself a mean over earlier episodes, so the span
+covered starts before that 90 %: a native DQN log (``train/episode_return``) is the mean return of the
+episodes that ended in its logging interval (up to one ``run.log_every_agent_steps`` more), an SB3 log
+(``rollout/ep_rew_mean``) the mean of the last 100 episodes (SB3's ``stats_window_size``).
+
+Per (task, group) (:func:`aggregate_rows`): mean and standard deviation across seeds, and the
+interquartile mean with a 95 % bootstrap interval. Across tasks (:func:`overall_rows`): IQM of
+normalised scores with a stratified bootstrap over tasks, as rliable reports it, each run normalised by
+its own game (:attr:`RunSummary.game`, whichever key labels the tasks): human-normalised for an Atari-57
+game of the Atari suite; otherwise divided by the largest absolute score any run of the study reached on
+that task and game ("study-max normalised"), which makes tasks comparable only within the study. Probability of
+improvement (:func:`improvement_rows`) compares raw scores within each task. Neither needs equal run
+counts: every task keeps all of its runs, and the bootstrap resamples each task's runs with its own count.
+Runs without evaluation numbers (a complete run with evaluations off, ``eval.every_agent_steps=0``, or an
+unfinished one not evaluated yet) are left out of the statistics, and the tables count them and say why.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from wn_rl.analysis.curves import group_label
 from wn_rl.analysis.runs import EVAL_RETURN, STUDY_LOCK, TRAIN_RETURN, RunData, run_budget, run_progress
 from wn_rl.analysis.stats import (
     area_under_curve,
+    has_human_reference,
     human_normalized_score,
     improvement_ci,
     interquartile_mean,
@@ -66,6 +77,9 @@ class RunSummary:
 
     run: str
     task: str
+    "the task label: the value of the report's task key (by default the game; a study may pick another key)."
+    game: str
+    "the run's game, ``env.name`` (native DQN) or ``env_id`` (SB3), whatever the task label: what normalises it."
     group: str
     suite: str
     seed: int | None
@@ -81,6 +95,7 @@ class RunSummary:
     max_eval: float
     auc_eval: float
     final_train: float
+    "late train: the mean of the training-return logs at or after 90 % of the run's last logged step (see the module)."
     run_dir: Path
     "where the run is (:func:`left_out_reason` looks there for config.yaml and a study's lock)."
 
@@ -93,8 +108,9 @@ def _eval_curve(run: RunData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def summarize_run(run: RunData, group_by: Sequence[str] | None = None, task_key: str = "task") -> RunSummary:
-    """Final / max / AUC of the evaluation curve and the late training return of one run, grouped by
-    ``group_by`` (by default the run's kind's keys, :func:`wn_rl.analysis.curves.group_label`)."""
+    """Final / max / AUC of the evaluation curve and the late training return (the mean of the training-return
+    logs at or after 90 % of its last logged step) of one run, grouped by ``group_by`` (by default the run's
+    kind's keys, :func:`wn_rl.analysis.curves.group_label`), its task label the value of ``task_key``."""
     steps, values = _eval_curve(run)
     train_steps, train_values = run.curve(TRAIN_RETURN)
     late = train_values[train_steps >= 0.9 * train_steps[-1]] if train_steps.size else train_values
@@ -104,6 +120,7 @@ def summarize_run(run: RunData, group_by: Sequence[str] | None = None, task_key:
     return RunSummary(
         run=run.run_dir.name,
         task=str(run.value(task_key, "?")),
+        game=str(run.value("task", "?")),
         group=group_label(run, group_by),
         suite=str(run.value("suite", "")),
         seed=run.value("seed"),
@@ -120,17 +137,36 @@ def summarize_run(run: RunData, group_by: Sequence[str] | None = None, task_key:
     )
 
 
-def _mean_std(x: np.ndarray) -> str:
+def _scored(s: RunSummary) -> bool:
+    """Whether a run has evaluation numbers: a complete run with evaluations off (``eval.every_agent_steps=0``)
+    or an unfinished one not evaluated yet has none (NaN)."""
+    return math.isfinite(s.final_eval) and math.isfinite(s.auc_eval)
+
+
+def _without_evaluation(runs: Sequence[RunSummary]) -> str:
+    """Why ``runs`` (none :func:`_scored`) have no evaluation numbers."""
+    complete = sum(s.complete for s in runs)
+    if complete == len(runs):
+        return "no evaluation"
+    return "not evaluated yet" if complete == 0 else "no evaluation, or not yet"
+
+
+def _counted(scored: int | str, unscored: Sequence[RunSummary]) -> str:
+    """``scored`` runs, and the runs left out of the statistics for lack of evaluation numbers, if any."""
+    return f"{scored} (+{len(unscored)}: {_without_evaluation(unscored)})" if unscored else str(scored)
+
+
+def _mean_std(x: np.ndarray, missing: str) -> str:
     x = x[np.isfinite(x)]
     if x.size == 0:
-        return "n/a"
+        return f"n/a ({missing})"
     return f"{x.mean():.3g} ± {x.std(ddof=1):.2g}" if x.size > 1 else f"{x.mean():.3g}"
 
 
-def _iqm_ci(x: np.ndarray, reps: int, seed: int) -> str:
+def _iqm_ci(x: np.ndarray, reps: int, seed: int, missing: str) -> str:
     x = x[np.isfinite(x)]
     if x.size == 0:
-        return "n/a"
+        return f"n/a ({missing})"
     point, low, high = stratified_bootstrap_ci(x[:, None], interquartile_mean, reps=reps, seed=seed)
     return f"{point:.3g} [{low:.3g}, {high:.3g}]"
 
@@ -139,109 +175,158 @@ def aggregate_rows(
     summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: int = 0, complete_only: bool = False
 ) -> list[dict[str, str]]:
     """One row per (task, group): mean ± std (sample std) and IQM [95 % CI] of the statistics over its
-    runs, or over its complete runs only with ``complete_only``; ``runs`` counts the runs in the
-    statistics, ``complete`` and ``incomplete`` all of the cell's runs (a cell without complete runs
-    keeps its row, with n/a)."""
+    runs, or over its complete runs only with ``complete_only``. ``runs`` counts the runs in the
+    statistics, followed by those left out for having no evaluation (``+2: no evaluation``: complete
+    runs with evaluations off; ``not evaluated yet``: unfinished ones); ``complete`` and ``incomplete``
+    count all of the cell's runs. A cell without such runs keeps its row, with n/a and the reason."""
     keys = list(dict.fromkeys((s.task, s.group) for s in summaries))
     rows = []
     for task, group in keys:
         cell = [s for s in summaries if (s.task, s.group) == (task, group)]
         members = [s for s in cell if s.complete or not complete_only]
-        final = np.array([s.final_eval for s in members])
-        best = np.array([s.max_eval for s in members])
-        auc = np.array([s.auc_eval for s in members])
+        scored = [s for s in members if _scored(s)]
+        unscored = [s for s in members if not _scored(s)]
+        missing = _without_evaluation(unscored) if members else "no complete run"
+        final, best, auc = (np.array([getattr(s, a) for s in scored]) for a in ("final_eval", "max_eval", "auc_eval"))
         complete = sum(s.complete for s in cell)
         rows.append(
             {
                 "task": task,
                 "group": group,
-                "runs": str(len(members)),
+                "runs": _counted(len(scored), unscored),
                 "complete": str(complete),
                 "incomplete": str(len(cell) - complete),
-                "final eval (mean ± std)": _mean_std(final),
-                "max eval (mean ± std)": _mean_std(best),
-                "AUC eval (mean ± std)": _mean_std(auc),
-                "IQM final eval [95% CI]": _iqm_ci(final, reps, seed),
-                "IQM AUC [95% CI]": _iqm_ci(auc, reps, seed),
+                "final eval (mean ± std)": _mean_std(final, missing),
+                "max eval (mean ± std)": _mean_std(best, missing),
+                "AUC eval (mean ± std)": _mean_std(auc, missing),
+                "IQM final eval [95% CI]": _iqm_ci(final, reps, seed, missing),
+                "IQM AUC [95% CI]": _iqm_ci(auc, reps, seed, missing),
             }
         )
     return rows
 
 
-def _normalizer(task: str, suite: str, summaries: Sequence[RunSummary]) -> tuple[str, Callable[[float], float]]:
-    if suite == "atari":
-        return "human-normalised", lambda x: human_normalized_score(task, x)
-    scale = max((abs(s.max_eval) for s in summaries if s.task == task and math.isfinite(s.max_eval)), default=1.0)
-    scale = scale or 1.0
-    return "study-max normalised", lambda x: np.asarray(x, dtype=float) / scale
+_NORMALISATIONS = {"human": "human-normalised", "study-max": "study-max normalised"}
+
+
+def _normalization(summaries: Sequence[RunSummary]) -> tuple[str, Callable[[RunSummary, float], float]]:
+    """The label of the normalisations the runs get, and ``normalize(run, score)``: by the run's own game,
+    human-normalised for an Atari-57 game of the Atari suite, else divided by the largest absolute max eval
+    of any of ``summaries`` with the same task label and game (study-max; 1 when there is none or it is 0):
+    with the game as task label, per game; with another key (``agent.lr``), per value and game."""
+    study_max: dict[tuple[str, str, str], float] = {}
+    for s in summaries:
+        if math.isfinite(s.max_eval):
+            key = (s.task, s.suite, s.game)
+            study_max[key] = max(study_max.get(key, 0.0), abs(s.max_eval))
+
+    def kind(s: RunSummary) -> str:
+        return "human" if s.suite == "atari" and has_human_reference(s.game) else "study-max"
+
+    def normalize(s: RunSummary, score: float) -> float:
+        if kind(s) == "human":
+            return float(human_normalized_score(s.game, score))
+        return float(np.asarray(score, dtype=float) / (study_max.get((s.task, s.suite, s.game)) or 1.0))
+
+    kinds = [k for k in _NORMALISATIONS if any(kind(s) == k for s in summaries)]
+    label = "human-/study-max normalised" if len(kinds) > 1 else _NORMALISATIONS[kinds[0] if kinds else "study-max"]
+    return label, normalize
+
+
+def _missing_tasks(cells: dict[str, list[RunSummary]], tasks: Sequence[str]) -> str:
+    """Why these tasks have no run with evaluation numbers: ``no evaluation on breakout; no run on asterix``."""
+    reasons: dict[str, list[str]] = {}
+    for task in tasks:
+        reasons.setdefault(_without_evaluation(cells[task]) if cells[task] else "no run", []).append(task)
+    return "; ".join(f"{reason} on {', '.join(names)}" for reason, names in reasons.items())
 
 
 def overall_rows(summaries: Sequence[RunSummary], *, reps: int = 10_000, seed: int = 0) -> list[dict[str, str]]:
-    """Per group: IQM over all runs and tasks of normalised final eval and AUC, stratified bootstrap CIs.
+    """Per group: IQM of the normalised final eval and AUC of all its runs over all tasks, with a stratified
+    bootstrap interval, as rliable reports it (:func:`_normalization`: each run by its own game).
 
-    Every task must have the same number of runs per group for the (runs x tasks) matrix; when counts
-    differ, each task keeps its first ``min`` runs by seed (the row says how many).
+    The IQM pools every run's normalised score (rliable's; with equal run counts it is the IQM of the
+    ``(runs, tasks)`` matrix), and each bootstrap replicate resamples every task's runs with that task's
+    own count, so a run left out of one task leaves out only itself. Runs without evaluation numbers are
+    left out (``runs per task`` says how many); a group with no such run on some task gets n/a and why.
     """
     tasks = list(dict.fromkeys(s.task for s in summaries))
     if len(tasks) < 2:
         return []
+    kind, normalize = _normalization(summaries)
     rows = []
     for group in dict.fromkeys(s.group for s in summaries):
-        per_task = {t: sorted((s for s in summaries if s.group == group and s.task == t), key=_seed_key) for t in tasks}
-        n = min(len(v) for v in per_task.values())
-        if n == 0:
-            continue
-        row = {"group": group, "tasks": str(len(tasks)), "runs per task": str(n)}
+        cells = {t: sorted((s for s in summaries if s.group == group and s.task == t), key=_seed_key) for t in tasks}
+        scored = {t: [s for s in runs if _scored(s)] for t, runs in cells.items()}
+        counts = sorted(len(runs) for runs in scored.values())
+        per_task = str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]} to {counts[-1]}"
+        unscored = [s for t in tasks for s in cells[t] if not _scored(s)]
+        row = {"group": group, "tasks": str(len(tasks)), "runs per task": _counted(per_task, unscored)}
+        missing = [t for t in tasks if not scored[t]]
         for label, attribute in (("final eval", "final_eval"), ("AUC eval", "auc_eval")):
-            columns, kind = [], ""
-            for task, members in per_task.items():
-                kind, normalize = _normalizer(task, members[0].suite, summaries)
-                columns.append(normalize(np.array([getattr(s, attribute) for s in members[:n]])))
-            matrix = np.stack(columns, axis=1)
-            if not np.isfinite(matrix).all():
-                row[f"IQM {label}"] = "n/a (unfinished runs)"
+            key = f"IQM {label}, {kind} [95% CI]"
+            if missing:
+                row[key] = f"n/a ({_missing_tasks(cells, missing)})"
                 continue
-            point, low, high = stratified_bootstrap_ci(matrix, interquartile_mean, reps=reps, seed=seed)
-            row[f"IQM {label}, {kind} [95% CI]"] = f"{point:.3f} [{low:.3f}, {high:.3f}]"
+            scores = {t: np.array([normalize(s, getattr(s, attribute)) for s in runs]) for t, runs in scored.items()}
+            point, low, high = stratified_bootstrap_ci(scores, interquartile_mean, reps=reps, seed=seed)
+            row[key] = f"{point:.3f} [{low:.3f}, {high:.3f}]"
         rows.append(row)
     return rows
 
 
 def improvement_rows(summaries: Sequence[RunSummary], *, reps: int = 2000, seed: int = 0) -> list[dict[str, str]]:
-    """Per other group: P(group > the first group) over the tasks both have, on final eval and AUC,
-    with a 95 % interval (independent stratified bootstrap), as rliable reports probability of improvement.
-    Scores are compared within a task only, so no normalisation is needed."""
+    """Per other group: P(group > the first group) over the tasks both have runs with evaluation numbers
+    on, on final eval and AUC, with a 95 % interval (independent stratified bootstrap), as rliable reports
+    probability of improvement: per task from all of that task's runs of either group (counts may differ),
+    averaged over tasks. Scores are compared within a task only, so no normalisation is needed. ``runs``
+    counts the runs compared (group vs first group), and those left out for having no evaluation."""
     groups = list(dict.fromkeys(s.group for s in summaries))
     if len(groups) < 2:
         return []
     baseline, rows = groups[0], []
     for group in groups[1:]:
-        tasks = [t for t in dict.fromkeys(s.task for s in summaries) if _has(summaries, t, group, baseline)]
-        row = {"comparison": f"P({group} > {baseline})", "tasks": str(len(tasks))}
-        if not tasks:
-            rows.append({**row, "final eval": "n/a (no task in common)", "AUC eval": "n/a (no task in common)"})
-            continue
+        common = [t for t in dict.fromkeys(s.task for s in summaries) if _has(summaries, t, group, baseline)]
+        cells = {
+            g: {t: sorted((s for s in summaries if s.group == g and s.task == t), key=_seed_key) for t in common}
+            for g in (group, baseline)
+        }
+        compared = [t for t in common if all(any(map(_scored, cells[g][t])) for g in cells)]
+        scored = {g: {t: [s for s in cells[g][t] if _scored(s)] for t in compared} for g in cells}
+        unscored = [s for g in cells for t in common for s in cells[g][t] if not _scored(s)]
+        counts = " vs ".join(str(sum(map(len, scored[g].values()))) for g in cells)
+        left_out = [t for t in common if t not in compared]
+        why = _not_compared(cells, left_out) if common else "no task in common"
+        row = {
+            "comparison": f"P({group} > {baseline})",
+            "tasks": f"{len(compared)} (left out: {why})" if left_out else str(len(compared)),
+            "runs": _counted(counts, unscored),
+        }
         for label, attribute in (("final eval", "final_eval"), ("AUC eval", "auc_eval")):
-            x, y = (_matrix(summaries, tasks, g, attribute) for g in (group, baseline))
-            if x is None or y is None:
-                row[label] = "n/a (unfinished runs)"
+            if not compared:
+                row[f"{label} [95% CI]"] = f"n/a ({why})"
                 continue
+            x, y = (
+                {t: np.array([getattr(s, attribute) for s in runs]) for t, runs in scored[g].items()} for g in cells
+            )
             point, low, high = improvement_ci(x, y, reps=reps, seed=seed)
             row[f"{label} [95% CI]"] = f"{point:.2f} [{low:.2f}, {high:.2f}]"
         rows.append(row)
     return rows
 
 
+def _not_compared(cells: dict[str, dict[str, list[RunSummary]]], tasks: Sequence[str]) -> str:
+    """Why tasks both groups have runs on are not compared: ``weight_norm: no evaluation on breakout``."""
+    parts = []
+    for group, by_task in cells.items():
+        bare = [t for t in tasks if not any(map(_scored, by_task[t]))]
+        if bare:
+            parts.append(f"{group}: {_missing_tasks(by_task, bare)}")
+    return "; ".join(parts)
+
+
 def _has(summaries: Sequence[RunSummary], task: str, *groups: str) -> bool:
     return all(any(s.task == task and s.group == g for s in summaries) for g in groups)
-
-
-def _matrix(summaries: Sequence[RunSummary], tasks: list[str], group: str, attribute: str) -> np.ndarray | None:
-    """(runs, tasks) of one group, each task keeping its first ``min`` runs by seed; None if any is NaN."""
-    per_task = [sorted((s for s in summaries if s.group == group and s.task == t), key=_seed_key) for t in tasks]
-    n = min(len(m) for m in per_task)
-    matrix = np.array([[getattr(s, attribute) for s in m[:n]] for m in per_task], dtype=float).T
-    return matrix if matrix.size and np.isfinite(matrix).all() else None
 
 
 def _seed_key(s: RunSummary) -> tuple[int, str]:

@@ -4,12 +4,13 @@ Per run: the final and maximum evaluation return and the area under the evaluati
 the curve's time-average, so it is in return units and comparable across budgets). Across runs: the
 interquartile mean (IQM, the 25 % trimmed mean) with a stratified-bootstrap percentile confidence
 interval, computed as ``rliable`` computes them (Agarwal et al. 2021, "Deep Reinforcement Learning at
-the Edge of the Statistical Precipice"): runs are resampled with replacement *within* each task, the
-statistic is recomputed on each resample, and the interval is the (alpha/2, 1 - alpha/2) percentile
-of the resampled statistics. Implemented in numpy so that no extra package is needed (rliable 1.2.0
-does not run with the current ``arch`` 8, which renamed ``random_state``, nor ``arch`` 7.2 with the
-installed pandas); the unit tests check it on hand-computed cases, and on four score matrices it agreed
-with rliable's ``get_interval_estimates`` (patched for arch 8, 50k resamples) to within 0.005.
+the Edge of the Statistical Precipice"): runs are resampled with replacement *within* each task (as
+many as that task has: tasks may have different numbers of runs), the statistic is recomputed on each
+resample, and the interval is the (alpha/2, 1 - alpha/2) percentile of the resampled statistics.
+Implemented in numpy so that no extra package is needed (rliable 1.2.0 does not run with the current
+``arch`` 8, which renamed ``random_state``, nor ``arch`` 7.2 with the installed pandas); the unit tests
+check it on hand-computed cases, and on four score matrices it agreed with rliable's
+``get_interval_estimates`` (patched for arch 8, 50k resamples) to within 0.005.
 
 Atari scores are human-normalised with the standard random / human table of the Atari-57 benchmark
 (0 = random play, 1 = professional human tester; the values of DeepMind's DQN Zoo ``atari_data.py``).
@@ -18,13 +19,15 @@ Atari scores are human-normalised with the standard random / human table of the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "ATARI_HUMAN_RANDOM",
+    "Scores",
     "area_under_curve",
+    "has_human_reference",
     "human_normalized_score",
     "improvement_ci",
     "interquartile_mean",
@@ -108,6 +111,11 @@ def _atari_key(game: str) -> str:
     return "".join(out)
 
 
+def has_human_reference(game: str) -> bool:
+    """Whether ``game`` (any common spelling) is one of the Atari-57 games with random / human scores."""
+    return _atari_key(game) in ATARI_HUMAN_RANDOM
+
+
 def human_normalized_score(game: str, score: float | np.ndarray) -> float | np.ndarray:
     """``(score - random) / (human - random)`` for an Atari-57 game (any common spelling of its name).
 
@@ -124,21 +132,76 @@ def human_normalized_score(game: str, score: float | np.ndarray) -> float | np.n
     return (np.asarray(score, dtype=float) - random_score) / (human_score - random_score)
 
 
-def interquartile_mean(scores: np.ndarray | Sequence[float]) -> float:
-    """Mean of the middle 50 % of all values (``scipy.stats.trim_mean(x, 0.25, axis=None)``).
+Scores = np.ndarray | Mapping[str, np.ndarray | Sequence[float]]
+"""A ``(num_runs, num_tasks)`` array of scores (1-D: one task), or a mapping task -> that task's runs'
+scores, which lets tasks have different numbers of runs (a run left out of one task)."""
+
+
+def _per_task(scores: Scores, name: str) -> tuple[list[str], list[np.ndarray], Callable[[list[np.ndarray]], Scores]]:
+    """The tasks, each task's runs, and how to put (resampled) runs back into the layout ``scores`` came in."""
+    if isinstance(scores, Mapping):
+        tasks = list(scores)
+        columns = [np.asarray(scores[t], dtype=float).ravel() for t in tasks]
+        return tasks, columns, lambda cols: dict(zip(tasks, cols, strict=True))
+    x = np.asarray(scores, dtype=float)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"{name} must be (num_runs, num_tasks) with at least one value, got shape {x.shape}")
+    return [f"column {i}" for i in range(x.shape[1])], list(x.T), lambda cols: np.stack(cols, axis=1)
+
+
+def _check_runs(tasks: list[str], columns: list[np.ndarray], name: str) -> None:
+    """At least one task, every task with at least one run, and no NaN or inf (a bootstrap would spread them)."""
+    if not columns:
+        raise ValueError(f"{name} has no task: expected at least one task with at least one run")
+    empty = [t for t, c in zip(tasks, columns, strict=True) if c.size == 0]
+    if empty:
+        raise ValueError(f"{name}: task(s) {empty} have no runs: leave them out, or give each at least one run")
+    bad = sum(int((~np.isfinite(c)).sum()) for c in columns)
+    if bad:
+        total = sum(c.size for c in columns)
+        raise ValueError(
+            f"{name} contain NaN or inf ({bad} of {total} values): drop or fill unfinished runs before bootstrapping"
+        )
+
+
+def _resample(columns: list[np.ndarray], rng: np.random.Generator, reps: tuple[int, ...]) -> list[np.ndarray]:
+    """Each task's runs drawn with replacement, as many as it has, independently per task: arrays
+    ``(*reps, runs of that task)``. One draw of ``(*reps, most runs, tasks)`` indices with each task's own
+    bound, so that equal run counts draw exactly what a rectangular ``(runs, tasks)`` draw would."""
+    counts = np.array([c.size for c in columns])
+    idx = rng.integers(0, counts, size=(*reps, int(counts.max()), len(columns)))
+    return [c[idx[..., : c.size, t]] for t, c in enumerate(columns)]
+
+
+def interquartile_mean(scores: Scores | Sequence[float]) -> float:
+    """Mean of the middle 50 % of all values, pooled over runs and tasks (``scipy.stats.trim_mean(x, 0.25,
+    axis=None)``); a mapping task -> runs pools every task's runs, as rliable's IQM pools a score matrix.
 
     ``floor(0.25 n)`` values are cut from each end of the sorted values, as scipy (and so rliable) does.
+    NaN is an error (scipy returns nan; sorting would put NaN last and cut it as if it were the highest).
     """
-    x = np.sort(np.asarray(scores, dtype=float).ravel())
+    if isinstance(scores, Mapping):
+        parts = [np.asarray(v, dtype=float).ravel() for v in scores.values()]
+        x = np.sort(np.concatenate(parts)) if parts else np.zeros(0)
+    else:
+        x = np.sort(np.asarray(scores, dtype=float).ravel())
     if x.size == 0:
         raise ValueError("interquartile_mean of no scores: expected at least one value")
+    nan = int(np.isnan(x).sum())
+    if nan:
+        raise ValueError(
+            f"interquartile_mean of {x.size} scores of which {nan} are NaN: leave out the runs without a score "
+            "(no evaluation, or none yet) first"
+        )
     cut = int(0.25 * x.size)
     return float(x[cut : x.size - cut].mean())
 
 
 def stratified_bootstrap_ci(
-    scores: np.ndarray,
-    statistic: Callable[[np.ndarray], float] = interquartile_mean,
+    scores: Scores,
+    statistic: Callable[[Scores], float] = interquartile_mean,
     *,
     reps: int = 2000,
     confidence: float = 0.95,
@@ -146,59 +209,85 @@ def stratified_bootstrap_ci(
 ) -> tuple[float, float, float]:
     """``(point, low, high)``: the statistic and its stratified-bootstrap percentile interval.
 
-    ``scores`` is ``(num_runs, num_tasks)``, as in rliable. Each replicate draws ``num_runs`` runs with
-    replacement independently in every task column (the stratification), so every task keeps its weight.
-    With one run the interval collapses to the point. NaN entries are not allowed.
+    ``scores`` is ``(num_runs, num_tasks)``, as in rliable, or a mapping task -> runs when the tasks have
+    different numbers of runs; ``statistic`` gets the resampled scores in the same layout. Each replicate
+    draws, in every task independently (the stratification), as many runs with replacement as that task
+    has, so every task keeps its number of runs (a pooled statistic such as the IQM weighs a task by its
+    runs); with equal counts a mapping gives exactly what its matrix gives. With one run the interval
+    collapses to the point. NaN entries are not allowed.
     """
-    x = np.asarray(scores, dtype=float)
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2 or x.size == 0:
-        raise ValueError(f"scores must be (num_runs, num_tasks) with at least one value, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("scores contain NaN or inf: drop or fill unfinished runs before bootstrapping")
+    tasks, columns, rebuild = _per_task(scores, "scores")
+    _check_runs(tasks, columns, "scores")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
-    point = float(statistic(x))
-    n_runs, n_tasks = x.shape
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_runs, size=(reps, n_runs, n_tasks))
-    resampled = np.take_along_axis(np.broadcast_to(x, (reps, n_runs, n_tasks)), idx, axis=1)
-    values = np.array([statistic(r) for r in resampled])
+    point = float(statistic(rebuild(columns)))
+    resampled = _resample(columns, np.random.default_rng(seed), (reps,))
+    values = np.array([statistic(rebuild([c[r] for c in resampled])) for r in range(reps)])
     alpha = 1.0 - confidence
     low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(low), float(high)
 
 
-def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+def probability_of_improvement(x: Scores, y: Scores) -> float:
     """P(X > Y) averaged over tasks (rliable's ``probability_of_improvement``, Agarwal et al. 2021).
 
-    ``x`` is ``(runs_x, tasks)``, ``y`` is ``(runs_y, tasks)``; per task it is the Mann-Whitney
-    statistic ``mean_ij [x_i > y_j] + 0.5 [x_i == y_j]``: 0.5 means neither is better.
+    ``x`` is ``(runs_x, tasks)`` and ``y`` ``(runs_y, tasks)``, or both mappings task -> runs with the same
+    tasks (each task with its own run counts); per task it is the Mann-Whitney statistic
+    ``mean_ij [x_i > y_j] + 0.5 [x_i == y_j]`` over all of that task's pairs: 0.5 means neither is better.
+    NaN is an error (it would count as neither greater nor equal).
     """
-    x, y = np.atleast_2d(np.asarray(x, dtype=float).T).T, np.atleast_2d(np.asarray(y, dtype=float).T).T
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same tasks (columns): {x.shape} vs {y.shape}")
-    greater = (x[:, None, :] > y[None, :, :]).mean(axis=(0, 1))
-    ties = (x[:, None, :] == y[None, :, :]).mean(axis=(0, 1))
-    return float(np.mean(greater + 0.5 * ties))
+    return float(np.mean([_mann_whitney(xc, yc) for xc, yc in zip(*_paired_tasks(x, y), strict=True)]))
+
+
+def _paired_tasks(x: Scores, y: Scores) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The runs of x and of y per task, y in x's task order; an error for other tasks, a task without
+    runs or NaN."""
+    x_tasks, x_columns, _ = _per_task(x, "x")
+    y_tasks, y_columns, _ = _per_task(y, "y")
+    if sorted(x_tasks) != sorted(y_tasks):
+        only_x, only_y = [t for t in x_tasks if t not in y_tasks], [t for t in y_tasks if t not in x_tasks]
+        raise ValueError(
+            f"x and y must have the same tasks (columns of an array, keys of a mapping): only in x: {only_x}, "
+            f"only in y: {only_y}"
+        )
+    y_by_task = dict(zip(y_tasks, y_columns, strict=True))
+    y_columns = [y_by_task[task] for task in x_tasks]
+    for task, xc, yc in zip(x_tasks, x_columns, y_columns, strict=True):
+        nan = int(np.isnan(xc).sum()), int(np.isnan(yc).sum())
+        if xc.size == 0 or yc.size == 0 or any(nan):
+            raise ValueError(
+                f"probability of improvement on task {task!r}: x has {xc.size} runs ({nan[0]} NaN), y has "
+                f"{yc.size} ({nan[1]} NaN); expected at least one run each and no NaN: leave out the runs without "
+                "a score (no evaluation, or none yet) first"
+            )
+    return x_columns, y_columns
+
+
+def _mann_whitney(x: np.ndarray, y: np.ndarray) -> float:
+    """``mean_ij [x_i > y_j] + 0.5 [x_i == y_j]`` of one task's runs."""
+    pairs = x.size * y.size
+    return np.count_nonzero(x[:, None] > y[None, :]) / pairs + 0.5 * (
+        np.count_nonzero(x[:, None] == y[None, :]) / pairs
+    )
 
 
 def improvement_ci(
-    x: np.ndarray, y: np.ndarray, *, reps: int = 2000, confidence: float = 0.95, seed: int = 0
+    x: Scores, y: Scores, *, reps: int = 2000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
     """``(point, low, high)`` of :func:`probability_of_improvement` with x and y resampled
-    independently within each task (rliable's ``StratifiedIndependentBootstrap``), percentile interval."""
-    x, y = np.atleast_2d(np.asarray(x, dtype=float).T).T, np.atleast_2d(np.asarray(y, dtype=float).T).T
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("scores contain NaN or inf: drop or fill unfinished runs before bootstrapping")
-    point = probability_of_improvement(x, y)
+    independently within each task (rliable's ``StratifiedIndependentBootstrap``), percentile interval;
+    as there, each task's runs of x (and of y) are drawn as many times as it has runs."""
+    x_tasks, x_columns, _ = _per_task(x, "x")
+    y_tasks, y_columns, _ = _per_task(y, "y")
+    _check_runs(x_tasks, x_columns, "x")
+    _check_runs(y_tasks, y_columns, "y")
+    x_columns, y_columns = _paired_tasks(x, y)
+    point = float(np.mean([_mann_whitney(xc, yc) for xc, yc in zip(x_columns, y_columns, strict=True)]))
     rng = np.random.default_rng(seed)
     values = np.empty(reps)
     for r in range(reps):
-        xi = np.take_along_axis(x, rng.integers(0, x.shape[0], size=x.shape), axis=0)
-        yi = np.take_along_axis(y, rng.integers(0, y.shape[0], size=y.shape), axis=0)
-        values[r] = probability_of_improvement(xi, yi)
+        xs, ys = _resample(x_columns, rng, ()), _resample(y_columns, rng, ())
+        values[r] = np.mean([_mann_whitney(xc, yc) for xc, yc in zip(xs, ys, strict=True)])
     alpha = 1.0 - confidence
     low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(low), float(high)
