@@ -136,9 +136,17 @@ class DataDependentInitCallback(BaseCallback):
 
     - On-policy (PPO, A2C, TRPO, RecurrentPPO, MaskablePPO): before the first rollout, a warm-up collection of
       ``n_samples`` observations with uniformly random actions (``model._last_obs`` holds only one
-      observation per env), the init, then a reset of the envs so the first rollout starts fresh and
-      its stored log-probabilities come from the initialised network. Warm-up steps are not counted
-      in ``num_timesteps``. MaskablePPO's warm-up draws uniformly among the actions the env's masks
+      observation per env), then the init, so every log-probability the first rollout stores comes from the
+      initialised network. The first rollout continues from the warm-up's last step, without a reset (which
+      ``Monitor(allow_early_resets=False)`` refuses mid-episode); RecurrentPPO's first step is marked an
+      episode start, so its LSTM memory starts empty there. Warm-up steps are not counted in ``num_timesteps``
+      and its finished episodes are not in ``ep_info_buffer`` (``rollout/ep_rew_mean``), but the env really
+      plays them: they are in a ``Monitor``'s file, and each env's first episode of training began in the
+      warm-up (its ``Monitor`` record and ``ep_info_buffer`` entry count up to ``ceil(n_samples / n_envs)``
+      random steps). The warm-up's steps update a ``VecNormalize``'s running statistics as training steps do;
+      with ``VecNormalize`` as the outermost wrapper, the init batch is the warm-up's raw observations
+      normalised once, with the statistics at its end (an inner one: as the env returned them, each with the
+      statistics of its step). MaskablePPO's warm-up draws uniformly among the actions the env's masks
       allow at each step (unless ``learn(use_masking=False)``), so it visits the states its policy can.
     - Off-policy (DQN, QR-DQN, SAC, TD3, TQC): SB3 acts uniformly at random while ``num_timesteps <
       learning_starts``, then with the policy (``OffPolicyAlgorithm._sample_action``). The init runs in
@@ -198,34 +206,43 @@ class DataDependentInitCallback(BaseCallback):
             raise TypeError(f"{type(self.model).__name__} is neither an on-policy nor an off-policy SB3 algorithm")
         observations, episode_starts = self._warm_up_observations()
         self._initialize(observations, None, episode_starts)
-        self.model._last_obs = self.model.env.reset()
-        self.model._last_episode_starts = np.ones((self.model.env.num_envs,), dtype=bool)
 
     def _warm_up_observations(self) -> tuple[Any, th.Tensor | None]:
         """The warm-up's observations and, for a recurrent policy, the episode starts of its
         sequences: RecurrentPPO's policy sees the warm-up as one sequence per env, as in its rollouts, so the
-        layers after its LSTMs are initialised on the hidden states they will see (not on first steps)."""
-        env = self.model.env
-        masked = isinstance(self.model, MaskablePPO) and self.locals.get("use_masking", True)
+        layers after its LSTMs are initialised on the hidden states they will see (not on first steps).
+        Leaves ``model._last_obs`` and ``model._last_episode_starts`` at the warm-up's last step."""
+        model, env = self.model, self.model.env
+        # VecNormalize's statistics move with every warm-up step: keep its raw observations, normalise them once
+        vec_normalize = model._vec_normalize_env if model._vec_normalize_env is env else None
+
+        def record(obs: Any) -> Any:
+            return obs if vec_normalize is None else vec_normalize.get_original_obs()
+
+        masked = isinstance(model, MaskablePPO) and self.locals.get("use_masking", True)
         if masked and not is_masking_supported(env):
             raise ValueError(
                 "MaskablePPO's env has no action_masks() method, so neither the init's random warm-up nor the "
                 "rollouts can respect invalid actions: wrap the env in sb3_contrib.common.wrappers.ActionMasker, "
                 "or learn with use_masking=False."
             )
-        batches = [self.model._last_obs]
-        starts = [np.asarray(self.model._last_episode_starts, dtype=bool)]
+        batches = [record(model._last_obs)]
+        starts = [np.asarray(model._last_episode_starts, dtype=bool)]
         for _ in range(math.ceil(self.n_samples / env.num_envs) - 1):
             if masked:
-                actions = sample_valid_actions(self.model.action_space, get_action_masks(env))
+                actions = sample_valid_actions(model.action_space, get_action_masks(env))
             else:
-                actions = np.array([self.model.action_space.sample() for _ in range(env.num_envs)])
-            obs, _, dones, _ = env.step(actions)
-            batches.append(obs)
-            starts.append(np.asarray(dones, dtype=bool))  # the next observation starts an episode
-        if isinstance(self.model.policy, RecurrentActorCriticPolicy):  # whole sequences, none cut short
-            return _sequences(batches), th.as_tensor(np.stack(starts, axis=1))
-        return first_rows(_stack_observations(batches), self.n_samples), None
+                actions = np.array([model.action_space.sample() for _ in range(env.num_envs)])
+            model._last_obs, _, dones, _ = env.step(actions)
+            model._last_episode_starts = np.asarray(dones, dtype=bool)  # the next observation starts an episode
+            batches.append(record(model._last_obs))
+            starts.append(model._last_episode_starts)
+        normalize = (lambda obs: obs) if vec_normalize is None else vec_normalize.normalize_obs
+        if isinstance(model.policy, RecurrentActorCriticPolicy):  # whole sequences, none cut short
+            # mid-episode, the LSTM states hold none of it: the policy zeroes them where an episode starts
+            model._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
+            return normalize(_sequences(batches)), th.as_tensor(np.stack(starts, axis=1))
+        return normalize(first_rows(_stack_observations(batches), self.n_samples)), None
 
     def _check_off_policy_warm_up(self) -> None:
         model = self.model

@@ -271,9 +271,10 @@ class InferenceWeightCache:
     gradients flow through); without gradients it keeps a :func:`wn_rl.cached` context open, keyed by
     every parameter's storage and in-place version counter and the process's count of ``torch.optim`` steps, so
     an optimizer step (fused ones too, whose writes leave the version counter as it was) or ``load_state_dict``
-    invalidates it. Updates through ``.data`` (SB3's ``polyak_update``) do not bump the version
-    counter: networks updated that way (targets) must set ``weight_cache_enabled = False``, and owners
-    release the cache whenever training starts.
+    invalidates it. Updates through ``.data`` (SB3's ``polyak_update``, shrink-and-perturb) bump no version
+    counter, and no cheap key shows them (only the values do): networks updated that way (targets) must set
+    ``weight_cache_enabled = False``, owners release the cache whenever training starts, and a user who writes
+    an online network through ``.data`` calls its policy's ``release_weight_cache()``.
     """
 
     weight_cache_enabled: bool = True

@@ -164,8 +164,22 @@ class _WnQPolicyMixin(WnPolicyOptions):
         it: SB3 calls ``set_training_mode(False)`` on every ``predict``, and the cache's key (every
         parameter's storage and version) already tells whether an update changed the weights since."""
         if mode:
-            self._online_net()._release_weight_cache()
+            self.release_weight_cache()
         super().set_training_mode(mode)
+
+    def release_weight_cache(self) -> None:
+        """Drop the effective weights w = g v / ||v|| that the online network keeps for acting, so the next
+        no-grad forward (``predict``, ``q_net(obs)`` under ``no_grad``) computes them from the parameters again.
+
+        Call it after writing the online network's parameters through ``.data`` (``p.data.mul_(0.5)``,
+        shrink-and-perturb, SB3's ``polyak_update`` into it): such writes bump no version counter and take no
+        optimizer step, so the cache cannot see them and acting would use the old weights until the next
+        optimizer step or training phase (never, for a model used only to predict). No cheap check finds them:
+        only the parameters' values show them, and reading every parameter per forward costs what the cache
+        saves. Optimizer steps, in-place ops on the parameters themselves (``with torch.no_grad(): p.mul_(0.5)``),
+        ``load_state_dict``, ``set_parameters`` and the data-dependent init need no call."""
+        self._online_net()._release_weight_cache()
+        self._target_net()._release_weight_cache()
 
 
 class WnDQNPolicy(_WnQPolicyMixin, DQNPolicy):
@@ -174,6 +188,10 @@ class WnDQNPolicy(_WnQPolicyMixin, DQNPolicy):
     Initialization is owned by the policy (paper section 3), not by PyTorch's default: use
     :class:`wn_rl.sb3.DataDependentInitCallback`; ``init_scale`` sets the target std per part
     (``features``, ``hidden``, ``q``; all 1 by default).
+
+    Acting (no-grad forwards of ``q_net``) reuses the effective weights until an optimizer step or an in-place
+    change of a parameter; after writing the parameters through ``.data`` (``p.data.mul_``, shrink-and-perturb,
+    ``polyak_update`` into ``q_net``), which neither shows, call :meth:`release_weight_cache`.
 
     Args:
         parameterization: ``"weight_norm"`` (default) or any name of :data:`wn_rl.PARAMETERIZATIONS`.
@@ -211,7 +229,8 @@ class WnMultiInputPolicy(WnDQNPolicy):
 
 class WnQRDQNPolicy(_WnQPolicyMixin, QRDQNPolicy):
     """sb3-contrib's ``QRDQNPolicy`` with the quantile network (and its target) in a chosen
-    parameterization; arguments and initialization as :class:`WnDQNPolicy` plus ``n_quantiles``."""
+    parameterization; arguments, initialization and the acting weight cache (:meth:`release_weight_cache` after
+    writes through ``.data``) as :class:`WnDQNPolicy`, plus ``n_quantiles``."""
 
     vector_policy = "WnQRDQNMlpPolicy"
     image_policy = "WnQRDQNCnnPolicy"
