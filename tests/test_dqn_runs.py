@@ -233,3 +233,33 @@ def test_cartpole_learns_clearly_better_than_random(tmp_path):
     assert summary["best_epoch_mean"] > 60, summary
     scalars = _scalars(tmp_path / "run")
     assert max(scalars["train/episode_return"]) > 50
+
+
+def test_a_fractional_update_rate_owes_every_update_despite_float_sums():
+    """3 envs, one update per 2.5 agent steps, learning from step 200 to 1,200: 400 updates. The float credit of
+    1.2 per vector step summed to 0.99999... at the end and int() dropped one (399)."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(agent=SimpleNamespace(learning_starts_agent_steps=200, agent_steps_per_update=2.5)),
+        learn_after=0,
+        update_credit=0.0,
+    )
+    owed = sum(Trainer._updates_owed(trainer, step, step + 3) for step in range(0, 1200, 3))
+    assert owed == 400 and 0.0 <= trainer.update_credit < 1e-6
+
+
+def test_data_dependent_init_on_fewer_observations_than_asked_warns_with_the_count(tmp_path):
+    overrides = [
+        f"run.runs_dir={tmp_path}",
+        "run.progress_bar=false",
+        "run.total_agent_steps=200",
+        "env.num_envs=8",
+        "agent.n_step=3",
+        "agent.batch_size=64",
+        "agent.learning_starts_agent_steps=64",
+        "network.ddi_batch_size=256",
+        "eval.every_agent_steps=0",
+    ]
+    with pytest.warns(UserWarning, match=r"data-dependent init on \d+ observations, not network.ddi_batch_size=256"):
+        Trainer(load_dqn_config("configs/dqn/cartpole.yaml", overrides), tmp_path / "run").run()

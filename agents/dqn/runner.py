@@ -73,6 +73,8 @@ from wn_rl.signals import StopOnSignals
 # importable from here, their first home (wn_rl.analysis.study imports SAFE_TO_CHANGE from here).
 __all__ = ["SAFE_TO_CHANGE", "EnvNonFiniteError", "Trainer", "pick_device", "run_dir_for"]
 
+CREDIT_ROUNDING = 1e-9  # update credit this close below a whole number counts as reaching it (float sums of fractions)
+
 
 def pick_device(name: str) -> torch.device:
     """``run.device``: ``auto`` -> cuda when available, else cpu; an explicit device is checked to exist."""
@@ -269,7 +271,16 @@ class Trainer:
             self._initialized = True
             return
         self._initialized = True
-        obs = self.replay.recent_observations(self.config.network.ddi_batch_size)
+        wanted = self.config.network.ddi_batch_size
+        obs = self.replay.recent_observations(wanted)
+        if obs.shape[0] < wanted:
+            warnings.warn(
+                f"data-dependent init on {obs.shape[0]} observations, not network.ddi_batch_size={wanted}: the replay "
+                f"holds only {obs.shape[0]} complete transitions at the learning start (agent step "
+                f"{self.agent_step:,}; {self.spec.num_envs} envs, n_step {self.config.agent.n_step}). Raise "
+                "agent.learning_starts_agent_steps for a fuller init batch.",
+                stacklevel=2,
+            )
         report = wn_rl.data_dependent_init(q, obs)
         self.learner.sync_target()
         self.update_runner.mark_changed()
@@ -284,8 +295,9 @@ class Trainer:
         if after <= start:
             return 0
         self.update_credit += (after - max(before, start)) / a.agent_steps_per_update
-        owed = int(self.update_credit)
-        self.update_credit -= owed
+        # a float running sum of fractions (3 / 2.5 per step) ends a hair below the whole number it should reach
+        owed = int(self.update_credit + CREDIT_ROUNDING)
+        self.update_credit = max(self.update_credit - owed, 0.0)
         return owed
 
     def _store_pending(self) -> None:
