@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -374,3 +375,34 @@ def test_zero_rows_convert_to_exp_scale_with_finite_parameters_and_zero_weights(
     torch.testing.assert_close(converted[1](h), plain[1](h))
     folded = remove_weight_norm(converted)
     assert not folded[0].weight[1].any() and not folded[1].weight[0].any() and not folded[2].weight_hh[3].any()
+
+
+@pytest.mark.parametrize("where", ["top", "inside"])
+def test_converting_a_compiled_layer_trains_the_new_parameters(where):
+    """torch.compile binds its forward to the layer it wraps: swapping its _orig_mod left the compiled module
+    running the old layer, so the new v and g got no gradient and changing them changed nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    compiled = torch.compile(nn.Linear(3, 3), backend="eager")
+    model = wn_rl.weight_norm(compiled if where == "top" else nn.Sequential(compiled))
+    layer = compiled._orig_mod
+    assert isinstance(layer, wn_rl.WNLinear)
+    with torch.no_grad():
+        layer.g.mul_(2)
+    y = model(x)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert layer.v.grad is not None and layer.g.grad is not None
+    folded = wn_rl.remove_weight_norm(model)
+    plain = compiled._orig_mod
+    assert type(plain) is nn.Linear
+    with torch.no_grad():
+        plain.weight.mul_(3)
+    torch.testing.assert_close(folded(x), plain(x))
+
+
+def test_mlp_overrides_take_integer_layer_indices_only():
+    for key in (1.5, "-1", True):
+        with pytest.raises(ValueError, match="must be an integer layer index"):
+            wn_rl.mlp([3, 4, 2], "batch_norm", overrides={key: "weight_norm"})
+    assert isinstance(wn_rl.mlp([3, 4, 2], "batch_norm", overrides={np.int64(-1): "normal"})[-1], nn.Linear)

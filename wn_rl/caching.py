@@ -6,7 +6,8 @@ in place (an optimizer step, ``load_state_dict``, data-dependent init; PyTorch c
 after any ``torch.optim`` step (a fused optimizer's writes are not counted in ``_version``),
 was replaced (``layer.v = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``) or given new storage
 (``v.data = ...``), after a backward pass went through it (that pass freed its graph, so truncated
-backpropagation through time and gradient accumulation inside one block work), and where it was computed
+backpropagation through time, and gradient accumulation where each micro-batch's forward is followed by its
+backward, work inside one block), and where it was computed
 without a graph that gradients now need (acting under ``no_grad``, then training). A module with inference
 tensors as parameters (built under ``torch.inference_mode``) is never cached: their in-place changes are not
 counted. ``wn_rl.layers`` still resolves these names.
@@ -160,7 +161,14 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
     policy's rollout. Gradients still flow to g and v through the one shared weight. A weight is
     recomputed after its parameters change in place (an optimizer step) or are replaced, and after a
     backward pass through it, so a block may hold several training steps. Nestable; released when the block exits,
-    by an exception too."""
+    by an exception too.
+
+    Outputs that share one cached weight are differentiated in one backward: sum their losses (or pass
+    ``retain_graph=True``). Two forwards followed by two separate backwards fail on the second ("backward through
+    the graph a second time"), as with ``torch.nn.utils.parametrize.cached``: the first freed the shared weight's
+    graph. The cache belongs to the module, not to the thread: while a block is open, every thread that runs the
+    model reuses its weights, so give another thread its own copy of the model (as the native DQN's update thread
+    has)."""
     modules = _cacheable(model)
     for module in modules:
         module._cache_depth += 1

@@ -262,7 +262,18 @@ def _replace_leaves(
         new = child if child is None else _replace_leaves(child, replace, done)
         if new is not child:
             setattr(module, name, new)
+            if name == "_orig_mod":
+                _rebind_compiled(module)
     return module
+
+
+def _rebind_compiled(module: nn.Module) -> None:
+    """A ``torch.compile``d module whose ``_orig_mod`` was just replaced: its forward was bound to the old module's
+    ``__call__``, so it would run the old layer and the new parameters would never train. Rebind it."""
+    from torch._dynamo.eval_frame import OptimizedModule  # here: importing dynamo costs a second at import time
+
+    if isinstance(module, OptimizedModule):
+        module._initialize()
 
 
 def weight_norm(module: nn.Module, *, init_scale: float = 1.0, scale: str = "linear") -> nn.Module:

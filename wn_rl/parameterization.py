@@ -282,6 +282,11 @@ def mlp(
     default = Parameterization.get(parameterization)
     chosen = {i: default for i in range(n_layers)}
     for index, value in (overrides or {}).items():
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(
+                f"override key {index!r} must be an integer layer index (0 the first layer, -1 the last), e.g. "
+                "overrides={-1: 'normal'} for an unnormalised head"
+            )
         if not -n_layers <= index < n_layers:
             raise ValueError(f"override index {index} is out of range for {n_layers} layers")
         chosen[index % n_layers] = Parameterization.get(value)
