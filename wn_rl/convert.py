@@ -9,8 +9,9 @@ torch layer with identical outputs, for deployment and export. Recurrent layers 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -152,11 +153,21 @@ def _to_wn_cell(plain: Any, cell: WNRNNCellBase, scale: str) -> WNRNNCellBase:
 
 
 def _to_wn_stack(plain: nn.RNNBase, scale: str) -> WNRNNBase:
-    stack = _STACKS[type(plain)](**_stack_options(plain), **_factory(plain.weight_ih_l0), scale=scale)
+    with _same_options_warned_already():
+        stack = _STACKS[type(plain)](**_stack_options(plain), **_factory(plain.weight_ih_l0), scale=scale)
     for layer in range(plain.num_layers):
         for reverse in range(stack.num_directions):
             _to_wn_cell(_layer_weights(plain, layer, bool(reverse)), stack.cell(layer, bool(reverse)), scale)
     return stack
+
+
+@contextlib.contextmanager
+def _same_options_warned_already() -> Iterator[None]:
+    """Building a stack from another's options: torch's warning on dropout with one layer was given when the user
+    built the original, so it is not repeated for its replacement."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dropout option adds dropout after all but last recurrent layer")
+        yield
 
 
 def _convert_leaf(module: nn.Module, init_scale: float, scale: str) -> nn.Module | None:
@@ -410,7 +421,8 @@ def _fold_cell(cell: WNRNNCellBase, plain: Any) -> None:
 
 
 def _fold_stack(stack: WNRNNBase) -> nn.RNNBase:
-    plain = _PLAIN_STACKS[type(stack)](**_stack_options(stack), **_factory(stack.cells[0].v_ih))
+    with _same_options_warned_already():
+        plain = _PLAIN_STACKS[type(stack)](**_stack_options(stack), **_factory(stack.cells[0].v_ih))
     for layer in range(stack.num_layers):
         for reverse in range(stack.num_directions):
             _fold_cell(stack.cell(layer, bool(reverse)), _layer_weights(plain, layer, bool(reverse)))

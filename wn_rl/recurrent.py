@@ -71,6 +71,36 @@ def _run_kernel(name: str, *args: Any) -> tuple[Tensor, ...]:
 _run_kernel_eagerly = torch.compiler.disable(_run_kernel)
 
 
+def _check_stack_options(
+    owner: str, dropout: Any, num_layers: Any, bias: Any, batch_first: Any, stacklevel: int
+) -> None:
+    """Refuse (and warn about) what ``nn.RNNBase.__init__`` refuses (and warns about), in its order and with its
+    messages, before anything is allocated: ``dropout`` a number (not a bool) in [0, 1], ``bias`` and
+    ``batch_first`` bools; dropout with a single layer drops nothing, so it is only warned about."""
+    refused = (
+        f"{owner}: dropout={dropout!r} is refused: dropout should be a number in range [0, 1] representing the "
+        "probability of an element being zeroed"
+    )
+    try:  # torch stores float(dropout) first, so what float() refuses (None, "x") fails there, with its type
+        float(dropout)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{refused} ({error})") from error
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError(refused)
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects num_layers "
+            f"greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+            stacklevel=stacklevel,
+        )
+    for arg, value in (("bias", bias), ("batch_first", batch_first)):
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{owner}: {arg} should be of type bool, got: {type(value).__name__} ({arg}={value!r}; "
+                "pass True or False)"
+            )
+
+
 class WNRNNBase(nn.Module):
     """What :class:`WNLSTM`, :class:`WNGRU` and :class:`WNRNN` share: a stack of weight-normalized cells,
     ``num_layers`` deep and one or two directions wide, in ``cells`` (index ``layer * num_directions +
@@ -89,6 +119,7 @@ class WNRNNBase(nn.Module):
     _cell_cls: type[WNRNNCellBase]
     _has_cell_state = False  # an LSTM's state is (h, c)
     _kernel: str  # the torch._VF function that runs the whole stack
+    mode: str  # nn.RNNBase's: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
     bidirectional = False  # the class default serves WNLSTMs pickled before the option existed (one direction)
     proj_size = 0  # h has hidden_size features, as in torch's GRU and RNN; and in WNLSTMs pickled before the option
 
@@ -109,6 +140,9 @@ class WNRNNBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        # the warning points at the caller of WNLSTM(...)/WNRNN(...), whose __init__ calls this one, or of WNGRU(...)
+        stacklevel = 3 if type(self).__init__ is WNRNNBase.__init__ else 4
+        _check_stack_options(name, dropout, num_layers, bias, batch_first, stacklevel)
         sizes = {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}
         for arg, value in sizes.items():  # any integer type (nn.LSTM takes num_layers=np.int64(2)), stored as int
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -116,8 +150,6 @@ class WNRNNBase(nn.Module):
         input_size, hidden_size, num_layers = (int(value) for value in sizes.values())
         if "proj_size" in cell_kwargs:  # an LSTM's, checked before any cell is allocated
             self.proj_size = cell_kwargs["proj_size"] = _check_proj_size(name, cell_kwargs["proj_size"], hidden_size)
-        if not 0.0 <= dropout <= 1.0:  # as torch's: 1 drops every output between layers, and is allowed
-            raise ValueError(f"{name}: dropout={dropout!r} must lie in [0, 1]")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -219,9 +251,24 @@ class WNRNNBase(nn.Module):
             flat.extend(weights[2:])
         return flat
 
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """As ``nn.RNNBase.all_weights``: per layer and direction (``cells`` order), the effective weights and the
+        biases in the torch module's order, the weights computed now (so assigning to them changes nothing)."""
+        flat = self._flat_weights()
+        per_cell = len(flat) // len(self.cells)
+        return [flat[start : start + per_cell] for start in range(0, len(flat), per_cell)]
+
     def _fused(self, input: Tensor, batch_sizes: Tensor | None, states: State) -> tuple[Tensor, State]:
         """PyTorch's fused recurrent kernel (the CPU's, or cuDNN's) run with the effective weights, as
-        ``nn.LSTM.forward`` runs it with its own: the same outputs from the same weights, at its speed."""
+        ``nn.LSTM.forward`` runs it with its own: the same outputs from the same weights, at its speed. As there,
+        ``input`` must have the weights' dtype but under autocast, which casts both for the kernel."""
+        weight_dtype = self.cells[0].v_ih.dtype  # the effective weights' dtype (w is computed in v's)
+        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})"
+            )
         hx = states if self._has_cell_state else states[0]
         options = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         run = _run_kernel if getattr(torch._dynamo.config, "allow_rnn", False) else _run_kernel_eagerly
@@ -282,6 +329,7 @@ class WNLSTM(WNRNNBase):
     _cell_cls = WNLSTMCell
     _has_cell_state = True
     _kernel = "lstm"
+    mode = "LSTM"
 
     def __init__(
         self,
@@ -309,6 +357,7 @@ class WNGRU(WNRNNBase):
 
     _cell_cls = WNGRUCell
     _kernel = "gru"
+    mode = "GRU"
 
 
 class WNRNN(WNRNNBase):
@@ -343,6 +392,10 @@ class WNRNN(WNRNNBase):
     @property
     def _kernel(self) -> str:
         return f"rnn_{self.nonlinearity}"
+
+    @property
+    def mode(self) -> str:
+        return f"RNN_{self.nonlinearity.upper()}"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"

@@ -155,9 +155,14 @@ class WNRNNCellBase(_CachedWeights):
     def _zero_state(self, input: Tensor) -> Any:
         return input.new_zeros(input.size(0), self.hidden_size)
 
+    def _check_call(self, input: Tensor, hx: Any) -> None:
+        """Refuse what the step's kernel would not name, before the weights are computed (``input`` 1D or 2D and
+        ``hx`` as given): nothing here, torch's cell kernels check the sizes themselves."""
+
     def forward(self, input: Tensor, hx: Any = None) -> Any:
         if input.dim() not in (1, 2):
             raise ValueError(f"{type(self).__name__} expects a 1D or 2D input, got shape {tuple(input.shape)}")
+        self._check_call(input, hx)
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
@@ -226,6 +231,31 @@ class WNLSTMCell(WNRNNCellBase):
         if not self.proj_size:
             raise AttributeError("weight_hr: this WNLSTMCell has no projection (proj_size=0)")
         return self._weights()[2]
+
+    def _check_call(self, input: Tensor, hx: Any) -> None:
+        """A projected cell's sizes, as torch's cell kernels check them (``nn.LSTMCell`` says "input has
+        inconsistent input_size"): its step runs torch's LSTM kernel, whose errors name neither."""
+        if not self.proj_size:
+            return  # torch's lstm_cell kernel checks the sizes
+        owner = f"WNLSTMCell(proj_size={self.proj_size})"
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"{owner}: input has inconsistent input_size: got {input.size(-1)} expected {self.input_size} "
+                f"(input of shape {tuple(input.shape)})"
+            )
+        if hx is None:
+            return
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(s, Tensor) for s in hx):
+            got = f"{len(hx)} items" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise ValueError(f"{owner} expects hx = (h, c), two tensors, got {got}")
+        batch = tuple(input.shape[:-1])  # () for an unbatched input
+        for index, (state, size) in enumerate(zip(hx, (self.proj_size, self.hidden_size), strict=True)):
+            if tuple(state.shape) != (*batch, size):
+                raise RuntimeError(
+                    f"{owner}: hx[{index}] has shape {tuple(state.shape)}, expected {(*batch, size)}: h is "
+                    f"(batch, proj_size={self.proj_size}) and c (batch, hidden_size={self.hidden_size}), both without "
+                    "the batch dimension for an unbatched input"
+                )
 
     def _zero_state(self, input: Tensor) -> tuple[Tensor, Tensor]:
         c = super()._zero_state(input)
