@@ -497,3 +497,14 @@ def test_sigterm_checkpoints_and_exits_143_then_the_same_command_finishes(tmp_pa
     assert "resuming from" in done.stdout and "epoch 1/30" not in done.stdout
     (final,) = (tmp_path / "ck").glob("*.pt")
     assert len(torch.load(final, weights_only=True)["curves"]["test_error"]) == 30
+
+
+def test_zca_fitted_on_fewer_images_than_features_warns(tmp_path):
+    """A train_subset of 1,000 images: the covariance of 3,072 features is singular and the test images come out
+    tens of times larger than the training ones; the run warns and says to use zca=false."""
+    from wn_rl.data.synthetic import write_cifar10
+    from wn_rl.models.cifar_experiment import CifarConfig, prepare_cifar
+
+    write_cifar10(tmp_path, n_train=50, n_test=10)
+    with pytest.warns(UserWarning, match=r"zca=true fitted on 50 training images, no more than their 3,072 features"):
+        prepare_cifar(CifarConfig(data_dir=str(tmp_path), device="cpu"))

@@ -231,8 +231,14 @@ def test_free_bits_and_polyak_average():
     model = torch.nn.Linear(2, 1)
     average = PolyakAverage(model, decay=0.9)
     start = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    average.update(model)
-    torch.testing.assert_close(average.model.weight, start + 0.1)
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        seen.append(model.weight.detach().clone())
+        average.update(model)
+    # bias-corrected: the initial weights get no share; the models after updates 1..3 weigh 0.81, 0.9, 1 (/ 2.71)
+    expected = (0.81 * seen[0] + 0.9 * seen[1] + seen[2]) / 2.71
+    torch.testing.assert_close(average.model.weight, expected)
+    assert not torch.allclose(average.model.weight, 0.729 * start + 0.271 * expected)  # not the uncorrected rule
     assert PolyakAverage.decay_for(600, 10) == pytest.approx(1 - 1 / 6000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +71,7 @@ class CifarConfig:
     widths: tuple[int, ...] = (96, 192)
     "channels of the 96- and 192-map stages (Table 1); smaller for quick runs"
     zca: bool = True
-    "ZCA-whiten the images (Table 1); false skips the 3072x3072 eigendecomposition for quick runs"
+    "ZCA-whiten the images (Table 1); needs more training images than 3072 features; false for quick runs"
     zca_regularization: float = 1e-5
     "added to the covariance eigenvalues before 1/sqrt (reference code: 1e-5 on [0, 1] images)"
     train_subset: int = 0
@@ -159,6 +160,15 @@ def prepare_cifar(config: CifarConfig, device: torch.device | None = None) -> Ci
     if config.test_subset:
         test_x, test_y = test_x[: config.test_subset], test_y[: config.test_subset]
     if config.zca:
+        features = train_x[0].numel()
+        if len(train_x) <= features:
+            warnings.warn(
+                f"zca=true fitted on {len(train_x):,} training images, no more than their {features:,} features: the "
+                "covariance is singular, and the directions the training images never take get a gain of "
+                f"1/sqrt(zca_regularization={config.zca_regularization:g}), so test images come out on another scale "
+                "(tens of times larger) than training ones. Use zca=false for short runs on a train_subset.",
+                stacklevel=2,
+            )
         zca = fit_zca(train_x, config.zca_regularization)
         train_x, test_x = zca(train_x), zca(test_x)
     return CifarData(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device))

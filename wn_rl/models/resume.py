@@ -130,6 +130,7 @@ class LoopState:
         }
         if self.polyak is not None:
             payload["polyak"] = self.polyak.model.state_dict()
+            payload["polyak_updates"] = self.polyak.updates
         update = epochs_done * self.steps_per_epoch + (0 if progress is None else progress.step)
         return self.run.save(payload, update, epochs_done)
 
@@ -139,6 +140,9 @@ class LoopState:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.polyak is not None:
             self.polyak.model.load_state_dict(state["polyak"])
+            # a checkpoint from before the bias correction: its average carries the initial weights' share, which
+            # the uncorrected rule (what a huge count gives: decay**t == 0) continues
+            self.polyak.updates = int(state.get("polyak_updates", 2**62))
         set_rng_state(state["rng"], self.generator)
         self.result = type(self.result)(**state["curves"])
         return int(state["epoch"]), EpochProgress.from_state(state["progress"])
