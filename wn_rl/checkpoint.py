@@ -19,12 +19,14 @@ carries ``format_version`` so that old checkpoints keep loading.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import re
 import threading
 import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,10 @@ __all__ = [
 FORMAT_VERSION = 1
 MARKER_SUFFIX = ".complete.json"
 _PLAIN = (str, int, float, bool, type(None))
+_KEYS = (str, int, bool)
+_MAPPINGS = (dict, OrderedDict, Counter)
+_SEQUENCES = (list, tuple, torch.Size)
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class CheckpointError(RuntimeError):
@@ -59,24 +65,31 @@ class CheckpointError(RuntimeError):
 
 
 def _check_plain(value: Any, where: str) -> None:
-    # exact types: subclasses such as numpy.float64 (a float) or an IntEnum pickle as their own class,
-    # which torch.load(weights_only=True) refuses, so the checkpoint would be written but never load
-    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
+    # exact types: a subclass (numpy.float64 of float, an IntEnum key, a namedtuple, a defaultdict) pickles as
+    # its own class, which torch.load(weights_only=True) refuses, so the checkpoint would be written but never
+    # load. The subclasses allowed are those weights_only loads: OrderedDict (every state_dict()), Counter,
+    # torch.Size, Parameter.
+    if type(value) in _TENSORS or type(value) in _PLAIN:
         return
-    if isinstance(value, dict):
+    if type(value) in _MAPPINGS:
         for key, item in value.items():
-            if not isinstance(key, str | int):
-                raise TypeError(f"checkpoint key {where}[{key!r}] must be a str or int, got {type(key).__name__}")
+            if type(key) not in _KEYS:
+                raise TypeError(
+                    f"checkpoint key {where}[{key!r}] is a {type(key).__name__}; keys must be of type str, int "
+                    "or bool exactly (subclasses such as an IntEnum do not load with weights_only=True): "
+                    "convert it, e.g. str(key) or int(key)"
+                )
             _check_plain(item, f"{where}[{key!r}]")
         return
-    if isinstance(value, list | tuple):
+    if type(value) in _SEQUENCES:
         for i, item in enumerate(value):
             _check_plain(item, f"{where}[{i}]")
         return
     raise TypeError(
         f"checkpoint value {where} is a {type(value).__name__}; checkpoints hold only tensors and plain data "
-        "(dict, list, tuple, str, int, float, bool, None) so they load with torch.load(weights_only=True). "
-        "Store a state_dict() or convert the value to plain data."
+        "(dict, OrderedDict, list, tuple, str, int, float, bool, None; exactly these types, no subclass such "
+        "as a namedtuple or defaultdict) so they load with torch.load(weights_only=True). "
+        "Store a state_dict() or convert the value to plain data (dict(...), tuple(...))."
     )
 
 
@@ -236,12 +249,21 @@ def load_checkpoint(
 _STEP = re.compile(r"(\d+)")
 
 
-def complete_checkpoints(directory: str | os.PathLike, prefix: str = "checkpoint_") -> list[Path]:
-    """Checkpoints in ``directory`` that have a completion marker, oldest first (by the number in the name)."""
-    directory = Path(directory)
+def _checkpoint_files(directory: Path, prefix: str) -> list[Path]:
+    """The files named ``prefix`` + digits (the step, maybe none) + ``.pt`` in ``directory``: not the checkpoints
+    of a prefix it begins (``run_1`` is not ``run_10_7.pt``'s), nor directories."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.glob(f"{prefix}*.pt") if _marker(p).exists()]
+    name = re.compile(re.escape(prefix) + r"\d*\.pt")
+    return [p for p in directory.glob(f"{glob.escape(prefix)}*.pt") if name.fullmatch(p.name) and p.is_file()]
+
+
+def complete_checkpoints(directory: str | os.PathLike, prefix: str = "checkpoint_") -> list[Path]:
+    """Checkpoints in ``directory`` that have a completion marker, oldest first (by the number in the name).
+
+    A checkpoint is named ``prefix`` + its step + ``.pt`` (``checkpoint_000000000200.pt``) or ``prefix`` + ``.pt``:
+    end ``prefix`` in a non-digit, or a run ``run_1``'s checkpoints and ``run_10``'s look alike."""
+    found = [p for p in _checkpoint_files(Path(directory), prefix) if _marker(p).exists()]
 
     def key(p: Path) -> tuple[int, str]:
         numbers = _STEP.findall(p.stem)
@@ -284,7 +306,8 @@ def prune_checkpoints(
     directory: str | os.PathLike, keep: int, prefix: str = "checkpoint_", *, written: str | os.PathLike | None = None
 ) -> list[Path]:
     """Delete all but the ``keep`` newest complete checkpoints (marker first, so a kill mid-way never
-    leaves a marker without its file). Returns the deleted paths.
+    leaves a marker without its file). Returns the deleted paths. Names as in :func:`complete_checkpoints`
+    (``prefix`` + step + ``.pt``; end ``prefix`` in a non-digit).
 
     ``written``: the checkpoint just written by a run that resumed from the newest one it could load. It is never
     deleted, and ``keep`` counts it and those before it. Checkpoints numbered after it are deleted: the resume
@@ -317,11 +340,11 @@ def prune_checkpoints(
 def remove_incomplete(directory: str | os.PathLike, prefix: str = "checkpoint_") -> list[Path]:
     """Delete what writers killed mid-way left in ``directory``: temporary files (``.NAME.tmp-PID``) and
     checkpoints without a completion marker (invisible to every reader). Call it only while no other
-    process writes to ``directory`` (at the start of a run). Returns the deleted paths."""
+    process writes to ``directory`` (at the start of a run). Returns the deleted paths. Names as in
+    :func:`complete_checkpoints` (``prefix`` + step + ``.pt``; end ``prefix`` in a non-digit); directories
+    are left alone."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.glob(f"{prefix}*.pt") if not _marker(p).exists()]
+    stale = [p for p in _checkpoint_files(directory, prefix) if not _marker(p).exists()]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -330,9 +353,15 @@ def remove_incomplete(directory: str | os.PathLike, prefix: str = "checkpoint_")
 
 def remove_temporaries(directory: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Delete the temporary files (``.NAME.tmp-PID``) that writers killed before their rename left in
-    ``directory`` (names starting with ``prefix``). Only while no other process writes there."""
+    ``directory``. Only while no other process writes there.
+
+    ``prefix=""`` deletes every one; otherwise those of a checkpoint or its marker named as in
+    :func:`complete_checkpoints` (``prefix`` + step + ``.pt``; end ``prefix`` in a non-digit), or of
+    ``prefix`` itself and its marker (``prefix="NAME.pt"``: one file's temporaries)."""
     directory = Path(directory)
-    stale = [p for p in directory.glob(f".{prefix}*.tmp-*") if p.is_file()] if directory.is_dir() else []
+    name = re.compile(r"\." + re.escape(prefix) + r"(\d*\.pt)?(" + re.escape(MARKER_SUFFIX) + r")?\.tmp-\d+")
+    found = directory.glob(f".{glob.escape(prefix)}*.tmp-*") if directory.is_dir() else []
+    stale = [p for p in found if (not prefix or name.fullmatch(p.name)) and p.is_file()]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

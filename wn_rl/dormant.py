@@ -116,8 +116,10 @@ def _unit_means(name: str, output: Any) -> Tensor:
             f"layer {name!r} returned {shape}; dormant units need a (batch, units) or (batch, channels, ...) "
             "tensor: pick activation modules with layers=[...]"
         )
-    magnitude = output.detach().abs().to(torch.promote_types(output.dtype, torch.float32))
-    return magnitude.mean(dim=[0, *range(2, output.dim())])
+    # summed in float64: float32 sums of finite magnitudes near its largest value (3.4e38) overflow to inf; the
+    # mean itself fits the output's dtype
+    means = output.detach().abs().mean(dim=[0, *range(2, output.dim())], dtype=torch.float64)
+    return means.to(torch.promote_types(output.dtype, torch.float32))
 
 
 def _scores(name: str, calls: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -128,11 +130,14 @@ def _scores(name: str, calls: list[Tensor]) -> tuple[Tensor, Tensor]:
             f"layer {name!r} was called {len(calls)} times with different numbers of units "
             f"{[c.numel() for c in calls]}; give each layer its own activation module"
         )
-    mean_abs = torch.stack(calls).mean(0)
+    # in float64, and the layer mean as a sum of unit means / H: a plain mean of finite unit means near the
+    # dtype's largest value (3.4e38 in float32) sums to inf, which made every s_i 0 and the layer all dormant
+    mean_abs = torch.stack(calls).to(torch.float64).mean(0)
     non_finite = (~mean_abs.isfinite()).sum()
-    layer_mean = mean_abs.mean()
+    layer_mean = (mean_abs / mean_abs.numel()).sum()  # finite when every unit mean is
     scores = torch.where(layer_mean > 0, mean_abs / layer_mean.clamp_min(torch.finfo(mean_abs.dtype).tiny), 0.0)
-    return torch.where(non_finite > 0, math.nan, scores), non_finite
+    scores = torch.where((non_finite > 0) | ~layer_mean.isfinite(), math.nan, scores)
+    return scores.to(calls[0].dtype), non_finite
 
 
 def _to_host(tensors: list[Tensor]) -> list[Tensor]:

@@ -118,6 +118,14 @@ def hardware_info() -> dict[str, Any]:
     }
 
 
+def _cwd() -> str | None:
+    """The working directory, or None when it cannot be read (it was deleted under the process)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
 def provenance(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Everything needed to trace a result: git state, library versions, hardware, command, time.
 
@@ -128,6 +136,6 @@ def provenance(path: str | os.PathLike | None = None) -> dict[str, Any]:
         "versions": library_versions(),
         "hardware": hardware_info(),
         "command": [sys.executable, *sys.argv],
-        "cwd": os.getcwd(),
+        "cwd": _cwd(),
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
