@@ -27,7 +27,7 @@ from agents.dqn.envs import make_env
 from agents.dqn.evaluation import evaluate, load_q_network, select_actions
 from wn_rl.checkpoint import CheckpointError, atomic_write_bytes, load_latest_checkpoint
 from wn_rl.cli import brief_warnings
-from wn_rl.config import ConfigError, read_run_config, resolve_device
+from wn_rl.config import ConfigError, resolve_device
 
 
 def _frame_image(obs: np.ndarray, suite: str) -> np.ndarray:
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir} has no config.yaml; pass a directory written by scripts/train_dqn.py", file=sys.stderr)
         return 2
     try:
-        read_run_config(run_dir, "scripts/train_dqn.py")  # an empty one is no run: it would read as every default
-        config = load_run_config(run_dir)  # the env settings the agent was trained with
+        config = load_run_config(run_dir)  # the env settings the agent was trained with; an empty one is no run
         device = resolve_device(args.device, "--device")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

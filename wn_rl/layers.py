@@ -428,10 +428,16 @@ class WNLinear(WNLayer):
             factory={"device": device, "dtype": dtype},
         )
 
+    # the output-scaling form multiplies by v itself: a subclass that computes its weight otherwise (a masked
+    # weight, say) must go through its own compute_weight. Set per class, not looked up per forward.
+    _plain_weight = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plain_weight = cls.compute_weight is WNLayer.compute_weight
+
     def forward(self, input: Tensor) -> Tensor:
-        # the output-scaling form multiplies by v itself: a subclass that computes its weight otherwise (a masked
-        # weight, say) must go through its own compute_weight
-        if type(self).compute_weight is not WNLayer.compute_weight or not _scale_outputs(input, self.v):
+        if not self._plain_weight or not _scale_outputs(input, self.v):
             return F.linear(input, self.weight, self.bias)
         if not self._cache_depth:
             return _WNLinearFn.apply(input, self.v, self.g_value, self.bias)[0]

@@ -26,7 +26,6 @@ from agents.dqn.envs import VecEnv, make_env
 from agents.dqn.evaluation import load_q_network, select_actions
 from wn_rl.batches import eval_pass
 from wn_rl.checkpoint import CheckpointError, load_latest_checkpoint
-from wn_rl.config import read_run_config
 from wn_rl.dormant import dormant_units, total_fraction
 
 __all__ = ["POLICIES", "format_table", "newest_weights", "policy_states", "run_dormant_report"]
@@ -116,8 +115,7 @@ def run_dormant_report(
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: expected one of {POLICIES} (who collects the measured states)")
     torch_device = torch.device(device)
-    read_run_config(run_dir, "scripts/train_dqn.py")  # ConfigError: none, or empty (it would read as every default)
-    config = load_run_config(run_dir)  # ConfigError: not a run of scripts/train_dqn.py
+    config = load_run_config(run_dir)  # ConfigError: no run of scripts/train_dqn.py (no, empty or bad config.yaml)
     path, agent_step, weights = _newest_checkpoint(run_dir, torch_device)
     # CheckpointError, before the envs are built: a checkpoint that does not fit config.yaml
     q_network = load_q_network(config, weights, path, Path(run_dir), torch_device)
