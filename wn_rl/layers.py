@@ -25,6 +25,7 @@ import contextlib
 import functools
 import importlib
 import math
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,6 +113,12 @@ def _check_init_scale(init_scale: float) -> float:
             "policy's action head)."
         )
     return value
+
+
+def is_count(value: Any, least: int = 1) -> bool:
+    """Whether ``value`` is an integer (any integral type, not a bool) of at least ``least``: a layer width, a
+    size, a number of layers. The one test behind every such check of the WN layers, builders and policies."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
 
 
 def _check_units(owner: str, units: int, argument: str) -> None:

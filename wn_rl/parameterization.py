@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from wn_rl.conv import WNConv1d, WNConv2d, WNConvTranspose2d
-from wn_rl.layers import V_INIT_STD, WNLinear, _check_scale, mark_initializable
+from wn_rl.layers import V_INIT_STD, WNLinear, _check_scale, is_count, mark_initializable
 from wn_rl.mean_only_batch_norm import MeanOnlyBatchNorm
 from wn_rl.recurrent import WNGRU, WNLSTM
 from wn_rl.recurrent_cells import WNGRUCell, WNLSTMCell
@@ -270,7 +270,7 @@ def mlp(
     if len(sizes) < 2:
         raise ValueError(f"mlp needs at least an input and an output size, got sizes={list(sizes)}")
     widths = list(sizes)[1:]
-    if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in widths):
+    if not all(is_count(w) for w in widths):
         raise ValueError(
             f"mlp: sizes={list(sizes)} must give every layer's width (all but the input size) as a positive "
             "integer, e.g. sizes=[4, 64, 2]; leave out a layer rather than give it 0 units"

@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 # the cells moved to wn_rl.recurrent_cells: imported here for the stacks, and so that their names (and the
 # helpers that moved with them) still resolve from wn_rl.recurrent, for imports and old pickles
+from wn_rl.layers import is_count
 from wn_rl.recurrent_cells import (
     _CELL_TENSORS,
     WNGRUCell,
@@ -145,7 +146,7 @@ class WNRNNBase(nn.Module):
         _check_stack_options(name, dropout, num_layers, bias, batch_first, stacklevel)
         sizes = {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}
         for arg, value in sizes.items():  # any integer type (nn.LSTM takes num_layers=np.int64(2)), stored as int
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not is_count(value):
                 raise ValueError(f"{name}: {arg}={value!r} must be a positive integer")
         input_size, hidden_size, num_layers = (int(value) for value in sizes.values())
         if "proj_size" in cell_kwargs:  # an LSTM's, checked before any cell is allocated

@@ -5,7 +5,6 @@ and :class:`WNRNNCell`, drop-ins for ``nn.LSTMCell``, ``nn.GRUCell`` and ``nn.RN
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +20,7 @@ from wn_rl.layers import (
     _g_from_parameter,
     _parameter_from_g,
     _scale_name,
+    is_count,
 )
 
 __all__ = ["WNGRUCell", "WNLSTMCell", "WNRNNCell", "WNRNNCellBase"]
@@ -41,7 +41,7 @@ def _check_cell_sizes(owner: str, input_size: Any, hidden_size: Any) -> None:
     (``nn.LSTMCell`` takes 0 too) and ``hidden_size`` one >= 1, since w = g v / ||v|| needs at least one row (torch's
     fused kernel takes none at all as a division by zero that kills the process)."""
     for arg, value, least in (("input_size", input_size, 0), ("hidden_size", hidden_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        if not is_count(value, least):
             expected = "a positive integer" if least else "a non-negative integer"
             raise ValueError(f"{owner}: {arg}={value!r} must be {expected}")
 
@@ -49,7 +49,7 @@ def _check_cell_sizes(owner: str, input_size: Any, hidden_size: Any) -> None:
 def _check_proj_size(owner: str, proj_size: Any, hidden_size: int) -> int:
     """``proj_size`` as an int; refused, as ``nn.LSTM`` refuses it and before anything is allocated, unless
     0 <= proj_size < hidden_size (the projection maps the hidden state to fewer features)."""
-    if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or not 0 <= proj_size < hidden_size:
+    if not (is_count(proj_size, 0) and proj_size < hidden_size):
         raise ValueError(
             f"{owner}: proj_size={proj_size!r} must be an integer with 0 <= proj_size < hidden_size={hidden_size} "
             "(0 for no projection)"

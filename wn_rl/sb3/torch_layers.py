@@ -10,7 +10,6 @@ batch-dependent shift of a Q-value or an action logit is not what a head should 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_ima
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, NatureCNN
 from torch import nn
 
+from wn_rl.layers import is_count
 from wn_rl.parameterization import Parameterization, mlp
 
 __all__ = [
@@ -275,7 +275,7 @@ def check_net_arch(net_arch: Any) -> None:
             found = None if isinstance(widths, (str, bytes)) else list(widths)
         except TypeError:
             found = None
-        if found is None or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in found):
+        if found is None or not all(is_count(w) for w in found):
             raise ValueError(
                 f"net_arch={net_arch!r} must list the hidden layers' widths as positive integers, e.g. "
                 "net_arch=[64, 64] ([] for no hidden layer; dict(pi=[...], vf=[...]) for separate actor and critic "
